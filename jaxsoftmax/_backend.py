@@ -1,0 +1,39 @@
+"""Choosing the backend that runs an op: ``implementation=None | "xla" | "pallas"``.
+
+A backend is a module with ``softmax_fwd``, ``softmax_bwd``, ``log_softmax_fwd``
+and ``log_softmax_bwd`` (see ``_xla.py``). The custom_vjp cores receive the
+backend's name as a static argument and look the module up here.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import jax
+
+from . import _xla
+
+
+def pallas_unsupported_reason(x: jax.Array, axes: tuple[int, ...], axis_name) -> str | None:
+  """Why the Pallas kernels cannot run this call, or None if they can."""
+  return "no Pallas kernel is available in this build of jaxsoftmax"
+
+
+def resolve(
+  fn: str, implementation: str | None, x: jax.Array, axes: tuple[int, ...], axis_name
+) -> str:
+  """The name of the backend to run: explicit, or the best one for this call."""
+  if implementation == "xla":
+    return "xla"
+  reason = pallas_unsupported_reason(x, axes, axis_name)
+  if implementation == "pallas":
+    if reason is not None:
+      raise ValueError(f"{fn}: implementation='pallas' cannot run this call: {reason}.")
+    return "pallas"
+  return "xla" if reason is not None else "pallas"
+
+
+def get(name: str) -> ModuleType:
+  if name == "xla":
+    return _xla
+  raise ValueError(f"unknown backend {name!r}")

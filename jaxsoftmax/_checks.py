@@ -1,0 +1,125 @@
+"""Argument checks and normalisation shared by every op.
+
+Each public function calls these once, before any math, so that every op
+names the offending argument, its shape or dtype, and what was expected.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+Axis = int | Sequence[int] | None
+AxisName = str | tuple[str, ...] | None
+
+IMPLEMENTATIONS = (None, "xla", "pallas")
+
+
+def float_input(fn: str, name: str, x: ArrayLike) -> tuple[jax.Array, jnp.dtype]:
+  """Returns ``x`` as a floating array and the dtype to compute in.
+
+  Integers and booleans are promoted to the default float dtype, as ``jax.nn``
+  does. bfloat16 and float16 compute in float32; float32 and float64 compute in
+  their own precision.
+  """
+  if isinstance(x, complex):
+    raise TypeError(f"{fn}: `{name}` is a complex number; expected a real floating array.")
+  if not (isinstance(x, int | float) or hasattr(x, "dtype")):
+    raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}.")
+  dtype = jnp.result_type(x)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(
+      f"{fn}: `{name}` has complex dtype {dtype}; expected a real floating dtype "
+      "(softmax is not defined for complex input)."
+    )
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    x = x.astype(jnp.result_type(float))
+  return x, compute_dtype(x.dtype)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32 for 16-bit floats, the dtype itself otherwise."""
+  dtype = jnp.dtype(dtype)
+  if jnp.finfo(dtype).bits < 32:
+    return jnp.dtype(jnp.float32)
+  return dtype
+
+
+def normalize_axes(fn: str, axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+  """``axis`` (int, sequence of ints or None) as a sorted tuple of non-negative axes."""
+  if axis is None:
+    return tuple(range(ndim))
+  if isinstance(axis, Sequence) and not isinstance(axis, str):
+    raw = tuple(axis)
+  else:
+    raw = (axis,)
+  axes = []
+  for a in raw:
+    try:
+      a = operator.index(a)
+    except TypeError:
+      raise TypeError(
+        f"{fn}: `{name}` must be an int, a tuple of ints or None, got {axis!r}."
+      ) from None
+    if not -ndim <= a < ndim:
+      raise ValueError(
+        f"{fn}: `{name}`={axis!r} is out of range for an input with ndim={ndim}; "
+        f"each axis must lie in [{-ndim}, {ndim})."
+      )
+    axes.append(a % ndim)
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"{fn}: `{name}`={axis!r} repeats an axis (normalised: {tuple(axes)}).")
+  if not axes:
+    raise ValueError(f"{fn}: `{name}`={axis!r} names no axis; pass None for all axes.")
+  return tuple(sorted(axes))
+
+
+def check_where(
+  fn: str, where: ArrayLike | None, shape: tuple[int, ...], name: str = "where"
+) -> jax.Array | None:
+  """A boolean mask broadcastable to ``shape``, kept in its own (small) shape.
+
+  The mask is not broadcast here: ``jnp.where`` and the reductions broadcast it
+  on the fly, so a ``[batch, 1, n]`` mask stays that size in the residuals.
+  """
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  if where.dtype != jnp.bool_:
+    raise TypeError(f"{fn}: `{name}` must be a boolean array, got dtype {where.dtype}.")
+  try:
+    out = jnp.broadcast_shapes(where.shape, shape)
+  except ValueError:
+    out = None
+  if out != tuple(shape):
+    raise ValueError(
+      f"{fn}: `{name}` with shape {where.shape} does not broadcast to the input's "
+      f"shape {tuple(shape)}."
+    )
+  if where.ndim < len(shape):
+    where = where.reshape((1,) * (len(shape) - where.ndim) + where.shape)
+  return where
+
+
+def check_axis_name(fn: str, axis_name: AxisName) -> AxisName:
+  """``axis_name`` as None, a str, or a tuple of str (hashable, for nondiff_argnums)."""
+  if axis_name is None or isinstance(axis_name, str):
+    return axis_name
+  if isinstance(axis_name, Sequence) and all(isinstance(a, str) for a in axis_name):
+    return tuple(axis_name)
+  raise TypeError(
+    f"{fn}: `axis_name` must be a mesh axis name, a tuple of them or None, got {axis_name!r}."
+  )
+
+
+def check_implementation(fn: str, implementation: str | None) -> str | None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"{fn}: `implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
+    )
+  return implementation
