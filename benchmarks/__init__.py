@@ -1,0 +1,1 @@
+"""The jaxsoftmax benchmark harness: ``python -m benchmarks --help``."""

@@ -1,0 +1,1 @@
+"""Benchmark suites: every module here registers one or more suites on import."""
