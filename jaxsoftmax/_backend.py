@@ -7,7 +7,7 @@ backend's name as a static argument and look the module up here.
 
 from __future__ import annotations
 
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import jax
 
@@ -15,8 +15,15 @@ from . import _xla
 
 
 def pallas_unsupported_reason(x: jax.Array, axes: tuple[int, ...], axis_name) -> str | None:
-  """Why the Pallas kernels cannot run this call, or None if they can."""
-  return "no Pallas kernel is available in this build of jaxsoftmax"
+  """Why the Pallas kernels cannot run this call, or None if they can.
+
+  The kernels run on a TPU (Mosaic TPU) and on an NVIDIA GPU of compute
+  capability 9.0 or newer (Mosaic GPU), never on the CPU; for float32, bfloat16
+  and float16; without ``axis_name``.
+  """
+  from . import _pallas  # imported lazily: Pallas is only needed on accelerators
+
+  return _pallas.unsupported_reason(x.shape, x.dtype, axes, axis_name)
 
 
 def resolve(
@@ -33,7 +40,13 @@ def resolve(
   return "xla" if reason is not None else "pallas"
 
 
-def get(name: str) -> ModuleType:
+def get(name: str) -> ModuleType | SimpleNamespace:
+  """The backend called ``name``: "xla", "pallas" (kernels for this platform), or a
+  test-only "pallas:<tpu|gpu>[:interpret]" naming the kernels and interpret mode."""
   if name == "xla":
     return _xla
+  if name == "pallas" or name.startswith("pallas:"):
+    from . import _pallas
+
+    return _pallas.backend(name)
   raise ValueError(f"unknown backend {name!r}")

@@ -1,0 +1,64 @@
+"""Pallas kernels: Mosaic TPU (``tpu.py``) and Mosaic GPU (``gpu.py``).
+
+``ops.py`` adapts the 2-D kernels to the backend interface of ``_xla.py``;
+``_backend.py`` calls ``unsupported_reason`` and ``backend`` from here.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _gpu_reason() -> str | None:
+  """None on a CUDA GPU that Mosaic GPU targets (compute capability >= 9.0)."""
+  device = jax.devices()[0]
+  cc = getattr(device, "compute_capability", None)
+  if cc is None:
+    return f"Mosaic GPU needs an NVIDIA GPU; this GPU is {device.device_kind!r}"
+  if tuple(int(v) for v in str(cc).split(".")[:2]) < (9, 0):
+    return f"Mosaic GPU needs compute capability >= 9.0 (Hopper); this GPU has {cc}"
+  return None
+
+
+def unsupported_reason(shape, dtype, axes, axis_name) -> str | None:
+  """Why the kernels for the default platform cannot run this call, or None."""
+  platform = jax.default_backend()
+  if platform not in ("gpu", "tpu"):
+    return f"the Pallas kernels run on GPU and TPU only, and the default backend is {platform!r}"
+  if axis_name is not None:
+    return (
+      f"axis_name={axis_name!r} (a softmax axis split across devices) is only "
+      "supported by implementation='xla'"
+    )
+  if jnp.dtype(dtype) not in DTYPES:
+    return f"dtype {jnp.dtype(dtype)} is not supported; the kernels take float32, bfloat16, float16"
+  if math.prod(shape) == 0:
+    return f"the input of shape {tuple(shape)} is empty"
+  if platform == "gpu":
+    return _gpu_reason()
+  return None
+
+
+@functools.cache
+def backend(name: str) -> SimpleNamespace:
+  """``"pallas"``: the kernels of the default platform; ``"pallas:tpu"``,
+  ``"pallas:gpu"``, optionally with ``":interpret"`` (tests on the CPU)."""
+  from . import ops
+
+  parts = name.split(":")
+  platform = parts[1] if len(parts) > 1 else jax.default_backend()
+  interpret = parts[2:] == ["interpret"]
+  if platform not in ("tpu", "gpu") or len(parts) > 3 or (len(parts) == 3 and not interpret):
+    raise ValueError(f"unknown backend {name!r}")
+  if platform == "tpu":
+    from . import tpu as kernels
+  else:
+    from . import gpu as kernels
+  return ops.make(kernels, kernels.Config(interpret=interpret))
