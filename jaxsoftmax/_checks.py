@@ -107,14 +107,31 @@ def check_where(
 
 
 def check_axis_name(fn: str, axis_name: AxisName) -> AxisName:
-  """``axis_name`` as None, a str, or a tuple of str (hashable, for nondiff_argnums)."""
-  if axis_name is None or isinstance(axis_name, str):
-    return axis_name
-  if isinstance(axis_name, Sequence) and all(isinstance(a, str) for a in axis_name):
-    return tuple(axis_name)
-  raise TypeError(
-    f"{fn}: `axis_name` must be a mesh axis name, a tuple of them or None, got {axis_name!r}."
-  )
+  """``axis_name`` as None, a str, or a tuple of str (hashable, for nondiff_argnums).
+
+  A name must be bound where the op is traced (inside ``jax.shard_map`` over a
+  mesh with that axis, or a ``vmap``/``pmap`` with that ``axis_name``).
+  """
+  if axis_name is None:
+    return None
+  names = (axis_name,) if isinstance(axis_name, str) else axis_name
+  if not (isinstance(names, Sequence) and names and all(isinstance(a, str) for a in names)):
+    raise TypeError(
+      f"{fn}: `axis_name` must be a mesh axis name, a non-empty tuple of them or None, "
+      f"got {axis_name!r}."
+    )
+  axis_name = axis_name if isinstance(axis_name, str) else tuple(names)
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError as e:
+    raise ValueError(
+      f"{fn}: `axis_name`={axis_name!r} is not bound where {fn} is called ({e}). "
+      "`axis_name` names the mesh axis that splits the softmax axis across devices: "
+      f"call {fn} inside `jax.shard_map(f, mesh=mesh, in_specs=..., out_specs=...)` "
+      "whose mesh has that axis. Under plain `jax.jit` with sharded inputs, drop "
+      "`axis_name`: XLA partitions the reductions itself."
+    ) from None
+  return axis_name
 
 
 def check_implementation(fn: str, implementation: str | None) -> str | None:
