@@ -1,0 +1,211 @@
+"""softmax and log_softmax over a softmax axis split across 8 CPU devices.
+
+Inside ``jax.shard_map`` with ``axis_name``, each device's block of the result and
+of the gradient must equal the same block of the unsharded function applied to
+the gathered array, special values included; ordinary rows are also checked
+against ``jax.nn`` in float64. Under plain ``jit`` with sharded inputs, the
+compiled HLO must reduce with all-reduce and never gather the class axis.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from mesh_utils import collectives, dims, make_mesh
+
+import jaxsoftmax
+
+B, N = 8, 32  # batch (divisible by 4) and classes (divisible by 8)
+OPS = {"softmax": jaxsoftmax.softmax, "log_softmax": jaxsoftmax.log_softmax}
+REFS = {"softmax": jax.nn.softmax, "log_softmax": jax.nn.log_softmax}
+TOL = {jnp.float64: dict(rtol=1e-12, atol=1e-13), jnp.float32: dict(rtol=2e-5, atol=2e-6)}
+
+# name -> (mesh shape, mesh axis names, spec of x, axis_name given to the op)
+LAYOUTS = {
+  "8:classes": ((8,), ("v",), P(None, "v"), "v"),
+  "2x4:classes": ((2, 4), ("b", "v"), P(None, "v"), "v"),
+  "4x2:classes": ((4, 2), ("b", "v"), P(None, "v"), "v"),
+  "2x4:batch+classes": ((2, 4), ("b", "v"), P("b", "v"), "v"),
+  "4x2:batch+classes": ((4, 2), ("b", "v"), P("b", "v"), "v"),
+  "2x4:classes over both axes": ((2, 4), ("b", "v"), P(None, ("b", "v")), ("b", "v")),
+}
+
+
+def _inputs(dtype):
+  """Logits whose rows cover every case of the masking table, a mask and a cotangent."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x = 3.0 * jax.random.normal(k1, (B, N), jnp.float64)
+  x = x.at[1].set(1e4 + 50.0 * x[1])  # large logits: the shift must be global
+  x = x.at[2, ::5].set(-jnp.inf)  # scattered -inf entries
+  x = x.at[3, :8].set(-jnp.inf)  # whole device blocks with no finite entry
+  x = x.at[4].set(-jnp.inf)  # all -inf: an empty slice
+  x = x.at[5, 17].set(jnp.inf)  # +inf: this row only is NaN
+  x = x.at[6, 30].set(jnp.nan)  # NaN: this row only is NaN
+  where = jax.random.bernoulli(k2, 0.7, (B, N))
+  where = where.at[0].set(True).at[3, 8:].set(True)
+  where = where.at[7].set(False)  # a fully masked row
+  where = where.at[1, :16].set(False)  # some blocks fully masked, others not
+  g = jax.random.normal(k3, (B, N), jnp.float64)
+  return x.astype(dtype), where, g.astype(dtype)
+
+
+def _value_and_vjp(op, x, where, g, **kw):
+  y, vjp = jax.vjp(lambda x: op(x, where=where, **kw), x)
+  return y, vjp(g)[0]
+
+
+def _all_ops(x, where, g, **kw):
+  """Values and input cotangents of both ops, with and without ``where`` (one compile)."""
+  return [
+    out for op in OPS.values() for w in (None, where) for out in _value_and_vjp(op, x, w, g, **kw)
+  ]
+
+
+def _sharded(fun, layout, x, where, g, axis=-1):
+  shape, names, spec, axis_name = LAYOUTS[layout] if isinstance(layout, str) else layout
+  mesh = make_mesh(shape, names)
+  wspec = spec if where is None or where.shape == x.shape else P(*spec[-where.ndim :])
+
+  def local(x, where, g):
+    return fun(x, where, g, axis=axis, axis_name=axis_name)
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(spec, wspec, spec), out_specs=spec)
+  return jax.jit(f)(x, where, g)
+
+
+def _assert_same(actual, expected, dtype):
+  # assert_allclose also requires NaN and +-inf at exactly the same places.
+  for a, e in zip(actual, expected, strict=True):
+    assert a.dtype == e.dtype == dtype
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sharded_equals_unsharded(layout, dtype):
+  # softmax and log_softmax, values and gradients, with and without `where`.
+  x, where, g = _inputs(dtype)
+  expected = jax.jit(_all_ops)(x, where, g)
+  actual = _sharded(_all_ops, layout, x, where, g)
+  _assert_same(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_sharded_matches_jax_nn_on_ordinary_rows(name):
+  # An independent reference: jax.nn and its autodiff, in float64, rows 0 and 1.
+  x, _, g = _inputs(jnp.float64)
+  y, dx = _sharded(partial(_value_and_vjp, OPS[name]), "2x4:batch+classes", x, None, g)
+  y_ref, dx_ref = _value_and_vjp(lambda x, where: REFS[name](x), x[:2], None, g[:2])
+  np.testing.assert_allclose(y[:2], y_ref, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(dx[:2], dx_ref, rtol=1e-10, atol=1e-13)
+
+
+def test_masking_table_rows_when_sharded():
+  # The special rows, against the masking table itself rather than the unsharded op.
+  x, where, g = _inputs(jnp.float64)
+  _, _, s, ds, _, _, l, dl = _sharded(_all_ops, "8:classes", x, where, g)
+  for row in (4, 7):  # all -inf; fully masked
+    np.testing.assert_array_equal(s[row], np.zeros(N))
+    np.testing.assert_array_equal(l[row], np.full(N, -np.inf))
+    np.testing.assert_array_equal(ds[row], np.zeros(N))
+    np.testing.assert_array_equal(dl[row], np.zeros(N))
+  for row in (5, 6):  # +inf, NaN: this row is NaN at every kept entry, and no other row
+    kept = np.asarray(where[row])
+    for out in (s, l, ds):
+      assert np.isnan(np.asarray(out[row])[kept]).all()
+  others = [r for r in range(B) if r not in (5, 6)]
+  assert not np.isnan(np.asarray(s)[others]).any()
+  assert not np.isnan(np.asarray(ds)[others]).any()
+  np.testing.assert_allclose(s[:4].sum(-1), np.ones(4), rtol=1e-14)
+  np.testing.assert_array_equal(np.asarray(s)[~np.asarray(where)], 0.0)
+  np.testing.assert_array_equal(np.asarray(ds)[~np.asarray(where)], 0.0)
+  np.testing.assert_array_equal(np.asarray(l)[~np.asarray(where)], -np.inf)
+
+
+def test_broadcast_mask_split_with_the_classes():
+  # A mask of shape (N,) is split over the devices along with the class axis.
+  x, where, g = _inputs(jnp.float64)
+  cls_mask = where[2]
+  expected = jax.jit(_all_ops)(x, cls_mask, g)
+  _assert_same(_sharded(_all_ops, "2x4:batch+classes", x, cls_mask, g), expected, jnp.float64)
+
+
+def test_leading_softmax_axis_and_tuple_axes():
+  # axis=0 split over devices, and a tuple of axes of which only one is split.
+  x, where, g = _inputs(jnp.float64)
+  layout = ((4, 2), ("v", "b"), P("v", "b"), "v")
+  expected = jax.jit(partial(_all_ops, axis=0))(x.T, where.T, g.T)
+  _assert_same(_sharded(_all_ops, layout, x.T, where.T, g.T, axis=0), expected, jnp.float64)
+  x3, w3, g3 = (a.reshape(B, 4, N // 4) for a in (x, where, g))
+  layout = ((2, 4), ("b", "v"), P("b", None, "v"), "v")
+  expected = jax.jit(partial(_all_ops, axis=(1, 2)))(x3, w3, g3)
+  _assert_same(_sharded(_all_ops, layout, x3, w3, g3, axis=(1, 2)), expected, jnp.float64)
+
+
+def test_axis_name_bound_by_vmap():
+  # vmap binds an axis name too: blocks of a row, mapped, give the row's softmax.
+  x, _, _ = _inputs(jnp.float64)
+  blocks = x[:4].reshape(4, 4, N // 4)  # row, block, entry
+  out = jax.vmap(lambda b: jaxsoftmax.softmax(b, axis_name="k"), in_axes=1, axis_name="k")(blocks)
+  np.testing.assert_allclose(
+    jnp.moveaxis(out, 0, 1).reshape(4, N), jaxsoftmax.softmax(x[:4]), rtol=1e-13, atol=1e-15
+  )
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_unbound_axis_name_is_a_clear_error(name):
+  op = OPS[name]
+  x = jnp.zeros((2, 8), jnp.float32)
+  with pytest.raises(ValueError, match=r"`axis_name`='v' is not bound.*shard_map"):
+    op(x, axis_name="v")
+  with pytest.raises(ValueError, match=r"`axis_name`='v' is not bound"):
+    jax.jit(lambda x: op(x, axis_name="v"))(x)
+  mesh = make_mesh((8,), ("v",))
+  f = jax.shard_map(
+    lambda x: op(x, axis_name=("v", "w")), mesh=mesh, in_specs=P(None, "v"), out_specs=P()
+  )
+  with pytest.raises(ValueError, match=r"`axis_name`=\('v', 'w'\) is not bound"):
+    f(x)
+  with pytest.raises(TypeError, match="`axis_name` must be a mesh axis name"):
+    op(x, axis_name=3)
+
+
+def test_shard_map_forward_has_one_collective_and_backward_one():
+  # The forward joins (max, sum exp) in one all-gather; each backward one all-reduce.
+  mesh = make_mesh((2, 4), ("b", "v"))
+  x, _, g = _inputs(jnp.float32)
+  for op in OPS.values():
+    f = jax.shard_map(
+      lambda x, op=op: op(x, axis_name="v"), mesh=mesh, in_specs=P("b", "v"), out_specs=P("b", "v")
+    )
+    fwd = collectives(jax.jit(f).lower(x).compile().as_text())
+    assert {k: len(v) for k, v in fwd.items() if v} == {"all-gather": 1}
+    # The gathered pair is tiny: (devices, 2, local rows, 1), never the class axis.
+    assert dims(fwd["all-gather"][0]) == [4, 2, B // 2, 1]
+    _, vjp = jax.vjp(f, x)
+    bwd = collectives(jax.jit(vjp).lower(g).compile().as_text())
+    assert {k: len(v) for k, v in bwd.items() if v} == {"all-reduce": 1}
+
+
+@pytest.mark.parametrize("spec", [P(None, "v"), P("b", "v")], ids=["classes", "batch+classes"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_plain_jit_with_named_sharding_never_gathers_the_classes(name, spec):
+  # No shard_map and no axis_name: XLA's partitioner must reduce across devices.
+  n = 64  # distinct from every other dimension, so a gathered class axis shows
+  mesh = make_mesh((2, 4), ("b", "v"))
+  sharding = NamedSharding(mesh, spec)
+  x = jax.device_put(jax.random.normal(jax.random.key(1), (B, n), jnp.float32), sharding)
+  op = OPS[name]
+  fwd_hlo = jax.jit(op).lower(x).compile().as_text()
+  grad_hlo = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(op(x))))).lower(x).compile().as_text()
+  for hlo in (fwd_hlo, grad_hlo):
+    found = collectives(hlo)
+    assert all(n not in dims(shape) for shape in found["all-gather"]), found["all-gather"]
+    assert not found["all-to-all"]
+    assert found["all-reduce"], "the reductions over the split axis should be all-reduces"
+  # The unsharded function's values, from the sharded input.
+  np.testing.assert_allclose(jax.jit(op)(x), op(np.asarray(x)), rtol=1e-6, atol=1e-7)
