@@ -74,12 +74,30 @@ def _combine_across(
   so weight ``exp(-inf - m) = 0`` (``m`` is never -inf); +inf or NaN on any
   device makes ``m`` +inf or NaN, so ``exp(m_j - m)`` and hence ``d`` and the
   whole slice are NaN on every device, as in the unsharded function.
+
+  Inside ``shard_map`` the gathered pairs are typed invariant along
+  ``axis_name`` (as a ``psum`` result is), so a per-example result built from
+  ``m`` and ``d`` alone, such as a loss, can leave with ``out_specs`` that do
+  not name ``axis_name``.
   """
-  gathered = lax.all_gather(jnp.stack([m_local, d_local]), axis_name)
+  gathered = _all_gather(jnp.stack([m_local, d_local]), axis_name)
   m_all, d_all = gathered[:, 0], gathered[:, 1]
   m = _finite_shift(jnp.max(m_all, axis=0))
   d = jnp.sum(d_all * jnp.exp(m_all - m), axis=0)
   return m, d, jnp.exp(m_local - m)
+
+
+def _all_gather(v: jax.Array, axis_name: AxisName) -> jax.Array:
+  """``lax.all_gather``, invariant along ``axis_name`` where ``v`` is typed varying there.
+
+  Under ``shard_map``'s varying-axes typing (``check_vma``) the plain all-gather
+  stays varying; ``to="invarying"`` says every device receives the same array.
+  Under ``vmap`` or ``check_vma=False`` there is no such typing, and the
+  invariant form is not available there.
+  """
+  names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
+  varying = getattr(jax.typeof(v), "vma", frozenset())
+  return lax.all_gather(v, axis_name, to="invarying" if names <= varying else "varying")
 
 
 def log_normalizer(m: jax.Array, d: jax.Array) -> jax.Array:
