@@ -43,11 +43,25 @@ def _parse(argv):
   p.add_argument("--quick", action="store_true", help="3 sizes, 12 repetitions")
   p.add_argument("--reps", type=int, help="timed repetitions per program (default 30, quick 12)")
   p.add_argument("--warmup", type=int, default=3, help="untimed calls per program first")
+  p.add_argument(
+    "--calls",
+    type=int,
+    help="back-to-back calls per timed sample (default: 1 on the CPU, 20 on accelerators)",
+  )
+  p.add_argument(
+    "--budget",
+    type=float,
+    help="stop starting new cells after this many seconds (the rest is skipped and listed)",
+  )
   p.add_argument("--dtype", action="append", help="only this dtype (repeatable)")
   p.add_argument(
     "--size", action="append", help="only this size, e.g. 4096x512 (repeatable; overrides)"
   )
-  p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if installed")
+  p.add_argument(
+    "--no-torch",
+    action="store_true",
+    help="leave PyTorch (CPU) out even if installed; always left out on accelerators",
+  )
   p.add_argument("--contender", action="append", help="only this contender (repeatable)")
   p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
   p.add_argument("--no-save", action="store_true", help="print only, write no files")
@@ -61,7 +75,9 @@ def _progress(total: int):
   try:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="cell", file=sys.stderr, leave=False)
+    return tqdm(
+      total=total, unit="cell", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()
+    )
   except ImportError:
     return None
 
@@ -96,8 +112,11 @@ def main(argv=None) -> int:
     return 0
   selected = [suites[n] for n in (args.suite or suites)]
   reps = args.reps or (12 if args.quick else 30)
-  use_torch = harness.torch_available() and not args.no_torch
   machine = report.machine_info()
+  on_cpu = machine["platform"] == "cpu"
+  # torch contenders run on the CPU: comparing them with JAX on an accelerator says nothing.
+  use_torch = on_cpu and harness.torch_available() and not args.no_torch
+  calls = args.calls or (1 if on_cpu else 20)
   print(
     f"{machine['platform']}: {machine['device']}, {machine['cpu_model']} x{machine['cpu_count']}; "
     f"jax {machine['jax']}, torch {machine.get('torch') if use_torch else 'not used'}"
@@ -147,6 +166,7 @@ def main(argv=None) -> int:
     return 0
 
   bar = _progress(sum(len(d) * len(s) for _, _, d, s in plan))
+  skipped = []
   for suite, contenders, dtypes, sizes in plan:
     entry = record["suites"][suite.name]
     entry["time"] = report.now().isoformat(timespec="seconds")
@@ -154,9 +174,15 @@ def main(argv=None) -> int:
       entry["load_average"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
       pass
+    entry["calls_per_sample"] = calls
     for size in sizes:
       for dtype in dtypes:
-        cell = harness.measure_cell(suite, size, dtype, contenders, reps, args.warmup, args.seed)
+        if args.budget is not None and (report.now() - started).total_seconds() > args.budget:
+          skipped.append(f"{suite.name} {suite.size_label(size)} {dtype}")
+          continue
+        cell = harness.measure_cell(
+          suite, size, dtype, contenders, reps, args.warmup, args.seed, calls
+        )
         entry["cells"].append(cell)
         if bar is not None:
           bar.update(1)
@@ -165,6 +191,10 @@ def main(argv=None) -> int:
     bar.close()
   elapsed = (report.now() - started).total_seconds()
   print(f"\ndone in {elapsed:.0f} s")
+  if skipped:
+    print(f"skipped (over the {args.budget:.0f} s budget): {', '.join(skipped)}")
+    for name in record["suites"]:
+      record["suites"][name]["skipped"] = [s for s in skipped if s.startswith(name + " ")]
 
   missed = [
     (n, c["label"], c["dtype"], t)

@@ -207,7 +207,7 @@ class Program:
 
   contender: str
   mode: str  # "fwd", "fwd+bwd", "copy" or "exp"
-  call: Callable[[Any], Any]
+  call: Callable[[Any], Any]  # starts one call (may return before it is done)
   argsets: list[tuple]
   temp_bytes: int | None = None
   residual_bytes: int | None = None
@@ -241,10 +241,6 @@ def saved_residual_bytes(fn, args, argnums, flags) -> tuple[int, list[str]]:
   return total, names
 
 
-def _block(out):
-  return jax.block_until_ready(out)
-
-
 def jax_programs(suite: Suite, c: Contender, cases, gs) -> list[Program]:
   device_cases = [tuple(jnp.asarray(a) for a in args) for args in cases]
   device_gs = [jnp.asarray(g) for g in gs]
@@ -253,11 +249,11 @@ def jax_programs(suite: Suite, c: Contender, cases, gs) -> list[Program]:
   fb = _compile(_fwd_bwd(c.fn, suite.diff_argnums), fb_args[0], c.flags)
   res_bytes, res_names = saved_residual_bytes(c.fn, device_cases[0], suite.diff_argnums, c.flags)
   return [
-    Program(c.name, "fwd", lambda a, f=fwd: _block(f(*a)), device_cases, _temp_bytes(fwd)),
+    Program(c.name, "fwd", lambda a, f=fwd: f(*a), device_cases, _temp_bytes(fwd)),
     Program(
       c.name,
       "fwd+bwd",
-      lambda a, f=fb: _block(f(*a)),
+      lambda a, f=fb: f(*a),
       fb_args,
       _temp_bytes(fb),
       res_bytes,
@@ -298,23 +294,29 @@ def roofline_programs(cases) -> list[Program]:
   copy = jax.jit(jnp.copy).lower(*xs[0]).compile()
   exp = jax.jit(jnp.exp).lower(*xs[0]).compile()
   return [
-    Program("roofline", "copy", lambda a, f=copy: _block(f(*a)), xs),
-    Program("roofline", "exp", lambda a, f=exp: _block(f(*a)), xs),
+    Program("roofline", "copy", lambda a, f=copy: f(*a), xs),
+    Program("roofline", "exp", lambda a, f=exp: f(*a), xs),
   ]
 
 
-def time_interleaved(programs: Sequence[Program], reps: int, warmup: int) -> None:
-  """Calls the programs in turn, A B C A B C ..., and records each call's time."""
+def time_interleaved(programs: Sequence[Program], reps: int, warmup: int, calls: int = 1) -> None:
+  """Runs the programs in turn, A B C A B C ..., and records each one's time per call.
+
+  A sample is ``calls`` back-to-back calls (on rotating buffers) and one wait for
+  the last result: on an accelerator this hides the host's dispatch and sync
+  latency, which would otherwise dominate small sizes. On the CPU, ``calls=1``.
+  """
   for p in programs:
     p.times = []
     for i in range(warmup):
-      p.call(p.argsets[i % len(p.argsets)])
+      jax.block_until_ready(p.call(p.argsets[i % len(p.argsets)]))
   for r in range(reps):
     for p in programs:
-      a = p.argsets[r % len(p.argsets)]
       t0 = time.perf_counter()
-      p.call(a)
-      p.times.append(time.perf_counter() - t0)
+      for j in range(calls):
+        out = p.call(p.argsets[(r * calls + j) % len(p.argsets)])
+      jax.block_until_ready(out)
+      p.times.append((time.perf_counter() - t0) / calls)
 
 
 def measure_cell(
@@ -325,6 +327,7 @@ def measure_cell(
   reps: int,
   warmup: int,
   seed: int = 0,
+  calls: int = 1,
 ) -> dict:
   """Times every contender and the roofline at one (size, dtype)."""
   (probe,) = make_cases(suite, size, dtype, 1, seed)
@@ -337,7 +340,7 @@ def measure_cell(
   for c in contenders:
     build = torch_programs if c.framework == "torch" else jax_programs
     programs += build(suite, c, cases, gs)
-  time_interleaved(programs, reps, warmup)
+  time_interleaved(programs, reps, warmup, calls)
 
   itemsize = np.dtype(cases[0][0].dtype).itemsize
   x_bytes = int(np.asarray(cases[0][0]).nbytes)
@@ -376,6 +379,7 @@ def measure_cell(
     dtype=dtype,
     buffers=count,
     reps=reps,
+    calls_per_sample=calls,
     roofline=dict(
       copy_s=median["roofline", "copy"],
       exp_s=median["roofline", "exp"],

@@ -247,6 +247,7 @@ def plot(name: str, s: dict, path: Path, platform_name: str) -> bool:
       ax.plot(xs, [c["roofline"]["copy_gb_s"] for c in cells], "k--", label="copy ceiling")
       ax.plot(xs, [c["roofline"]["exp_gb_s"] for c in cells], "k:", label="exp pass")
       ax.set_xscale("log", base=2)
+      ax.set_ylim(bottom=0)
       ax.set_xlabel("row length (softmax axis)")
       ax.set_ylabel("GB/s (least traffic)")
       ax.set_title(f"{name} {mode}, {dtype}")
