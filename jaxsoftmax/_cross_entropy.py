@@ -1,0 +1,484 @@
+"""softmax_cross_entropy and its integer-label twin: custom_vjp cores with analytic rules.
+
+Both losses keep, for the backward pass, only the logits (in their own dtype),
+one log-normaliser ``lse`` per example (float32 for 16- and 32-bit logits), the
+labels and the mask. The backward recomputes ``p = exp(x - lse)`` in float32
+and returns the gradient in the logits' dtype.
+
+Notation used in the comments: ``x`` the logits, ``w`` the mask, ``t`` the
+(smoothed) target over the class axes, ``n`` the number of classes in the
+slice (those ``w`` keeps), ``p = softmax_w(x)`` and ``l = log_softmax_w(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._checks import (
+  Axis,
+  AxisName,
+  check_axis_name,
+  check_where,
+  compute_dtype,
+  float_input,
+  normalize_axes,
+)
+from ._stats import log_normalizer, masked, shift_and_sumexp, slice_sum
+
+
+class _Static(NamedTuple):
+  """The hashable, static part of a call (``nondiff_argnums`` of the cores)."""
+
+  axes: tuple[int, ...]  # the class axes, sorted
+  order: tuple[int, ...]  # the class axes in the order given: flat label index order
+  axis_name: AxisName
+  label_smoothing: float
+  z_loss: float
+
+
+# --- Argument checks ---------------------------------------------------------------
+
+
+def _logits(fn: str, logits: ArrayLike) -> jax.Array:
+  dtype = jnp.result_type(logits) if hasattr(logits, "dtype") else None
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(
+      f"{fn}: `logits` must have a floating dtype, got {dtype}; cast integer logits "
+      "to a float dtype explicitly."
+    )
+  if isinstance(logits, int | bool):
+    raise TypeError(f"{fn}: `logits` must be a floating array, got the int {logits!r}.")
+  x, _ = float_input(fn, "logits", logits)
+  return x
+
+
+def _static(fn, x, axis, axis_name, label_smoothing, z_loss) -> _Static:
+  axes = normalize_axes(fn, axis, x.ndim)
+  if axis is None:
+    order = axes
+  else:
+    given = tuple(axis) if isinstance(axis, list | tuple) else (axis,)
+    order = tuple(int(a) % x.ndim for a in given)
+  return _Static(
+    axes,
+    order,
+    check_axis_name(fn, axis_name),
+    _float_option(fn, "label_smoothing", label_smoothing, 0.0, 1.0),
+    _float_option(fn, "z_loss", z_loss, 0.0, math.inf),
+  )
+
+
+def _float_option(fn: str, name: str, value, lo: float, hi: float) -> float:
+  try:
+    if isinstance(value, str | bytes):
+      raise TypeError
+    v = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise TypeError(
+      f"{fn}: `{name}` must be a Python float (a static hyperparameter), got {value!r}."
+    ) from None
+  if not lo <= v <= hi:
+    raise ValueError(f"{fn}: `{name}`={v} is out of range; expected a value in [{lo}, {hi}].")
+  return v
+
+
+def _where(fn: str, where, shape: tuple[int, ...], axes: tuple[int, ...]):
+  """optax's rule: a mask with fewer dims than the logits is per example (batch shape)."""
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  batch_ndim = len(shape) - len(axes)
+  if where.ndim == batch_ndim:
+    batch = _batch_shape(shape, axes)
+    if not _broadcasts_to(where.shape, batch):
+      raise ValueError(
+        f"{fn}: `where` with shape {where.shape} (one flag per example) does not broadcast "
+        f"to the batch shape {batch} (logits {shape} without `axis`)."
+      )
+    where = jnp.expand_dims(where, axes)
+  elif where.ndim != len(shape):
+    raise ValueError(
+      f"{fn}: `where` with shape {where.shape} must have ndim {len(shape)} (a mask over the "
+      f"logits, shape {shape}) or ndim {batch_ndim} (one flag per example)."
+    )
+  return check_where(fn, where, shape)
+
+
+def _batch_shape(shape, axes):
+  return tuple(n for i, n in enumerate(shape) if i not in axes)
+
+
+def _broadcasts_to(shape, target) -> bool:
+  try:
+    return jnp.broadcast_shapes(shape, target) == tuple(target)
+  except ValueError:
+    return False
+
+
+def _check_labels_shape(fn, labels, target, what):
+  if not _broadcasts_to(labels.shape, target):
+    raise ValueError(
+      f"{fn}: `labels` with shape {labels.shape} does not broadcast to {what} {tuple(target)}."
+    )
+
+
+# --- Shared pieces of both cores ---------------------------------------------------
+
+
+def _stats(xs, st: _Static):
+  """Shift ``m``, ``log d`` (0 for an empty slice) and ``lse`` (-inf for an empty slice)."""
+  m, _, d = shift_and_sumexp(xs, st.axes, st.axis_name)
+  log_d = jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
+  return m, log_d, log_normalizer(m, d)
+
+
+def _num_classes(where, shape, st: _Static, dtype):
+  """``n``: the classes in each slice, those ``where`` keeps (summed across devices)."""
+  if where is None:
+    n = math.prod(shape[a] for a in st.axes)
+    return n if st.axis_name is None else n * lax.axis_size(st.axis_name)
+  w = jnp.broadcast_to(where, shape).astype(dtype)
+  return slice_sum(w, st.axes, st.axis_name)
+
+
+def _live_lse(lse):
+  """The saved ``lse`` as (live, lse with 0 for an empty slice)."""
+  live = lse != -jnp.inf
+  return live, jnp.where(live, lse, jnp.zeros_like(lse))
+
+
+def _squeeze(v, axes):
+  return jnp.squeeze(v, axes)
+
+
+# --- Soft labels ---------------------------------------------------------------------
+
+
+def softmax_cross_entropy(
+  logits: ArrayLike,
+  labels: ArrayLike,
+  axis: Axis = -1,
+  where: ArrayLike | None = None,
+  *,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
+  axis_name: AxisName = None,
+) -> jax.Array:
+  r"""Softmax cross-entropy against soft labels, with an analytic VJP for both arguments.
+
+  .. math::
+    \ell = -\sum_j t_j \log \mathrm{softmax}(x)_j + z \cdot \mathrm{lse}(x)^2,
+    \qquad t = (1 - \varepsilon)\, y + \varepsilon / n
+
+  A drop-in replacement for :func:`optax.softmax_cross_entropy`, with the same
+  shapes, ``axis`` and ``where`` semantics; a fully masked example gives 0.
+  ``label_smoothing`` (:math:`\varepsilon`) follows PyTorch's
+  ``F.cross_entropy``; ``n`` is the number of classes in the slice (those that
+  ``where`` keeps). ``z_loss`` (:math:`z`) adds ``z * logsumexp(x)**2`` as in
+  PaLM and T5X.
+
+  The custom VJP keeps the logits, one log-normaliser per example and the
+  labels, and computes, in float32 for 16-bit logits:
+
+  * ``d logits = g * (softmax(x) * (sum(t) + 2 z lse) - t)``;
+  * ``d labels = -(1 - eps) * g * log_softmax(x)`` (soft labels are
+    differentiable, e.g. for distillation); 0 where ``g`` is 0 or ``where`` is
+    False.
+
+  Unlike optax, an entry whose label weight ``t`` is 0 contributes exactly 0 to
+  the loss and to the logits' gradient, even where its logit is -inf (optax gives
+  NaN). The label's gradient there is ``+inf * g``, the true derivative.
+
+  Args:
+    logits: unnormalised log-probabilities, a floating array (integer logits
+      raise ``TypeError``).
+    labels: the target distribution, broadcastable to ``logits.shape``; integer
+      or boolean labels are cast to the logits' dtype.
+    axis: the class axis or axes: an int, a tuple of ints or None (all axes).
+    where: optional boolean mask, either broadcastable to ``logits.shape``
+      (masked classes are left out of the softmax and of the sum) or of the
+      batch shape (``logits`` with ``axis`` removed: masked examples give 0).
+    label_smoothing: :math:`\varepsilon \in [0, 1]`, a Python float.
+    z_loss: :math:`z \ge 0`, a Python float.
+    axis_name: mesh axis name(s) over which the class axis is split, inside
+      ``shard_map``; the loss is then over the global class axis.
+
+  Returns:
+    The loss per example, shape ``logits.shape`` with ``axis`` removed, in
+    ``result_type(logits, labels)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxsoftmax
+    >>> logits = jnp.array([[0.0, jnp.log(3.0)], [0.0, 0.0]])
+    >>> jaxsoftmax.softmax_cross_entropy(logits, jnp.array([[0.0, 1.0], [0.5, 0.5]])).round(4)
+    Array([0.2877, 0.6931], dtype=float32)
+  """
+  fn = "softmax_cross_entropy"
+  x = _logits(fn, logits)
+  st = _static(fn, x, axis, axis_name, label_smoothing, z_loss)
+  y = _soft_labels(fn, labels, x)
+  where = _where(fn, where, x.shape, st.axes)
+  return _soft_ce(x, y, where, st)
+
+
+def _soft_labels(fn, labels, x):
+  if not hasattr(labels, "dtype") and not isinstance(labels, int | float):
+    labels = jnp.asarray(labels)
+  dtype = jnp.result_type(labels)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(f"{fn}: `labels` has complex dtype {dtype}; expected a real dtype.")
+  y = jnp.asarray(labels)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    y = y.astype(x.dtype)
+  _check_labels_shape(fn, y, x.shape, "the logits' shape")
+  return y
+
+
+def _soft_target(y, where, st: _Static, shape, cdt):
+  """``t = (1 - eps) y + eps / n`` on the classes ``where`` keeps, 0 elsewhere."""
+  t = y.astype(cdt)
+  eps = st.label_smoothing
+  if eps:
+    n = _num_classes(where, shape, st, cdt)
+    t = (1.0 - eps) * t + eps / jnp.maximum(n, 1)
+  return masked(jnp.broadcast_to(t, shape), where, 0.0)
+
+
+def _soft_forward(x, y, where, st: _Static):
+  cdt = compute_dtype(jnp.result_type(x, y))
+  xs = masked(x.astype(cdt), where)
+  m, log_d, lse = _stats(xs, st)
+  t = _soft_target(y, where, st, x.shape, cdt)
+  # loss = sum(t) * log d - sum(t * (x - m)); the shifted form keeps x - m exact.
+  # A term with t == 0 is 0 even at a -inf logit (0 * -inf would be NaN).
+  tx = jnp.where(t == 0, jnp.zeros_like(t), t * (xs - m))
+  loss = slice_sum(t, st.axes, st.axis_name) * log_d - slice_sum(tx, st.axes, st.axis_name)
+  if st.z_loss:
+    loss = loss + st.z_loss * jnp.square(m + log_d)
+  return loss, lse
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _soft_ce(x, y, where, st: _Static):
+  loss, _ = _soft_forward(x, y, where, st)
+  return _squeeze(loss, st.axes).astype(jnp.result_type(x, y))
+
+
+def _soft_ce_fwd(x, y, where, st: _Static):
+  loss, lse = _soft_forward(x, y, where, st)
+  # Residuals: the logits (own dtype) and labels (own shape) the backward reads,
+  # the mask, and lse per example (compute dtype; -inf marks an empty slice).
+  return _squeeze(loss, st.axes).astype(jnp.result_type(x, y)), (x, y, where, lse)
+
+
+def _soft_ce_bwd(st: _Static, res, g):
+  # dx = g * (p * (sum(t) + 2 z lse) - t);  dy = -(1 - eps) * g * l
+  x, y, where, lse = res
+  cdt = compute_dtype(jnp.result_type(x, y))
+  live, lse = _live_lse(lse)
+  g = jnp.expand_dims(g.astype(cdt), st.axes)
+  l = masked(x.astype(cdt), where) - lse
+  t = _soft_target(y, where, st, x.shape, cdt)
+  coef = slice_sum(t, st.axes, st.axis_name)
+  if st.z_loss:
+    coef = coef + 2.0 * st.z_loss * lse
+  dx = jnp.where(live, g * (jnp.exp(l) * coef - t), jnp.zeros_like(l))
+  dy = -(1.0 - st.label_smoothing) * g * l
+  dy = masked(jnp.where(g == 0, jnp.zeros_like(dy), dy), where, 0.0)
+  return dx.astype(x.dtype), _sum_to_shape(dy, y.shape).astype(y.dtype), None
+
+
+_soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
+
+
+def _sum_to_shape(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Reverses the broadcast of an array of ``shape`` to ``v.shape``."""
+  lead = v.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(
+    lead + i for i, n in enumerate(shape) if n == 1 and v.shape[lead + i] != 1
+  )
+  return jnp.sum(v, axes, keepdims=True).reshape(shape) if axes else v
+
+
+# --- Integer labels ------------------------------------------------------------------
+
+
+def softmax_cross_entropy_with_integer_labels(
+  logits: ArrayLike,
+  labels: ArrayLike,
+  axis: Axis = -1,
+  where: ArrayLike | None = None,
+  *,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
+  axis_name: AxisName = None,
+) -> jax.Array:
+  r"""Softmax cross-entropy against integer class labels, with an analytic VJP.
+
+  .. math::
+    \ell = \mathrm{lse}_w(x) - (1 - \varepsilon)\, x_y
+      - \frac{\varepsilon}{n} \sum_{j \in w} x_j + z \cdot \mathrm{lse}_w(x)^2
+
+  A drop-in replacement for :func:`optax.softmax_cross_entropy_with_integer_labels`
+  with the same shapes, ``axis`` and ``where`` semantics: over a tuple ``axis``
+  a label is the flat (row-major) index over those axes, in the order given; a
+  fully masked example gives 0; a label at a class that ``where`` masks
+  contributes its logit, as in optax. ``label_smoothing`` and ``z_loss`` are as
+  in :func:`softmax_cross_entropy`.
+
+  A label outside ``[0, num_classes)``, negative ones included, gives a NaN
+  loss (and gradient) for that example only; it never picks another class
+  (optax wraps -1 to the last class). Examples masked out entirely by
+  ``where`` give 0 whatever their label, so padding can carry any label.
+
+  The custom VJP keeps the logits, one log-normaliser per example and the
+  labels, and computes ``d logits = g * (softmax(x) * (1 + 2 z lse) - t)``,
+  with ``t`` the smoothed one-hot target, in float32 for 16-bit logits. The
+  labels get no cotangent.
+
+  Args:
+    logits: unnormalised log-probabilities, a floating array.
+    labels: integer class ids, broadcastable to the batch shape (``logits``
+      with ``axis`` removed). Float labels raise ``TypeError``.
+    axis: the class axis or axes: an int, a tuple of ints or None.
+    where: optional boolean mask, broadcastable to ``logits.shape`` or of the
+      batch shape (one flag per example).
+    label_smoothing: :math:`\varepsilon \in [0, 1]`, a Python float.
+    z_loss: :math:`z \ge 0`, a Python float.
+    axis_name: mesh axis name(s) over which the (single) class axis is split,
+      inside ``shard_map`` (vocabulary parallelism): device ``i`` holds classes
+      ``[i * V, (i + 1) * V)``; labels are global class ids.
+
+  Returns:
+    The loss per example, shape ``logits.shape`` with ``axis`` removed, in the
+    logits' dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxsoftmax
+    >>> logits = jnp.array([[0.0, jnp.log(3.0)], [0.0, 0.0]])
+    >>> jaxsoftmax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([1, 0])).round(4)
+    Array([0.2877, 0.6931], dtype=float32)
+    >>> jaxsoftmax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([1, 2])).round(4)
+    Array([0.2877,    nan], dtype=float32)
+  """
+  fn = "softmax_cross_entropy_with_integer_labels"
+  x = _logits(fn, logits)
+  st = _static(fn, x, axis, axis_name, label_smoothing, z_loss)
+  labels = _int_labels(fn, labels, x, st)
+  where = _where(fn, where, x.shape, st.axes)
+  return _int_ce(x, labels, where, st)
+
+
+def _int_labels(fn, labels, x, st: _Static):
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(
+      f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}; for "
+      "probabilities use `softmax_cross_entropy`."
+    )
+  batch = _batch_shape(x.shape, st.axes)
+  _check_labels_shape(fn, labels, batch, "the batch shape (logits without `axis`)")
+  if st.axis_name is not None and len(st.axes) != 1:
+    raise ValueError(
+      f"{fn}: with `axis_name`, `axis` must be a single class axis, got axes {st.axes}."
+    )
+  # Labels in batch ndim, then with a 1 at each class axis, to broadcast against x.
+  labels = labels.reshape((1,) * (len(batch) - labels.ndim) + labels.shape)
+  return labels
+
+
+def _one_hot(labels, shape, st: _Static):
+  """The one-hot target (bool, broadcastable to ``shape``) and ``valid`` per example."""
+  y = jnp.expand_dims(labels, st.axes)
+  local = math.prod(shape[a] for a in st.axes)
+  devices = 1 if st.axis_name is None else lax.axis_size(st.axis_name)
+  total = local * devices
+  idt = jnp.int32 if total <= jnp.iinfo(jnp.int32).max else jnp.int64
+  valid = y >= 0
+  if total <= jnp.iinfo(y.dtype).max:
+    valid = valid & (y < total)
+  # A valid label fits idt exactly; an invalid one is replaced, never wrapped.
+  y = jnp.where(valid, y, jnp.zeros_like(y)).astype(idt)
+  if st.axis_name is not None:
+    # Vocabulary parallelism: this device holds global classes [i * local, (i + 1) * local).
+    y = y - lax.axis_index(st.axis_name).astype(idt) * local
+  bshape = tuple(n if i in st.axes else 1 for i, n in enumerate(shape))
+  flat, stride = jnp.zeros(bshape, idt), 1
+  for a in reversed(st.order):
+    flat = flat + lax.broadcasted_iota(idt, bshape, a) * stride
+    stride *= shape[a]
+  return flat == y, valid
+
+
+def _int_target(onehot, where, st: _Static, shape, cdt):
+  """``t = (1 - eps) onehot + eps / n`` on the kept classes (the label counts even if masked)."""
+  eps = st.label_smoothing
+  t = jnp.where(onehot, jnp.asarray(1.0 - eps, cdt), jnp.asarray(0.0, cdt))
+  if eps:
+    n = _num_classes(where, shape, st, cdt)
+    t = t + masked(jnp.broadcast_to(eps / jnp.maximum(n, 1), shape).astype(cdt), where, 0.0)
+  return t
+
+
+def _int_forward(x, labels, where, st: _Static):
+  cdt = compute_dtype(x.dtype)
+  xc = x.astype(cdt)
+  xs = masked(xc, where)
+  m, log_d, lse = _stats(xs, st)
+  onehot, valid = _one_hot(labels, x.shape, st)
+  eps = st.label_smoothing
+  # loss = log d - (1 - eps) (x_y - m) - eps / n * sum_w (x - m). x_y is the raw
+  # logit, masked or not (optax takes it the same way); t is 0 elsewhere.
+  x_y = slice_sum(jnp.where(onehot, xc - m, jnp.zeros_like(xc)), st.axes, st.axis_name)
+  loss = log_d - (1.0 - eps) * x_y
+  if eps:
+    n = _num_classes(where, x.shape, st, cdt)
+    sum_w = slice_sum(masked(xs - m, where, 0.0), st.axes, st.axis_name)
+    loss = loss - eps * sum_w / jnp.maximum(n, 1)
+  if st.z_loss:
+    loss = loss + st.z_loss * jnp.square(m + log_d)
+  loss = jnp.where(valid, loss, jnp.full_like(loss, jnp.nan))
+  if where is not None:
+    n = _num_classes(where, x.shape, st, cdt)
+    loss = jnp.where(n > 0, loss, jnp.zeros_like(loss))
+  return loss, lse
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _int_ce(x, labels, where, st: _Static):
+  loss, _ = _int_forward(x, labels, where, st)
+  return _squeeze(loss, st.axes).astype(x.dtype)
+
+
+def _int_ce_fwd(x, labels, where, st: _Static):
+  loss, lse = _int_forward(x, labels, where, st)
+  # Residuals: the logits (own dtype), the labels and mask (small), and lse per
+  # example (compute dtype; -inf marks an empty slice, whose gradient is 0).
+  return _squeeze(loss, st.axes).astype(x.dtype), (x, labels, where, lse)
+
+
+def _int_ce_bwd(st: _Static, res, g):
+  # dx = g * (p * (1 + 2 z lse) - t); no collective unless where and label_smoothing
+  x, labels, where, lse = res
+  cdt = compute_dtype(x.dtype)
+  live, lse = _live_lse(lse)
+  g = jnp.expand_dims(g.astype(cdt), st.axes)
+  p = jnp.exp(masked(x.astype(cdt), where) - lse)
+  onehot, valid = _one_hot(labels, x.shape, st)
+  t = _int_target(onehot, where, st, x.shape, cdt)
+  coef = 1.0 + 2.0 * st.z_loss * lse if st.z_loss else 1.0
+  dx = jnp.where(valid, g * (p * coef - t), jnp.full_like(p, jnp.nan))
+  dx = jnp.where(live, dx, jnp.zeros_like(dx))
+  return dx.astype(x.dtype), None, None
+
+
+_int_ce.defvjp(_int_ce_fwd, _int_ce_bwd)

@@ -1,0 +1,585 @@
+"""softmax_cross_entropy(_with_integer_labels): values, VJPs, semantics, residuals, errors.
+
+References: optax, jax.grad of the naive definition in float64, PyTorch float64,
+and closed forms. Nothing here compares jaxsoftmax with itself.
+"""
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+import jaxsoftmax
+
+from references import eps, rel_err
+
+soft_ce = jaxsoftmax.softmax_cross_entropy
+int_ce = jaxsoftmax.softmax_cross_entropy_with_integer_labels
+
+# (logits shape, axis): int, negative, tuple (in and out of order) and None.
+SHAPES_AXES = [
+  ((5, 9), -1),
+  ((9, 5), 0),
+  ((3, 4, 6), 1),
+  ((3, 4, 6), (0, 2)),
+  ((2, 3, 4, 5), (3, 1)),
+  ((2, 3, 4, 5), (-1, -3, -2)),
+]
+
+
+def _normal(seed, shape, dtype=jnp.float64, scale=3.0):
+  return (jax.random.normal(jax.random.key(seed), shape, jnp.float64) * scale).astype(dtype)
+
+
+def _probs(seed, shape, axes, dtype=jnp.float64):
+  return jax.nn.softmax(_normal(seed, shape, scale=2.0), axis=axes).astype(dtype)
+
+
+def _axes(axis, ndim):
+  if axis is None:
+    return tuple(range(ndim))
+  return tuple(a % ndim for a in (axis if isinstance(axis, tuple) else (axis,)))
+
+
+def _batch(shape, axis):
+  axes = _axes(axis, len(shape))
+  return tuple(n for i, n in enumerate(shape) if i not in axes)
+
+
+def _int_labels(seed, shape, axis):
+  axes = _axes(axis, len(shape))
+  n = math.prod(shape[a] for a in axes)
+  return jax.random.randint(jax.random.key(seed), _batch(shape, axis), 0, n)
+
+
+def _one_hot(labels, shape, axis):
+  """The one-hot array over the class axes: optax's flat index, in the order of ``axis``."""
+  order = _axes(axis, len(shape))
+  sizes = tuple(shape[a] for a in order)
+  oh = jax.nn.one_hot(labels, math.prod(sizes), dtype=jnp.float64).reshape(labels.shape + sizes)
+  batch_axes = [i for i in range(len(shape)) if i not in order]
+  # oh's axes are (batch axes..., order...): move them back to their places.
+  return jnp.moveaxis(oh, tuple(range(oh.ndim)), tuple(batch_axes) + order)
+
+
+def _naive(x, t, axis, where=None, z_loss=0.0):
+  """``-sum(t * log_softmax(x)) + z * lse**2``, literally (moderate x), over kept entries."""
+  axes = _axes(axis, x.ndim)
+  e = jnp.exp(x) if where is None else jnp.where(where, jnp.exp(x), 0.0)
+  lse = jnp.log(jnp.sum(e, axes, keepdims=True))
+  terms = t * (x - lse)
+  if where is not None:
+    terms = jnp.where(where, terms, 0.0)
+  return -jnp.sum(terms, axes) + z_loss * jnp.squeeze(lse, axes) ** 2
+
+
+def _smooth(t, eps_, n):
+  return (1 - eps_) * t + eps_ / n
+
+
+# --- Against optax and the naive definition, float64 -------------------------------
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+def test_soft_labels_match_optax_and_naive(shape, axis, use_jit):
+  x, y = _normal(0, shape), _probs(1, shape, _axes(axis, len(shape)))
+  g = _normal(2, _batch(shape, axis), scale=1.0)
+  f = partial(soft_ce, axis=axis)
+  loss, vjp = jax.vjp(jax.jit(f) if use_jit else f, x, y)
+  dx, dy = vjp(g)
+  ref_optax, vjp_optax = jax.vjp(partial(optax.softmax_cross_entropy, axis=axis), x, y)
+  ref_naive, vjp_naive = jax.vjp(partial(_naive, axis=axis), x, y)
+  assert loss.dtype == jnp.float64 and loss.shape == ref_optax.shape
+  for ref, vjp_ref in [(ref_optax, vjp_optax), (ref_naive, vjp_naive)]:
+    np.testing.assert_allclose(loss, ref, rtol=1e-13, atol=1e-14)
+    dx_ref, dy_ref = vjp_ref(g)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dy, dy_ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+def test_integer_labels_match_optax_and_naive(shape, axis):
+  x, labels = _normal(3, shape), _int_labels(4, shape, axis)
+  g = _normal(5, labels.shape, scale=1.0)
+  loss, vjp = jax.vjp(lambda x: int_ce(x, labels, axis=axis), x)
+  ref_optax, vjp_optax = jax.vjp(
+    lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels, axis=axis), x
+  )
+  t = _one_hot(labels, shape, axis)
+  ref_naive, vjp_naive = jax.vjp(lambda x: _naive(x, t, axis), x)
+  assert loss.dtype == jnp.float64 and loss.shape == labels.shape
+  for ref, vjp_ref in [(ref_optax, vjp_optax), (ref_naive, vjp_naive)]:
+    np.testing.assert_allclose(loss, ref, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-12, atol=1e-14)
+
+
+def test_soft_labels_with_axis_none_give_a_scalar():
+  x, y = _normal(6, (3, 4)), _probs(7, (3, 4), (0, 1))
+  loss = soft_ce(x, y, axis=None)
+  assert loss.shape == ()
+  np.testing.assert_allclose(loss, optax.softmax_cross_entropy(x, y, axis=None), rtol=1e-13)
+  np.testing.assert_allclose(
+    int_ce(x, jnp.array(5), axis=None),
+    _naive(x, _one_hot(jnp.array(5), (3, 4), None), None),
+    rtol=1e-13,
+  )
+
+
+def test_labels_broadcast_and_their_gradient_is_summed_back():
+  x, y = _normal(8, (4, 6)), _probs(9, (1, 6), -1)
+  g = _normal(10, (4,), scale=1.0)
+  loss, vjp = jax.vjp(soft_ce, x, y)
+  ref, vjp_ref = jax.vjp(optax.softmax_cross_entropy, x, y)
+  np.testing.assert_allclose(loss, ref, rtol=1e-13)
+  (dx, dy), (dx_ref, dy_ref) = vjp(g), vjp_ref(g)
+  assert dy.shape == (1, 6)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-12)
+  np.testing.assert_allclose(dy, dy_ref, rtol=1e-12)
+
+
+def test_unnormalised_soft_labels_match_optax():
+  x, y = _normal(11, (5, 7)), jax.random.uniform(jax.random.key(12), (5, 7), jnp.float64) * 3
+  g = _normal(13, (5,), scale=1.0)
+  (dx, dy), (dx_ref, dy_ref) = [
+    jax.vjp(f, x, y)[1](g) for f in (soft_ce, optax.softmax_cross_entropy)
+  ]
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-12)
+  np.testing.assert_allclose(dy, dy_ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["element", "example", "broadcast"])
+def test_where_matches_optax(kind):
+  shape = (6, 3, 8)
+  x, y, labels = _normal(14, shape), _probs(15, shape, -1), _int_labels(16, shape, -1)
+  mask = {
+    "element": jax.random.bernoulli(jax.random.key(17), 0.6, shape).at[:, :, 0].set(True),
+    "example": jnp.array([[True, False, True]] * 6).at[2].set(False),
+    "broadcast": jnp.arange(8) < 5,  # ndim 1 != batch ndim 2: broadcast, as a class mask
+  }[kind]
+  if kind == "broadcast":
+    mask = jnp.broadcast_to(mask, shape)
+  mask = mask.at[4].set(False)  # a fully masked example
+  g = _normal(18, shape[:2], scale=1.0)
+  for ours, ref, lab in [
+    (soft_ce, optax.softmax_cross_entropy, y),
+    (int_ce, optax.softmax_cross_entropy_with_integer_labels, labels),
+  ]:
+    loss, vjp = jax.vjp(lambda x, ours=ours, lab=lab: ours(x, lab, where=mask), x)
+    ref_loss, vjp_ref = jax.vjp(lambda x, ref=ref, lab=lab: ref(x, lab, where=mask), x)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-13, atol=1e-14)
+    np.testing.assert_array_equal(loss[4], 0.0)
+    dx = vjp(g)[0]
+    np.testing.assert_array_equal(dx[4], 0.0)
+    keep = np.asarray(jnp.broadcast_to(mask if mask.ndim == 3 else mask[..., None], shape))
+    live = keep.any(-1)
+    # optax's gradient is NaN on fully masked examples; compare the others.
+    np.testing.assert_allclose(dx[live], vjp_ref(g)[0][live], rtol=1e-12, atol=1e-14)
+
+
+def test_integer_label_at_a_masked_class_counts_its_logit_as_optax():
+  x = _normal(19, (3, 5))
+  labels, mask = jnp.array([1, 2, 4]), jnp.ones((3, 5), bool).at[1, 2].set(False)
+  ours, vjp = jax.vjp(lambda x: int_ce(x, labels, where=mask), x)
+  ref, vjp_ref = jax.vjp(
+    lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels, where=mask), x
+  )
+  np.testing.assert_allclose(ours, ref, rtol=1e-13)
+  np.testing.assert_allclose(vjp(jnp.ones(3))[0], vjp_ref(jnp.ones(3))[0], rtol=1e-12)
+
+
+def test_check_grads_second_order_reverse():
+  x, y, labels = _normal(20, (3, 5), scale=1.0), _probs(21, (3, 5), -1), jnp.array([0, 4, 2])
+  f = partial(soft_ce, label_smoothing=0.1, z_loss=0.01)
+  check_grads(f, (x, y), order=2, modes=["rev"])
+  check_grads(lambda x: int_ce(x, labels, label_smoothing=0.2, z_loss=0.1), (x,), 2, ["rev"])
+
+
+def test_vmap_and_jit_compose():
+  x, labels = _normal(22, (4, 3, 7)), _int_labels(23, (4, 3, 7), -1)
+  f = jax.jit(jax.vmap(jax.grad(lambda x, l: int_ce(x, l, label_smoothing=0.1).sum())))
+  g_ref = jax.vmap(
+    jax.grad(lambda x, l: _naive(x, _smooth(jax.nn.one_hot(l, 7, dtype=x.dtype), 0.1, 7), -1).sum())
+  )
+  np.testing.assert_allclose(f(x, labels), g_ref(x, labels), rtol=1e-12, atol=1e-14)
+
+
+# --- Label smoothing and z-loss ----------------------------------------------------
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+def test_against_torch_cross_entropy(label_smoothing):
+  torch = pytest.importorskip("torch")
+  F = torch.nn.functional
+  shape = (4, 6, 3)  # torch's class dim is 1
+  x, y, labels = _normal(24, shape), _probs(25, shape, 1), _int_labels(26, shape, 1)
+  tx = torch.tensor(np.asarray(x), requires_grad=True)
+  for ours, target in [
+    (lambda x: int_ce(x, labels, axis=1, label_smoothing=label_smoothing), labels),
+    (lambda x: soft_ce(x, y, axis=1, label_smoothing=label_smoothing), y),
+  ]:
+    tt = torch.tensor(np.asarray(target))
+    t_loss = F.cross_entropy(tx, tt, reduction="none", label_smoothing=label_smoothing)
+    (t_dx,) = torch.autograd.grad(t_loss.sum(), tx)
+    loss, vjp = jax.vjp(ours, x)
+    np.testing.assert_allclose(loss, t_loss.detach().numpy(), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(vjp(jnp.ones_like(loss))[0], t_dx.numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES[2:])
+def test_label_smoothing_matches_naive_for_both_arguments(shape, axis):
+  axes = _axes(axis, len(shape))
+  n = math.prod(shape[a] for a in axes)
+  x, y = _normal(27, shape), _probs(28, shape, axes)
+  g = _normal(29, _batch(shape, axis), scale=1.0)
+  loss, vjp = jax.vjp(partial(soft_ce, axis=axis, label_smoothing=0.3), x, y)
+  ref, vjp_ref = jax.vjp(lambda x, y: _naive(x, _smooth(y, 0.3, n), axis), x, y)
+  np.testing.assert_allclose(loss, ref, rtol=1e-13)
+  for a, b in zip(vjp(g), vjp_ref(g), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_label_smoothing_spreads_over_the_kept_classes_only():
+  x, labels = _normal(30, (4, 10)), jnp.array([0, 3, 5, 1])
+  mask = (jnp.arange(10) < 7)[None]  # e.g. a padded vocabulary
+  t = _smooth(jax.nn.one_hot(labels, 7, dtype=jnp.float64), 0.2, 7)
+  ref, vjp_ref = jax.vjp(lambda x: _naive(x[:, :7], t, -1), x)
+  loss, vjp = jax.vjp(lambda x: int_ce(x, labels, where=mask, label_smoothing=0.2), x)
+  np.testing.assert_allclose(loss, ref, rtol=1e-13)
+  np.testing.assert_allclose(vjp(jnp.ones(4))[0], vjp_ref(jnp.ones(4))[0], rtol=1e-12, atol=1e-15)
+  y = jnp.pad(jax.nn.one_hot(labels, 7, dtype=jnp.float64), ((0, 0), (0, 3)))
+  loss_soft = soft_ce(x, y, where=mask, label_smoothing=0.2)
+  np.testing.assert_allclose(loss_soft, ref, rtol=1e-13)
+
+
+def test_z_loss_closed_form():
+  # Constant logits c over n classes: lse = c + log n, p = 1/n, so the loss is
+  # log n + z (c + log n)^2 and d/dx_j = (1 + 2 z lse) / n - [j == y].
+  n, c, z = 8, 1.5, 0.25
+  x, labels = jnp.full((2, n), c, jnp.float64), jnp.array([3, 0])
+  lse = c + math.log(n)
+  loss, vjp = jax.vjp(lambda x: int_ce(x, labels, z_loss=z), x)
+  np.testing.assert_allclose(loss, math.log(n) + z * lse**2, rtol=1e-14)
+  expected = np.full((2, n), (1 + 2 * z * lse) / n)
+  expected[0, 3] -= 1
+  expected[1, 0] -= 1
+  np.testing.assert_allclose(vjp(jnp.ones(2))[0], expected, rtol=1e-13)
+  y = jax.nn.one_hot(labels, n, dtype=jnp.float64)
+  np.testing.assert_allclose(soft_ce(x, y, z_loss=z), math.log(n) + z * lse**2, rtol=1e-14)
+  # And on random logits, against the naive definition with its own z-loss term.
+  x = _normal(31, (5, 9))
+  y = _probs(32, (5, 9), -1)
+  ref, vjp_ref = jax.vjp(lambda x: _naive(x, y, -1, z_loss=z), x)
+  loss, vjp = jax.vjp(lambda x: soft_ce(x, y, z_loss=z), x)
+  np.testing.assert_allclose(loss, ref, rtol=1e-13)
+  np.testing.assert_allclose(vjp(jnp.ones(5))[0], vjp_ref(jnp.ones(5))[0], rtol=1e-12)
+
+
+# --- Non-finite input --------------------------------------------------------------
+
+
+def test_neg_inf_logit_with_zero_label_weight_contributes_nothing():
+  x = jnp.array([[0.5, -jnp.inf, 1.0, -0.3]], jnp.float64)
+  y = jnp.array([[0.2, 0.0, 0.5, 0.3]], jnp.float64)
+  keep = np.array([0, 2, 3])
+  loss, vjp = jax.vjp(soft_ce, x, y)
+  ref, vjp_ref = jax.vjp(optax.softmax_cross_entropy, x[:, keep], y[:, keep])
+  assert np.isnan(optax.softmax_cross_entropy(x, y)).all()  # optax gives NaN here
+  np.testing.assert_allclose(loss, ref, rtol=1e-14)
+  dx, dy = vjp(jnp.array([2.0]))
+  dx_ref, dy_ref = vjp_ref(jnp.array([2.0]))
+  assert dx[0, 1] == 0.0
+  np.testing.assert_allclose(dx[:, keep], dx_ref, rtol=1e-13)
+  np.testing.assert_allclose(dy[:, keep], dy_ref, rtol=1e-13)
+  assert dy[0, 1] == np.inf  # d loss / d y_j = -log p_j = +inf: the true derivative
+  # A zero cotangent gives a zero label gradient, not inf * 0 = NaN.
+  np.testing.assert_array_equal(vjp(jnp.array([0.0]))[1], 0.0)
+
+
+def test_neg_inf_logit_at_the_true_label_gives_inf_loss_and_finite_gradient():
+  x = jnp.array([[0.5, -jnp.inf, 1.0], [0.1, 0.2, 0.3]], jnp.float32)
+  labels = jnp.array([1, 2])
+  loss, vjp = jax.vjp(lambda x: int_ce(x, labels), x)
+  dx = vjp(jnp.ones(2, jnp.float32))[0]
+  assert loss[0] == np.inf and np.isfinite(loss[1])
+  assert np.isfinite(dx).all()
+  p = jax.nn.softmax(jnp.array([0.5, 1.0], jnp.float64))
+  np.testing.assert_allclose(dx[0], [p[0], -1.0, p[1]], rtol=1e-6)
+  loss_soft, vjp_soft = jax.vjp(lambda x: soft_ce(x, jax.nn.one_hot(labels, 3, dtype=x.dtype)), x)
+  assert loss_soft[0] == np.inf
+  np.testing.assert_allclose(vjp_soft(jnp.ones(2, jnp.float32))[0], dx, rtol=1e-6)
+
+
+def test_all_neg_inf_example_without_where():
+  x = jnp.array([[-jnp.inf] * 4, [0.0, 1.0, 2.0, 3.0]], jnp.float32)
+  labels = jnp.array([1, 2])
+  loss, vjp = jax.vjp(lambda x: int_ce(x, labels, z_loss=0.1), x)
+  dx = vjp(jnp.ones(2, jnp.float32))[0]
+  assert loss[0] == np.inf  # -log_softmax = +inf at every class of an empty slice
+  np.testing.assert_array_equal(dx[0], 0.0)
+  ref = optax.softmax_cross_entropy_with_integer_labels(x[1:], labels[1:])
+  np.testing.assert_allclose(loss[1], ref[0] + 0.1 * jax.nn.logsumexp(x[1]) ** 2, rtol=1e-6)
+  y = jnp.array([[0.0] * 4, [0.0, 0.0, 1.0, 0.0]], jnp.float32)
+  loss, vjp = jax.vjp(soft_ce, x, y)
+  assert loss[0] == 0.0  # no label weight on an empty slice: nothing to pay
+  np.testing.assert_array_equal(vjp(jnp.ones(2, jnp.float32))[0][0], 0.0)
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, jnp.nan])
+def test_pos_inf_or_nan_poisons_only_its_example(bad):
+  x = _normal(33, (3, 5), jnp.float32).at[1, 2].set(bad)
+  for f in (lambda x: int_ce(x, jnp.array([0, 1, 2])), lambda x: soft_ce(x, jax.nn.softmax(x))):
+    loss, vjp = jax.vjp(f, x)
+    dx = np.asarray(vjp(jnp.ones(3, jnp.float32))[0])
+    assert np.isnan(loss[1]) and np.isnan(dx[1]).all()
+    assert np.isfinite(np.asarray(loss)[[0, 2]]).all() and np.isfinite(dx[[0, 2]]).all()
+
+
+def test_fully_masked_example_gives_zero_whatever_its_logits_and_label():
+  x = _normal(34, (3, 5), jnp.float32).at[1].set(jnp.nan)
+  where = jnp.array([True, False, True])
+  labels = jnp.array([0, -100, 4])  # padding carries an out-of-range label
+  loss, vjp = jax.vjp(lambda x: int_ce(x, labels, where=where, label_smoothing=0.1), x)
+  dx = vjp(jnp.ones(3, jnp.float32))[0]
+  assert loss[1] == 0.0 and (dx[1] == 0.0).all()
+  assert np.isfinite(loss).all() and np.isfinite(dx).all()
+  y = jax.nn.softmax(_normal(35, (3, 5), jnp.float32))
+  loss, vjp = jax.vjp(lambda x, y: soft_ce(x, y, where=where, z_loss=0.1), x, y)
+  dx, dy = vjp(jnp.ones(3, jnp.float32))
+  assert loss[1] == 0.0 and (dx[1] == 0.0).all() and (dy[1] == 0.0).all()
+  assert np.isfinite(dx).all() and np.isfinite(dy).all()
+
+
+@pytest.mark.parametrize("bad", [5, -1, -100, 2**40])
+def test_out_of_range_label_is_nan_for_that_example_only(bad):
+  x = _normal(36, (3, 5))
+  labels = jnp.array([0, bad, 4], jnp.int64)
+  loss, vjp = jax.vjp(lambda x: int_ce(x, labels, label_smoothing=0.1), x)
+  dx = vjp(jnp.ones(3))[0]
+  assert np.isnan(loss[1]) and np.isnan(dx[1]).all()
+  ok = jnp.array([0, 2])
+  ref, vjp_ref = jax.vjp(
+    lambda x: _naive(x, _smooth(jax.nn.one_hot(labels[ok], 5, dtype=x.dtype), 0.1, 5), -1), x[ok]
+  )
+  np.testing.assert_allclose(loss[ok], ref, rtol=1e-13)
+  np.testing.assert_allclose(dx[ok], vjp_ref(jnp.ones(2))[0], rtol=1e-12)
+
+
+def test_narrow_integer_labels_never_wrap():
+  x = _normal(37, (2, 300))
+  labels = jnp.array([299 - 256, 7], jnp.int8)  # int8 cannot even hold 300
+  ref = optax.softmax_cross_entropy_with_integer_labels(x, labels.astype(jnp.int32))
+  np.testing.assert_allclose(int_ce(x, labels), ref, rtol=1e-13)
+  assert np.isnan(int_ce(x, jnp.array([-3, 1], jnp.int8))[0])
+  np.testing.assert_allclose(
+    int_ce(x, jnp.array([299, 7], jnp.uint16)), int_ce(x, jnp.array([299, 7])), rtol=0
+  )
+
+
+# --- Bad input ---------------------------------------------------------------------
+
+
+def test_errors_name_the_argument():
+  x, labels, y = jnp.zeros((4, 5)), jnp.zeros(4, jnp.int32), jnp.zeros((4, 5))
+  cases = [
+    (TypeError, "logits.*int", lambda: int_ce(jnp.zeros((4, 5), jnp.int32), labels)),
+    (TypeError, "logits.*int", lambda: soft_ce(jnp.zeros((4, 5), jnp.int32), y)),
+    (TypeError, "logits.*complex", lambda: soft_ce(x.astype(jnp.complex64), y)),
+    (TypeError, "labels.*float32", lambda: int_ce(x, labels.astype(jnp.float32))),
+    (TypeError, "labels.*complex", lambda: soft_ce(x, y.astype(jnp.complex64))),
+    (ValueError, r"labels.*\(4, 6\).*\(4, 5\)", lambda: soft_ce(x, jnp.zeros((4, 6)))),
+    (ValueError, r"labels.*\(3,\).*\(4,\)", lambda: int_ce(x, jnp.zeros(3, jnp.int32))),
+    (ValueError, r"labels.*\(4, 5\)", lambda: int_ce(x, jnp.zeros((4, 5), jnp.int32))),
+    (ValueError, r"where.*\(3,\)", lambda: int_ce(x, labels, where=jnp.ones(3, bool))),
+    (ValueError, r"where.*\(1, 2, 5\)", lambda: soft_ce(x, y, where=jnp.ones((1, 2, 5), bool))),
+    (TypeError, "where.*bool", lambda: soft_ce(x, y, where=jnp.ones((4, 5), jnp.int32))),
+    (ValueError, "axis", lambda: soft_ce(x, y, axis=2)),
+    (ValueError, "axis", lambda: int_ce(x, jnp.int32(0), axis=(1, -1))),
+    (ValueError, "label_smoothing", lambda: soft_ce(x, y, label_smoothing=1.5)),
+    (ValueError, "label_smoothing", lambda: int_ce(x, labels, label_smoothing=-0.1)),
+    (ValueError, "z_loss", lambda: int_ce(x, labels, z_loss=-1.0)),
+    (ValueError, "z_loss", lambda: int_ce(x, labels, z_loss=float("nan"))),
+    (TypeError, "label_smoothing", lambda: soft_ce(x, y, label_smoothing="0.1")),
+    (TypeError, "axis_name", lambda: soft_ce(x, y, axis_name=3)),
+  ]
+  for exc, match, call in cases:
+    with pytest.raises(exc, match=match):
+      call()
+
+
+def test_traced_hyperparameter_is_a_type_error():
+  x, y = jnp.zeros((4, 5)), jnp.zeros((4, 5))
+  with pytest.raises(TypeError, match="label_smoothing.*static"):
+    jax.jit(lambda e: soft_ce(x, y, label_smoothing=e))(0.1)
+
+
+def test_integer_soft_labels_are_cast_to_the_logits_dtype():
+  x, labels = _normal(38, (3, 4), jnp.float32), jnp.array([1, 0, 3])
+  y = jax.nn.one_hot(labels, 4, dtype=jnp.int32)
+  loss = soft_ce(x, y)
+  assert loss.dtype == jnp.float32
+  np.testing.assert_allclose(loss, int_ce(x, labels), rtol=1e-6)
+
+
+# --- Residuals ---------------------------------------------------------------------
+
+
+def _residuals(f, *args):
+  from jax._src.ad_checkpoint import saved_residuals
+
+  return [aval for aval, _ in saved_residuals(f, *args)]
+
+
+def _nbytes(rs):
+  return sum(r.size * r.dtype.itemsize for r in rs)
+
+
+def test_residual_bytes_integer_labels_bfloat16():
+  b, n = 64, 512
+  x = _normal(39, (b, n), jnp.bfloat16)
+  labels = _int_labels(40, (b, n), -1).astype(jnp.int32)
+
+  def ours(x):
+    return int_ce(x, labels)
+
+  def optax_bf16(x):
+    return optax.softmax_cross_entropy_with_integer_labels(x, labels)
+
+  def optax_f32(x):  # the usual recipe for accurate bf16 training
+    return optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), labels)
+
+  res = _residuals(ours, x)
+  assert sorted((r.shape, str(r.dtype)) for r in res) == [
+    ((b,), "int32"),
+    ((b, 1), "float32"),
+    ((b, n), "bfloat16"),
+  ]
+  assert _nbytes(res) <= 0.55 * _nbytes(_residuals(optax_f32, x))
+  assert _nbytes(res) <= _nbytes(_residuals(optax_bf16, x)) + 8 * b
+  # ... at the float32 recipe's accuracy: the same loss and gradient, up to rounding to bf16.
+  g = _normal(41, (b,), jnp.bfloat16, scale=1.0)
+  loss, vjp = jax.vjp(ours, x)
+  loss_ref, vjp_ref = jax.vjp(optax_f32, x)
+  np.testing.assert_allclose(
+    np.asarray(loss, np.float32), np.asarray(loss_ref), rtol=eps(jnp.bfloat16) / 2
+  )
+  dx, dx_ref = vjp(g)[0], vjp_ref(g.astype(jnp.float32))[0]
+  assert dx.dtype == dx_ref.dtype == jnp.bfloat16
+  assert rel_err(dx, dx_ref) <= eps(jnp.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_residuals_soft_labels_and_mask_in_their_own_shapes(dtype):
+  x, y = _normal(42, (16, 32), dtype), _probs(43, (16, 32), -1, dtype)
+  where = (jnp.arange(32) < 30)[None]
+  res = _residuals(lambda x, y: soft_ce(x, y, where=where, label_smoothing=0.1), x, y)
+  assert sorted((r.shape, str(r.dtype)) for r in res) == sorted(
+    [
+      ((16, 32), str(jnp.dtype(dtype))),
+      ((16, 32), str(jnp.dtype(dtype))),
+      ((1, 32), "bool"),
+      ((16, 1), "float32"),
+    ]
+  )
+
+
+# --- Dtypes and accuracy ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_accuracy_against_float64_on_rounded_inputs(dtype):
+  shape = (16, 257)
+  x = _normal(44, shape, dtype, scale=2.0)
+  y = _probs(45, shape, -1, dtype)
+  labels = _int_labels(46, shape, -1)
+  g = _normal(47, (16,), dtype, scale=1.0)
+  x64, y64, g64 = (a.astype(jnp.float64) for a in (x, y, g))
+  opts = dict(label_smoothing=0.1, z_loss=1e-3)
+  t_int = _smooth(jax.nn.one_hot(labels, 257, dtype=jnp.float64), 0.1, 257)
+  for ours, naive, args, args64 in [
+    (
+      lambda x: int_ce(x, labels, **opts),
+      lambda x: _naive(x, t_int, -1, z_loss=1e-3),
+      (x,),
+      (x64,),
+    ),
+    (
+      lambda x, y: soft_ce(x, y, **opts),
+      lambda x, y: _naive(x, _smooth(y, 0.1, 257), -1, z_loss=1e-3),
+      (x, y),
+      (x64, y64),
+    ),
+  ]:
+    loss, vjp = jax.vjp(ours, *args)
+    loss_ref, vjp_ref = jax.vjp(naive, *args64)
+    assert loss.dtype == dtype
+    assert rel_err(loss, loss_ref) <= 4 * eps(dtype)
+    for d, d_ref, a in zip(vjp(g), vjp_ref(g64), args, strict=True):
+      assert d.dtype == a.dtype
+      assert rel_err(d, d_ref) <= 8 * eps(dtype)
+
+
+def test_low_precision_computes_in_float32():
+  # 1000 classes at 11.0 and one at 12.0: the normaliser overflows float16.
+  x = jnp.full((1, 1000), 11.0, jnp.float16).at[0, 0].set(12.0)
+  loss = int_ce(x, jnp.array([0]))
+  ref = optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float64), jnp.array([0]))
+  assert np.isfinite(loss).all()
+  assert rel_err(loss, ref) <= 4 * eps(jnp.float16)
+
+
+# --- axis_name: a 1-device sanity check (the 8-device tests live in tests/multidevice) ---
+
+
+def test_axis_name_on_one_device_matches_the_unsharded_loss():
+  mesh = jax.make_mesh((1,), ("v",))
+  shape = (4, 12)
+  x, y, labels = _normal(48, shape), _probs(49, shape, -1), _int_labels(50, shape, -1)
+  where = (jnp.arange(12) < 10)[None]
+  opts = dict(label_smoothing=0.1, z_loss=0.01)
+
+  def sharded(f, *args):
+    # Each device returns the (replicated) loss and its own block of the gradients.
+    spec = P(None, "v")
+    g = jax.shard_map(
+      f,
+      mesh=mesh,
+      in_specs=(spec,) * len(args),
+      out_specs=(P(), (spec,) * len(args)),
+      check_vma=False,
+    )
+    return g(*(jax.device_put(a, NamedSharding(mesh, spec)) for a in args))
+
+  def soft(x, y, **kw):
+    return soft_ce(x, y, where=where, **opts, **kw).sum()
+
+  def hard(x, **kw):
+    return int_ce(x, labels, where=where, **opts, **kw).sum()
+
+  for f, args in [(soft, (x, y)), (hard, (x,))]:
+    value, grads = jax.value_and_grad(f, range(len(args)))(*args)
+    value_s, grads_s = sharded(
+      jax.value_and_grad(partial(f, axis_name="v"), range(len(args))), *args
+    )
+    np.testing.assert_allclose(value_s, value, rtol=1e-14)
+    for a, b in zip(grads_s, grads, strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-16)
+
+
+def test_axis_name_with_a_tuple_class_axis_is_refused():
+  mesh = jax.make_mesh((1,), ("v",))
+  f = jax.shard_map(
+    lambda x: int_ce(x, jnp.zeros(2, jnp.int32), axis=(1, 2), axis_name="v"),
+    mesh=mesh,
+    in_specs=P(),
+    out_specs=P(),
+  )
+  with pytest.raises(ValueError, match="axis_name.*single class axis"):
+    f(jnp.zeros((2, 3, 4)))
