@@ -96,8 +96,16 @@ def _all_gather(v: jax.Array, axis_name: AxisName) -> jax.Array:
   invariant form is not available there.
   """
   names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
-  varying = getattr(jax.typeof(v), "vma", frozenset())
-  return lax.all_gather(v, axis_name, to="invarying" if names <= varying else "varying")
+  if names <= _varying_axes(v):
+    return lax.all_gather(v, axis_name, to="invarying")
+  return lax.all_gather(v, axis_name)
+
+
+def _varying_axes(v: jax.Array) -> frozenset[str]:
+  """The manual mesh axes along which ``v`` is typed varying (empty outside shard_map)."""
+  aval = jax.typeof(v)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
 
 
 def log_normalizer(m: jax.Array, d: jax.Array) -> jax.Array:
