@@ -116,13 +116,41 @@ def markdown(record: dict) -> str:
     f"commit `{m['git_commit']}`.",
     "",
     "Times are medians over interleaved repetitions after warm-up, in ms; the",
-    "ratio in brackets is to the suite's baseline. GB/s counts the least traffic:",
-    "forward 2 arrays (x in, y out), backward 3 (s and g in, dx out). The copy and",
-    "exp passes over the same bytes give the ceilings.",
+    "ratio in brackets is to the suite's baseline. GB/s counts the least traffic",
+    "the op needs (softmax: forward 2 arrays, x in and y out; backward 3, s and g in",
+    "and dx out). A plain copy and an exp pass over the same bytes give the ceilings.",
   ]
+  lines += summary(record)
   for name, s in record["suites"].items():
     lines += markdown_suite(name, s)
   return "\n".join(lines) + "\n"
+
+
+def summary(record: dict) -> list[str]:
+  """One table of the targets: forward+backward time ratios, ours / reference."""
+  cols = []  # (suite, contender, reference)
+  rows: dict[tuple[str, str], dict] = {}
+  for name, s in record["suites"].items():
+    for cell in s["cells"]:
+      key = (cell["label"], cell["dtype"])
+      for t in cell["targets"]:
+        col = (name, t["contender"], t["reference"])
+        if col not in cols:
+          cols.append(col)
+        rows.setdefault(key, {})[col] = t["ratio"]
+  if not cols:
+    return []
+  lines = [
+    "",
+    "## Summary: forward+backward time, ours / reference (<= 1.00 is the target)",
+    "",
+    "| size | dtype | " + " | ".join(f"{n}: {c} / {r}" for n, c, r in cols) + " |",
+    "|---|---|" + "---:|" * len(cols),
+  ]
+  for (label, dtype), by in rows.items():
+    vals = [f"{by[c]:.2f}" if c in by else "-" for c in cols]
+    lines.append(f"| {label} | {dtype} | " + " | ".join(vals) + " |")
+  return lines
 
 
 _MODES = {"fwd+bwd": "Forward + backward", "fwd": "Forward"}
