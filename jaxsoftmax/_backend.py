@@ -7,7 +7,7 @@ backend's name as a static argument and look the module up here.
 
 from __future__ import annotations
 
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import jax
 
@@ -40,7 +40,7 @@ def resolve(
   return "xla" if reason is not None else "pallas"
 
 
-def get(name: str) -> ModuleType | SimpleNamespace:
+def get(name: str) -> ModuleType:
   """The backend called ``name``: "xla", "pallas" (kernels for this platform), or a
   test-only "pallas:<tpu|gpu>[:interpret]" naming the kernels and interpret mode."""
   if name == "xla":

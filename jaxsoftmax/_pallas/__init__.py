@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +41,15 @@ def unsupported_reason(shape, dtype, axes, axis_name) -> str | None:
   if math.prod(shape) == 0:
     return f"the input of shape {tuple(shape)} is empty"
   if platform == "gpu":
-    return _gpu_reason()
+    from . import gpu
+
+    cols = math.prod(shape[a] for a in axes)
+    return _gpu_reason() or gpu.unsupported_reason(math.prod(shape) // cols, cols, dtype)
   return None
 
 
 @functools.cache
-def backend(name: str) -> SimpleNamespace:
+def backend(name: str):
   """``"pallas"``: the kernels of the default platform; ``"pallas:tpu"``,
   ``"pallas:gpu"``, optionally with ``":interpret"`` (tests on the CPU)."""
   from . import ops

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +59,17 @@ def _check_axis_name(axis_name: AxisName) -> None:
     raise ValueError("the Pallas kernels do not support axis_name")
 
 
-def make(kernels, cfg) -> SimpleNamespace:
+class Backend:
+  """The four backend functions (hashable, so that a backend can be a static argument)."""
+
+  def __init__(self, softmax_fwd, softmax_bwd, log_softmax_fwd, log_softmax_bwd):
+    self.softmax_fwd = softmax_fwd
+    self.softmax_bwd = softmax_bwd
+    self.log_softmax_fwd = log_softmax_fwd
+    self.log_softmax_bwd = log_softmax_bwd
+
+
+def make(kernels, cfg) -> Backend:
   """A backend namespace running ``kernels.softmax_fwd_2d``/``softmax_bwd_2d`` with ``cfg``."""
   fwd_2d = partial(kernels.softmax_fwd_2d, cfg=cfg)
   bwd_2d = partial(kernels.softmax_bwd_2d, cfg=cfg)
@@ -116,7 +125,7 @@ def make(kernels, cfg) -> SimpleNamespace:
 
   log_softmax_bwd.defvjp(log_softmax_bwd_fwd, log_softmax_bwd_bwd)
 
-  return SimpleNamespace(
+  return Backend(
     softmax_fwd=softmax_fwd,
     softmax_bwd=softmax_bwd,
     log_softmax_fwd=log_softmax_fwd,

@@ -1,0 +1,334 @@
+"""Mosaic GPU kernels (``plgpu.kernel``, Hopper and newer) on 2-D arrays.
+
+Pallas-on-Triton is deprecated upstream and ``pl.pallas_call`` for Mosaic GPU
+is too, so these kernels use ``plgpu.kernel`` with explicit TMA copies.
+
+Each CTA (one warpgroup) owns whole rows, taken in a strided loop, so that the
+same code runs with any number of CTAs (one in interpret mode). A row of
+``cols`` elements is viewed as ``(cols // w, w)`` with ``w`` a power of two up
+to 256 (TMA boxes are at most 256 wide), and moved in chunks of ``(kb, w)``
+that divide the row exactly, so no copy runs out of bounds.
+
+* **row fits** (the row fits in the shared-memory budget): one TMA load of the
+  row, the statistics and then the output computed chunk by chunk from shared
+  memory, the output written in place and stored with one TMA copy: one read
+  and one write of HBM.
+* **online** (longer rows): a statistics pass streams the chunks through two
+  buffers, keeping a running max and normaliser in float32 (Milakov &
+  Gimelshein 2018); a second pass streams them again and writes.
+
+Shapes whose row length admits no such chunking are reported by
+``unsupported_reason`` and run on XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+F32 = jnp.float32
+WARPGROUP = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Sizes; ``interpret`` runs the kernels in Mosaic GPU's interpreter (tests, CPU)."""
+
+  row_bytes: int = 96 * 1024  # longest row (in input bytes) kept whole in SMEM
+  chunk_elems: int = 4096  # elements per (kb, w) chunk
+  num_ctas: int | None = None  # None: one CTA per row
+  interpret: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  n1: int  # the row is viewed as (n1, w)
+  w: int
+  kb: int  # chunk = (kb, w), kb divides n1
+  fits: bool
+
+
+def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
+  """How a row of ``cols`` elements is chunked, or why it cannot be."""
+  size = jnp.dtype(dtype).itemsize
+  w = 256
+  while w > 1 and cols % w:
+    w //= 2
+  if w * size < 16:
+    return (
+      f"the row length {cols} must be a multiple of {16 // size} for {jnp.dtype(dtype)} "
+      "(16-byte TMA rows)"
+    )
+  n1 = cols // w
+  fits = cols * size <= cfg.row_bytes and n1 <= 256
+  want = max(1, min(256, cfg.chunk_elems // w))
+  for kb in range(min(want, n1), 0, -1):
+    if n1 % kb == 0 and (kb * w) % WARPGROUP == 0:
+      return Plan(n1, w, kb, fits)
+  return (
+    f"the row length {cols} cannot be split into chunks of a multiple of "
+    f"{WARPGROUP} elements that divide it"
+  )
+
+
+def unsupported_reason(rows: int, cols: int, dtype) -> str | None:
+  p = plan(cols, dtype)
+  return p if isinstance(p, str) else None
+
+
+def _safe_shift(m):
+  return jnp.where(m == -jnp.inf, 0.0, m)
+
+
+def _strided(shape, dtype):
+  """The layout Mosaic GPU gives a plain SMEM load of this shape and dtype."""
+  vec = min(8 // jnp.dtype(dtype).itemsize, (shape[0] * shape[1]) // WARPGROUP)
+  while (shape[0] * shape[1]) % (vec * WARPGROUP):
+    vec //= 2
+  return plgpu.Layout.WG_STRIDED(shape, vec_size=vec)
+
+
+def _row_loop(num_rows: int, num_ctas: int, body):
+  """Runs ``body(row)`` for the rows this CTA owns: cta, cta + num_ctas, ..."""
+  cta = jax.lax.axis_index("cta")
+  mine = (num_rows - cta + num_ctas - 1) // num_ctas
+
+  def step(k, carry):
+    body(cta + k * num_ctas)
+    return carry
+
+  jax.lax.fori_loop(0, mine, step, 0)
+
+
+def _online_stats(m, d, v):
+  """Folds the float32 chunk ``v`` into the running max ``m`` and normaliser ``d``."""
+  m_new = jnp.maximum(m, jnp.max(v))  # NaN propagates
+  shift = _safe_shift(m_new)
+  # d is 0 while m is -inf: rescale by 0 rather than exp(-inf - -inf).
+  alpha = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - shift))
+  return m_new, d * alpha + jnp.sum(jnp.exp(v - shift))
+
+
+def _fwd_out(v, m, d, log):
+  shift = _safe_shift(m)
+  if log:
+    return v - jnp.where(d == 0, 0.0, shift + jnp.log(d))
+  return jnp.exp(v - shift) * (1.0 / jnp.where(d == 0, 1.0, d))
+
+
+def _kernel(rows, p: Plan, dtype, cfg: Config, out_type, scratch, body):
+  num_ctas = rows if cfg.num_ctas is None else min(cfg.num_ctas, rows)
+  interpret = False
+  if cfg.interpret:
+    # The Mosaic GPU interpreter runs a grid of one CTA only.
+    num_ctas = 1
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    interpret = InterpretGPUParams()
+  return plgpu.kernel(
+    functools.partial(body, num_ctas),
+    out_type=out_type,
+    scratch_types=scratch,
+    grid=(num_ctas,),
+    grid_names=("cta",),
+    interpret=interpret,
+  )
+
+
+def _stream(src, row, p: Plan, bufs, bars, fn, carry):
+  """Streams the chunks of ``src[row]`` through two SMEM buffers: ``fn(j, slot, carry)``."""
+  nc = p.n1 // p.kb
+
+  def fetch(j, slot):
+    plgpu.copy_gmem_to_smem(src.at[row, pl.ds(j * p.kb, p.kb)], bufs.at[slot], bars.at[slot])
+
+  fetch(0, 0)
+
+  def step(j, carry):
+    slot = j % 2
+
+    @pl.when(j + 1 < nc)
+    def _():
+      fetch(j + 1, 1 - slot)
+
+    plgpu.barrier_wait(bars.at[slot])
+    return fn(j, slot, carry)
+
+  return jax.lax.fori_loop(0, nc, step, carry)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
+  """``(softmax or log_softmax of x over axis 1, lse as (rows, 1) float32)``."""
+  rows, cols = x.shape
+  p = plan(cols, x.dtype, cfg)
+  if isinstance(p, str):
+    raise ValueError(p)
+  dtype = x.dtype
+  nc = p.n1 // p.kb
+  lay = _strided((p.kb, p.w), dtype)
+  x3 = x.reshape(rows, p.n1, p.w)
+  out_type = (jax.ShapeDtypeStruct(x3.shape, dtype), jax.ShapeDtypeStruct((rows, WARPGROUP), F32))
+
+  def load(ref):
+    v = ref[...] if cfg.interpret else plgpu.load(ref, (), layout=lay)
+    return v.astype(F32)
+
+  def write_lse(lse_gmem, lse_smem, row, m, d):
+    lse = _safe_shift(m) + jnp.log(d)
+    lse_smem[...] = jnp.broadcast_to(lse, (WARPGROUP,))
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
+    plgpu.wait_smem_to_gmem(0)
+
+  if p.fits:
+
+    def body(num_ctas, x_gmem, o_gmem, lse_gmem, buf, lse_smem, bar):
+      def one_row(row):
+        plgpu.copy_gmem_to_smem(x_gmem.at[row], buf, bar.at[0])
+        plgpu.barrier_wait(bar.at[0])
+
+        def stats(j, md):
+          return _online_stats(*md, load(buf.at[pl.ds(j * p.kb, p.kb)]))
+
+        m, d = jax.lax.fori_loop(0, nc, stats, (jnp.float32(-jnp.inf), jnp.float32(0)))
+
+        def write(j, c):
+          chunk = buf.at[pl.ds(j * p.kb, p.kb)]
+          chunk[...] = _fwd_out(load(chunk), m, d, log).astype(dtype)
+          return c
+
+        jax.lax.fori_loop(0, nc, write, 0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf, o_gmem.at[row])
+        write_lse(lse_gmem, lse_smem, row, m, d)  # also waits for the row's store
+
+      _row_loop(rows, num_ctas, one_row)
+
+    scratch = [
+      plgpu.SMEM((p.n1, p.w), dtype),
+      plgpu.SMEM((WARPGROUP,), F32),
+      plgpu.Barrier(num_barriers=1),
+    ]
+  else:
+
+    def body(num_ctas, x_gmem, o_gmem, lse_gmem, bufs, outs, lse_smem, bars):
+      def one_row(row):
+        def stats(j, slot, md):
+          return _online_stats(*md, load(bufs.at[slot]))
+
+        init = (jnp.float32(-jnp.inf), jnp.float32(0))
+        m, d = _stream(x_gmem, row, p, bufs, bars, stats, init)
+
+        def write(j, slot, c):
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[slot] is free again
+          outs.at[slot][...] = _fwd_out(load(bufs.at[slot]), m, d, log).astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(outs.at[slot], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
+          return c
+
+        _stream(x_gmem, row, p, bufs, bars, write, 0)
+        write_lse(lse_gmem, lse_smem, row, m, d)
+
+      _row_loop(rows, num_ctas, one_row)
+
+    scratch = [
+      plgpu.SMEM((2, p.kb, p.w), dtype),
+      plgpu.SMEM((2, p.kb, p.w), dtype),
+      plgpu.SMEM((WARPGROUP,), F32),
+      plgpu.Barrier(num_barriers=2),
+    ]
+  out, lse = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(x3)
+  return out.reshape(rows, cols), lse[:, :1]
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Config = Config()):
+  """The VJP over axis 1: ``y`` is ``s`` (softmax) or ``l`` (log_softmax).
+
+  For log_softmax, ``live`` is a ``(rows, 1)`` float32 flag, 0 on empty rows;
+  its rows are zeroed outside the kernel.
+  """
+  rows, cols = y.shape
+  p = plan(cols, y.dtype, cfg)
+  if isinstance(p, str):
+    raise ValueError(p)
+  dtype = y.dtype
+  lay = _strided((p.kb, p.w), dtype)
+  y3, g3 = y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)
+  out_type = jax.ShapeDtypeStruct(y3.shape, dtype)
+
+  def load(ref):
+    v = ref[...] if cfg.interpret else plgpu.load(ref, (), layout=lay)
+    return v.astype(F32)
+
+  def partial_sum(yc, gc):
+    # softmax: sum(g * s); log_softmax: sum(g)
+    return jnp.sum(gc if log else gc * yc)
+
+  def grad(yc, gc, acc):
+    # softmax: dx = s * (g - sum(g * s)); log_softmax: dx = g - exp(l) * sum(g)
+    return gc - jnp.exp(yc) * acc if log else yc * (gc - acc)
+
+  def body(num_ctas, y_gmem, g_gmem, o_gmem, ybufs, gbufs, outs, bars):
+    def one_row(row):
+      def stream2(fn, carry):
+        # Both inputs share a barrier per slot: it completes when both chunks landed.
+        nc = p.n1 // p.kb
+
+        def fetch(j, slot):
+          src = pl.ds(j * p.kb, p.kb)
+          plgpu.copy_gmem_to_smem(y_gmem.at[row, src], ybufs.at[slot], bars.at[slot])
+          plgpu.copy_gmem_to_smem(g_gmem.at[row, src], gbufs.at[slot], bars.at[2 + slot])
+
+        fetch(0, 0)
+
+        def step(j, carry):
+          slot = j % 2
+
+          @pl.when(j + 1 < nc)
+          def _():
+            fetch(j + 1, 1 - slot)
+
+          plgpu.barrier_wait(bars.at[slot])
+          plgpu.barrier_wait(bars.at[2 + slot])
+          return fn(j, slot, carry)
+
+        return jax.lax.fori_loop(0, nc, step, carry)
+
+      acc = stream2(
+        lambda j, slot, a: a + partial_sum(load(ybufs.at[slot]), load(gbufs.at[slot])),
+        jnp.float32(0),
+      )
+
+      def write(j, slot, c):
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        outs.at[slot][...] = grad(load(ybufs.at[slot]), load(gbufs.at[slot]), acc).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(outs.at[slot], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
+        return c
+
+      stream2(write, 0)
+      plgpu.wait_smem_to_gmem(0)
+
+    _row_loop(rows, num_ctas, one_row)
+
+  scratch = [
+    plgpu.SMEM((2, p.kb, p.w), dtype),
+    plgpu.SMEM((2, p.kb, p.w), dtype),
+    plgpu.SMEM((2, p.kb, p.w), dtype),
+    plgpu.Barrier(num_barriers=4),
+  ]
+  dx = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(y3, g3).reshape(rows, cols)
+  if log:
+    dx = jnp.where(live != 0, dx, jnp.zeros_like(dx))
+  return dx

@@ -1,0 +1,262 @@
+"""Pallas kernels: every kernel in interpret mode on the CPU, lowering for TPU and
+GPU via jax.export, and the ``implementation=`` dispatch.
+
+References are float64 ``jax.nn`` (independent of jaxsoftmax) for ordinary rows,
+and the masking table of the README (closed forms) for special rows.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsoftmax
+from jaxsoftmax import _backend, _pallas
+from jaxsoftmax import _softmax as core
+from jaxsoftmax._pallas import gpu, ops, tpu
+
+from references import eps, rel_err
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+ORDINARY, PARTLY_MASKED, FULLY_MASKED, ALL_NEG_INF, HAS_NAN, HAS_POS_INF = range(6)
+
+
+def _case(cols: int, dtype, seed: int = 0):
+  """Six rows, one per line of the masking table, and a cotangent."""
+  kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+  x = np.array(3.0 * jax.random.normal(kx, (6, cols), jnp.float32))
+  w = np.ones((6, cols), bool)
+  w[PARTLY_MASKED] = np.array(jax.random.bernoulli(kw, 0.6, (cols,)))
+  w[PARTLY_MASKED, -1] = True  # keep the row live
+  if cols > 1:
+    x[PARTLY_MASKED, 0] = -np.inf
+  w[FULLY_MASKED] = False
+  x[ALL_NEG_INF] = -np.inf
+  x[HAS_NAN, cols // 2] = np.nan
+  x[HAS_POS_INF, cols // 3] = np.inf
+  g = jax.random.normal(kg, (6, cols), jnp.float32)
+  return jnp.asarray(x, dtype), jnp.asarray(w), g.astype(dtype)
+
+
+@partial(jax.jit, static_argnums=3)
+def _reference(x, w, g, log: bool):
+  """float64 jax.nn values and VJPs for the two ordinary rows."""
+  f = jax.nn.log_softmax if log else jax.nn.softmax
+  x64, g64 = x[:2].astype(jnp.float64), g[:2].astype(jnp.float64)
+  y, vjp = jax.vjp(lambda v: f(v, axis=1, where=w[:2]), x64)
+  return y, vjp(jnp.where(w[:2], g64, 0.0))[0]
+
+
+def _run(be, x, w, g, log: bool):
+  """Forward and backward through a backend's four functions, as the custom_vjp calls them."""
+  if log:
+    y, live = be.log_softmax_fwd(x, w, (1,), None)
+    return y, be.log_softmax_bwd(y, live, w, g, (1,), None)
+  y = be.softmax_fwd(x, w, (1,), None)
+  return y, be.softmax_bwd(y, w, g, (1,), None)
+
+
+def _assert_close(actual, expected, tol, info):
+  """``||actual - expected|| / ||expected|| <= tol``; exact when ``expected`` is 0
+  (a row of one entry: log_softmax 0, gradient 0)."""
+  if np.any(expected):
+    assert rel_err(actual, expected) <= tol, info
+  else:
+    assert np.all(actual == 0.0), info
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _run_jit(be, x, w, g, log):
+  return _run(be, x, w, g, log)
+
+
+def _check(be, cols, dtype):
+  x, w, g = _case(cols, dtype)
+  for log in (False, True):
+    y, dx = map(np.asarray, _run_jit(be, x, w, g, log))
+    assert y.dtype == dx.dtype == jnp.dtype(dtype)
+    y, dx = y.astype(np.float64), dx.astype(np.float64)
+    ref_y, ref_dx = map(np.asarray, _reference(x, w, g, log))
+    finite = np.isfinite(ref_y)
+    # Ordinary rows: the forward within 4 eps and the backward within 8 eps.
+    assert np.array_equal(np.isfinite(y[:2]), finite)
+    _assert_close(y[:2][finite], ref_y[finite], 4 * eps(dtype), (cols, log))
+    _assert_close(dx[:2], ref_dx, 8 * eps(dtype), (cols, log))
+    # Masked entries: 0 (softmax) or -inf (log_softmax), and a zero gradient.
+    masked = ~np.asarray(w[:2])
+    assert np.all(y[:2][masked] == (-np.inf if log else 0.0))
+    assert np.all(dx[:2][masked] == 0.0)
+    # Empty rows (fully masked, or all -inf): 0 or -inf, zero gradient.
+    for r in (FULLY_MASKED, ALL_NEG_INF):
+      assert np.all(y[r] == (-np.inf if log else 0.0)), (cols, log, r)
+      assert np.all(dx[r] == 0.0), (cols, log, r)
+    # +inf or NaN: the whole row is NaN, values and gradient, and only that row.
+    for r in (HAS_NAN, HAS_POS_INF):
+      assert np.all(np.isnan(y[r])) and np.all(np.isnan(dx[r])), (cols, log, r)
+    assert not np.any(np.isnan(y[:4])) and not np.any(np.isnan(dx[:4]))
+
+
+# --------------------------------------------------------- TPU kernels, interpret mode
+
+TPU_DEFAULT = ops.make(tpu, tpu.Config(interpret=True))
+# Small blocks, so that short rows take the online path and hit its edges.
+TPU_SMALL = ops.make(tpu, tpu.Config(interpret=True, max_row_cols=1024, block_cols=1024))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+  "cols, be",
+  [
+    (1, TPU_DEFAULT),
+    (127, TPU_DEFAULT),
+    (4097, TPU_DEFAULT),
+    (70000, TPU_DEFAULT),  # online: 17 full blocks and a ragged tail
+    (1024, TPU_SMALL),  # exactly one block, row kept whole
+    (2048, TPU_SMALL),  # online, blocks divide the row
+    (4097, TPU_SMALL),  # online, a tail of one column
+  ],
+  ids=["1", "127", "4097", "70000", "1024=block", "2048-online", "4097-online"],
+)
+def test_tpu_kernels_interpret(cols, be, dtype):
+  _check(be, cols, dtype)
+
+
+# --------------------------------------------------------- GPU kernels, interpret mode
+
+GPU_DEFAULT = ops.make(gpu, gpu.Config(interpret=True))
+# A tiny shared-memory budget, so that the rows stream through the online path.
+GPU_SMALL = ops.make(gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+  "cols, be", [(384, GPU_DEFAULT), (768, GPU_SMALL)], ids=["384-fits", "768-online"]
+)
+def test_gpu_kernels_interpret(cols, be, dtype):
+  _check(be, cols, dtype)
+
+
+@pytest.mark.parametrize("cols", [1, 127, 4097, 70000])
+def test_gpu_ragged_rows_are_declared_unsupported(cols):
+  # Rows that cannot be cut into whole TMA chunks run on XLA; the reason names the length.
+  for dtype in DTYPES:
+    reason = gpu.unsupported_reason(4, cols, dtype)
+    assert isinstance(reason, str) and str(cols) in reason
+
+
+# ------------------------------------------------- the custom_vjp cores and any axes
+
+
+def test_custom_vjp_cores_run_the_kernels_for_any_axes():
+  x = jax.random.normal(jax.random.key(3), (3, 4, 5), jnp.float32)
+  w = jax.random.bernoulli(jax.random.key(4), 0.7, (1, 4, 5)).at[:, :, 0].set(True)
+  g = jax.random.normal(jax.random.key(5), x.shape, jnp.float32)
+  for axes in [(1,), (0, 2)]:
+    for log, ours, ref in [
+      (False, core._softmax, jax.nn.softmax),
+      (True, lambda *a: core._log_softmax(*a)[0], jax.nn.log_softmax),
+    ]:
+
+      @jax.jit
+      def both(x, w, g):
+        y, vjp = jax.vjp(lambda v: ours(v, w, axes, None, "pallas:tpu:interpret"), x)  # noqa: B023
+        ry, rvjp = jax.vjp(lambda v: ref(v, axis=axes, where=w), x.astype(jnp.float64))  # noqa: B023
+        return y, vjp(g)[0], ry, rvjp(jnp.where(w, g, 0.0).astype(jnp.float64))[0]
+
+      y, dx, ry, rdx = both(x, w, g)
+      fin = np.isfinite(np.asarray(ry))
+      assert np.array_equal(np.isfinite(np.asarray(y)), fin)
+      assert rel_err(np.asarray(y)[fin], np.asarray(ry)[fin]) <= 4 * eps(jnp.float32)
+      assert rel_err(dx, rdx) <= 8 * eps(jnp.float32), (axes, log)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_reverse_over_reverse_falls_back_to_xla(log):
+  # The kernels' backward is a custom_vjp whose own VJP is the XLA backward's.
+  x = jnp.array([[0.3, -1.2, 2.0, 0.5], [1.0, 1.0, -0.5, 0.0]], jnp.float32)
+  ours = (
+    (lambda v: core._log_softmax(v, None, (1,), None, "pallas:tpu:interpret")[0])
+    if log
+    else (lambda v: core._softmax(v, None, (1,), None, "pallas:tpu:interpret"))
+  )
+  ref = jax.nn.log_softmax if log else jax.nn.softmax
+  h = jax.jit(jax.jacrev(jax.jacrev(ours)))(x)
+  rh = jax.jit(jax.jacrev(jax.jacrev(partial(ref, axis=1))))(x.astype(jnp.float64))
+  assert rel_err(h, rh) <= 8 * eps(jnp.float32)
+
+
+# ------------------------------------------------------------- lowering for hardware
+
+LOWER_SHAPES = [(8, 1), (37, 127), (64, 4096), (40, 4097), (4, 16384), (3, 70000), (2, 262144)]
+
+
+def _kernels(mod):
+  st = lambda r: jax.ShapeDtypeStruct((r, 1), jnp.float32)  # noqa: E731
+  return {
+    "softmax_fwd": (partial(mod.softmax_fwd_2d, log=False), lambda x: (x,)),
+    "log_softmax_fwd": (partial(mod.softmax_fwd_2d, log=True), lambda x: (x,)),
+    "softmax_bwd": (partial(mod.softmax_bwd_2d, log=False), lambda x: (x, x)),
+    "log_softmax_bwd": (
+      lambda l, live, g: mod.softmax_bwd_2d(l, g, live, log=True),
+      lambda x: (x, st(x.shape[0]), x),
+    ),
+  }
+
+
+def _lowers(mod, platform, dtype, shapes):
+  for shape in shapes:
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    for name, (f, args) in _kernels(mod).items():
+      exported = jax.export.export(jax.jit(f), platforms=[platform])(*args(x))
+      text = exported.mlir_module()
+      assert "tpu_custom_call" in text or "mosaic_gpu" in text, (name, shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_tpu_kernels_lower_for_tpu(dtype):
+  _lowers(tpu, "tpu", dtype, LOWER_SHAPES)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gpu_kernels_lower_for_cuda(dtype):
+  shapes = [s for s in LOWER_SHAPES if gpu.unsupported_reason(*s, dtype) is None]
+  shapes += [(4096, 1024), (1024, 65536), (128, 262144), (5, 384), (3, 24576)]
+  assert len(shapes) >= 6
+  _lowers(gpu, "cuda", dtype, shapes)
+
+
+# --------------------------------------------------------------- implementation=
+
+
+def test_cpu_dispatch_is_xla_and_explicit_pallas_says_why():
+  x = jnp.ones((2, 8), jnp.float32)
+  assert _backend.resolve("softmax", None, x, (1,), None) == "xla"
+  with pytest.raises(ValueError, match="implementation='pallas'.*GPU and TPU only.*'cpu'"):
+    jaxsoftmax.softmax(x, implementation="pallas")
+  with pytest.raises(ValueError, match="GPU and TPU only"):
+    jaxsoftmax.log_softmax(x, implementation="pallas")
+
+
+def test_accelerator_dispatch(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  x = jnp.ones((2, 8), jnp.float32)
+  assert _backend.resolve("softmax", None, x, (1,), None) == "pallas"
+  assert _backend.resolve("softmax", "xla", x, (1,), None) == "xla"
+  x64 = x.astype(jnp.float64)
+  assert _backend.resolve("softmax", None, x64, (1,), None) == "xla"
+  with pytest.raises(ValueError, match="dtype float64"):
+    _backend.resolve("softmax", "pallas", x64, (1,), None)
+  with pytest.raises(ValueError, match="axis_name"):
+    _backend.resolve("softmax", "pallas", x, (1,), "i")
+  with pytest.raises(ValueError, match="empty"):
+    _backend.resolve("softmax", "pallas", jnp.ones((0, 8), jnp.float32), (1,), None)
+  # On a Hopper GPU the row must split into whole TMA chunks.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
+  assert (
+    _backend.resolve("softmax", None, jnp.ones((2, 4096), jnp.bfloat16), (1,), None) == "pallas"
+  )
+  with pytest.raises(ValueError, match="row length 4097"):
+    _backend.resolve("softmax", "pallas", jnp.ones((2, 4097), jnp.float32), (1,), None)
