@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -140,12 +141,16 @@ def _kernel(rows, p: Plan, dtype, cfg: Config, out_type, scratch, body):
   )
 
 
-def _stream(src, row, p: Plan, bufs, bars, fn, carry):
-  """Streams the chunks of ``src[row]`` through two SMEM buffers: ``fn(j, slot, carry)``."""
+def _stream(row, p: Plan, sources, bars, fn, carry):
+  """Streams the chunks of each ``(gmem, bufs)`` in ``sources`` (``gmem[row]``) through
+  two SMEM buffers, fetching chunk j + 1 while ``fn(j, slot, carry)`` works on chunk j.
+  Source k, slot s completes barrier ``2 * k + s``."""
   nc = p.n1 // p.kb
 
   def fetch(j, slot):
-    plgpu.copy_gmem_to_smem(src.at[row, pl.ds(j * p.kb, p.kb)], bufs.at[slot], bars.at[slot])
+    for k, (src, bufs) in enumerate(sources):
+      dst = bars.at[2 * k + slot]
+      plgpu.copy_gmem_to_smem(src.at[row, pl.ds(j * p.kb, p.kb)], bufs.at[slot], dst)
 
   fetch(0, 0)
 
@@ -156,7 +161,8 @@ def _stream(src, row, p: Plan, bufs, bars, fn, carry):
     def _():
       fetch(j + 1, 1 - slot)
 
-    plgpu.barrier_wait(bars.at[slot])
+    for k in range(len(sources)):
+      plgpu.barrier_wait(bars.at[2 * k + slot])
     return fn(j, slot, carry)
 
   return jax.lax.fori_loop(0, nc, step, carry)
@@ -225,7 +231,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
           return _online_stats(*md, load(bufs.at[slot]))
 
         init = (jnp.float32(-jnp.inf), jnp.float32(0))
-        m, d = _stream(x_gmem, row, p, bufs, bars, stats, init)
+        m, d = _stream(row, p, [(x_gmem, bufs)], bars, stats, init)
 
         def write(j, slot, c):
           plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[slot] is free again
@@ -234,7 +240,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
           plgpu.copy_smem_to_gmem(outs.at[slot], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
           return c
 
-        _stream(x_gmem, row, p, bufs, bars, write, 0)
+        _stream(row, p, [(x_gmem, bufs)], bars, write, 0)
         write_lse(lse_gmem, lse_smem, row, m, d)
 
       _row_loop(rows, num_ctas, one_row)
@@ -281,29 +287,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
   def body(num_ctas, y_gmem, g_gmem, o_gmem, ybufs, gbufs, outs, bars):
     def one_row(row):
-      def stream2(fn, carry):
-        # Both inputs share a barrier per slot: it completes when both chunks landed.
-        nc = p.n1 // p.kb
-
-        def fetch(j, slot):
-          src = pl.ds(j * p.kb, p.kb)
-          plgpu.copy_gmem_to_smem(y_gmem.at[row, src], ybufs.at[slot], bars.at[slot])
-          plgpu.copy_gmem_to_smem(g_gmem.at[row, src], gbufs.at[slot], bars.at[2 + slot])
-
-        fetch(0, 0)
-
-        def step(j, carry):
-          slot = j % 2
-
-          @pl.when(j + 1 < nc)
-          def _():
-            fetch(j + 1, 1 - slot)
-
-          plgpu.barrier_wait(bars.at[slot])
-          plgpu.barrier_wait(bars.at[2 + slot])
-          return fn(j, slot, carry)
-
-        return jax.lax.fori_loop(0, nc, step, carry)
+      stream2 = partial(_stream, row, p, [(y_gmem, ybufs), (g_gmem, gbufs)], bars)
 
       acc = stream2(
         lambda j, slot, a: a + partial_sum(load(ybufs.at[slot]), load(gbufs.at[slot])),
