@@ -26,3 +26,5 @@ if [ "$backend" != gpu ] && [ -z "${ALLOW_CPU:-}" ]; then
 fi
 
 "$PY" -m benchmarks --out "$OUT" --budget "$BUDGET" "$@" 2>&1 | tee "$OUT/benchmark-$backend.log"
+# Pallas kernels (issue 7): correctness vs float64 on the CPU, then Pallas vs XLA timings and copy bandwidth.
+"$PY" benchmarks/gpu_pallas.py --out "$OUT" 2>&1 | tee "$OUT/gpu_pallas-$backend.log"

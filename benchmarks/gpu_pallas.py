@@ -1,0 +1,271 @@
+"""Pallas kernels on a GPU: correctness against float64, then timings and bandwidth.
+
+Run on a GPU machine (about 3 minutes on one H100):
+
+    python benchmarks/gpu_pallas.py --out "$OUT"
+
+In this order:
+
+1. correctness: softmax and log_softmax with ``implementation="pallas"``,
+   values and VJPs, against float64 NumPy on the CPU (forward within 4 eps,
+   backward within 8 eps of the input dtype, ``||err|| / ||ref||``), on the
+   first rows of every size, with a ``where`` mask and non-finite rows checked
+   against the masking table. Nothing is timed (exit 1) if a check fails;
+2. timings, forward and backward separately, of ``implementation="pallas"``,
+   ``implementation="xla"`` and ``jax.nn.softmax``, at 4096 x {1024, 4096,
+   16384}, 1024 x 65536 and 128 x 262144, in bfloat16 and float32, as the
+   median of several samples of back-to-back calls on rotating buffers (so that
+   the 50 MB L2 cache does not serve small sizes);
+3. the measured copy bandwidth (``-x`` over a 1 GiB buffer), against which the
+   achieved bandwidth is reported: forward moves 2 arrays (read x, write s),
+   backward 3 (read s and g, write dx).
+
+Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``. Imports only the
+public API. ``--allow-cpu`` runs the script on the CPU with the XLA
+contenders only (a smoke test of the script itself: no numbers to report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxsoftmax
+
+SIZES = [(4096, 1024), (4096, 4096), (4096, 16384), (1024, 65536), (128, 262144)]
+DTYPES = ["bfloat16", "float32"]
+ROTATE_BYTES = 128 << 20  # > 2x the H100's L2
+CHECK_ROWS = 8
+
+
+def _progress(it, desc):
+  try:
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, file=sys.stderr)
+  except ImportError:
+    return it
+
+
+def _contenders(pallas: bool):
+  out = {}
+  if pallas:
+    out["pallas"] = lambda x: jaxsoftmax.softmax(x, implementation="pallas")
+  out["jaxsoftmax-xla"] = lambda x: jaxsoftmax.softmax(x, implementation="xla")
+  out["jax.nn.softmax"] = lambda x: jax.nn.softmax(x, axis=-1)
+  return out
+
+
+# ------------------------------------------------------------------- correctness
+
+
+def _ref64(x, w, g, log):
+  """float64 NumPy softmax/log_softmax and VJP over the last axis, with the masking table."""
+  x = np.where(w, x.astype(np.float64), -np.inf)
+  g = np.where(w, g.astype(np.float64), 0.0)
+  m = np.max(x, -1, keepdims=True)
+  m = np.where(m == -np.inf, 0.0, m)
+  e = np.exp(x - m)
+  d = np.sum(e, -1, keepdims=True)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    if log:
+      y = np.where(w, x - np.where(d == 0, 0.0, m + np.log(d)), -np.inf)
+      dx = np.where(d == 0, 0.0, g - np.exp(y) * np.sum(g, -1, keepdims=True))
+    else:
+      y = np.where(w, e / np.where(d == 0, 1.0, d), 0.0)
+      dx = np.where(w, y * (g - np.sum(g * y, -1, keepdims=True)), 0.0)
+  return y, dx
+
+
+def _rel(a, r):
+  """``||a - r|| / ||r||`` over the finite entries of ``r``; inf if the non-finite
+  entries (NaN, +-inf) of ``a`` and ``r`` differ anywhere."""
+  a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
+  fin = np.isfinite(r)
+  inf = np.isinf(r)
+  if not (np.array_equal(np.isnan(a), np.isnan(r)) and np.array_equal(a[inf], r[inf])):
+    return float("inf")
+  if not np.all(np.isfinite(a[fin])):
+    return float("inf")
+  den = np.linalg.norm(r[fin])
+  num = np.linalg.norm(a[fin] - r[fin])
+  return float(num / den) if den else float(num)
+
+
+def check(sizes, dtypes) -> list[dict]:
+  rows = []
+  for (_, cols), dt in _progress([(s, d) for s in sizes for d in dtypes], "correctness"):
+    dtype = jnp.dtype(dt)
+    eps = float(jnp.finfo(dtype).eps)
+    k = jax.random.split(jax.random.key(cols), 3)
+    x = np.array(3 * jax.random.normal(k[0], (CHECK_ROWS, cols), jnp.float32)).astype(dtype)
+    w = np.array(jax.random.bernoulli(k[1], 0.8, (CHECK_ROWS, cols)))
+    w[2] = False  # fully masked
+    x[3] = -np.inf  # all -inf
+    x[4, 5] = np.nan
+    x[5, 7] = np.inf
+    g = np.array(jax.random.normal(k[2], (CHECK_ROWS, cols), jnp.float32)).astype(dtype)
+    for log in (False, True):
+      fn = jaxsoftmax.log_softmax if log else jaxsoftmax.softmax
+      f = jax.jit(
+        lambda x, w, g, fn=fn: jax.vjp(lambda v: fn(v, where=w, implementation="pallas"), x)[1](g)[
+          0
+        ]
+      )
+      y = jax.jit(lambda x, w, fn=fn: fn(x, where=w, implementation="pallas"))(x, w)
+      dx = f(x, w, g)
+      ry, rdx = _ref64(np.asarray(x, np.float32), w, np.asarray(g, np.float32), log)
+      ef, eb = _rel(np.asarray(y, np.float32), ry), _rel(np.asarray(dx, np.float32), rdx)
+      ok = ef <= 4 * eps and eb <= 8 * eps
+      rows.append(
+        dict(op="log_softmax" if log else "softmax", cols=cols, dtype=dt, fwd_rel_err=ef,
+             bwd_rel_err=eb, fwd_tol=4 * eps, bwd_tol=8 * eps, ok=bool(ok))
+      )  # fmt: skip
+  return rows
+
+
+# ------------------------------------------------------------------------ timing
+
+
+def _buffers(shape, dtype, n_arrays):
+  nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize * n_arrays
+  count = int(min(4, max(2, -(-ROTATE_BYTES // nbytes))))
+  keys = jax.random.split(jax.random.key(0), count)
+  return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys]
+
+
+def _time(fn, argsets, calls, samples):
+  """Median seconds per call of ``fn(*args)``, over rotating argument sets."""
+  for args in argsets:  # compile (each VJP closure is its own program) and warm up
+    jax.block_until_ready(fn(*args))
+  out = []
+  for _ in range(samples):
+    t = time.perf_counter()
+    r = None
+    for i in range(calls):
+      r = fn(*argsets[i % len(argsets)])
+    jax.block_until_ready(r)
+    out.append((time.perf_counter() - t) / calls)
+  return statistics.median(out)
+
+
+def copy_bandwidth(calls, samples, n=1 << 28) -> float:
+  """Bytes per second of ``-x`` (one read, one write) over ``n`` float32 (1 GiB)."""
+  xs = _buffers((n,), jnp.float32, 1)[:2]
+  neg = jax.jit(lambda x: -x)
+  return 2 * xs[0].nbytes / _time(neg, [(x,) for x in xs], calls, samples)
+
+
+def timings(sizes, dtypes, pallas, calls, samples) -> list[dict]:
+  rows = []
+  cells = [(s, d) for s in sizes for d in dtypes]
+  for shape, dt in _progress(cells, "timing"):
+    xs = _buffers(shape, dt, 2)
+    gs = _buffers(shape, dt, 1)[: len(xs)]
+    nbytes = int(np.prod(shape)) * jnp.dtype(dt).itemsize
+    for name, f in _contenders(pallas).items():
+      fwd = jax.jit(f)
+      t_fwd = _time(fwd, [(x,) for x in xs], calls, samples)
+      # Backward alone: the residuals are computed once, then only the VJP is timed.
+      vjps = [jax.vjp(f, x)[1] for x in xs]
+      bwd = jax.jit(lambda vjp, g: vjp(g)[0])
+      t_bwd = _time(bwd, list(zip(vjps, gs, strict=True)), calls, samples)
+      del vjps
+      rows.append(
+        dict(contender=name, rows=shape[0], cols=shape[1], dtype=dt, fwd_s=t_fwd, bwd_s=t_bwd,
+             fwd_bytes_per_s=2 * nbytes / t_fwd, bwd_bytes_per_s=3 * nbytes / t_bwd)
+      )  # fmt: skip
+  return rows
+
+
+def markdown(meta, checks, rows, copy_bw) -> str:
+  lines = [f"# Pallas softmax on {meta['device']} (jax {meta['jax']}, {meta['date']})", ""]
+  lines.append(f"Measured copy bandwidth (`-x`, 1 GiB float32): **{copy_bw / 1e9:.0f} GB/s**.")
+  lines += ["", "## Correctness vs float64 (first rows, with masks and non-finite rows)", ""]
+  lines.append("| op | cols | dtype | fwd err / tol | bwd err / tol | ok |")
+  lines.append("|---|---|---|---|---|---|")
+  for c in checks:
+    lines.append(
+      f"| {c['op']} | {c['cols']} | {c['dtype']} | {c['fwd_rel_err']:.2e} / {c['fwd_tol']:.1e} "
+      f"| {c['bwd_rel_err']:.2e} / {c['bwd_tol']:.1e} | {'yes' if c['ok'] else '**NO**'} |"
+    )
+  lines += ["", "## softmax timings (median per call)", ""]
+  lines.append(
+    "| shape | dtype | contender | fwd us | fwd GB/s | % copy | bwd us | bwd GB/s | % copy |"
+  )
+  lines.append("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    lines.append(
+      f"| {r['rows']}x{r['cols']} | {r['dtype']} | {r['contender']} | {r['fwd_s'] * 1e6:.1f} "
+      f"| {r['fwd_bytes_per_s'] / 1e9:.0f} | {100 * r['fwd_bytes_per_s'] / copy_bw:.0f}% "
+      f"| {r['bwd_s'] * 1e6:.1f} | {r['bwd_bytes_per_s'] / 1e9:.0f} "
+      f"| {100 * r['bwd_bytes_per_s'] / copy_bw:.0f}% |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", default="benchmarks/results", help="directory for JSON and Markdown")
+  p.add_argument("--calls", type=int, default=20, help="back-to-back calls per sample")
+  p.add_argument("--samples", type=int, default=7, help="samples per measurement (median)")
+  p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on the CPU")
+  args = p.parse_args(argv)
+
+  platform = jax.default_backend()
+  if platform != "gpu" and not args.allow_cpu:
+    print(f"gpu_pallas.py: no GPU (default backend {platform!r}); see --allow-cpu", file=sys.stderr)
+    return 2
+  sizes, dtypes = SIZES, DTYPES
+  if platform != "gpu":  # smoke test: tiny sizes, no Pallas
+    sizes, dtypes = [(64, 256)], ["float32"]
+  probe = jnp.zeros((8, sizes[0][1]), jnp.float32)
+  try:
+    jaxsoftmax.softmax(probe, implementation="pallas")
+    pallas = True
+  except ValueError as e:
+    print(f"gpu_pallas.py: Pallas unavailable here: {e}", file=sys.stderr)
+    pallas = False
+  if platform == "gpu" and not pallas:
+    return 1
+
+  meta = dict(
+    device=str(jax.devices()[0].device_kind),
+    platform=platform,
+    jax=jax.__version__,
+    date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ"),
+    calls=args.calls,
+    samples=args.samples,
+  )
+  checks = check(sizes, dtypes) if pallas else []
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = out / f"gpu_pallas-{meta['date']}"
+  if not all(c["ok"] for c in checks):
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, checks=checks), indent=1))
+    print("gpu_pallas.py: correctness check FAILED; nothing timed", file=sys.stderr)
+    for c in checks:
+      if not c["ok"]:
+        print(c, file=sys.stderr)
+    return 1
+  copy_bw = copy_bandwidth(args.calls, args.samples, 1 << 28 if platform == "gpu" else 1 << 20)
+  rows = timings(sizes, dtypes, pallas, args.calls, args.samples)
+  result = dict(meta=meta, copy_bytes_per_s=copy_bw, checks=checks, timings=rows)
+  stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+  md = markdown(meta, checks, rows, copy_bw)
+  stem.with_suffix(".md").write_text(md)
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
