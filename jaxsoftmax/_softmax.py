@@ -77,8 +77,8 @@ def softmax(
   Examples:
     >>> import jax.numpy as jnp
     >>> import jaxsoftmax
-    >>> jaxsoftmax.softmax(jnp.array([0.0, jnp.log(3.0)]))
-    Array([0.25, 0.75], dtype=float32)
+    >>> jaxsoftmax.softmax(jnp.array([1.0, 1.0, 1.0, 1.0]))
+    Array([0.25, 0.25, 0.25, 0.25], dtype=float32)
     >>> jaxsoftmax.softmax(jnp.array([1.0, 2.0]), where=jnp.array([True, False]))
     Array([1., 0.], dtype=float32)
   """
