@@ -30,7 +30,8 @@ from ._checks import (
   float_input,
   normalize_axes,
 )
-from ._stats import log_normalizer, masked, shift_and_sumexp, slice_sum
+from ._stats import log_normalizer, masked, slice_sum
+from ._xla import _shift_and_sumexp as shift_and_sumexp_fused
 
 
 class _Static(NamedTuple):
@@ -132,11 +133,18 @@ def _check_labels_shape(fn, labels, target, what):
 # --- Shared pieces of both cores ---------------------------------------------------
 
 
-def _stats(xs, st: _Static):
-  """Shift ``m``, ``log d`` (0 for an empty slice) and ``lse`` (-inf for an empty slice)."""
-  m, _, d = shift_and_sumexp(xs, st.axes, st.axis_name)
+def _stats(x, where, st: _Static, cdt):
+  """``xs`` (masked, in ``cdt``), the shift ``m``, ``log d`` (0 for an empty slice) and
+  ``lse`` (-inf for an empty slice, NaN for a slice holding +inf or NaN).
+
+  The XLA backend's helper takes the max on the narrow input and fuses it with
+  the ``exp`` pass; ``m`` is any finite number for an empty slice.
+  """
+  if compute_dtype(x.dtype) != cdt:
+    x = x.astype(cdt)
+  xs, m, _, d = shift_and_sumexp_fused(x, where, st.axes, st.axis_name)
   log_d = jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
-  return m, log_d, log_normalizer(m, d)
+  return xs, m, log_d, log_normalizer(m, d)
 
 
 def _num_classes(where, shape, st: _Static, dtype):
@@ -254,16 +262,19 @@ def _soft_target(y, where, st: _Static, shape, cdt):
 
 def _soft_forward(x, y, where, st: _Static):
   cdt = compute_dtype(jnp.result_type(x, y))
-  xs = masked(x.astype(cdt), where)
-  m, log_d, lse = _stats(xs, st)
+  xs, m, log_d, lse = _stats(x, where, st, cdt)
   t = _soft_target(y, where, st, x.shape, cdt)
   # loss = sum(t) * log d - sum(t * (x - m)); the shifted form keeps x - m exact.
   # A term with t == 0 is 0 even at a -inf logit (0 * -inf would be NaN).
   tx = jnp.where(t == 0, jnp.zeros_like(t), t * (xs - m))
   loss = slice_sum(t, st.axes, st.axis_name) * log_d - slice_sum(tx, st.axes, st.axis_name)
-  if st.z_loss:
-    loss = loss + st.z_loss * jnp.square(m + log_d)
-  return loss, lse
+  return _add_z_loss(loss, lse, st), lse
+
+
+def _add_z_loss(loss, lse, st: _Static):
+  if not st.z_loss:
+    return loss
+  return loss + st.z_loss * jnp.square(_live_lse(lse)[1])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -290,7 +301,9 @@ def _soft_ce_bwd(st: _Static, res, g):
   coef = slice_sum(t, st.axes, st.axis_name)
   if st.z_loss:
     coef = coef + 2.0 * st.z_loss * lse
-  dx = jnp.where(live, g * (jnp.exp(l) * coef - t), jnp.zeros_like(l))
+  # An empty slice (exp(l) == 0) gets a zero gradient: g is zeroed per row, which
+  # fuses into the same pass (a full-size select would be a pass of its own).
+  dx = jnp.where(live, g, jnp.zeros_like(g)) * (jnp.exp(l) * coef - t)
   dy = -(1.0 - st.label_smoothing) * g * l
   dy = masked(jnp.where(g == 0, jnp.zeros_like(dy), dy), where, 0.0)
   return dx.astype(x.dtype), _sum_to_shape(dy, y.shape).astype(y.dtype), None
@@ -396,33 +409,51 @@ def _int_labels(fn, labels, x, st: _Static):
   return labels
 
 
-def _one_hot(labels, shape, st: _Static):
-  """The one-hot target (bool, broadcastable to ``shape``) and ``valid`` per example."""
+def _label_index(labels, shape, st: _Static):
+  """The labels with a 1 at each class axis, as indices into this device's classes,
+  and ``valid`` per example. An invalid label becomes 0 (never wraps into range)."""
   y = jnp.expand_dims(labels, st.axes)
   local = math.prod(shape[a] for a in st.axes)
-  devices = 1 if st.axis_name is None else lax.axis_size(st.axis_name)
-  total = local * devices
+  total = local * (1 if st.axis_name is None else lax.axis_size(st.axis_name))
   idt = jnp.int32 if total <= jnp.iinfo(jnp.int32).max else jnp.int64
   valid = y >= 0
   if total <= jnp.iinfo(y.dtype).max:
     valid = valid & (y < total)
-  # A valid label fits idt exactly; an invalid one is replaced, never wrapped.
   y = jnp.where(valid, y, jnp.zeros_like(y)).astype(idt)
   if st.axis_name is not None:
     # Vocabulary parallelism: this device holds global classes [i * local, (i + 1) * local).
     y = y - lax.axis_index(st.axis_name).astype(idt) * local
+  return y, valid
+
+
+def _one_hot(y, shape, st: _Static):
+  """``y`` one-hot over the class axes (bool, broadcastable to ``shape``); a tuple
+  axis is indexed flat, row-major in the order the axes were given (as optax)."""
   bshape = tuple(n if i in st.axes else 1 for i, n in enumerate(shape))
-  flat, stride = jnp.zeros(bshape, idt), 1
+  flat, stride = jnp.zeros(bshape, y.dtype), 1
   for a in reversed(st.order):
-    flat = flat + lax.broadcasted_iota(idt, bshape, a) * stride
+    flat = flat + lax.broadcasted_iota(y.dtype, bshape, a) * stride
     stride *= shape[a]
-  return flat == y, valid
+  return flat == y
 
 
-def _int_target(onehot, where, st: _Static, shape, cdt):
+def _label_logit(x, y, st: _Static):
+  """``x`` at the label, keepdims (summed across devices: only its owner has it)."""
+  if len(st.axes) > 1:
+    return slice_sum(jnp.where(_one_hot(y, x.shape, st), x, 0), st.axes, st.axis_name)
+  (a,) = st.axes
+  y = jnp.broadcast_to(y, x.shape[:a] + (1,) + x.shape[a + 1 :])
+  if st.axis_name is None:
+    return jnp.take_along_axis(x, y, a, mode="clip")
+  own = (y >= 0) & (y < x.shape[a])
+  x_y = jnp.take_along_axis(x, jnp.where(own, y, 0), a, mode="clip")
+  return lax.psum(jnp.where(own, x_y, 0), st.axis_name)
+
+
+def _int_target(y, where, st: _Static, shape, cdt):
   """``t = (1 - eps) onehot + eps / n`` on the kept classes (the label counts even if masked)."""
   eps = st.label_smoothing
-  t = jnp.where(onehot, jnp.asarray(1.0 - eps, cdt), jnp.asarray(0.0, cdt))
+  t = jnp.where(_one_hot(y, shape, st), jnp.asarray(1.0 - eps, cdt), jnp.asarray(0.0, cdt))
   if eps:
     n = _num_classes(where, shape, st, cdt)
     t = t + masked(jnp.broadcast_to(eps / jnp.maximum(n, 1), shape).astype(cdt), where, 0.0)
@@ -431,22 +462,18 @@ def _int_target(onehot, where, st: _Static, shape, cdt):
 
 def _int_forward(x, labels, where, st: _Static):
   cdt = compute_dtype(x.dtype)
-  xc = x.astype(cdt)
-  xs = masked(xc, where)
-  m, log_d, lse = _stats(xs, st)
-  onehot, valid = _one_hot(labels, x.shape, st)
-  eps = st.label_smoothing
+  xs, m, log_d, lse = _stats(x, where, st, cdt)
+  y, valid = _label_index(labels, x.shape, st)
   # loss = log d - (1 - eps) (x_y - m) - eps / n * sum_w (x - m). x_y is the raw
-  # logit, masked or not (optax takes it the same way); t is 0 elsewhere.
-  x_y = slice_sum(jnp.where(onehot, xc - m, jnp.zeros_like(xc)), st.axes, st.axis_name)
-  loss = log_d - (1.0 - eps) * x_y
+  # logit, masked or not (optax takes it the same way), gathered, not a full pass.
+  x_y = _label_logit(x, y, st).astype(cdt)
+  eps = st.label_smoothing
+  loss = log_d - (1.0 - eps) * (x_y - m)
   if eps:
     n = _num_classes(where, x.shape, st, cdt)
     sum_w = slice_sum(masked(xs - m, where, 0.0), st.axes, st.axis_name)
     loss = loss - eps * sum_w / jnp.maximum(n, 1)
-  if st.z_loss:
-    loss = loss + st.z_loss * jnp.square(m + log_d)
-  loss = jnp.where(valid, loss, jnp.full_like(loss, jnp.nan))
+  loss = jnp.where(valid, _add_z_loss(loss, lse, st), jnp.nan)
   if where is not None:
     n = _num_classes(where, x.shape, st, cdt)
     loss = jnp.where(n > 0, loss, jnp.zeros_like(loss))
@@ -471,13 +498,14 @@ def _int_ce_bwd(st: _Static, res, g):
   x, labels, where, lse = res
   cdt = compute_dtype(x.dtype)
   live, lse = _live_lse(lse)
+  y, valid = _label_index(labels, x.shape, st)
+  # Per row: 0 for an empty slice (whatever its label), NaN for an invalid label.
+  # A per-row factor fuses into the one pass over x; a full-size select would not.
   g = jnp.expand_dims(g.astype(cdt), st.axes)
+  g = jnp.where(live, jnp.where(valid, g, jnp.nan), 0.0)
   p = jnp.exp(masked(x.astype(cdt), where) - lse)
-  onehot, valid = _one_hot(labels, x.shape, st)
-  t = _int_target(onehot, where, st, x.shape, cdt)
   coef = 1.0 + 2.0 * st.z_loss * lse if st.z_loss else 1.0
-  dx = jnp.where(valid, g * (p * coef - t), jnp.full_like(p, jnp.nan))
-  dx = jnp.where(live, dx, jnp.zeros_like(dx))
+  dx = g * (p * coef - _int_target(y, where, st, x.shape, cdt))
   return dx.astype(x.dtype), None, None
 
 
