@@ -17,6 +17,9 @@ that divide the row exactly, so no copy runs out of bounds.
   buffers, keeping a running max and normaliser in float32 (Milakov &
   Gimelshein 2018); a second pass streams them again and writes.
 
+The backward (a row sum, then the write pass) keeps both rows (``s`` or ``l``,
+and ``g``) in shared memory when they fit, and streams them twice otherwise.
+
 Shapes whose row length admits no such chunking are reported by
 ``unsupported_reason`` and run on XLA.
 """
@@ -261,17 +264,22 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Config = Config()):
   """The VJP over axis 1: ``y`` is ``s`` (softmax) or ``l`` (log_softmax).
 
-  For log_softmax, ``live`` is a ``(rows, 1)`` float32 flag, 0 on empty rows;
-  its rows are zeroed outside the kernel.
+  For log_softmax, ``live`` is a ``(rows, 1)`` float32 flag, 0 on empty rows.
+  When both rows (``y`` and ``g``) fit the shared-memory budget they are read
+  once; otherwise they stream twice (row sum, then write).
   """
   rows, cols = y.shape
   p = plan(cols, y.dtype, cfg)
   if isinstance(p, str):
     raise ValueError(p)
   dtype = y.dtype
+  nc = p.n1 // p.kb
+  fits = p.fits and 2 * cols * jnp.dtype(dtype).itemsize <= cfg.row_bytes
   lay = _strided((p.kb, p.w), dtype)
-  y3, g3 = y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)
-  out_type = jax.ShapeDtypeStruct(y3.shape, dtype)
+  args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
+  if log:
+    args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
+  out_type = jax.ShapeDtypeStruct(args[0].shape, dtype)
 
   def load(ref):
     v = ref[...] if cfg.interpret else plgpu.load(ref, (), layout=lay)
@@ -281,38 +289,70 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     # softmax: sum(g * s); log_softmax: sum(g)
     return jnp.sum(gc if log else gc * yc)
 
-  def grad(yc, gc, acc):
-    # softmax: dx = s * (g - sum(g * s)); log_softmax: dx = g - exp(l) * sum(g)
-    return gc - jnp.exp(yc) * acc if log else yc * (gc - acc)
+  def grad(yc, gc, acc, flag):
+    # softmax: dx = s * (g - sum(g * s)); log_softmax: dx = g - exp(l) * sum(g), 0 if empty
+    if log:
+      return jnp.where(flag != 0, gc - jnp.exp(yc) * acc, 0.0)
+    return yc * (gc - acc)
 
-  def body(num_ctas, y_gmem, g_gmem, o_gmem, ybufs, gbufs, outs, bars):
+  def body(num_ctas, *refs):
+    if log:
+      y_gmem, g_gmem, live_gmem, o_gmem, live_smem, ybuf, gbuf, *rest = refs
+    else:
+      y_gmem, g_gmem, o_gmem, ybuf, gbuf, *rest = refs
+
     def one_row(row):
-      stream2 = partial(_stream, row, p, [(y_gmem, ybufs), (g_gmem, gbufs)], bars)
+      flag = None
+      if log:
+        plgpu.copy_gmem_to_smem(live_gmem.at[row], live_smem, rest[-1].at[0])
+        plgpu.barrier_wait(rest[-1].at[0])
+        flag = jnp.max(live_smem[...])
+      if fits:
+        (bar,) = rest
+        plgpu.copy_gmem_to_smem(y_gmem.at[row], ybuf, bar.at[0])
+        plgpu.copy_gmem_to_smem(g_gmem.at[row], gbuf, bar.at[1])
+        plgpu.barrier_wait(bar.at[0])
+        plgpu.barrier_wait(bar.at[1])
+        chunk = lambda ref, j: ref.at[pl.ds(j * p.kb, p.kb)]  # noqa: E731
 
-      acc = stream2(
-        lambda j, slot, a: a + partial_sum(load(ybufs.at[slot]), load(gbufs.at[slot])),
-        jnp.float32(0),
-      )
+        def rowsum(j, a):
+          return a + partial_sum(load(chunk(ybuf, j)), load(chunk(gbuf, j)))
 
-      def write(j, slot, c):
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        outs.at[slot][...] = grad(load(ybufs.at[slot]), load(gbufs.at[slot]), acc).astype(dtype)
+        acc = jax.lax.fori_loop(0, nc, rowsum, jnp.float32(0))
+
+        def write(j, c):
+          dx = grad(load(chunk(ybuf, j)), load(chunk(gbuf, j)), acc, flag)
+          chunk(gbuf, j)[...] = dx.astype(dtype)  # in place of g
+          return c
+
+        jax.lax.fori_loop(0, nc, write, 0)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(outs.at[slot], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
-        return c
+        plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[row])
+      else:
+        outs, bars = rest
+        stream2 = partial(_stream, row, p, [(y_gmem, ybuf), (g_gmem, gbuf)], bars)
+        acc = stream2(
+          lambda j, slot, a: a + partial_sum(load(ybuf.at[slot]), load(gbuf.at[slot])),
+          jnp.float32(0),
+        )
 
-      stream2(write, 0)
-      plgpu.wait_smem_to_gmem(0)
+        def write(j, slot, c):
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[slot] is free again
+          dx = grad(load(ybuf.at[slot]), load(gbuf.at[slot]), acc, flag)
+          outs.at[slot][...] = dx.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(outs.at[slot], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
+          return c
+
+        stream2(write, 0)
+      plgpu.wait_smem_to_gmem(0)  # before the buffers are reused for the next row
 
     _row_loop(rows, num_ctas, one_row)
 
-  scratch = [
-    plgpu.SMEM((2, p.kb, p.w), dtype),
-    plgpu.SMEM((2, p.kb, p.w), dtype),
-    plgpu.SMEM((2, p.kb, p.w), dtype),
-    plgpu.Barrier(num_barriers=4),
-  ]
-  dx = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(y3, g3).reshape(rows, cols)
-  if log:
-    dx = jnp.where(live != 0, dx, jnp.zeros_like(dx))
-  return dx
+  scratch = [plgpu.SMEM((WARPGROUP,), F32)] if log else []
+  if fits:
+    scratch += [plgpu.SMEM((p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=2)]
+  else:
+    scratch += [plgpu.SMEM((2, p.kb, p.w), dtype)] * 3 + [plgpu.Barrier(num_barriers=4)]
+  dx = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(*args)
+  return dx.reshape(rows, cols)
