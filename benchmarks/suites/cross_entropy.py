@@ -74,53 +74,55 @@ def _torch_soft(logits, labels):
   return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
 
 
-register(
-  Suite(
-    name="cross_entropy_int",
+def _suite(name, what, ours, make_inputs, optax_fn, optax_f32, naive, torch_fn, bytes_moved):
+  return Suite(
+    name=name,
     description=(
-      "jaxsoftmax.softmax_cross_entropy_with_integer_labels vs optax (as is, and on "
-      "logits upcast to float32), jax.grad of the naive definition, torch"
+      f"jaxsoftmax.{ours.__name__} ({what}) vs optax (as is, and on logits upcast to "
+      "float32), jax.grad of the naive definition, torch"
     ),
-    make_inputs=_logits_and_int_labels,
+    make_inputs=make_inputs,
     contenders=[
-      Contender("jaxsoftmax", jaxsoftmax.softmax_cross_entropy_with_integer_labels, strict=True),
-      Contender("optax", optax.softmax_cross_entropy_with_integer_labels),
-      Contender("optax f32 upcast", _optax_int_f32),
-      Contender("naive autodiff", _naive_int),
-      Contender("torch", _torch_int, framework="torch"),
+      Contender("jaxsoftmax", ours, strict=True),
+      Contender("optax", optax_fn),
+      Contender("optax f32 upcast", optax_f32),
+      Contender("naive autodiff", naive),
+      Contender("torch", torch_fn, framework="torch"),
     ],
     baseline="optax",
     sizes=SIZES,
     quick_sizes=QUICK_SIZES,
-    bytes_moved=_bytes_int,
-    reference=_naive_int,
-    diff_argnums=(0,),
+    bytes_moved=bytes_moved,
+    reference=naive,
+    diff_argnums=(0,),  # the gradient for the logits, as in training
+    cast=(0, 1) if name == "cross_entropy" else (0,),  # soft labels take the dtype too
     targets=[("jaxsoftmax", "optax"), ("jaxsoftmax", "optax f32 upcast")],
   )
-)
+
 
 register(
-  Suite(
-    name="cross_entropy",
-    description=(
-      "jaxsoftmax.softmax_cross_entropy (soft labels, gradient for the logits) vs optax "
-      "(as is, and upcast to float32), jax.grad of the naive definition, torch"
-    ),
-    make_inputs=_logits_and_probs,
-    contenders=[
-      Contender("jaxsoftmax", jaxsoftmax.softmax_cross_entropy, strict=True),
-      Contender("optax", optax.softmax_cross_entropy),
-      Contender("optax f32 upcast", _optax_soft_f32),
-      Contender("naive autodiff", _naive_soft),
-      Contender("torch", _torch_soft, framework="torch"),
-    ],
-    baseline="optax",
-    sizes=SIZES,
-    quick_sizes=QUICK_SIZES,
-    bytes_moved=_bytes_soft,
-    reference=_naive_soft,
-    diff_argnums=(0,),
-    cast=(0, 1),
-    targets=[("jaxsoftmax", "optax"), ("jaxsoftmax", "optax f32 upcast")],
+  _suite(
+    "cross_entropy_int",
+    "integer labels",
+    jaxsoftmax.softmax_cross_entropy_with_integer_labels,
+    _logits_and_int_labels,
+    optax.softmax_cross_entropy_with_integer_labels,
+    _optax_int_f32,
+    _naive_int,
+    _torch_int,
+    _bytes_int,
+  )
+)
+register(
+  _suite(
+    "cross_entropy",
+    "soft labels",
+    jaxsoftmax.softmax_cross_entropy,
+    _logits_and_probs,
+    optax.softmax_cross_entropy,
+    _optax_soft_f32,
+    _naive_soft,
+    _torch_soft,
+    _bytes_soft,
   )
 )
