@@ -1,0 +1,364 @@
+"""The fused linear + softmax cross-entropy: ``x @ w`` then cross-entropy, chunk by chunk.
+
+The logits ``x @ w`` are never built in full. The forward walks the vocabulary
+in chunks of ``chunk_size`` columns of ``w``, keeps an online log-sum-exp in
+float32 (``m``, ``sum(exp(z - m))``) and picks up the label logit on the way.
+The backward recomputes each chunk's logits, forms ``dz = g * (softmax - target)``
+for that chunk only, and accumulates ``dx`` and ``dw`` from it. The largest
+temporaries are a few ``[N, chunk_size]`` float32 blocks.
+"""
+
+from __future__ import annotations
+
+import operator
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._checks import check_where, compute_dtype, float_input
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# chunk_size=None: the columns of one chunk's working set, ``(N + H) * C``
+# compute-dtype numbers (the logits block plus the slices of w and dw), fit in
+# this many bytes; C is a multiple of 128 in [128, V].
+_CHUNK_BUDGET_BYTES = 16 * 2**20
+_CHUNK_MULTIPLE = 128
+
+
+def default_chunk_size(n: int, h: int, v: int, itemsize: int = 4) -> int:
+  """The chunk size that ``chunk_size=None`` picks for ``N`` tokens, ``H`` features, ``V`` classes.
+
+  The largest multiple of 128 such that ``(N + H) * C * itemsize`` bytes fit in
+  16 MiB, clamped to ``[128, V]``; ``itemsize`` is that of the compute dtype (4
+  for float32, bfloat16 and float16; 8 for float64).
+  """
+  c = _CHUNK_BUDGET_BYTES // (max(n + h, 1) * itemsize)
+  c = max(_CHUNK_MULTIPLE, c // _CHUNK_MULTIPLE * _CHUNK_MULTIPLE)
+  return max(1, min(c, v))
+
+
+def _check_labels(fn: str, labels: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
+  if not hasattr(labels, "dtype") and not isinstance(labels, int | list | tuple):
+    raise TypeError(f"{fn}: `labels` must be an integer array, got {type(labels).__name__}.")
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(
+      f"{fn}: `labels` must hold integer class ids, got dtype {labels.dtype}; "
+      "cast class ids with .astype(jnp.int32)."
+    )
+  if labels.shape != shape:
+    raise ValueError(
+      f"{fn}: `labels` has shape {labels.shape}; expected x.shape[:-1] = {shape} "
+      "(one class id per row of x)."
+    )
+  return labels
+
+
+def _check_options(fn, reduction, chunk_size, label_smoothing, z_loss):
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"{fn}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+  if chunk_size is not None:
+    try:
+      chunk_size = operator.index(chunk_size)
+    except TypeError:
+      raise TypeError(
+        f"{fn}: `chunk_size` must be a positive int or None, got {chunk_size!r}."
+      ) from None
+    if chunk_size < 1:
+      raise ValueError(f"{fn}: `chunk_size` must be a positive int or None, got {chunk_size}.")
+  try:
+    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+  except TypeError:
+    raise TypeError(
+      f"{fn}: `label_smoothing` and `z_loss` must be Python floats, got "
+      f"{label_smoothing!r} and {z_loss!r}."
+    ) from None
+  if not 0.0 <= label_smoothing <= 1.0:
+    raise ValueError(f"{fn}: `label_smoothing` must lie in [0, 1], got {label_smoothing}.")
+  if not z_loss >= 0.0:
+    raise ValueError(f"{fn}: `z_loss` must be >= 0, got {z_loss}.")
+  return chunk_size, label_smoothing, z_loss
+
+
+def linear_softmax_cross_entropy(
+  x: ArrayLike,
+  w: ArrayLike,
+  labels: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  reduction: str = "mean",
+  chunk_size: int | None = None,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
+  precision: lax.PrecisionLike = None,
+) -> jax.Array:
+  r"""Softmax cross-entropy of the logits ``x @ w``, without ever building them.
+
+  .. math::
+    \ell_i = \mathrm{lse}_i - (1 - \varepsilon)\, z_{i, y_i}
+      - \frac{\varepsilon}{V} \sum_j z_{ij} + \zeta\, \mathrm{lse}_i^2,
+    \qquad z = x w, \quad \mathrm{lse}_i = \log \sum_j \exp z_{ij}
+
+  The same per-token loss as
+  ``softmax_cross_entropy_with_integer_labels(x @ w, labels, label_smoothing=eps,
+  z_loss=zeta)``, computed in chunks of ``chunk_size`` columns of ``w``: the
+  forward keeps an online log-sum-exp in float32 and the label logit, and the
+  backward recomputes each chunk's logits to accumulate ``dx`` and ``dw``. No
+  ``[N, V]`` array exists at any point; the residuals are ``x``, ``w``, the
+  labels, the mask and one float32 log-normalizer per token.
+
+  Label smoothing follows PyTorch (target ``(1 - eps) * onehot + eps / V``) and
+  the z-loss is ``z_loss * lse**2`` per token (PaLM/T5X).
+
+  * Tokens where ``where`` is False contribute 0 to the loss and receive exactly
+    zero gradient, whatever their label (so padding may carry any label, e.g.
+    -100). ``"mean"`` divides by the number of included tokens, and is 0 (with
+    zero gradients), not NaN, when no token is included.
+  * An included token whose label lies outside ``[0, V)`` has a loss of NaN and
+    a NaN gradient row, as in the unfused cross-entropy; with ``"mean"`` or
+    ``"sum"`` the NaN propagates to the total, and to all of ``dw``. Another
+    class is never picked silently; mask such tokens out with ``where``.
+  * bfloat16/float16 inputs are multiplied in their own dtype with float32
+    accumulation; the statistics and ``dz`` are float32. The loss is returned in
+    the inputs' result dtype, the gradients in the dtypes of ``x`` and ``w``.
+
+  ``chunk_size=None`` takes the largest multiple of 128 such that
+  ``(N + H) * chunk_size`` compute-dtype numbers (a chunk's logits plus its
+  slices of ``w`` and ``dw``) fit in 16 MiB, within ``[128, V]``. A ``V`` that
+  is not a multiple of the chunk size is handled by one smaller last chunk; ``w``
+  is never padded or copied.
+
+  Args:
+    x: ``[..., H]`` hidden states (floating).
+    w: ``[H, V]`` classifier weights (the tokamax layout).
+    labels: integer class ids of shape ``x.shape[:-1]``.
+    where: optional boolean mask broadcastable to ``x.shape[:-1]``; tokens where
+      it is False are left out.
+    reduction: ``"mean"`` (over included tokens), ``"sum"`` or ``"none"``
+      (per-token losses of shape ``x.shape[:-1]``, 0 where excluded).
+    chunk_size: vocabulary columns per chunk, or None for the rule above.
+    label_smoothing: ``eps`` in ``[0, 1]``.
+    z_loss: coefficient ``zeta >= 0`` of ``lse**2``.
+    precision: passed to the matmuls (:func:`jax.lax.dot_general`).
+
+  Returns:
+    The loss: a scalar for ``"mean"``/``"sum"``, ``x.shape[:-1]`` for ``"none"``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxsoftmax
+    >>> x = jnp.ones((2, 3))
+    >>> w = jnp.zeros((3, 4))
+    >>> jaxsoftmax.linear_softmax_cross_entropy(x, w, jnp.array([0, 3]))  # log(4)
+    Array(1.3862944, dtype=float32)
+  """
+  fn = "linear_softmax_cross_entropy"
+  x, _ = float_input(fn, "x", x)
+  w, _ = float_input(fn, "w", w)
+  if x.ndim < 1:
+    raise ValueError(f"{fn}: `x` must have shape [..., H], got a scalar.")
+  if w.ndim != 2:
+    raise ValueError(f"{fn}: `w` must have shape [H, V], got shape {w.shape}.")
+  if x.shape[-1] != w.shape[0]:
+    raise ValueError(
+      f"{fn}: `x` has shape {x.shape} and `w` has shape {w.shape}; expected "
+      f"x.shape[-1] == w.shape[0] (H), got {x.shape[-1]} != {w.shape[0]}."
+    )
+  batch = x.shape[:-1]
+  labels = _check_labels(fn, labels, batch)
+  where = check_where(fn, where, batch)
+  chunk_size, label_smoothing, z_loss = _check_options(
+    fn, reduction, chunk_size, label_smoothing, z_loss
+  )
+  h, v = w.shape
+  n = labels.size
+  if v == 0:
+    raise ValueError(f"{fn}: `w` has V = 0 classes; expected at least one.")
+  dt = jnp.result_type(x.dtype, w.dtype)
+  if chunk_size is None:
+    chunk_size = default_chunk_size(n, h, v, jnp.dtype(compute_dtype(dt)).itemsize)
+  chunk_size = min(chunk_size, v)
+  if where is not None:
+    where = jnp.broadcast_to(where, batch).reshape(n)
+  opts = _Options(reduction, chunk_size, label_smoothing, z_loss, precision)
+  loss = _lce(x.reshape(n, h), w, labels.reshape(n), where, opts)
+  return loss.reshape(batch) if reduction == "none" else loss
+
+
+class _Options(tuple):
+  """The static arguments of the core, hashable for ``nondiff_argnums``."""
+
+  __slots__ = ()
+
+  def __new__(cls, reduction, chunk_size, label_smoothing, z_loss, precision):
+    return super().__new__(cls, (reduction, chunk_size, label_smoothing, z_loss, precision))
+
+  reduction = property(operator.itemgetter(0))
+  chunk_size = property(operator.itemgetter(1))
+  label_smoothing = property(operator.itemgetter(2))
+  z_loss = property(operator.itemgetter(3))
+  precision = property(operator.itemgetter(4))
+
+
+def _matmul(a, b, contract, precision, cdt):
+  """``a`` and ``b`` contracted over ``contract`` in their dtype, accumulated in ``cdt``."""
+  return lax.dot_general(
+    a, b, (contract, ((), ())), precision=precision, preferred_element_type=cdt
+  )
+
+
+def _chunks(v: int, c: int):
+  """``(k, c, r)``: ``k`` full chunks of ``c`` columns, then one of ``r`` (maybe 0)."""
+  k = v // c
+  return k, c, v - k * c
+
+
+def _forward(x, w, labels, opts):
+  """Per-token ``lse`` and loss before masking and reduction, both in the compute dtype."""
+  n, _ = x.shape
+  v = w.shape[1]
+  dt = jnp.result_type(x.dtype, w.dtype)
+  cdt = compute_dtype(dt)
+  x = x.astype(dt)
+  eps = opts.label_smoothing
+  k, c, r = _chunks(v, opts.chunk_size)
+
+  def update(carry, w_c, start):
+    m, s, zy, zsum = carry
+    z = _matmul(x, w_c.astype(dt), ((1,), (0,)), opts.precision, cdt)
+    m_new = jnp.maximum(m, jnp.max(z, axis=1))
+    # A row with no finite logit yet keeps m = -inf: shift by 0 there, not by -inf.
+    shift = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
+    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
+    cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
+    zy = zy + jnp.sum(jnp.where(cols == labels[:, None], z, 0), axis=1)
+    if eps:
+      zsum = zsum + jnp.sum(z, axis=1)
+    return m_new, s, zy, zsum
+
+  zero = jnp.zeros((n,), cdt)
+  carry = (jnp.full((n,), -jnp.inf, cdt), zero, zero, zero)
+  if k:
+
+    def body(i, carry):
+      start = i * c
+      return update(carry, lax.dynamic_slice_in_dim(w, start, c, axis=1), start)
+
+    carry = lax.fori_loop(0, k, body, carry)
+  if r:
+    carry = update(carry, w[:, k * c :], k * c)
+  m, s, zy, zsum = carry
+  lse = m + jnp.log(s)
+  loss = lse - (1.0 - eps) * zy
+  if eps:
+    loss = loss - (eps / v) * zsum
+  if opts.z_loss:
+    loss = loss + opts.z_loss * lse * lse
+  valid = (labels >= 0) & (labels < v)
+  return lse, jnp.where(valid, loss, jnp.nan)
+
+
+def _reduce(loss, where, reduction, out_dtype):
+  if where is not None:
+    loss = jnp.where(where, loss, jnp.zeros_like(loss))
+  if reduction == "none":
+    return loss.astype(out_dtype)
+  total = jnp.sum(loss)
+  if reduction == "mean":
+    total = total / _count(loss, where)
+  return total.astype(out_dtype)
+
+
+def _count(loss, where):
+  """The number of included tokens, at least 1 so that an empty mean is 0."""
+  count = loss.shape[0] if where is None else jnp.sum(where, dtype=jnp.int32)
+  return jnp.maximum(count, 1).astype(loss.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lce(x, w, labels, where, opts):
+  _, loss = _forward(x, w, labels, opts)
+  return _reduce(loss, where, opts.reduction, jnp.result_type(x.dtype, w.dtype))
+
+
+def _lce_fwd(x, w, labels, where, opts):
+  lse, loss = _forward(x, w, labels, opts)
+  out = _reduce(loss, where, opts.reduction, jnp.result_type(x.dtype, w.dtype))
+  # Residuals: the inputs (no copies), and lse, one compute-dtype number per
+  # token, from which the backward rebuilds each chunk's softmax exactly.
+  return out, (x, w, labels, where, lse)
+
+
+def _lce_bwd(opts, res, g):
+  # dz = g_i * ((1 + 2 zeta lse_i) * softmax(z_i) - (1 - eps) onehot(y_i) - eps / V);
+  # dx = dz @ w.T, dw = x.T @ dz
+  x, w, labels, where, lse = res
+  n, h = x.shape
+  v = w.shape[1]
+  dt = jnp.result_type(x.dtype, w.dtype)
+  cdt = compute_dtype(dt)
+  # An excluded token's row of x is zeroed so that even an inf or NaN there
+  # leaves dw exactly untouched (x.T @ dz would give inf * 0 = NaN).
+  xd = x.astype(dt) if where is None else jnp.where(where[:, None], x.astype(dt), 0)
+  eps = opts.label_smoothing
+  k, c, r = _chunks(v, opts.chunk_size)
+  # An included token with a label outside [0, V) gets a NaN gradient row, like
+  # its loss (and like the unfused cross-entropy): no class is picked silently.
+  bad = (labels < 0) | (labels >= v)
+  if where is not None:
+    bad = bad & where
+
+  # The cotangent of each token's loss.
+  g = g.astype(cdt)
+  if opts.reduction == "none":
+    gt = g
+  elif opts.reduction == "sum":
+    gt = jnp.broadcast_to(g, (n,))
+  else:
+    gt = jnp.broadcast_to(g / _count(lse, where), (n,))
+  if where is not None:
+    gt = jnp.where(where, gt, jnp.zeros_like(gt))
+  # Excluded tokens get lse = 0 so that their (zero) rows stay finite.
+  lse = lse if where is None else jnp.where(where, lse, jnp.zeros_like(lse))
+  scale = gt * (1.0 + 2.0 * opts.z_loss * lse) if opts.z_loss else gt
+  hit = gt * (1.0 - eps)
+  flat = gt * (eps / v)
+
+  def chunk_grads(dx, w_c, start):
+    w_c = w_c.astype(dt)
+    z = _matmul(xd, w_c, ((1,), (0,)), opts.precision, cdt)
+    cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
+    dz = scale[:, None] * jnp.exp(z - lse[:, None])
+    dz = dz - jnp.where(cols == labels[:, None], hit[:, None], 0)
+    if eps:
+      dz = dz - flat[:, None]
+    dz = jnp.where(bad[:, None], jnp.nan, dz)
+    if where is not None:
+      dz = jnp.where(where[:, None], dz, 0)
+    dz = dz.astype(dt)
+    dx = dx + _matmul(dz, w_c, ((1,), (1,)), opts.precision, cdt)
+    dw_c = _matmul(xd, dz, ((0,), (0,)), opts.precision, cdt)
+    return dx, dw_c.astype(w.dtype)
+
+  dx = jnp.zeros((n, h), cdt)
+  dw = jnp.zeros((h, v), w.dtype)
+  if k:
+
+    def body(i, carry):
+      dx, dw = carry
+      start = i * c
+      dx, dw_c = chunk_grads(dx, lax.dynamic_slice_in_dim(w, start, c, axis=1), start)
+      return dx, lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
+
+    dx, dw = lax.fori_loop(0, k, body, (dx, dw))
+  if r:
+    dx, dw_c = chunk_grads(dx, w[:, k * c :], k * c)
+    dw = lax.dynamic_update_slice_in_dim(dw, dw_c, k * c, axis=1)
+  return dx.astype(x.dtype), dw, None, None
+
+
+_lce.defvjp(_lce_fwd, _lce_bwd)
