@@ -1,0 +1,167 @@
+"""Both cross-entropies over a class axis split across 8 CPU devices.
+
+Inside ``jax.shard_map`` with ``axis_name``, the per-example loss and the
+gradients must equal the unsharded loss on the gathered logits, special rows
+included; ordinary rows are also checked against optax in float64. Integer
+labels are global class ids (vocabulary parallelism), and the backward of the
+integer-label loss needs no collective.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+from mesh_utils import LAYOUTS, TOL, B, N, collectives, inputs, make_mesh
+
+import jaxsoftmax
+
+soft_ce = jaxsoftmax.softmax_cross_entropy
+int_ce = jaxsoftmax.softmax_cross_entropy_with_integer_labels
+
+# Global labels: class-block edges (0, 7, 8, 24), a label at a -inf logit (row 2),
+# -1 in a NaN row and an out-of-range 32 in the row that `where` masks out.
+LABELS = np.array([0, 7, 10, 31, 4, -1, 24, N], np.int32)
+OPTIONS = [dict(), dict(label_smoothing=0.1, z_loss=1e-3)]
+
+
+def _soft_labels(dtype):
+  e = jnp.exp(2.0 * jax.random.normal(jax.random.key(7), (B, N), jnp.float64))
+  return (e / e.sum(-1, keepdims=True)).astype(dtype)
+
+
+def _all_losses(x, y, labels, where, row_where, g, **kw):
+  """Losses and VJPs of both cross-entropies, with and without masks and options.
+
+  ``where`` masks classes; ``row_where``, of the batch shape, masks examples.
+  """
+  outs = []
+  for opts in OPTIONS:
+    for w in (None, where, row_where):
+      loss, vjp = jax.vjp(lambda x, y, w=w, opts=opts: soft_ce(x, y, where=w, **opts, **kw), x, y)
+      outs += [loss, *vjp(g)]
+      loss, vjp = jax.vjp(lambda x, w=w, opts=opts: int_ce(x, labels, where=w, **opts, **kw), x)
+      outs += [loss, *vjp(g)]
+  return outs
+
+
+def _sharded_losses(layout, x, y, labels, where, g):
+  shape, names, spec, axis_name = LAYOUTS[layout]
+  batch = P(spec[0])  # the loss is per example: invariant along the class axis
+  mesh = make_mesh(shape, names)
+
+  def local(*args):
+    return _all_losses(*args, axis_name=axis_name)
+
+  n = len(OPTIONS) * 3
+  out_specs = [batch, spec, spec, batch, spec] * n
+  f = jax.shard_map(
+    local, mesh=mesh, in_specs=(spec, spec, batch, spec, batch, batch), out_specs=out_specs
+  )
+  return jax.jit(f)(x, y, labels, where, where.any(-1), g)
+
+
+# Every mesh and both shardings, each dtype on each mesh (not the full product:
+# each case compiles 30 outputs; the softmax tests run the full product).
+CASES = [
+  ("8:classes", jnp.float64),
+  ("8:classes", jnp.float32),
+  ("2x4:classes", jnp.float32),
+  ("4x2:classes", jnp.float64),
+  ("2x4:batch+classes", jnp.float64),
+  ("4x2:batch+classes", jnp.float32),
+  ("2x4:classes over both axes", jnp.float64),
+]
+
+
+@pytest.mark.parametrize("layout,dtype", CASES)
+def test_sharded_equals_unsharded(layout, dtype):
+  x, where, _ = inputs(dtype)
+  y, labels = _soft_labels(dtype), jnp.asarray(LABELS)
+  g = jax.random.normal(jax.random.key(3), (B,), jnp.float64).astype(dtype)
+  expected = jax.jit(_all_losses)(x, y, labels, where, where.any(-1), g)
+  actual = _sharded_losses(layout, x, y, labels, where, g)
+  assert len(actual) == len(expected) == 30
+  for a, e in zip(actual, expected, strict=True):
+    assert a.dtype == e.dtype == dtype
+    # assert_allclose also requires NaN and +-inf at exactly the same places.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), **TOL[dtype])
+
+
+def test_sharded_matches_optax_and_the_special_rows():
+  # Independent references: optax in float64 on the ordinary rows 0 and 1, and
+  # the semantics of the special rows, from the sharded run alone.
+  x, where, _ = inputs(jnp.float64)
+  y, labels = _soft_labels(jnp.float64), jnp.asarray(LABELS)
+  g = jnp.ones((B,), jnp.float64)
+  out = [np.asarray(a) for a in _sharded_losses("2x4:batch+classes", x, y, labels, where, g)]
+  soft, dsoft, int_, dint = out[0], out[1], out[3], out[4]  # no where, no options
+  ref_soft, ref_dsoft = jax.value_and_grad(lambda x: optax.softmax_cross_entropy(x, y[:2]).sum())(
+    x[:2]
+  )
+  ref_int, ref_dint = jax.value_and_grad(
+    lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels[:2]).sum()
+  )(x[:2])
+  np.testing.assert_allclose(soft[:2].sum(), ref_soft, rtol=1e-12)
+  np.testing.assert_allclose(dsoft[:2], ref_dsoft, rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(int_[:2].sum(), ref_int, rtol=1e-12)
+  np.testing.assert_allclose(dint[:2], ref_dint, rtol=1e-10, atol=1e-13)
+  assert int_[2] == np.inf  # the label's logit is -inf
+  assert np.isnan(int_[5]) and np.isnan(int_[7])  # label -1; label N out of range
+  assert np.isfinite(int_[[0, 1, 3]]).all()
+  # With `where`, the fully masked row 7 is 0 whatever its label, grad 0.
+  int_w, dint_w = out[8], out[9]
+  assert int_w[7] == 0.0
+  np.testing.assert_array_equal(dint_w[7], np.zeros(N))
+
+
+def test_integer_label_backward_has_no_collective():
+  mesh = make_mesh((2, 4), ("b", "v"))
+  x, _, _ = inputs(jnp.float32)
+  x = jnp.nan_to_num(x)
+  labels = jnp.asarray(np.abs(LABELS) % N)
+
+  def f(x, labels):
+    return int_ce(x, labels, axis_name="v")
+
+  sm = jax.shard_map(f, mesh=mesh, in_specs=(P("b", "v"), P("b")), out_specs=P("b"))
+  fwd = collectives(jax.jit(sm).lower(x, labels).compile().as_text())
+  counts = {k: len(v) for k, v in fwd.items() if v}
+  # The (max, sum exp) pairs in one all-gather; the label's logit in one all-reduce.
+  assert counts == {"all-gather": 1, "all-reduce": 1}, counts
+  _, vjp = jax.vjp(lambda x: sm(x, labels), x)
+  bwd = collectives(jax.jit(vjp).lower(jnp.ones((B,), jnp.float32)).compile().as_text())
+  assert not any(bwd.values()), bwd
+
+
+def test_loss_leaves_shard_map_without_the_class_axis():
+  # The loss is typed invariant along axis_name, so out_specs may omit it, and it
+  # is the same on every device of the class axis.
+  mesh = make_mesh((8,), ("v",))
+  x, _, _ = inputs(jnp.float64)
+  labels = jnp.asarray(np.abs(LABELS) % N)
+  f = jax.shard_map(
+    lambda x, labels: int_ce(x, labels, axis_name="v"),
+    mesh=mesh,
+    in_specs=(P(None, "v"), P()),
+    out_specs=P(),
+  )
+  np.testing.assert_allclose(jax.jit(f)(x, labels), jax.jit(int_ce)(x, labels), rtol=1e-12)
+  per_device = jax.shard_map(
+    lambda x, labels: int_ce(x, labels, axis_name="v")[None],
+    mesh=mesh,
+    in_specs=(P(None, "v"), P()),
+    out_specs=P("v"),
+    check_vma=False,
+  )
+  per_device = jax.jit(per_device)(x, labels)
+  np.testing.assert_array_equal(per_device, np.broadcast_to(per_device[0], per_device.shape))
+
+
+@pytest.mark.parametrize("fn", [soft_ce, int_ce], ids=["soft", "integer"])
+def test_unbound_axis_name_is_a_clear_error(fn):
+  x = jnp.zeros((2, 8), jnp.float32)
+  labels = jnp.zeros((2, 8), jnp.float32) if fn is soft_ce else jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match=r"`axis_name`='v' is not bound.*shard_map"):
+    fn(x, labels, axis_name="v")
