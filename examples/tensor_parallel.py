@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -66,15 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--devices",
     type=int,
     default=None,
-    help="CPU devices to simulate before JAX starts (default: DATA*MODEL); 0 uses the "
-    "platform's real devices",
+    help="CPU devices to simulate per process, set before JAX starts (default: "
+    "DATA*MODEL / processes); 0 uses the platform's real devices",
   )
   parser.add_argument(
     "--distributed",
     action="store_true",
-    help="call jax.distributed.initialize() first (one process per host; coordinator "
-    "and process ids from the environment or the cluster)",
+    help="call jax.distributed.initialize() first: one process per host. Without the "
+    "three options below, JAX finds the coordinator and process ids itself on clusters it "
+    "knows (SLURM, Open MPI, Kubernetes, Cloud TPU)",
   )
+  parser.add_argument("--coordinator", default=None, help="host:port of process 0")
+  parser.add_argument("--num-processes", type=int, default=None)
+  parser.add_argument("--process-id", type=int, default=None)
   args = parser.parse_args(argv)
   try:
     args.data, args.model = (int(n) for n in args.mesh.lower().split("x"))
@@ -149,6 +154,13 @@ def count_collectives(hlo: str) -> dict[str, int]:
   return {n: hlo.count(f" {n}(") + hlo.count(f" {n}-start(") for n in names}
 
 
+def to_host(tree):
+  """The full (global) value of each leaf, as NumPy arrays, on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def max_rel_diff(a, b) -> float:
   """The largest ``|a - b| / max|b|`` over the leaves of two pytrees."""
   diffs = jax.tree.map(
@@ -163,12 +175,13 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   # Before JAX starts its backend: the device set, then the process group.
   if args.devices != 0:
+    per_process = args.data * args.model // (args.num_processes or 1)
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices or args.data * args.model)
+    jax.config.update("jax_num_cpu_devices", args.devices or per_process)
   if args.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
   if args.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   dtype = jnp.dtype(args.dtype)
 
   devices = jax.devices()
@@ -201,7 +214,7 @@ def main(argv=None) -> int:
     return optax.apply_updates(params, updates), opt_state, loss, grads
 
   reference = jax.jit(jax.value_and_grad(reference_loss))
-  one_device = jax.devices()[0]
+  one_device = jax.local_devices()[0]
 
   batches = synthetic_batches(np.random.default_rng(args.seed), args.vocab, args.batch)
   tokens, labels = next(batches)
@@ -223,16 +236,13 @@ def main(argv=None) -> int:
   for step in range(args.steps):
     if step:
       tokens, labels = next(batches)
-    gathered = jax.device_get(params) if jax.process_count() == 1 else None
+    gathered = to_host(params)  # the parameters this step starts from
     params, opt_state, loss, grads = train_step(params, opt_state, place(tokens), place(labels))
-    if gathered is None:
-      print(f"{step:4d} {float(loss):15.6f}")  # the reference needs all of params here
-      continue
     ref_loss, ref_grads = reference(
       jax.device_put(gathered, one_device), jnp.asarray(tokens), jnp.asarray(labels)
     )
     loss_diff = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
-    grad_diff = max_rel_diff(jax.device_get(grads), jax.device_get(ref_grads))
+    grad_diff = max_rel_diff(to_host(grads), jax.device_get(ref_grads))
     worst = max(worst, loss_diff, grad_diff)
     print(f"{step:4d} {float(loss):15.6f} {float(ref_loss):16.6f} {grad_diff:14.2e}")
   elapsed = time.perf_counter() - start
