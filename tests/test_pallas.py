@@ -132,7 +132,7 @@ GPU_SMALL = ops.make(gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize(
-  "cols, be", [(384, GPU_DEFAULT), (768, GPU_SMALL)], ids=["384-fits", "768-online"]
+  "cols, be", [(384, GPU_DEFAULT), (1280, GPU_SMALL)], ids=["384-fits", "1280-online"]
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
   _check(be, cols, dtype)

@@ -45,6 +45,7 @@ class Config:
 
   row_bytes: int = 96 * 1024  # longest row (in input bytes) kept whole in SMEM
   chunk_elems: int = 4096  # elements per (kb, w) chunk
+  stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row
   interpret: bool = False
 
@@ -144,28 +145,31 @@ def _kernel(rows, p: Plan, dtype, cfg: Config, out_type, scratch, body):
   )
 
 
-def _stream(row, p: Plan, sources, bars, fn, carry):
+def _stream(row, p: Plan, stages: int, sources, bars, fn, carry):
   """Streams the chunks of each ``(gmem, bufs)`` in ``sources`` (``gmem[row]``) through
-  two SMEM buffers, fetching chunk j + 1 while ``fn(j, slot, carry)`` works on chunk j.
-  Source k, slot s completes barrier ``2 * k + s``."""
+  ``stages`` SMEM buffers, keeping ``stages - 1`` chunks in flight while
+  ``fn(j, slot, carry)`` works on chunk j. Source k, slot s completes barrier
+  ``stages * k + s``."""
   nc = p.n1 // p.kb
 
   def fetch(j, slot):
     for k, (src, bufs) in enumerate(sources):
-      dst = bars.at[2 * k + slot]
+      dst = bars.at[stages * k + slot]
       plgpu.copy_gmem_to_smem(src.at[row, pl.ds(j * p.kb, p.kb)], bufs.at[slot], dst)
 
-  fetch(0, 0)
+  for j in range(min(stages - 1, nc)):
+    fetch(j, j)
 
   def step(j, carry):
-    slot = j % 2
+    ahead = j + stages - 1
 
-    @pl.when(j + 1 < nc)
+    @pl.when(ahead < nc)
     def _():
-      fetch(j + 1, 1 - slot)
+      fetch(ahead, ahead % stages)  # the slot that chunk j - 1 used, already consumed
 
+    slot = j % stages
     for k in range(len(sources)):
-      plgpu.barrier_wait(bars.at[2 * k + slot])
+      plgpu.barrier_wait(bars.at[stages * k + slot])
     return fn(j, slot, carry)
 
   return jax.lax.fori_loop(0, nc, step, carry)
@@ -182,6 +186,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     raise ValueError(p)
   dtype = x.dtype
   nc = p.n1 // p.kb
+  S = cfg.stages
   lay = _strided((p.kb, p.w), dtype)
   x3 = x.reshape(rows, p.n1, p.w)
   out_type = (jax.ShapeDtypeStruct(x3.shape, dtype), jax.ShapeDtypeStruct((rows, WARPGROUP), F32))
@@ -234,25 +239,25 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
           return _online_stats(*md, load(bufs.at[slot]))
 
         init = (jnp.float32(-jnp.inf), jnp.float32(0))
-        m, d = _stream(row, p, [(x_gmem, bufs)], bars, stats, init)
+        m, d = _stream(row, p, S, [(x_gmem, bufs)], bars, stats, init)
 
         def write(j, slot, c):
-          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[slot] is free again
-          outs.at[slot][...] = _fwd_out(load(bufs.at[slot]), m, d, log).astype(dtype)
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[j % 2] (stored at step j - 2) is free again
+          outs.at[j % 2][...] = _fwd_out(load(bufs.at[slot]), m, d, log).astype(dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(outs.at[slot], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
+          plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
           return c
 
-        _stream(row, p, [(x_gmem, bufs)], bars, write, 0)
+        _stream(row, p, S, [(x_gmem, bufs)], bars, write, 0)
         write_lse(lse_gmem, lse_smem, row, m, d)
 
       _row_loop(rows, num_ctas, one_row)
 
     scratch = [
-      plgpu.SMEM((2, p.kb, p.w), dtype),
+      plgpu.SMEM((S, p.kb, p.w), dtype),
       plgpu.SMEM((2, p.kb, p.w), dtype),
       plgpu.SMEM((WARPGROUP,), F32),
-      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=S),
     ]
   out, lse = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(x3)
   return out.reshape(rows, cols), lse[:, :1]
@@ -274,6 +279,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     raise ValueError(p)
   dtype = y.dtype
   nc = p.n1 // p.kb
+  S = cfg.stages
   fits = p.fits and 2 * cols * jnp.dtype(dtype).itemsize <= cfg.row_bytes
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
@@ -330,18 +336,18 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
         plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[row])
       else:
         outs, bars = rest
-        stream2 = partial(_stream, row, p, [(y_gmem, ybuf), (g_gmem, gbuf)], bars)
+        stream2 = partial(_stream, row, p, S, [(y_gmem, ybuf), (g_gmem, gbuf)], bars)
         acc = stream2(
           lambda j, slot, a: a + partial_sum(load(ybuf.at[slot]), load(gbuf.at[slot])),
           jnp.float32(0),
         )
 
         def write(j, slot, c):
-          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[slot] is free again
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[j % 2] (stored at step j - 2) is free again
           dx = grad(load(ybuf.at[slot]), load(gbuf.at[slot]), acc, flag)
-          outs.at[slot][...] = dx.astype(dtype)
+          outs.at[j % 2][...] = dx.astype(dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(outs.at[slot], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
+          plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
           return c
 
         stream2(write, 0)
@@ -353,6 +359,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   if fits:
     scratch += [plgpu.SMEM((p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=2)]
   else:
-    scratch += [plgpu.SMEM((2, p.kb, p.w), dtype)] * 3 + [plgpu.Barrier(num_barriers=4)]
+    scratch += [plgpu.SMEM((S, p.kb, p.w), dtype)] * 2 + [plgpu.SMEM((2, p.kb, p.w), dtype)]
+    scratch += [plgpu.Barrier(num_barriers=2 * S)]
   dx = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(*args)
   return dx.reshape(rows, cols)
