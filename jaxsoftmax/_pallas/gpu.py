@@ -242,7 +242,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
         m, d = _stream(row, p, S, [(x_gmem, bufs)], bars, stats, init)
 
         def write(j, slot, c):
-          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[j % 2] (stored at step j - 2) is free again
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[j % 2] is free
           outs.at[j % 2][...] = _fwd_out(load(bufs.at[slot]), m, d, log).astype(dtype)
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
@@ -343,7 +343,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
         )
 
         def write(j, slot, c):
-          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[j % 2] (stored at step j - 2) is free again
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[j % 2] is free
           dx = grad(load(ybuf.at[slot]), load(gbuf.at[slot]), acc, flag)
           outs.at[j % 2][...] = dx.astype(dtype)
           plgpu.commit_smem()
