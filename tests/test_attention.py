@@ -14,19 +14,31 @@ F64 = jnp.float64
 F32 = jnp.float32
 
 
+def _normal(seed, shape, dtype):
+  # NumPy draws: eager jax.random would compile a kernel per shape.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
+
+
 def _qkv(seed, batch=2, q_len=5, kv_len=6, heads=3, depth=4, kv_heads=None, dtype=F64):
-  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
   kv_heads = heads if kv_heads is None else kv_heads
-  q = jax.random.normal(kq, (batch, q_len, heads, depth), dtype)
-  k = jax.random.normal(kk, (batch, kv_len, kv_heads, depth), dtype)
-  v = jax.random.normal(kv, (batch, kv_len, kv_heads, depth), dtype)
+  q = _normal(seed, (batch, q_len, heads, depth), dtype)
+  k = _normal(seed + 100, (batch, kv_len, kv_heads, depth), dtype)
+  v = _normal(seed + 200, (batch, kv_len, kv_heads, depth), dtype)
   return q, k, v
 
 
 def _partial_mask(seed, shape):
   """Random mask in which every query row keeps at least one key."""
-  m = jax.random.bernoulli(jax.random.key(seed), 0.6, shape)
-  return m.at[..., seed % shape[-1]].set(True)
+  m = np.random.default_rng(seed).random(shape) < 0.6
+  m[..., seed % shape[-1]] = True
+  return jnp.asarray(m)
+
+
+def _call(f, *args, **kw):
+  """``f(*args, **kw)`` under jit: one compilation instead of one per eager op."""
+  arrays = {k: a for k, a in kw.items() if isinstance(a, jax.Array | np.ndarray)}
+  static = {k: a for k, a in kw.items() if k not in arrays}
+  return jax.jit(lambda args, arrays: f(*args, **arrays, **static))(args, arrays)
 
 
 def _loss(attn, w, **kw):
@@ -35,7 +47,7 @@ def _loss(attn, w, **kw):
 
 
 def _grads(attn, q, k, v, w, **kw):
-  return jax.grad(_loss(attn, w, **kw), argnums=(0, 1, 2))(q, k, v)
+  return jax.jit(jax.grad(_loss(attn, w, **kw), argnums=(0, 1, 2)))(q, k, v)
 
 
 def _naive(q, k, v, bias=None, mask=None, scale=None):
@@ -70,41 +82,44 @@ def _assert_same(ours, theirs, rtol, atol):
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_flax_default_attention(reference, dtype, rtol, atol, masked):
   q, k, v = _qkv(0, dtype=dtype)
-  w = jax.random.normal(jax.random.key(9), q.shape, dtype)
+  w = _normal(9, q.shape, dtype)
   kw = {"mask": _partial_mask(1, (2, 3, 5, 6))} if masked else {}
-  out = jaxsoftmax.dot_product_attention(q, k, v, **kw)
+  out = _call(jaxsoftmax.dot_product_attention, q, k, v, **kw)
   assert out.dtype == dtype
-  _assert_same([out], [reference(q, k, v, **kw)], rtol, atol)
+  _assert_same([out], [_call(reference, q, k, v, **kw)], rtol, atol)
   ours = _grads(jaxsoftmax.dot_product_attention, q, k, v, w, **kw)
   _assert_same(ours, _grads(reference, q, k, v, w, **kw), rtol, atol)
 
 
 def test_bias_and_scale_match_naive_and_jax_nn():
   q, k, v = _qkv(4)
-  bias = jax.random.normal(jax.random.key(5), (1, 3, 5, 6), F64)
-  w = jax.random.normal(jax.random.key(6), q.shape, F64)
+  bias = _normal(5, (1, 3, 5, 6), F64)
+  w = _normal(6, q.shape, F64)
   kw = {"bias": bias, "scale": 0.3}
-  out = jaxsoftmax.dot_product_attention(q, k, v, **kw)
-  np.testing.assert_allclose(out, _naive(q, k, v, **kw), rtol=1e-12)
-  np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, **kw), rtol=1e-5)
+  out = _call(jaxsoftmax.dot_product_attention, q, k, v, **kw)
+  np.testing.assert_allclose(out, _call(_naive, q, k, v, **kw), rtol=1e-12)
+  ref = _call(jax.nn.dot_product_attention, q, k, v, **kw)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   ours = _grads(jaxsoftmax.dot_product_attention, q, k, v, w, **kw)
   _assert_same(ours, _grads(_naive, q, k, v, w, **kw), 1e-10, 1e-12)
   # The gradient reaching the bias is the softmax VJP: compare it too.
-  gb = jax.grad(lambda b: jnp.sum(jaxsoftmax.dot_product_attention(q, k, v, bias=b) * w))(bias)
-  gb_ref = jax.grad(lambda b: jnp.sum(_naive(q, k, v, bias=b) * w))(bias)
+  gb = jax.jit(jax.grad(lambda b: jnp.sum(jaxsoftmax.dot_product_attention(q, k, v, bias=b) * w)))(
+    bias
+  )
+  gb_ref = jax.jit(jax.grad(lambda b: jnp.sum(_naive(q, k, v, bias=b) * w)))(bias)
   np.testing.assert_allclose(gb, gb_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_fully_masked_rows_give_zero_output_and_finite_gradients():
   q, k, v = _qkv(7)
-  w = jax.random.normal(jax.random.key(8), q.shape, F64)
+  w = _normal(8, q.shape, F64)
   mask = _partial_mask(2, (2, 3, 5, 6))
   dead = (0, 1, 3)  # batch 0, head 1, query 3 sees no key
   mask = mask.at[dead].set(False)
-  out = jaxsoftmax.dot_product_attention(q, k, v, mask=mask)
+  out = _call(jaxsoftmax.dot_product_attention, q, k, v, mask=mask)
   np.testing.assert_array_equal(out[0, 3, 1], np.zeros(4))
   # Flax's -1e30 trick gives the mean of the values over the masked keys there.
-  flax_row = nn.dot_product_attention(q, k, v, mask=mask)[0, 3, 1]
+  flax_row = _call(nn.dot_product_attention, q, k, v, mask=mask)[0, 3, 1]
   np.testing.assert_allclose(flax_row, v[0, :, 1].mean(0), rtol=1e-12)
 
   dq, dk, dv = _grads(jaxsoftmax.dot_product_attention, q, k, v, w, mask=mask)
@@ -123,7 +138,7 @@ def test_everything_masked_is_zero_with_zero_gradients():
   q, k, v = _qkv(10)
   mask = jnp.zeros((1, 1, 5, 6), jnp.bool_)
   w = jnp.ones(q.shape, F64)
-  np.testing.assert_array_equal(jaxsoftmax.dot_product_attention(q, k, v, mask=mask), 0.0)
+  np.testing.assert_array_equal(_call(jaxsoftmax.dot_product_attention, q, k, v, mask=mask), 0.0)
   for g in _grads(jaxsoftmax.dot_product_attention, q, k, v, w, mask=mask):
     np.testing.assert_array_equal(g, 0.0)
 
@@ -131,22 +146,22 @@ def test_everything_masked_is_zero_with_zero_gradients():
 def test_minus_inf_bias_row_is_zero_not_nan():
   q, k, v = _qkv(11)
   bias = jnp.zeros((2, 3, 5, 6), F64).at[1, 0, 2].set(-jnp.inf)
-  out = jaxsoftmax.dot_product_attention(q, k, v, bias=bias)
+  out = _call(jaxsoftmax.dot_product_attention, q, k, v, bias=bias)
   np.testing.assert_array_equal(out[1, 2, 0], 0.0)
   assert np.all(np.isfinite(out))
-  assert np.isnan(jax.nn.dot_product_attention(q, k, v, bias=bias)[1, 2, 0]).all()
+  assert np.isnan(_call(jax.nn.dot_product_attention, q, k, v, bias=bias)[1, 2, 0]).all()
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(5, 5), (4, 6)])
 def test_causal_equals_lower_triangular_mask(q_len, kv_len):
   q, k, v = _qkv(12, q_len=q_len, kv_len=kv_len)
-  w = jax.random.normal(jax.random.key(13), q.shape, F64)
+  w = _normal(13, q.shape, F64)
   tril = jnp.tril(jnp.ones((q_len, kv_len), jnp.bool_))
-  causal = jaxsoftmax.dot_product_attention(q, k, v, is_causal=True)
-  explicit = jaxsoftmax.dot_product_attention(q, k, v, mask=tril)
+  causal = _call(jaxsoftmax.dot_product_attention, q, k, v, is_causal=True)
+  explicit = _call(jaxsoftmax.dot_product_attention, q, k, v, mask=tril)
   np.testing.assert_array_equal(causal, explicit)
   np.testing.assert_allclose(
-    causal, jax.nn.dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-6
+    causal, _call(jax.nn.dot_product_attention, q, k, v, is_causal=True), rtol=1e-5, atol=1e-6
   )
   g1 = _grads(jaxsoftmax.dot_product_attention, q, k, v, w, is_causal=True)
   g2 = _grads(jaxsoftmax.dot_product_attention, q, k, v, w, mask=tril)
@@ -159,18 +174,18 @@ def test_causal_combines_with_mask():
   mask = _partial_mask(0, (2, 3, 5, 5))  # keeps key 0, which causal keeps too
   tril = jnp.tril(jnp.ones((5, 5), jnp.bool_))
   np.testing.assert_array_equal(
-    jaxsoftmax.dot_product_attention(q, k, v, mask=mask, is_causal=True),
-    jaxsoftmax.dot_product_attention(q, k, v, mask=mask & tril),
+    _call(jaxsoftmax.dot_product_attention, q, k, v, mask=mask, is_causal=True),
+    _call(jaxsoftmax.dot_product_attention, q, k, v, mask=mask & tril),
   )
 
 
 def test_grouped_query_attention_matches_jax_nn():
   q, k, v = _qkv(15, heads=4, kv_heads=2)
   mask = _partial_mask(4, (2, 4, 5, 6))
-  w = jax.random.normal(jax.random.key(16), q.shape, F64)
-  out = jaxsoftmax.dot_product_attention(q, k, v, mask=mask)
-  np.testing.assert_allclose(out, _naive(q, k, v, mask=mask), rtol=1e-12)
-  ref = jax.nn.dot_product_attention(q, k, v, mask=mask)
+  w = _normal(16, q.shape, F64)
+  out = _call(jaxsoftmax.dot_product_attention, q, k, v, mask=mask)
+  np.testing.assert_allclose(out, _call(_naive, q, k, v, mask=mask), rtol=1e-12)
+  ref = _call(jax.nn.dot_product_attention, q, k, v, mask=mask)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   ours = _grads(jaxsoftmax.dot_product_attention, q, k, v, w, mask=mask)
   _assert_same(ours, _grads(_naive, q, k, v, w, mask=mask), 1e-10, 1e-12)
@@ -182,8 +197,8 @@ def test_seq_lengths_match_jax_nn():
     "query_seq_lengths": jnp.array([6, 4], jnp.int32),
     "key_value_seq_lengths": jnp.array([3, 6], jnp.int32),
   }
-  out = jaxsoftmax.dot_product_attention(q, k, v, **kw)
-  ref = jax.nn.dot_product_attention(q, k, v, **kw)
+  out = _call(jaxsoftmax.dot_product_attention, q, k, v, **kw)
+  ref = _call(jax.nn.dot_product_attention, q, k, v, **kw)
   # jax.nn leaves the padded query rows' values unspecified; compare the real rows.
   np.testing.assert_allclose(out[0], ref[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out[1, :4], ref[1, :4], rtol=1e-5, atol=1e-6)
@@ -195,16 +210,18 @@ def test_dropout_is_flax_dropout_bit_for_bit():
   rng = jax.random.key(19)
   for broadcast in (True, False):
     kw = {"dropout_rng": rng, "dropout_rate": 0.4, "broadcast_dropout": broadcast}
-    out = jaxsoftmax.dot_product_attention(q, k, v, **kw)
-    np.testing.assert_allclose(out, nnx.dot_product_attention(q, k, v, **kw), rtol=2e-6, atol=1e-6)
+    out = _call(jaxsoftmax.dot_product_attention, q, k, v, **kw)
+    np.testing.assert_allclose(
+      out, _call(nnx.dot_product_attention, q, k, v, **kw), rtol=2e-6, atol=1e-6
+    )
     # deterministic=True switches it off.
-    off = jaxsoftmax.dot_product_attention(q, k, v, deterministic=True, **kw)
-    np.testing.assert_array_equal(off, jaxsoftmax.dot_product_attention(q, k, v))
-  assert not np.allclose(out, jaxsoftmax.dot_product_attention(q, k, v))
+    off = _call(jaxsoftmax.dot_product_attention, q, k, v, deterministic=True, **kw)
+    np.testing.assert_array_equal(off, _call(jaxsoftmax.dot_product_attention, q, k, v))
+  assert not np.allclose(out, _call(jaxsoftmax.dot_product_attention, q, k, v))
 
 
 def test_inside_nnx_multihead_attention():
-  x = jax.random.normal(jax.random.key(20), (2, 7, 12), F32)
+  x = _normal(20, (2, 7, 12), F32)
   valid = jnp.array([[1] * 7, [1] * 4 + [0] * 3], F32)
   mask = nnx.make_attention_mask(valid, valid)  # float32 0/1, as Flax builds it
 
@@ -224,31 +241,40 @@ def test_inside_nnx_multihead_attention():
   # give 0. Compare the real positions, and train on them only.
   real = valid[:, :, None] > 0
 
-  def loss(model, x):
+  # Everything under nnx.jit: eager Flax would compile every op on its own.
+  @nnx.jit(static_argnames="deterministic")
+  def run(model, x, deterministic=None):
+    return model(x, mask=mask, deterministic=deterministic)
+
+  @nnx.jit
+  @nnx.grad
+  def grad(model, x):
     return jnp.sum(jnp.where(real, model(x, mask=mask), 0.0) ** 2)
 
-  out = ours(x, mask=mask)
+  @nnx.jit
+  def sown(model, x):
+    return nnx.capture(model, nnx.Intermediate)(x, mask=mask, sow_weights=True)[1]
+
+  out = run(ours, x)
   np.testing.assert_allclose(
-    jnp.where(real, out, 0.0), jnp.where(real, ref(x, mask=mask), 0.0), rtol=1e-5, atol=1e-6
+    jnp.where(real, out, 0.0), jnp.where(real, run(ref, x), 0.0), rtol=1e-5, atol=1e-6
   )
   # A dead query's attention output is 0, so the layer returns its output bias.
   np.testing.assert_allclose(out[1, 4:], jnp.broadcast_to(ours.out.bias[...], (3, 12)))
-  g_ours, g_ref = nnx.grad(loss)(ours, x), nnx.grad(loss)(ref, x)
+  g_ours, g_ref = grad(ours, x), grad(ref, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_ours, g_ref)
 
   # Dropout on: the same rng stream gives the same dropped weights as Flax.
   ours, ref = (
     make(f, dropout_rate=0.3) for f in (jaxsoftmax.dot_product_attention, nnx.dot_product_attention)
   )
-  a = ours(x, mask=mask, deterministic=False)
-  b = ref(x, mask=mask, deterministic=False)
+  a, b = run(ours, x, deterministic=False), run(ref, x, deterministic=False)
   np.testing.assert_allclose(jnp.where(real, a, 0.0), jnp.where(real, b, 0.0), rtol=1e-5, atol=1e-6)
-  assert not np.allclose(a, ours(x, mask=mask, deterministic=True), atol=1e-3)
+  assert not np.allclose(a, run(ours, x, deterministic=True), atol=1e-3)
 
   # sow_weights=True stores the weights where Flax does.
   ours, ref = make(jaxsoftmax.dot_product_attention), make(nnx.dot_product_attention)
-  _, st_ours = nnx.capture(ours, nnx.Intermediate)(x, mask=mask, sow_weights=True)
-  _, st_ref = nnx.capture(ref, nnx.Intermediate)(x, mask=mask, sow_weights=True)
+  st_ours, st_ref = sown(ours, x), sown(ref, x)
   w_ours = st_ours["attention_weights"].get_value()[0]
   w_ref = st_ref["attention_weights"].get_value()[0]
   np.testing.assert_allclose(w_ours[0], w_ref[0], rtol=1e-5, atol=1e-7)
@@ -257,36 +283,38 @@ def test_inside_nnx_multihead_attention():
 
 
 def test_inside_linen_multihead_attention():
-  x = jax.random.normal(jax.random.key(21), (2, 7, 12), F32)
+  x = _normal(21, (2, 7, 12), F32)
   mask = nn.make_causal_mask(jnp.ones((2, 7)))
 
   def make(attention_fn, **kw):
     return nn.MultiHeadDotProductAttention(num_heads=3, attention_fn=attention_fn, **kw)
 
   ref = make(nn.dot_product_attention)
-  params = ref.init(jax.random.key(0), x, mask=mask)
+  params = jax.jit(lambda key: ref.init(key, x, mask=mask))(jax.random.key(0))
   ours = make(jaxsoftmax.dot_product_attention)
 
-  def loss(module, p):
-    return jnp.sum(module.apply(p, x, mask=mask) ** 2)
+  def run(module, **kw):
+    return jax.jit(lambda p, r: module.apply(p, x, mask=mask, rngs=r, **kw))
 
-  np.testing.assert_allclose(
-    ours.apply(params, x, mask=mask), ref.apply(params, x, mask=mask), rtol=1e-5, atol=1e-6
-  )
-  g_ours, g_ref = jax.grad(loss, 1)(ours, params), jax.grad(loss, 1)(ref, params)
+  def grad(module):
+    return jax.jit(jax.grad(lambda p: jnp.sum(module.apply(p, x, mask=mask) ** 2)))(params)
+
+  np.testing.assert_allclose(run(ours)(params, {}), run(ref)(params, {}), rtol=1e-5, atol=1e-6)
+  g_ours, g_ref = grad(ours), grad(ref)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_ours, g_ref)
 
   # Dropout: linen passes dropout_rng, dropout_rate and deterministic by name.
   drop = {"dropout_rate": 0.3, "deterministic": False}
   rngs = {"dropout": jax.random.key(3)}
-  a = make(jaxsoftmax.dot_product_attention, **drop).apply(params, x, mask=mask, rngs=rngs)
-  b = make(nn.dot_product_attention, **drop).apply(params, x, mask=mask, rngs=rngs)
+  a = run(make(jaxsoftmax.dot_product_attention, **drop))(params, rngs)
+  b = run(make(nn.dot_product_attention, **drop))(params, rngs)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert not np.allclose(a, ours.apply(params, x, mask=mask), atol=1e-3)
+  assert not np.allclose(a, run(ours)(params, {}), atol=1e-3)
 
   # sow_weights=True.
-  _, st_ours = ours.apply(params, x, mask=mask, sow_weights=True, mutable=["intermediates"])
-  _, st_ref = ref.apply(params, x, mask=mask, sow_weights=True, mutable=["intermediates"])
+  sow = {"sow_weights": True, "mutable": ["intermediates"]}
+  _, st_ours = run(ours, **sow)(params, {})
+  _, st_ref = run(ref, **sow)(params, {})
   np.testing.assert_allclose(
     st_ours["intermediates"]["attention_weights"][0],
     st_ref["intermediates"]["attention_weights"][0],
@@ -297,18 +325,18 @@ def test_inside_linen_multihead_attention():
 
 def test_bfloat16_computes_in_float32_and_returns_bfloat16():
   q, k, v = _qkv(22, dtype=jnp.bfloat16)
-  out = jaxsoftmax.dot_product_attention(q, k, v)
+  out = _call(jaxsoftmax.dot_product_attention, q, k, v)
   assert out.dtype == jnp.bfloat16
-  ref = _naive(*(a.astype(F64) for a in (q, k, v)))
+  ref = _call(_naive, *(a.astype(F64) for a in (q, k, v)))
   np.testing.assert_allclose(out.astype(F64), ref, rtol=1e-2, atol=1e-2)
-  assert jaxsoftmax.dot_product_attention(q, k, v, dtype=F32).dtype == F32
+  assert _call(jaxsoftmax.dot_product_attention, q, k, v, dtype=F32).dtype == F32
 
 
 def test_second_order_gradients():
   q, k, v = _qkv(23, batch=1, q_len=3, kv_len=4, heads=2, depth=2)
   mask = _partial_mask(5, (1, 2, 3, 4))
   check_grads(
-    lambda q, k, v: jaxsoftmax.dot_product_attention(q, k, v, mask=mask),
+    jax.jit(lambda q, k, v: jaxsoftmax.dot_product_attention(q, k, v, mask=mask)),
     (q, k, v),
     order=2,
     modes=["rev"],
