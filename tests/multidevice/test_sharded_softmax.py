@@ -7,6 +7,7 @@ against ``jax.nn`` in float64. Under plain ``jit`` with sharded inputs, the
 compiled HLO must reduce with all-reduce and never gather the class axis.
 """
 
+import functools
 from functools import partial
 
 import jax
@@ -36,15 +37,24 @@ def _all_ops(x, where, g, **kw):
 
 
 def _sharded(fun, layout, x, where, g, axis=-1):
-  shape, names, spec, axis_name = LAYOUTS[layout] if isinstance(layout, str) else layout
-  mesh = make_mesh(shape, names)
-  wspec = spec if where is None or where.shape == x.shape else P(*spec[-where.ndim :])
+  layout = LAYOUTS[layout] if isinstance(layout, str) else layout
+  wndim = None if where is None else where.ndim
+  return _compiled(fun, layout, x.ndim, wndim, axis)(x, where, g)
+
+
+@functools.cache
+def _compiled(fun, layout, ndim, wndim, axis):
+  """``fun`` under jit(shard_map), cached so that tests sharing a layout compile once."""
+  shape, names, spec, axis_name = layout
+  wspec = spec if wndim in (None, ndim) else P(*spec[-wndim:])
 
   def local(x, where, g):
     return fun(x, where, g, axis=axis, axis_name=axis_name)
 
-  f = jax.shard_map(local, mesh=mesh, in_specs=(spec, wspec, spec), out_specs=spec)
-  return jax.jit(f)(x, where, g)
+  f = jax.shard_map(
+    local, mesh=make_mesh(shape, names), in_specs=(spec, wspec, spec), out_specs=spec
+  )
+  return jax.jit(f)
 
 
 def _assert_same(actual, expected, dtype):
@@ -159,7 +169,7 @@ def test_shard_map_forward_has_one_collective_and_backward_one():
     assert {k: len(v) for k, v in fwd.items() if v} == {"all-gather": 1}
     # The gathered pair is tiny: (devices, 2, local rows, 1), never the class axis.
     assert dims(fwd["all-gather"][0]) == [4, 2, B // 2, 1]
-    _, vjp = jax.vjp(f, x)
+    _, vjp = jax.vjp(jax.jit(f), x)
     bwd = collectives(jax.jit(vjp).lower(g).compile().as_text())
     assert {k: len(v) for k, v in bwd.items() if v} == {"all-reduce": 1}
 

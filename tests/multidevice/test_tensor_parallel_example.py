@@ -27,25 +27,15 @@ def test_script_on_two_processes_matches_one_device():
   # jax.distributed.initialize into one 2 x 4 mesh (CPU collectives over Gloo).
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   port = _free_port()
+  common = [*SMALL, "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
   procs = [
     subprocess.Popen(
-      [
-        sys.executable,
-        str(SCRIPT),
-        *SMALL,
-        "--distributed",
-        "--coordinator",
-        f"localhost:{port}",
-        "--num-processes",
-        "2",
-        "--process-id",
-        str(i),
-      ],
+      [sys.executable, str(SCRIPT), *common, "--process-id", str(i)],
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
       env=env,
-    )  # fmt: skip
+    )
     for i in range(2)
   ]
   outs = []
