@@ -260,3 +260,36 @@ def test_accelerator_dispatch(monkeypatch):
   )
   with pytest.raises(ValueError, match="row length 4097"):
     _backend.resolve("softmax", "pallas", jnp.ones((2, 4097), jnp.float32), (1,), None)
+
+
+def test_lowering_checks_catch_layout_errors():
+  # The export checks above can fail: a TPU block that is not (8, 128)-aligned, and a
+  # Mosaic GPU TMA copy wider than 256 elements (why gpu.py cuts rows into (kb, w <= 256)).
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  def double(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2
+
+  x = jax.ShapeDtypeStruct((20, 300), jnp.float32)
+  spec = pl.BlockSpec((7, 100), lambda i, j: (i, j))
+  bad_tpu = pl.pallas_call(double, grid=(3, 3), in_specs=[spec], out_specs=spec, out_shape=x)
+  with pytest.raises(Exception, match="divisible by 8 and 128"):
+    jax.export.export(jax.jit(bad_tpu), platforms=["tpu"])(x)
+
+  def wide_copy(x_gmem, o_gmem, buf, bar):
+    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(0, 1)], buf, bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+
+  row = jax.ShapeDtypeStruct((8, 1024), jnp.float32)
+  bad_gpu = plgpu.kernel(
+    wide_copy,
+    out_type=row,
+    scratch_types=[plgpu.SMEM((1, 1024), jnp.float32), plgpu.Barrier(num_barriers=1)],
+    grid=(1,),
+    grid_names=("cta",),
+  )
+  with pytest.raises(Exception, match="256 elements"):
+    jax.export.export(jax.jit(bad_gpu), platforms=["cuda"])(row)
+  assert all(isinstance(gpu.plan(c, jnp.float32), gpu.Plan) for c in (1024, 65536, 262144))
+  assert all(gpu.plan(c, jnp.float32).w <= 256 for c in (1024, 65536, 262144))
