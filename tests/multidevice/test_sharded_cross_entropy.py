@@ -77,6 +77,7 @@ CASES = [
   ("2x4:batch+classes", jnp.float64),
   ("4x2:batch+classes", jnp.float32),
   ("2x4:classes over both axes", jnp.float64),
+  ("2x4:classes", jnp.bfloat16),
 ]
 
 
@@ -91,7 +92,7 @@ def test_sharded_equals_unsharded(layout, dtype):
   for a, e in zip(actual, expected, strict=True):
     assert a.dtype == e.dtype == dtype
     # assert_allclose also requires NaN and +-inf at exactly the same places.
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), **TOL[dtype])
+    np.testing.assert_allclose(np.float64(a), np.float64(e), **TOL[dtype])
 
 
 def test_sharded_matches_optax_and_the_special_rows():

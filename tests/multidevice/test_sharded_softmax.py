@@ -61,11 +61,14 @@ def _assert_same(actual, expected, dtype):
   # assert_allclose also requires NaN and +-inf at exactly the same places.
   for a, e in zip(actual, expected, strict=True):
     assert a.dtype == e.dtype == dtype
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), **TOL[dtype])
+    np.testing.assert_allclose(np.float64(a), np.float64(e), **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(
+  "layout,dtype",
+  [(layout, dtype) for layout in LAYOUTS for dtype in (jnp.float64, jnp.float32)]
+  + [("2x4:batch+classes", jnp.bfloat16)],
+)
 def test_sharded_equals_unsharded(layout, dtype):
   # softmax and log_softmax, values and gradients, with and without `where`.
   x, where, g = inputs(dtype)
