@@ -176,12 +176,14 @@ def dot_product_attention(
   if bias is not None:
     bias = _float_array("bias", bias)
     try:
-      jnp.broadcast_shapes(bias.shape, scores_shape)
+      fits = jnp.broadcast_shapes(bias.shape, scores_shape) == scores_shape
     except ValueError:
+      fits = False
+    if not fits:
       raise ValueError(
         f"{_FN}: `bias` with shape {bias.shape} does not broadcast to the scores' shape "
         f"[batch..., heads, q_len, kv_len] = {scores_shape}."
-      ) from None
+      )
     scores = scores + bias.astype(cdt)
 
   where = _combined_mask(mask, is_causal, q_lengths, kv_lengths, scores_shape)

@@ -353,6 +353,8 @@ def test_errors_name_the_argument():
     jaxsoftmax.dot_product_attention(q, k, v, mask=jnp.ones((4, 6), jnp.bool_))
   with pytest.raises(ValueError, match="`bias` with shape"):
     jaxsoftmax.dot_product_attention(q, k, v, bias=jnp.ones((7,), F64))
+  with pytest.raises(ValueError, match="`bias` with shape"):
+    jaxsoftmax.dot_product_attention(q, k, v, bias=jnp.ones((4, 2, 3, 5, 6), F64))
   with pytest.raises(ValueError, match="dropout_rng"):
     jaxsoftmax.dot_product_attention(q, k, v, dropout_rate=0.1)
   with pytest.raises(ValueError, match="multiple of the key/value"):
