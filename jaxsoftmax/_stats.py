@@ -68,8 +68,8 @@ def _combine_across(
   This costs one collective latency instead of two. The price is bytes: each
   device receives ``2 x devices`` numbers per slice, where the all-reduce pair
   moves about 4 (ring), so for a very wide ``axis_name`` with many slices the
-  pair moves less data; at tensor-parallel widths (2 to 16) and one statistic per
-  token it is a few hundred KiB at most, and latency dominates. (On the 8
+  pair moves less data. At tensor-parallel widths it stays small: float32 at 8
+  devices is 64 bytes per slice, 512 KiB for 8192 tokens. (On the 8
   simulated CPU devices of the tests both forms time the same: there a
   collective is a memory copy.) Returns the global shift ``m`` (0 for an
   empty slice), ``d``, and ``rescale = exp(m_local - m)``, which turns the local
