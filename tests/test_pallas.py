@@ -6,6 +6,7 @@ and the masking table of the README (closed forms) for special rows.
 """
 
 from functools import partial
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +226,18 @@ def test_gpu_kernels_lower_for_cuda(dtype):
   shapes += [(4096, 1024), (1024, 65536), (128, 262144), (5, 384), (3, 24576)]
   assert len(shapes) >= 6
   _lowers(gpu, "cuda", dtype, shapes)
+
+
+def test_gpu_kernels_lower_with_warpgroup_semantics():
+  # jax 0.11 makes Warpgroup lowering the default; gpu.py pins Lane but lowers either way.
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  cfg = gpu.Config(semantics=plgpu.LoweringSemantics.Warpgroup)
+  warpgroup = SimpleNamespace(
+    softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
+    softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
+  )
+  _lowers(warpgroup, "cuda", jnp.bfloat16, [(64, 4096), (4, 262144)])
 
 
 # --------------------------------------------------------------- implementation=

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from functools import partial
 
 import jax
@@ -47,6 +48,9 @@ class Config:
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row
+  # Lane: explicit layouts, the default of jax 0.10 and what the tests lower here;
+  # jax 0.11 made Warpgroup (inferred layouts) the default.
+  semantics: plgpu.LoweringSemantics = plgpu.LoweringSemantics.Lane
   interpret: bool = False
 
 
@@ -84,6 +88,21 @@ def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
 def unsupported_reason(rows: int, cols: int, dtype) -> str | None:
   p = plan(cols, dtype)
   return p if isinstance(p, str) else None
+
+
+# jax 0.11 deprecates the index argument of plgpu.load (index the ref instead).
+_LOAD_TAKES_IDX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
+def _load_f32(ref, layout, interpret: bool):
+  """A chunk in float32; the interpreter has no ``plgpu.load``, so it reads plainly."""
+  if interpret:
+    v = ref[...]
+  elif _LOAD_TAKES_IDX:
+    v = plgpu.load(ref, (), layout=layout)
+  else:
+    v = plgpu.load(ref, layout=layout)
+  return v.astype(F32)
 
 
 def _safe_shift(m):
@@ -139,6 +158,7 @@ def _kernel(rows, p: Plan, dtype, cfg: Config, out_type, scratch, body):
     functools.partial(body, num_ctas),
     out_type=out_type,
     scratch_types=scratch,
+    compiler_params=plgpu.CompilerParams(lowering_semantics=cfg.semantics),
     grid=(num_ctas,),
     grid_names=("cta",),
     interpret=interpret,
@@ -191,9 +211,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   x3 = x.reshape(rows, p.n1, p.w)
   out_type = (jax.ShapeDtypeStruct(x3.shape, dtype), jax.ShapeDtypeStruct((rows, WARPGROUP), F32))
 
-  def load(ref):
-    v = ref[...] if cfg.interpret else plgpu.load(ref, (), layout=lay)
-    return v.astype(F32)
+  load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
 
   def write_lse(lse_gmem, lse_smem, row, m, d):
     lse = _safe_shift(m) + jnp.log(d)
@@ -287,9 +305,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
   out_type = jax.ShapeDtypeStruct(args[0].shape, dtype)
 
-  def load(ref):
-    v = ref[...] if cfg.interpret else plgpu.load(ref, (), layout=lay)
-    return v.astype(F32)
+  load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
 
   def partial_sum(yc, gc):
     # softmax: sum(g * s); log_softmax: sum(g)
@@ -298,7 +314,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   def grad(yc, gc, acc, flag):
     # softmax: dx = s * (g - sum(g * s)); log_softmax: dx = g - exp(l) * sum(g), 0 if empty
     if log:
-      return jnp.where(flag != 0, gc - jnp.exp(yc) * acc, 0.0)
+      return jnp.where(jnp.broadcast_to(flag != 0, gc.shape), gc - jnp.exp(yc) * acc, 0.0)
     return yc * (gc - acc)
 
   def body(num_ctas, *refs):
