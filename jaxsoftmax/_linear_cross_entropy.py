@@ -217,6 +217,19 @@ def _chunks(v: int, c: int):
   return k, c, v - k * c
 
 
+def _column_chunk(w, start, c):
+  """Columns ``[start, start + c)`` of ``w``.
+
+  For a 16-bit ``w``, ``w`` passes through an optimization barrier together
+  with the loop-varying ``start``: otherwise a compiler that upcasts 16-bit
+  matmuls (XLA on the CPU) converts the whole of ``w`` to float32 once, before
+  the loop, and slices that, which costs a float32 copy of ``w``.
+  """
+  if jnp.dtype(w.dtype).itemsize < 4:
+    w, start = lax.optimization_barrier((w, start))
+  return lax.dynamic_slice_in_dim(w, start, c, axis=1)
+
+
 def _forward(x, w, labels, opts):
   """Per-token ``lse`` and loss before masking and reduction, both in the compute dtype."""
   n, _ = x.shape
@@ -246,7 +259,7 @@ def _forward(x, w, labels, opts):
 
     def body(i, carry):
       start = i * c
-      return update(carry, lax.dynamic_slice_in_dim(w, start, c, axis=1), start)
+      return update(carry, _column_chunk(w, start, c), start)
 
     carry = lax.fori_loop(0, k, body, carry)
   if r:
@@ -351,7 +364,7 @@ def _lce_bwd(opts, res, g):
     def body(i, carry):
       dx, dw = carry
       start = i * c
-      dx, dw_c = chunk_grads(dx, lax.dynamic_slice_in_dim(w, start, c, axis=1), start)
+      dx, dw_c = chunk_grads(dx, _column_chunk(w, start, c), start)
       return dx, lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
 
     dx, dw = lax.fori_loop(0, k, body, (dx, dw))
