@@ -183,6 +183,7 @@ def main(argv=None) -> int:
         cell = harness.measure_cell(
           suite, size, dtype, contenders, reps, args.warmup, args.seed, calls
         )
+        cell["load_average"] = [round(v, 2) for v in os.getloadavg()]
         entry["cells"].append(cell)
         if bar is not None:
           bar.update(1)
