@@ -264,10 +264,10 @@ def _soft_forward(x, y, where, st: _Static):
   cdt = compute_dtype(jnp.result_type(x, y))
   xs, m, log_d, lse = _stats(x, where, st, cdt)
   t = _soft_target(y, where, st, x.shape, cdt)
-  # loss = sum(t) * log d - sum(t * (x - m)); the shifted form keeps x - m exact.
+  # loss = -sum(t * l), l = (x - m) - log d: the shifted form keeps x - m exact.
   # A term with t == 0 is 0 even at a -inf logit (0 * -inf would be NaN).
-  tx = jnp.where(t == 0, jnp.zeros_like(t), t * (xs - m))
-  loss = slice_sum(t, st.axes, st.axis_name) * log_d - slice_sum(tx, st.axes, st.axis_name)
+  tl = t * ((xs - m) - log_d)
+  loss = -slice_sum(jnp.where(t == 0, jnp.zeros_like(tl), tl), st.axes, st.axis_name)
   return _add_z_loss(loss, lse, st), lse
 
 
