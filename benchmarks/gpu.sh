@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# The benchmark on a GPU machine, in one call of under 5 minutes:
+# The benchmarks on a GPU machine, in one call of under 5 minutes:
 #
 #   OUT=/some/dir PYTHONPATH=. bash benchmarks/gpu.sh [extra python -m benchmarks flags]
 #
-# Installs nothing: it uses the machine's own jax (CUDA build). The harness first
-# checks every contender's value and VJP against the naive definition in float64
-# on the CPU, and times nothing (exit 1) if one is wrong. Then it times every
-# suite at every size, interleaved, with 20 back-to-back calls per sample (to hide
-# dispatch latency), and writes <platform>-<date>.json/.md/.png under $OUT.
-# Cells that would start after $BUDGET seconds are skipped and listed, so the
-# call ends in time. PyTorch (CPU) is left out on a GPU.
+# Installs nothing: it uses the machine's own jax (CUDA build). Two parts, both
+# by default (PARTS="harness pallas"; set PARTS to one of them to split the work
+# over two calls):
+#
+# - harness: `python -m benchmarks` first checks every contender's value and VJP
+#   against the naive definition in float64 on the CPU, and times nothing (exit 1)
+#   if one is wrong. Then it times every suite (softmax and log_softmax first),
+#   interleaved, with 20 back-to-back calls per sample (to hide dispatch latency),
+#   and writes <platform>-<date>.json/.md/.png under $OUT. Cells that would start
+#   after $BUDGET seconds are skipped and listed, so that the call ends in time
+#   (default 75 s with the Pallas part, 200 s without). PyTorch is left out.
+# - pallas: benchmarks/gpu_pallas.py (issue 7), Pallas vs XLA (about 3 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
-BUDGET=${BUDGET:-200}
+PARTS=${PARTS:-harness pallas}
+case " $PARTS " in
+  *" pallas "*) BUDGET=${BUDGET:-75} ;;
+  *) BUDGET=${BUDGET:-200} ;;
+esac
 mkdir -p "$OUT"
 
 { nvidia-smi || echo "nvidia-smi not available"; } >"$OUT/nvidia-smi.txt" 2>&1
@@ -25,6 +34,21 @@ if [ "$backend" != gpu ] && [ -z "${ALLOW_CPU:-}" ]; then
   exit 2
 fi
 
-"$PY" -m benchmarks --out "$OUT" --budget "$BUDGET" "$@" 2>&1 | tee "$OUT/benchmark-$backend.log"
-# Pallas kernels (issue 7): correctness vs float64 on the CPU, then Pallas vs XLA timings and copy bandwidth.
-"$PY" benchmarks/gpu_pallas.py --out "$OUT" 2>&1 | tee "$OUT/gpu_pallas-$backend.log"
+for part in $PARTS; do
+  case "$part" in
+    harness)
+      "$PY" -m benchmarks --out "$OUT" --budget "$BUDGET" "$@" 2>&1 | tee "$OUT/benchmark-$backend.log"
+      ;;
+    pallas)
+      # Pallas kernels (issue 7): correctness vs float64 on the CPU, then Pallas vs XLA
+      # timings and copy bandwidth.
+      extra=()
+      [ "$backend" != gpu ] && extra=(--allow-cpu)
+      "$PY" benchmarks/gpu_pallas.py --out "$OUT" "${extra[@]}" 2>&1 | tee "$OUT/gpu_pallas-$backend.log"
+      ;;
+    *)
+      echo "gpu.sh: unknown part '$part' in PARTS (expected harness and/or pallas)" >&2
+      exit 2
+      ;;
+  esac
+done
