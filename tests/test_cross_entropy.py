@@ -157,6 +157,13 @@ def test_labels_broadcast_and_unnormalised_labels_match_optax():
     _assert_close_tree(grads, ref_grads, rtol=1e-12, atol=1e-14)
 
 
+def test_integer_labels_broadcast_to_the_batch_shape():
+  x = _normal(13, (4, 6))
+  ours = _vjp(lambda x: int_ce(x, jnp.array([2])), x)
+  ref = _vjp(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, jnp.full(4, 2)), x)
+  _assert_close_tree(ours, ref, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("kind", ["element", "example", "classes"])
 def test_where_matches_optax(kind):
   shape = (6, 3, 8)
