@@ -211,6 +211,20 @@ def _matmul(a, b, contract, precision, cdt):
   )
 
 
+def _matmul_dtype(x_dtype, w_dtype):
+  """The dtype the matmuls take their operands in.
+
+  The inputs' result dtype, except for 16-bit floats on the CPU: XLA there
+  multiplies 16-bit operands by converting them to float32 chunk by chunk
+  (slower than a float32 matmul), so ``x`` is converted once up front and ``dz``
+  stays float32: the same exact products, with float32 accumulation.
+  """
+  dt = jnp.result_type(x_dtype, w_dtype)
+  if jnp.dtype(dt).itemsize < 4 and jax.default_backend() == "cpu":
+    return compute_dtype(dt)
+  return dt
+
+
 def _chunks(v: int, c: int):
   """``(k, c, r)``: ``k`` full chunks of ``c`` columns, then one of ``r`` (maybe 0)."""
   k = v // c
@@ -234,7 +248,7 @@ def _forward(x, w, labels, opts):
   """Per-token ``lse`` and loss before masking and reduction, both in the compute dtype."""
   n, _ = x.shape
   v = w.shape[1]
-  dt = jnp.result_type(x.dtype, w.dtype)
+  dt = _matmul_dtype(x.dtype, w.dtype)
   cdt = compute_dtype(dt)
   x = x.astype(dt)
   eps = opts.label_smoothing
@@ -312,7 +326,7 @@ def _lce_bwd(opts, res, g):
   x, w, labels, where, lse = res
   n, h = x.shape
   v = w.shape[1]
-  dt = jnp.result_type(x.dtype, w.dtype)
+  dt = _matmul_dtype(x.dtype, w.dtype)
   cdt = compute_dtype(dt)
   # An excluded token's row of x is zeroed so that even an inf or NaN there
   # leaves dw exactly untouched (x.T @ dz would give inf * 0 = NaN).

@@ -155,43 +155,55 @@ def _available_bytes() -> int | None:
   return None
 
 
-def time_fwd_bwd(fn, n, h, v, dtype, reps: int, warmup: int) -> float | None:
-  """Median wall time of the compiled forward+backward, or None if memory is short."""
-  compiled = _compile(fn, n, h, v, dtype)
-  ma = compiled.memory_analysis()
-  need = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+def time_cell(fns, n, h, v, dtype, reps: int, warmup: int) -> list[float | None]:
+  """Median wall time of each compiled forward+backward, called in turn (A B A B ...).
+
+  A program that would not fit in the memory available now is left out (None).
+  """
+  compiled = [_compile(fn, n, h, v, dtype) for fn in fns]
   avail = _available_bytes()
-  if avail is not None and 1.5 * need > avail:
-    return None
+  runnable = []
+  for c in compiled:
+    ma = c.memory_analysis()
+    need = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+    runnable.append(avail is None or 1.5 * need < avail)
   rng = np.random.default_rng(0)
   x, w, labels = (jnp.asarray(a) for a in _inputs(rng, (n, h, v), "float32"))
   x, w = x.astype(dtype), w.astype(dtype)
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(x, w, labels))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(x, w, labels))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  times: list[list[float]] = [[] for _ in fns]
+  for i in range(warmup + reps):
+    for j, c in enumerate(compiled):
+      if not runnable[j]:
+        continue
+      t0 = time.perf_counter()
+      jax.block_until_ready(c(x, w, labels))
+      if i >= warmup:
+        times[j].append(time.perf_counter() - t0)
+  return [float(np.median(t)) if t else None for t in times]
 
 
-def table(sizes, dtypes, contenders, do_time: bool, reps: int, warmup: int) -> list[dict]:
+def table(sizes, dtypes, contenders, time_names, reps: int, warmup: int) -> list[dict]:
+  """Temporary bytes of every contender, and times of those in ``time_names``."""
   from tqdm import tqdm
 
   rows = []
-  cells = [(s, d, c) for s in sizes for d in dtypes for c in contenders]
-  # In float32 the f32-logits recipe is the plain one.
-  cells = [(s, d, c) for s, d, c in cells if not (d == "float32" and c.fn is unfused_optax_f32)]
-  bar = tqdm(cells, desc="linear_cross_entropy", leave=False)
-  for size, dtype, c in bar:
+  cells = [(s, d) for s in sizes for d in dtypes]
+  for size, dtype in tqdm(cells, desc="linear_cross_entropy", leave=False):
     n, h, v = size
-    row = dict(size=size, dtype=dtype, contender=c.name)
-    row["temp_bytes"] = temp_bytes(c.fn, n, h, v, jnp.dtype(dtype))
-    if do_time:
-      row["seconds"] = time_fwd_bwd(c.fn, n, h, v, jnp.dtype(dtype), reps, warmup)
-    rows.append(row)
-    bar.write(json.dumps(row))
+    # In float32 the f32-logits recipe is the plain one.
+    cs = [c for c in contenders if not (dtype == "float32" and c.fn is unfused_optax_f32)]
+    timed = [c for c in cs if c.name in time_names]
+    secs = dict(zip([c.name for c in timed], [None] * len(timed), strict=True))
+    if timed:
+      got = time_cell([c.fn for c in timed], n, h, v, jnp.dtype(dtype), reps, warmup)
+      secs = dict(zip([c.name for c in timed], got, strict=True))
+    for c in cs:
+      row = dict(size=size, dtype=dtype, contender=c.name)
+      row["temp_bytes"] = temp_bytes(c.fn, n, h, v, jnp.dtype(dtype))
+      if c.name in secs:
+        row["seconds"] = secs[c.name]
+      rows.append(row)
+      tqdm.write(json.dumps(row))
   return rows
 
 
@@ -206,7 +218,7 @@ def markdown(rows, baseline: str) -> str:
     mem = r["temp_bytes"] / 2**20
     mem_ratio = f"{r['temp_bytes'] / b['temp_bytes']:.3f}" if b else ""
     t = r.get("seconds")
-    t_str = "skipped" if t is None and "seconds" in r else ("" if t is None else f"{t:.2f}")
+    t_str = "not timed" if "seconds" not in r else ("skipped" if t is None else f"{t:.2f}")
     bt = b.get("seconds") if b else None
     t_ratio = f"{t / bt:.2f}" if t is not None and bt else ""
     size = "x".join(map(str, r["size"]))
@@ -247,7 +259,10 @@ def main(argv=None) -> None:
   )
   p.add_argument("--size", action="append", help="NxHxV (repeatable; default: the issue's two)")
   p.add_argument("--dtype", action="append", help="float32 / bfloat16 (repeatable)")
-  p.add_argument("--time", action="store_true", help="also run and time each program")
+  p.add_argument("--time", action="store_true", help="also run and time the programs")
+  p.add_argument(
+    "--time-only", action="append", help="time only this contender (repeatable; default: all)"
+  )
   p.add_argument("--reps", type=int, default=2, help="timed calls per program")
   p.add_argument("--warmup", type=int, default=1, help="untimed calls per program first")
   p.add_argument("--contender", action="append", help="only this contender (repeatable)")
@@ -262,7 +277,9 @@ def main(argv=None) -> None:
     print(f"wrote {args.plot}")
   sizes = [tuple(int(s) for s in size.split("x")) for size in args.size] if args.size else SIZES
   dtypes = args.dtype or ["float32", "bfloat16"]
-  rows = table(sizes, dtypes, contenders, args.time, args.reps, args.warmup)
+  names = [c.name for c in contenders]
+  time_names = (args.time_only or names) if args.time else []
+  rows = table(sizes, dtypes, contenders, time_names, args.reps, args.warmup)
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
   print(markdown(rows, "x@w + optax"))
   if args.json:
