@@ -30,8 +30,7 @@ from ._checks import (
   float_input,
   normalize_axes,
 )
-from ._stats import log_normalizer, masked, slice_sum
-from ._xla import _shift_and_sumexp as shift_and_sumexp_fused
+from ._stats import log_normalizer, masked, slice_stats, slice_sum
 
 
 class _Static(NamedTuple):
@@ -137,12 +136,12 @@ def _stats(x, where, st: _Static, cdt):
   """``xs`` (masked, in ``cdt``), the shift ``m``, ``log d`` (0 for an empty slice) and
   ``lse`` (-inf for an empty slice, NaN for a slice holding +inf or NaN).
 
-  The XLA backend's helper takes the max on the narrow input and fuses it with
-  the ``exp`` pass; ``m`` is any finite number for an empty slice.
+  The shared ``slice_stats`` takes the max on the narrow input and fuses it
+  with the ``exp`` pass; ``m`` is any finite number for an empty slice.
   """
   if compute_dtype(x.dtype) != cdt:
     x = x.astype(cdt)
-  xs, m, _, d = shift_and_sumexp_fused(x, where, st.axes, st.axis_name)
+  xs, m, _, d, _ = slice_stats(x, where, st.axes, st.axis_name)
   log_d = jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
   return xs, m, log_d, log_normalizer(m, d)
 

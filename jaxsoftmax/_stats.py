@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._checks import AxisName
+from ._checks import AxisName, compute_dtype
 
 
 def masked(x: jax.Array, where: jax.Array | None, fill: float = -jnp.inf) -> jax.Array:
@@ -25,27 +25,53 @@ def slice_sum(v: jax.Array, axes: tuple[int, ...], axis_name: AxisName) -> jax.A
   return total if axis_name is None else lax.psum(total, axis_name)
 
 
-def shift_and_sumexp(
-  xs: jax.Array, axes: tuple[int, ...], axis_name: AxisName
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Shift ``m``, ``e = exp(xs - m)`` and ``d = sum(e)`` over a (masked) slice.
+def slice_stats(
+  x: jax.Array, where: jax.Array | None, axes: tuple[int, ...], axis_name: AxisName
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(xs, m, e, d, live)`` of each slice of ``x`` over ``axes``.
 
-  ``xs`` already holds -inf at masked entries. ``m`` is the slice maximum, or 0
-  for a slice with no finite entry, so that such a slice gives ``e = 0`` and
-  ``d = 0`` rather than ``exp(-inf - -inf) = NaN``. A slice holding +inf or NaN
-  has ``m`` = +inf or NaN and so turns to NaN, and only that slice.
+  ``xs`` is the masked input (-inf outside ``where``) in the compute dtype,
+  ``m`` its shift, ``e = exp(xs - m)``, ``d = sum(e)``, and ``live`` is False
+  for an empty slice (no finite entry), which has ``e = 0`` and ``d = 0``
+  rather than ``exp(-inf - -inf) = NaN``. A slice holding +inf or NaN has
+  ``m`` = +inf or NaN and so turns to NaN, and only that slice.
 
-  With ``axis_name``, ``xs`` is one block of a slice split across devices, and
-  ``m`` and ``d`` are those of the whole slice (see ``_combine_across``).
+  In a live slice ``d >= 1`` (the entry at the max contributes ``exp(0) = 1``),
+  so callers may use ``max(d, 1)`` instead of a ``where`` on ``d``: on XLA:CPU
+  a select between the reductions splits the fused forward kernel in two.
+
+  With ``axis_name``, ``x`` is one block of a slice split across devices, and
+  ``m``, ``e``, ``d`` and ``live`` are those of the whole slice (see
+  ``_combine_across``).
   """
-  m_local = jnp.max(xs, axes, keepdims=True)
-  m = _finite_shift(m_local)
+  xm = masked(x, where)
+  xs = xm.astype(compute_dtype(x.dtype))
+  if axis_name is not None:
+    m_local = jnp.max(xs, axes, keepdims=True)
+    e = jnp.exp(xs - _finite_shift(m_local))
+    m, d, rescale = _combine_across(m_local, jnp.sum(e, axes, keepdims=True), axis_name)
+    return xs, m, e * rescale, d, d != 0
+  m = _slice_max(xm, axes).astype(xs.dtype)
   e = jnp.exp(xs - m)
-  d = jnp.sum(e, axes, keepdims=True)
-  if axis_name is None:
-    return m, e, d
-  m, d, rescale = _combine_across(m_local, d, axis_name)
-  return m, e * rescale, d
+  # `live` from a max of its own rather than from `d`: reading `d` outside the
+  # fused forward kernel would split it, and one extra read of x costs less.
+  # (NaN != -inf, so a NaN slice counts as live and stays NaN.)
+  live = jnp.max(xm, axes, keepdims=True) != -jnp.inf
+  return xs, m, e, jnp.sum(e, axes, keepdims=True), live
+
+
+def _slice_max(xm: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """The slice max (keepdims) of a masked ``xm``, in ``xm``'s own dtype.
+
+  The reduction starts from ``finfo.min`` rather than -inf, so a slice with no
+  finite entry gets a finite max and ``exp(-inf - m) = 0`` there, never NaN,
+  while +inf or NaN still make ``m`` +inf or NaN. Doing this inside the
+  reduction, not with a ``where`` on ``m`` afterwards, keeps the whole forward
+  one fused kernel on XLA:CPU, and taking it before the float32 cast keeps the
+  reduction on the narrow input (the max is exact in any float dtype).
+  """
+  init = jnp.array(jnp.finfo(xm.dtype).min, xm.dtype)
+  return lax.expand_dims(lax.reduce(xm, init, lax.max, axes), axes)
 
 
 def _finite_shift(m: jax.Array) -> jax.Array:
