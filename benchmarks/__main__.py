@@ -99,7 +99,7 @@ def _cell_text(suite, cell) -> str:
   for t in cell["targets"]:
     lines.append(
       f"  target {t['contender']} / {t['reference']} fwd+bwd: {t['ratio']:.2f}x "
-      f"{'ok' if t['ok'] else 'MISSED'}"
+      f"(<= {t.get('limit', 1.0):.2f}x) {'ok' if t['ok'] else 'MISSED'}"
     )
   return "\n".join(lines)
 

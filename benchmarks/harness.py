@@ -397,5 +397,13 @@ def _targets(suite: Suite, rows: list[dict]) -> list[dict]:
   for ours, ref in suite.targets:
     if (ours, "fwd+bwd") in t and (ref, "fwd+bwd") in t:
       ratio = t[ours, "fwd+bwd"] / t[ref, "fwd+bwd"]
-      out.append(dict(contender=ours, reference=ref, ratio=ratio, ok=ratio <= 1.0))
+      out.append(
+        dict(
+          contender=ours,
+          reference=ref,
+          ratio=ratio,
+          limit=suite.target_ratio,
+          ok=ratio <= suite.target_ratio,
+        )
+      )
   return out

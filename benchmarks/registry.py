@@ -67,7 +67,9 @@ class Suite:
       ``diff_argnums``).
     dtypes: the dtypes to run, by name.
     targets: ``(contender, reference)`` pairs whose forward+backward time ratio
-      should be at most 1.0; the report marks each.
+      should be at most ``target_ratio``; the report marks each.
+    target_ratio: the largest forward+backward time ratio a target allows
+      (1.0: at least as fast as the reference).
     check_size: the small size the correctness check runs at.
     tolerance: ``(forward, backward)`` relative L2 error allowed for strict
       contenders, in units of the dtype's epsilon.
@@ -87,6 +89,7 @@ class Suite:
   cast: tuple[int, ...] | None = None
   dtypes: Sequence[str] = ("float32", "bfloat16")
   targets: Sequence[tuple[str, str]] = ()
+  target_ratio: float = 1.0
   check_size: Size = (64, 1000)
   tolerance: tuple[float, float] = (4.0, 8.0)
   row_length: Callable[[Size], int] = lambda size: size[-1]
