@@ -37,7 +37,11 @@ def resolve(
     if reason is not None:
       raise ValueError(f"{fn}: implementation='pallas' cannot run this call: {reason}.")
     return "pallas"
-  return "xla" if reason is not None else "pallas"
+  if reason is not None:
+    return "xla"
+  from . import _pallas
+
+  return "pallas" if jax.default_backend() in _pallas.VERIFIED_PLATFORMS else "xla"
 
 
 def get(name: str) -> ModuleType:

@@ -255,6 +255,11 @@ def test_cpu_dispatch_is_xla_and_explicit_pallas_says_why():
 def test_accelerator_dispatch(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   x = jnp.ones((2, 8), jnp.float32)
+  # Kernels not yet verified on hardware are never the default, only on request.
+  monkeypatch.setattr(_pallas, "VERIFIED_PLATFORMS", frozenset())
+  assert _backend.resolve("softmax", None, x, (1,), None) == "xla"
+  assert _backend.resolve("softmax", "pallas", x, (1,), None) == "pallas"
+  monkeypatch.setattr(_pallas, "VERIFIED_PLATFORMS", frozenset({"tpu", "gpu"}))
   assert _backend.resolve("softmax", None, x, (1,), None) == "pallas"
   assert _backend.resolve("softmax", "xla", x, (1,), None) == "xla"
   x64 = x.astype(jnp.float64)

@@ -14,6 +14,12 @@ import jax.numpy as jnp
 
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
+# Platforms whose kernels have passed `benchmarks/gpu.sh` (or a TPU run) on real
+# hardware. `implementation=None` picks Pallas only there: until then the
+# kernels are checked in interpret mode and by lowering alone, and the default
+# stays on the XLA path. An explicit implementation="pallas" runs them anyway.
+VERIFIED_PLATFORMS: frozenset[str] = frozenset()
+
 
 def _gpu_reason() -> str | None:
   """None on a CUDA GPU that Mosaic GPU targets (compute capability >= 9.0)."""
