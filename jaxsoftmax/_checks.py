@@ -19,12 +19,12 @@ AxisName = str | tuple[str, ...] | None
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
-def float_input(fn: str, name: str, x: ArrayLike) -> tuple[jax.Array, jnp.dtype]:
-  """Returns ``x`` as a floating array and the dtype to compute in.
+def float_input(fn: str, name: str, x: ArrayLike) -> jax.Array:
+  """Returns ``x`` as a floating array.
 
   Integers and booleans are promoted to the default float dtype, as ``jax.nn``
-  does. bfloat16 and float16 compute in float32; float32 and float64 compute in
-  their own precision.
+  does; complex input raises ``TypeError``. The dtype to compute in is
+  :func:`compute_dtype` of the result.
   """
   if isinstance(x, complex):
     raise TypeError(f"{fn}: `{name}` is a complex number; expected a real floating array.")
@@ -39,7 +39,7 @@ def float_input(fn: str, name: str, x: ArrayLike) -> tuple[jax.Array, jnp.dtype]
   x = jnp.asarray(x)
   if not jnp.issubdtype(dtype, jnp.floating):
     x = x.astype(jnp.result_type(float))
-  return x, compute_dtype(x.dtype)
+  return x
 
 
 def compute_dtype(dtype) -> jnp.dtype:

@@ -55,7 +55,7 @@ def _logits(fn: str, logits: ArrayLike) -> jax.Array:
     )
   if isinstance(logits, int | bool):
     raise TypeError(f"{fn}: `logits` must be a floating array, got the int {logits!r}.")
-  x, _ = float_input(fn, "logits", logits)
+  x = float_input(fn, "logits", logits)
   return x
 
 

@@ -157,8 +157,8 @@ def linear_softmax_cross_entropy(
     Array(1.3862944, dtype=float32)
   """
   fn = "linear_softmax_cross_entropy"
-  x, _ = float_input(fn, "x", x)
-  w, _ = float_input(fn, "w", w)
+  x = float_input(fn, "x", x)
+  w = float_input(fn, "w", w)
   if x.ndim < 1:
     raise ValueError(f"{fn}: `x` must have shape [..., H], got a scalar.")
   if w.ndim != 2:

@@ -20,7 +20,7 @@ from ._checks import (
 
 
 def _prepare(fn, x, axis, where, axis_name, implementation):
-  x, _ = float_input(fn, "x", x)
+  x = float_input(fn, "x", x)
   axes = normalize_axes(fn, axis, x.ndim)
   where = check_where(fn, where, x.shape)
   axis_name = check_axis_name(fn, axis_name)
