@@ -30,18 +30,18 @@ def resolve(
   fn: str, implementation: str | None, x: jax.Array, axes: tuple[int, ...], axis_name
 ) -> str:
   """The name of the backend to run: explicit, or the best one for this call."""
-  if implementation == "xla":
-    return "xla"
-  reason = pallas_unsupported_reason(x, axes, axis_name)
-  if implementation == "pallas":
-    if reason is not None:
-      raise ValueError(f"{fn}: implementation='pallas' cannot run this call: {reason}.")
-    return "pallas"
-  if reason is not None:
-    return "xla"
   from . import _pallas
 
-  return "pallas" if jax.default_backend() in _pallas.VERIFIED_PLATFORMS else "xla"
+  if implementation == "xla":
+    return "xla"
+  if implementation is None and jax.default_backend() not in _pallas.VERIFIED_PLATFORMS:
+    return "xla"  # the kernels are the default only where they have run on hardware
+  reason = pallas_unsupported_reason(x, axes, axis_name)
+  if reason is None:
+    return "pallas"
+  if implementation == "pallas":
+    raise ValueError(f"{fn}: implementation='pallas' cannot run this call: {reason}.")
+  return "xla"
 
 
 def get(name: str) -> ModuleType:
