@@ -57,7 +57,50 @@ def slice_stats(
   # fused forward kernel would split it, and one extra read of x costs less.
   # (NaN != -inf, so a NaN slice counts as live and stays NaN.)
   live = jnp.max(xm, axes, keepdims=True) != -jnp.inf
-  return xs, m, e, jnp.sum(e, axes, keepdims=True), live
+  return xs, m, e, sum_exp(xs, m, axes), live
+
+
+# A row longer than this is summed in pieces on the CPU (see `sum_exp`).
+LONG_ROW = 65536
+
+
+def sum_exp(xs: jax.Array, m: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """``sum(exp(xs - m))`` over ``axes`` (keepdims), ``m`` a per-slice shift.
+
+  On XLA:CPU a reduction of ``exp`` along one long trailing axis is slow: with
+  jax 0.10 such a fused reduction runs about 4x slower per element once a row
+  is longer than 32768 entries than the same work on rows of a few thousand
+  (``benchmarks/README.md`` has the measurement). There, a row of ``n`` entries
+  is viewed as ``n / k`` pieces of ``k`` (a free reshape), each piece summed,
+  then the ``n / k`` partial sums. A per-slice select between the two sums
+  keeps XLA from fusing them back into one long-row reduction; it is exact
+  (where ``m`` is NaN every partial sum is NaN already). Other platforms, and
+  rows that are short or have no suitable ``k``, take the plain sum.
+  """
+  k = _piece_width(xs.shape, axes)
+  if k is None:
+    return jnp.sum(jnp.exp(xs - m), axes, keepdims=True)
+
+  def pieces(xs, m):
+    parts = jnp.sum(jnp.exp(xs.reshape(*xs.shape[:-1], -1, k) - m[..., None]), -1)
+    parts = jnp.where(jnp.isnan(m), jnp.nan, parts)
+    return jnp.sum(parts, -1, keepdims=True)
+
+  def plain(xs, m):
+    return jnp.sum(jnp.exp(xs - m), -1, keepdims=True)
+
+  return lax.platform_dependent(xs, m, cpu=pieces, default=plain)
+
+
+def _piece_width(shape: tuple[int, ...], axes: tuple[int, ...]) -> int | None:
+  """``k`` for `sum_exp`: a divisor of a long trailing row, 1024 to 4096 (powers of two first)."""
+  if len(shape) < 1 or axes != (len(shape) - 1,) or shape[-1] < LONG_ROW:
+    return None
+  n = shape[-1]
+  for k in (2048, 4096, 1024, *range(4096, 511, -1)):
+    if n % k == 0:
+      return k
+  return None
 
 
 def _slice_max(xm: jax.Array, axes: tuple[int, ...]) -> jax.Array:

@@ -384,6 +384,59 @@ def test_narrow_integer_labels_never_wrap():
   )
 
 
+def test_all_neg_inf_example_with_an_out_of_range_label_is_nan_like_its_loss():
+  x = jnp.array([[-jnp.inf] * 4, [0.0, 1.0, 2.0, 3.0]], jnp.float32)
+  loss, (dx,) = _vjp(lambda x: int_ce(x, jnp.array([7, 2])), x)
+  assert np.isnan(loss[0]) and np.isnan(dx[0]).all()
+  assert np.isfinite(loss[1]) and np.isfinite(dx[1]).all()
+
+
+# --- Large margins and long rows ----------------------------------------------------
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_logit_far_above_the_labels_is_exact_in_float32(smoothing):
+  # exp(x_j - x_y) overflows float32 once x_j exceeds the label's logit by about
+  # 88; the loss (about 100 here) and gradient must still be those of float64.
+  x = _normal(51, (4, 300), jnp.float32, scale=1.0)
+  labels = jnp.array([3, 17, 250, 0])
+  x = x.at[1, 40].set(x[1, 17] + 100.0).at[2, 250].set(-95.0)
+  g = _normal(52, (4,), jnp.float32, scale=1.0)
+  loss, (dx,) = _vjp(lambda x: int_ce(x, labels, label_smoothing=smoothing), x, g=g)
+  t = _smooth(jax.nn.one_hot(labels, 300, dtype=jnp.float64), smoothing, 300)
+  x64, g64 = x.astype(jnp.float64), g.astype(jnp.float64)
+  ref_loss, (ref_dx,) = _vjp(partial(optax.softmax_cross_entropy, labels=t), x64, g=g64)
+  assert 90 < loss[1] < 110 and 90 < loss[2] < 110
+  np.testing.assert_allclose(loss, ref_loss, rtol=4 * eps(jnp.float32))
+  assert rel_err(dx, ref_dx) <= 8 * eps(jnp.float32)
+
+
+@pytest.mark.parametrize("n", [65536, 98304, 65537])
+def test_long_rows_match_float64(n):
+  # Rows of 65536 or more entries are summed in pieces on the CPU (98304 = 48 x
+  # 2048; 65537 is prime and is summed whole). An all -inf row, a NaN row and a
+  # row holding +inf keep their meaning: +inf loss and zero gradient, NaN, NaN.
+  # (With them in the batch, the batch takes the max-shifted path; without, the
+  # label-shifted one.)
+  x = _normal(53, (5, n), jnp.float32, scale=2.0)
+  x = x.at[2].set(-jnp.inf).at[3, 5].set(jnp.nan).at[4, 6].set(jnp.inf)
+  labels = jnp.array([0, n - 1, 1, 2, 3])
+  g = _normal(54, (5,), jnp.float32, scale=1.0)
+  t = jax.nn.one_hot(labels[:2], n, dtype=jnp.float64)
+  for opts in ({}, {"z_loss": 1e-3}):
+    naive = partial(_naive, t=t, axis=-1, **opts)
+    ref_loss, (ref_dx,) = _vjp(naive, x[:2].astype(jnp.float64), g=g[:2].astype(jnp.float64))
+    for rows in (2, 5):
+      loss, (dx,) = _vjp(partial(int_ce, labels=labels[:rows], **opts), x[:rows], g=g[:rows])
+      np.testing.assert_allclose(loss[:2], ref_loss, rtol=4 * eps(jnp.float32))
+      assert rel_err(dx[:2], ref_dx) <= 8 * eps(jnp.float32)
+    assert loss[2] == np.inf and (dx[2] == 0).all()
+    assert np.isnan(loss[3:]).all() and np.isnan(dx[3:]).all()
+  pieces = {65536: "5x32x2048xf32", 98304: "5x48x2048xf32"}.get(n)
+  text = jax.jit(lambda x: int_ce(x, labels)).lower(x).as_text()
+  assert pieces in text if pieces else "x2048xf32" not in text
+
+
 # --- Bad input ---------------------------------------------------------------------
 
 

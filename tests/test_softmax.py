@@ -299,6 +299,36 @@ def test_accuracy_against_float64_on_rounded_inputs(op, dtype):
   assert rel_err(dx, dx_ref) <= 8 * eps(dtype)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_long_rows_summed_in_pieces_match_float64(op):
+  # On the CPU a row of 65536 or more entries is summed in pieces of 2048 (here
+  # 48 of them); a NaN row and an all -inf row keep their meaning.
+  ours, naive = OPS[op]
+  x = _normal(23, (4, 98304), jnp.float32, scale=2.0)
+  x = x.at[2, 7].set(jnp.nan).at[3].set(-jnp.inf)
+  g = _normal(24, x.shape, jnp.float32, scale=1.0)
+  y, dx = _fwd_bwd(ours, x, g)
+  y_ref, dx_ref = _fwd_bwd(naive, x[:2].astype(jnp.float64), g[:2].astype(jnp.float64))
+  assert rel_err(y[:2], y_ref) <= 4 * eps(jnp.float32)
+  assert rel_err(dx[:2], dx_ref) <= 8 * eps(jnp.float32)
+  assert np.isnan(y[2]).all() and np.isnan(dx[2]).all()
+  np.testing.assert_array_equal(y[3], 0.0 if op == "softmax" else -np.inf)
+  np.testing.assert_array_equal(dx[3], 0.0)
+  assert "4x48x2048xf32" in jax.jit(ours).lower(x).as_text()
+  # Other platforms take the plain sum; the program still exports for all of them.
+  spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  exported = jax.export.export(jax.jit(ours), platforms=["cpu", "cuda", "tpu"])(spec)
+  assert exported.platforms == ("cpu", "cuda", "tpu")
+
+
+def _fwd_bwd(f, x, g):
+  def run(x, g):
+    y, vjp = jax.vjp(f, x)
+    return y, vjp(g)[0]
+
+  return jax.jit(run)(x, g)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_low_precision_computes_in_float32(dtype):
   # A row whose normaliser overflows float16 and loses bits in bfloat16 arithmetic.
