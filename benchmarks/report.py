@@ -84,14 +84,36 @@ def result_stem(platform_name: str, date: str) -> str:
 
 
 def save_json(path: Path, record: dict) -> dict:
-  """Writes ``record``, keeping the suites of an existing file that this run did not measure."""
+  """Writes ``record``, keeping what an existing file holds that this run did not measure.
+
+  Suites this run did not touch are kept whole; in a suite it did, a cell
+  (size and dtype) it measured replaces the old one and the others stay, so
+  that rerunning one cell (``--size``, ``--dtype``) does not drop the rest.
+  Each cell keeps its own repetition count; the suite's header shows the last run's.
+  """
   if path.exists():
     old = json.loads(path.read_text())
     suites = dict(old.get("suites", {}))
-    suites.update(record["suites"])
+    for name, suite in record["suites"].items():
+      if name in suites:
+        suite = {**suite, "cells": _merge_cells(suites[name].get("cells", []), suite["cells"])}
+        suite["check"] = _merge_cells(suites[name].get("check", []), suite.get("check", []))
+      suites[name] = suite
     record = {**record, "suites": suites}
   path.write_text(json.dumps(record, indent=1) + "\n")
   return record
+
+
+def _merge_cells(old: list[dict], new: list[dict]) -> list[dict]:
+  """``old`` with the entries of ``new`` put in place of those with the same size, dtype
+  (and contender, for correctness checks); new ones are appended."""
+
+  def key(c):
+    return (tuple(c.get("size", ())), c.get("dtype"), c.get("contender"))
+
+  fresh = {key(c): c for c in new}
+  merged = [fresh.pop(key(c), c) for c in old]
+  return merged + list(fresh.values())
 
 
 # ----------------------------------------------------------------------------

@@ -356,6 +356,11 @@ def softmax_cross_entropy_with_integer_labels(
   with ``t`` the smoothed one-hot target, in float32 for 16-bit logits. The
   labels get no cotangent.
 
+  With one class axis and no ``where``, the forward reads the logits once:
+  the label's own logit is the shift, and a batch in which that overflows
+  (a logit more than about 88 above the label's, in float32) or that holds
+  +inf or NaN is recomputed with the max shift instead (a ``lax.cond``).
+
   Args:
     logits: unnormalised log-probabilities, a floating array.
     labels: integer class ids, broadcastable to the batch shape (``logits``
