@@ -369,10 +369,10 @@ def _lce_bwd(opts, res, g):
     dz = dz.astype(dt)
     dx = dx + _matmul(dz, w_c, ((1,), (1,)), opts.precision, cdt)
     dw_c = _matmul(xd, dz, ((0,), (0,)), opts.precision, cdt)
-    return dx, dw_c.astype(w.dtype)
+    return dx, _to_storage(dw_c.astype(w.dtype))
 
   dx = jnp.zeros((n, h), cdt)
-  dw = jnp.zeros((h, v), w.dtype)
+  dw = _to_storage(jnp.zeros((h, v), w.dtype))
   if k:
 
     def body(i, carry):
@@ -385,7 +385,22 @@ def _lce_bwd(opts, res, g):
   if r:
     dx, dw_c = chunk_grads(dx, w[:, k * c :], k * c)
     dw = lax.dynamic_update_slice_in_dim(dw, dw_c, k * c, axis=1)
-  return dx.astype(x.dtype), dw, None, None
+  return dx.astype(x.dtype), _from_storage(dw, w.dtype), None, None
 
 
 _lce.defvjp(_lce_fwd, _lce_bwd)
+
+
+def _to_storage(a: jax.Array) -> jax.Array:
+  """``a`` as the array ``dw`` is built in: a bfloat16 ``a`` as its uint16 bits.
+
+  XLA:CPU writes a bfloat16 chunk into ``dw`` (a dynamic-update-slice fused
+  with the float32-to-bfloat16 convert) about 40x slower than a float32,
+  float16 or uint16 one: at H=512, V=32768 the loop's updates took 0.9 s instead
+  of 0.02 s. The bits are the same, and a bitcast costs nothing on any platform.
+  """
+  return lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
+
+
+def _from_storage(a: jax.Array, dtype) -> jax.Array:
+  return lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
