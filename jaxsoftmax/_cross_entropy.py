@@ -554,16 +554,23 @@ def _int_ce_bwd(st: _Static, res, g):
   if len(st.axes) > 1:
     dx = off_label(x, where) - jnp.where(_one_hot(y, x.shape, st), label_term, 0.0)
     return dx.astype(x.dtype), None, None
-  # One class axis: the full pass computes the off-label terms only, and the
-  # label's entry is then overwritten in place (a scatter of one value per
-  # example), computed in the compute dtype from the gathered logit, so that a
-  # 16-bit gradient is rounded once. This saves the iota/compare/select of a
-  # one-hot in the full pass (about a fifth of its time on the CPU).
+  # One class axis: the full pass computes the off-label terms only, and a
+  # scatter of one value per example then fixes the label's entry in place. This
+  # saves the iota/compare/select of a one-hot in the full pass (about a fifth
+  # of its time on the CPU).
   (a,) = st.axes
+  if x.dtype == cdt:
+    # Logits in the compute dtype: add the label's term to the full pass's value.
+    # The logits are not read after the full pass, so XLA may write the gradient
+    # over them (x @ w then this loss keeps one [N, V] buffer, not two).
+    return _put_at_label(off_label(x, where), y, a, -label_term, lax.scatter_add), None, None
+  # 16-bit logits: set the label's entry to its value computed in the compute
+  # dtype from the gathered logit, so that it is rounded once (adding to the
+  # rounded g * p would lose it when p is near 1).
   dx = off_label(x, where).astype(x.dtype)
   w_y = None if where is None else _at_label(jnp.broadcast_to(where, x.shape), y, a)
   at_y = off_label(_at_label(x, y, a), w_y) - label_term
-  return _set_at_label(dx, y, a, at_y.astype(x.dtype)), None, None
+  return _put_at_label(dx, y, a, at_y.astype(x.dtype), lax.scatter), None, None
 
 
 def _at_label(v, y, a):
@@ -572,9 +579,10 @@ def _at_label(v, y, a):
   return jnp.take_along_axis(v, y, a, mode="clip")
 
 
-def _set_at_label(dx, y, a, v):
-  """``dx`` with its entry at the (local) label along axis ``a`` set to ``v``, one per
-  example; a label outside this block (another device's class) writes nothing."""
+def _put_at_label(dx, y, a, v, scatter):
+  """``dx`` with ``v`` (one per example) put at the (local) label along axis ``a`` by
+  ``scatter`` (``lax.scatter`` sets, ``lax.scatter_add`` adds); a label outside this
+  block (another device's class) writes nothing."""
   bshape = dx.shape[:a] + (1,) + dx.shape[a + 1 :]
   idx = [lax.broadcasted_iota(y.dtype, bshape, i) for i in range(dx.ndim)]
   idx[a] = jnp.broadcast_to(y, bshape)
@@ -583,7 +591,7 @@ def _set_at_label(dx, y, a, v):
     inserted_window_dims=tuple(range(dx.ndim)),
     scatter_dims_to_operand_dims=tuple(range(dx.ndim)),
   )
-  return lax.scatter(
+  return scatter(
     dx,
     jnp.stack(idx, -1),
     jnp.broadcast_to(v, bshape),
