@@ -437,6 +437,21 @@ def test_long_rows_match_float64(n):
   assert pieces in text if pieces else "x2048xf32" not in text
 
 
+@pytest.mark.parametrize("n", [1000, 65536])
+def test_exports_for_cpu_cuda_and_tpu(n):
+  # The label-shifted forward and the pieces are CPU-only branches; the program
+  # still lowers for every platform, with and without a mask.
+  def fwd_bwd(x, labels, g, where):
+    loss, vjp = jax.vjp(lambda x: int_ce(x, labels, where=where), x)
+    return loss, vjp(g)[0]
+
+  spec = jax.ShapeDtypeStruct((4, n), jnp.bfloat16)
+  args = (spec, jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.bfloat16))
+  for where in (None, jax.ShapeDtypeStruct((4,), jnp.bool_)):
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cpu", "cuda", "tpu"])(*args, where)
+    assert [a.dtype for a in exported.out_avals] == [jnp.bfloat16, jnp.bfloat16]
+
+
 # --- Bad input ---------------------------------------------------------------------
 
 
