@@ -402,6 +402,11 @@ def _int_labels(fn, labels, x, st: _Static):
       f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}; for "
       "probabilities use `softmax_cross_entropy`."
     )
+  if math.prod(x.shape[a] for a in st.axes) == 0:
+    raise ValueError(
+      f"{fn}: `logits` with shape {x.shape} has no classes along axis {st.order}; an "
+      "integer label needs at least one class."
+    )
   batch = _batch_shape(x.shape, st.axes)
   _check_labels_shape(fn, labels, batch, "the batch shape (logits without `axis`)")
   if st.axis_name is not None and len(st.axes) != 1:
@@ -507,7 +512,7 @@ def _shifted_by_label(x, x_y, st: _Static, cdt, shifted_by_max):
     n = math.prod(x.shape[a] for a in st.axes)
     nll = nll - st.label_smoothing * (jnp.sum(xs, st.axes, keepdims=True) / n - x_y)
   # s >= 1 or NaN: its max is finite iff every example is.
-  return lax.cond(jnp.max(s) < jnp.inf, lambda: (nll, x_y + log_s), shifted_by_max)
+  return lax.cond(jnp.max(s, initial=1.0) < jnp.inf, lambda: (nll, x_y + log_s), shifted_by_max)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))

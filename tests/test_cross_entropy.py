@@ -477,10 +477,19 @@ def test_errors_name_the_argument():
     (ValueError, "z_loss", lambda: int_ce(x, labels, z_loss=float("nan"))),
     (TypeError, "label_smoothing", lambda: soft_ce(x, y, label_smoothing="0.1")),
     (TypeError, "axis_name", lambda: soft_ce(x, y, axis_name=3)),
+    (ValueError, r"logits.*\(4, 0\).*no classes", lambda: int_ce(jnp.zeros((4, 0)), labels)),
   ]
   for exc, match, call in cases:
     with pytest.raises(exc, match=match):
       call()
+
+
+def test_empty_batch_gives_empty_loss_and_gradient():
+  labels = jnp.zeros((0,), jnp.int32)
+  for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3}):
+    loss, (dx,) = _vjp(partial(int_ce, labels=labels, **opts), jnp.zeros((0, 7)))
+    assert loss.shape == (0,) and dx.shape == (0, 7)
+    assert int_ce(jnp.zeros((0, 7)), labels, **opts).shape == (0,)  # eagerly too
 
 
 def test_traced_hyperparameter_is_a_type_error():
