@@ -509,7 +509,7 @@ def _shifted_by_label(x, x_y, st: _Static, cdt, shifted_by_max):
   log_s = jnp.log(s)
   nll = log_s
   if st.label_smoothing:
-    n = math.prod(x.shape[a] for a in st.axes)
+    n = _num_classes(None, x.shape, st, cdt)
     nll = nll - st.label_smoothing * (jnp.sum(xs, st.axes, keepdims=True) / n - x_y)
   # s >= 1 or NaN: its max is finite iff every example is.
   return lax.cond(jnp.max(s, initial=1.0) < jnp.inf, lambda: (nll, x_y + log_s), shifted_by_max)
@@ -547,8 +547,8 @@ def _int_ce_bwd(st: _Static, res, g):
   eps, z = st.label_smoothing, st.z_loss
   coef = 1.0 + 2.0 * z * lse0 if z else 1.0
   spread = eps / jnp.maximum(_num_classes(where, x.shape, st, cdt), 1) if eps else None
-  # Without smoothing, z-loss and mask the pass over x is `g * exp(x - shift)`
-  # alone; on XLA:CPU it then fuses with the forward's reduction (one read of x).
+  # Without smoothing or z-loss an empty slice's off-label terms are already
+  # `0 * g` (p = 0), so the full pass needs no per-example select there.
   g_rest = g if spread is None and not z else jnp.where(live, g, 0.0 * g)
 
   def off_label(xv, wv):
@@ -569,9 +569,10 @@ def _int_ce_bwd(st: _Static, res, g):
   # of its time on the CPU).
   (a,) = st.axes
   if x.dtype == cdt:
-    # Logits in the compute dtype: add the label's term to the full pass's value.
-    # The logits are not read after the full pass, so XLA may write the gradient
-    # over them (x @ w then this loss keeps one [N, V] buffer, not two).
+    # Logits in the compute dtype: add the label's term to the full pass's value
+    # (the same arithmetic as setting it, without gathering the logit). XLA:CPU
+    # does not run both the full pass and the scatter in place, so x @ w then
+    # this loss keeps two [N, V] buffers where a one-hot kept one (README).
     return _put_at_label(off_label(x, where), y, a, -label_term, lax.scatter_add), None, None
   # 16-bit logits: set the label's entry to its value computed in the compute
   # dtype from the gathered logit, so that it is rounded once (adding to the

@@ -77,24 +77,25 @@ def sum_exp(xs: jax.Array, m: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   (where ``m`` is NaN every partial sum is NaN already). Other platforms, and
   rows that are short or have no suitable ``k``, take the plain sum.
   """
+
+  def plain(xs, m):
+    return jnp.sum(jnp.exp(xs - m), axes, keepdims=True)
+
   k = _piece_width(xs.shape, axes)
   if k is None:
-    return jnp.sum(jnp.exp(xs - m), axes, keepdims=True)
+    return plain(xs, m)
 
   def pieces(xs, m):
     parts = jnp.sum(jnp.exp(xs.reshape(*xs.shape[:-1], -1, k) - m[..., None]), -1)
     parts = jnp.where(jnp.isnan(m), jnp.nan, parts)
     return jnp.sum(parts, -1, keepdims=True)
 
-  def plain(xs, m):
-    return jnp.sum(jnp.exp(xs - m), -1, keepdims=True)
-
   return lax.platform_dependent(xs, m, cpu=pieces, default=plain)
 
 
 def _piece_width(shape: tuple[int, ...], axes: tuple[int, ...]) -> int | None:
   """``k`` for `sum_exp`: a divisor of a long trailing row, 1024 to 4096 (powers of two first)."""
-  if len(shape) < 1 or axes != (len(shape) - 1,) or shape[-1] < LONG_ROW:
+  if axes != (len(shape) - 1,) or shape[-1] < LONG_ROW:
     return None
   n = shape[-1]
   for k in (2048, 4096, 1024, *range(4096, 511, -1)):
