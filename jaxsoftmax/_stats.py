@@ -56,7 +56,7 @@ def slice_stats(
   # `live` from a max of its own rather than from `d`: reading `d` outside the
   # fused forward kernel would split it, and one extra read of x costs less.
   # (NaN != -inf, so a NaN slice counts as live and stays NaN.)
-  live = jnp.max(xm, axes, keepdims=True) != -jnp.inf
+  live = jnp.max(xm, axes, keepdims=True, initial=-jnp.inf) != -jnp.inf
   return xs, m, e, sum_exp(xs, m, axes), live
 
 

@@ -300,6 +300,16 @@ def test_accuracy_against_float64_on_rounded_inputs(op, dtype):
 
 
 @pytest.mark.parametrize("op", OPS)
+def test_zero_length_axis_gives_empty_output_and_gradient(op):
+  # As jax.nn: a softmax over an axis of length 0 is an empty array, not an error.
+  ours, naive = OPS[op]
+  x = jnp.zeros((3, 0))
+  y, dx = _fwd_bwd(ours, x, x)
+  y_ref, dx_ref = _fwd_bwd(naive, x, x)
+  assert y.shape == y_ref.shape == (3, 0) and dx.shape == dx_ref.shape == (3, 0)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_long_rows_summed_in_pieces_match_float64(op):
   # On the CPU a row of 65536 or more entries is summed in pieces of 2048 (here
   # 48 of them); a NaN row and an all -inf row keep their meaning.
