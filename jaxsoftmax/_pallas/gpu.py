@@ -90,8 +90,10 @@ def unsupported_reason(rows: int, cols: int, dtype) -> str | None:
   return p if isinstance(p, str) else None
 
 
-# jax 0.11 deprecates the index argument of plgpu.load (index the ref instead).
-_LOAD_TAKES_IDX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+# jax 0.10 requires the index argument of plgpu.load, 0.11 deprecates it (index
+# the ref instead) and 0.12 removes it.
+_IDX = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_TAKES_IDX = _IDX is not None and _IDX.default is inspect.Parameter.empty
 
 
 def _load_f32(ref, layout, interpret: bool):
