@@ -35,3 +35,50 @@ def test_rerunning_one_cell_keeps_the_others(tmp_path):
     [8, 4],
     [16, 4],
   ]
+
+
+# ----------------------------------------------- benchmarks/gpu_pallas.py, on the CPU
+
+
+def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
+  # The variant timings run on the GPU machine after everything else; here they
+  # run the kernels in interpret mode on one small streamed size.
+  import dataclasses
+
+  from benchmarks import gpu_pallas
+
+  small = dict(interpret=True, row_bytes=256, chunk_elems=256)
+  variants = {k: dataclasses.replace(c, **small) for k, c in gpu_pallas.VARIANTS.items()}
+  monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
+  monkeypatch.setattr(gpu_pallas, "VARIANT_SIZES", [(4, 1280)])
+  rows = gpu_pallas.variants(["float32"], calls=1, samples=1)
+  assert [r["variant"] for r in rows] == list(variants)
+  assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
+
+  # A kernel off by a factor is reported as wrong and not timed.
+  real_fwd = gpu_pallas.gpu.softmax_fwd_2d
+  monkeypatch.setattr(
+    gpu_pallas.gpu, "softmax_fwd_2d", lambda x, **kw: (1.01 * real_fwd(x, **kw)[0], None)
+  )
+  rows = gpu_pallas.variants(["float32"], calls=1, samples=1)
+  assert all(r["error"].startswith("wrong: fwd err") for r in rows), rows
+
+
+def test_gpu_script_targets():
+  # 1000 B/s copy; a cell moves 2 (fwd) or 3 (bwd) arrays of 100 bytes.
+  def cell(who, fwd_s, bwd_s):
+    return dict(rows=1, cols=25, dtype="float32", contender=who, fwd_s=fwd_s, bwd_s=bwd_s,
+                fwd_bytes_per_s=200 / fwd_s, bwd_bytes_per_s=300 / bwd_s)  # fmt: skip
+
+  from benchmarks.gpu_pallas import targets
+
+  met = targets([cell("pallas", 0.22, 0.33), cell("jax.nn.softmax", 0.4, 0.4)], 1000.0)
+  assert met[-1] == "| 1x25 | float32 | 91% | 91% | 0.55x | 0.82x | yes |"
+  # 80% of copy misses the bandwidth target.
+  slow = targets([cell("pallas", 0.25, 0.33), cell("jax.nn.softmax", 0.4, 0.4)], 1000.0)
+  assert slow[-1].endswith("| **no** |") and "| 80% |" in slow[-1]
+  # Slower than jax.nn is allowed only where jax.nn is itself at >= 95% of copy.
+  tie = targets([cell("pallas", 0.22, 0.33), cell("jax.nn.softmax", 0.205, 0.4)], 1000.0)
+  assert tie[-1].endswith("| 1.07x | 0.82x | yes |")
+  behind = targets([cell("pallas", 0.22, 0.33), cell("jax.nn.softmax", 0.4, 0.32)], 1000.0)
+  assert behind[-1].endswith("| 1.03x | **no** |")

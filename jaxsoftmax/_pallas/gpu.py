@@ -15,7 +15,8 @@ that divide the row exactly, so no copy runs out of bounds.
   and one write of HBM.
 * **online** (longer rows): a statistics pass streams the chunks through two
   buffers, keeping a running max and normaliser in float32 (Milakov &
-  Gimelshein 2018); a second pass streams them again and writes.
+  Gimelshein 2018); a second pass streams them again, last chunk first (those
+  are the likeliest to be still in L2), and writes.
 
 The backward (a row sum, then the write pass) keeps both rows (``s`` or ``l``,
 and ``g``) in shared memory when they fit, and streams them twice otherwise.
@@ -48,6 +49,9 @@ class Config:
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row
+  # Streamed rows: the second pass (the write) takes the chunks last to first, so
+  # that it starts with those the first pass read last, the likeliest still in L2.
+  reverse_write: bool = True
   # Lane: explicit layouts, the default of jax 0.10 and what the tests lower here;
   # jax 0.11 made Warpgroup (inferred layouts) the default.
   semantics: plgpu.LoweringSemantics = plgpu.LoweringSemantics.Lane
@@ -167,17 +171,20 @@ def _kernel(rows, p: Plan, dtype, cfg: Config, out_type, scratch, body):
   )
 
 
-def _stream(row, p: Plan, stages: int, sources, bars, fn, carry):
+def _stream(row, p: Plan, stages: int, sources, bars, fn, carry, reverse: bool = False):
   """Streams the chunks of each ``(gmem, bufs)`` in ``sources`` (``gmem[row]``) through
   ``stages`` SMEM buffers, keeping ``stages - 1`` chunks in flight while
-  ``fn(j, slot, carry)`` works on chunk j. Source k, slot s completes barrier
+  ``fn(c, slot, carry)`` works on chunk c. The chunks come first to last, or
+  last to first if ``reverse``. Source k, slot s completes barrier
   ``stages * k + s``."""
   nc = p.n1 // p.kb
+  chunk = (lambda j: nc - 1 - j) if reverse else (lambda j: j)
 
   def fetch(j, slot):
     for k, (src, bufs) in enumerate(sources):
       dst = bars.at[stages * k + slot]
-      plgpu.copy_gmem_to_smem(src.at[row, pl.ds(j * p.kb, p.kb)], bufs.at[slot], dst)
+      src_chunk = src.at[row, pl.ds(chunk(j) * p.kb, p.kb)]
+      plgpu.copy_gmem_to_smem(src_chunk, bufs.at[slot], dst)
 
   for j in range(min(stages - 1, nc)):
     fetch(j, j)
@@ -192,7 +199,7 @@ def _stream(row, p: Plan, stages: int, sources, bars, fn, carry):
     slot = j % stages
     for k in range(len(sources)):
       plgpu.barrier_wait(bars.at[stages * k + slot])
-    return fn(j, slot, carry)
+    return fn(chunk(j), slot, carry)
 
   return jax.lax.fori_loop(0, nc, step, carry)
 
@@ -262,13 +269,14 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
         m, d = _stream(row, p, S, [(x_gmem, bufs)], bars, stats, init)
 
         def write(j, slot, c):
+          # Consecutive chunks alternate between outs[0] and outs[1] in either order.
           plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[j % 2] is free
           outs.at[j % 2][...] = _fwd_out(load(bufs.at[slot]), m, d, log).astype(dtype)
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
           return c
 
-        _stream(row, p, S, [(x_gmem, bufs)], bars, write, 0)
+        _stream(row, p, S, [(x_gmem, bufs)], bars, write, 0, reverse=cfg.reverse_write)
         write_lse(lse_gmem, lse_smem, row, m, d)
 
       _row_loop(rows, num_ctas, one_row)
@@ -368,7 +376,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
           plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
           return c
 
-        stream2(write, 0)
+        stream2(write, 0, reverse=cfg.reverse_write)
       plgpu.wait_smem_to_gmem(0)  # before the buffers are reused for the next row
 
     _row_loop(rows, num_ctas, one_row)
