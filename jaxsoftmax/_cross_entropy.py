@@ -30,7 +30,7 @@ from ._checks import (
   float_input,
   normalize_axes,
 )
-from ._stats import log_normalizer, masked, slice_stats, slice_sum, sum_exp
+from ._stats import log_normalizer, masked, slice_stats, slice_sum, sum_exp, sums_in_pieces
 
 
 class _Static(NamedTuple):
@@ -132,17 +132,22 @@ def _check_labels_shape(fn, labels, target, what):
 # --- Shared pieces of both cores ---------------------------------------------------
 
 
-def _stats(x, where, st: _Static, cdt):
+def _stats(x, where, st: _Static, cdt, select_free: bool = False):
   """``xs`` (masked, in ``cdt``), the shift ``m``, ``log d`` (0 for an empty slice) and
   ``lse`` (-inf for an empty slice, NaN for a slice holding +inf or NaN).
 
   The shared ``slice_stats`` takes the max on the narrow input and fuses it
   with the ``exp`` pass; ``m`` is any finite number for an empty slice.
+  ``select_free`` takes ``log max(d, 1)`` for ``log d`` (the same, as ``d >= 1``
+  in a live slice) rather than a select, for `_soft_unguarded_first`.
   """
   if compute_dtype(x.dtype) != cdt:
     x = x.astype(cdt)
   xs, m, _, d, _ = slice_stats(x, where, st.axes, st.axis_name)
-  log_d = jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
+  if select_free:
+    log_d = jnp.log(jnp.maximum(d, 1.0))
+  else:
+    log_d = jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
   return xs, m, log_d, log_normalizer(m, d)
 
 
@@ -260,14 +265,44 @@ def _soft_target(y, where, st: _Static, shape, cdt):
 
 
 def _soft_forward(x, y, where, st: _Static):
+  if where is None and st.axis_name is None and not sums_in_pieces(x.shape, st.axes):
+    # On the CPU only (as for integer labels: a GPU runs a lax.cond by copying
+    # its predicate to the host): the unguarded sum first. Not for rows that
+    # sum_exp cuts in pieces: there it measured slower than the guarded sum.
+    return lax.platform_dependent(
+      cpu=lambda: _soft_unguarded_first(x, y, st), default=lambda: _soft_loss(x, y, where, st)
+    )
+  return _soft_loss(x, y, where, st)
+
+
+def _soft_loss(x, y, where, st: _Static, guard: bool = True):
   cdt = compute_dtype(jnp.result_type(x, y))
-  xs, m, log_d, lse = _stats(x, where, st, cdt)
+  xs, m, log_d, lse = _stats(x, where, st, cdt, select_free=not guard)
   t = _soft_target(y, where, st, x.shape, cdt)
   # loss = -sum(t * l), l = (x - m) - log d: the shifted form keeps x - m exact.
   # A term with t == 0 is 0 even at a -inf logit (0 * -inf would be NaN).
   tl = t * ((xs - m) - log_d)
-  loss = -slice_sum(jnp.where(t == 0, jnp.zeros_like(tl), tl), st.axes, st.axis_name)
+  if guard:
+    tl = jnp.where(t == 0, jnp.zeros_like(tl), tl)
+  loss = -slice_sum(tl, st.axes, st.axis_name)
   return _add_z_loss(loss, lse, st), lse
+
+
+def _soft_unguarded_first(x, y, st: _Static):
+  """``_soft_loss`` without the ``t == 0`` guard, redone with it if any loss is NaN.
+
+  XLA:CPU fuses the max, the exp-sum and the label-weighted sum into one
+  YNNPACK reduction, but not a compare or a select: the guard makes it write
+  two full-size intermediates (the forward took 2.4x optax's time at 4096 x
+  32768 float32), and the select in ``log d`` splits the reductions too. Both
+  go here; the README has the measurements. Without the guard a loss is NaN only where the guard
+  matters (a zero label on a -inf logit) or where the input has NaN or +inf,
+  which the guarded recomputation (a ``lax.cond``: the usual case pays nothing
+  for it) gives NaN again.
+  """
+  loss, lse = _soft_loss(x, y, None, st, guard=False)
+  redo = jnp.any(jnp.isnan(loss))
+  return lax.cond(redo, lambda: _soft_loss(x, y, None, st), lambda: (loss, lse))
 
 
 def _add_z_loss(loss, lse, st: _Static):

@@ -93,6 +93,11 @@ def sum_exp(xs: jax.Array, m: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return lax.platform_dependent(xs, m, cpu=pieces, default=plain)
 
 
+def sums_in_pieces(shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
+  """Whether `sum_exp` sums these slices in pieces on the CPU."""
+  return _piece_width(shape, axes) is not None
+
+
 def _piece_width(shape: tuple[int, ...], axes: tuple[int, ...]) -> int | None:
   """``k`` for `sum_exp`: a divisor of a long trailing row, 1024 to 4096 (powers of two first)."""
   if axes != (len(shape) - 1,) or shape[-1] < LONG_ROW:

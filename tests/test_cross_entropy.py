@@ -307,6 +307,24 @@ def test_neg_inf_logit_with_zero_label_weight_contributes_nothing():
   np.testing.assert_array_equal(_vjp(soft_ce, x, y, g=jnp.zeros(1))[1][1], 0.0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_soft_labels_jitted_batch_with_and_without_a_guarded_row(dtype):
+  # On the CPU the forward first sums t * l unguarded and redoes the batch with the
+  # t == 0 guard if any loss is NaN: a batch that needs it and one that does not,
+  # jitted, against the naive definition in float64 on the finite columns.
+  x = _normal(36, (4, 64), dtype)
+  y = _probs(37, (4, 64), -1, dtype).at[1, 7].set(0.0)
+  guarded = x.at[1, 7].set(-jnp.inf)
+  f = jax.jit(lambda x, y: soft_ce(x, y, label_smoothing=0.0, z_loss=0.01))
+  for logits in (x, guarded):
+    keep = np.asarray(jnp.isfinite(logits))
+    x64, y64 = logits.astype(jnp.float64), y.astype(jnp.float64)
+    ref = _naive(jnp.where(keep, x64, 0.0), y64, -1, where=jnp.asarray(keep), z_loss=0.01)
+    loss = f(logits, y)
+    assert loss.dtype == dtype
+    assert rel_err(loss, ref) <= 4 * eps(dtype), (logits is guarded, loss, ref)
+
+
 def test_neg_inf_logit_at_the_true_label_gives_inf_loss_and_finite_gradient():
   x = jnp.array([[0.5, -jnp.inf, 1.0], [0.1, 0.2, 0.3]], jnp.float32)
   labels = jnp.array([1, 2])
