@@ -463,11 +463,20 @@ def test_exports_for_cpu_cuda_and_tpu(n):
     loss, vjp = jax.vjp(lambda x: int_ce(x, labels, where=where), x)
     return loss, vjp(g)[0]
 
+  # The soft-label forward's unguarded first sum is a CPU-only branch too.
+  def soft_fwd_bwd(x, y, g, where):
+    loss, vjp = jax.vjp(lambda x, y: soft_ce(x, y, where=where), x, y)
+    return loss, *vjp(g)
+
   spec = jax.ShapeDtypeStruct((4, n), jnp.bfloat16)
   args = (spec, jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.bfloat16))
+  soft_args = (spec, spec, args[2])
+  platforms = ["cpu", "cuda", "tpu"]
   for where in (None, jax.ShapeDtypeStruct((4,), jnp.bool_)):
-    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cpu", "cuda", "tpu"])(*args, where)
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=platforms)(*args, where)
     assert [a.dtype for a in exported.out_avals] == [jnp.bfloat16, jnp.bfloat16]
+    exported = jax.export.export(jax.jit(soft_fwd_bwd), platforms=platforms)(*soft_args, where)
+    assert [a.dtype for a in exported.out_avals] == [jnp.bfloat16] * 3
 
 
 # --- Bad input ---------------------------------------------------------------------
