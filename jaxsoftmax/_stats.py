@@ -99,7 +99,8 @@ def sums_in_pieces(shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
 
 
 def _piece_width(shape: tuple[int, ...], axes: tuple[int, ...]) -> int | None:
-  """``k`` for `sum_exp`: a divisor of a long trailing row, 1024 to 4096 (powers of two first)."""
+  """``k`` for `sum_exp`: a divisor of a long trailing row, 2048, 4096 or 1024 if one
+  divides it, else the largest from 4096 down to 512."""
   if axes != (len(shape) - 1,) or shape[-1] < LONG_ROW:
     return None
   n = shape[-1]
