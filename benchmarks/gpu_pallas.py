@@ -39,6 +39,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -52,6 +53,15 @@ SIZES = [(4096, 1024), (4096, 4096), (4096, 16384), (1024, 65536), (128, 262144)
 DTYPES = ["bfloat16", "float32"]
 ROTATE_BYTES = 128 << 20  # > 2x the H100's L2
 CHECK_ROWS = 8
+
+
+def _failed(what, e) -> str:
+  """Prints the whole traceback (the log is what comes back from the GPU machine) and
+  returns a short form for the results."""
+  print(f"gpu_pallas.py: {what} failed:", file=sys.stderr)
+  traceback.print_exception(e, file=sys.stderr)
+  sys.stderr.flush()
+  return f"{type(e).__name__}: {e}"[:2000]
 
 
 def _progress(it, desc):
@@ -131,7 +141,7 @@ def check(sizes, dtypes) -> list[dict]:
         (dx,) = vjp(g)
         y, dx = np.asarray(y, np.float32), np.asarray(dx, np.float32)
       except Exception as e:  # a kernel that fails to compile or run: record it, go on
-        err = f"{type(e).__name__}: {e}"[:2000]
+        err = _failed(f"check {row['op']} {cols} {dt}", e)
         rows.append(dict(row, fwd_rel_err=np.inf, bwd_rel_err=np.inf, ok=False, error=err))
         continue
       ry, rdx = _ref64(np.asarray(x, np.float32), w, np.asarray(g, np.float32), log)
@@ -186,7 +196,8 @@ def _timed(cell, t_fwd, t_bwd, nbytes):
               bwd_bytes_per_s=3 * nbytes / t_bwd)  # fmt: skip
 
 
-def timings(sizes, dtypes, pallas, calls, samples) -> list[dict]:
+def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) -> list[dict]:
+  """Every contender at every size; ``on_cell(rows)`` after each (shape, dtype)."""
   rows = []
   for shape, dt, xs, gs, nbytes in _cells(sizes, dtypes, "timing"):
     for name, f in _contenders(pallas).items():
@@ -199,9 +210,11 @@ def timings(sizes, dtypes, pallas, calls, samples) -> list[dict]:
         t_bwd = _time(bwd, list(zip(vjps, gs, strict=True)), calls, samples)
         del vjps
       except Exception as e:  # record a failing contender and time the others
-        rows.append(dict(cell, error=f"{type(e).__name__}: {e}"[:2000]))
+        rows.append(dict(cell, error=_failed(f"timing {name} {shape} {dt}", e)))
         continue
       rows.append(_timed(cell, t_fwd, t_bwd, nbytes))
+      print(f"{name} {shape} {dt}: fwd {t_fwd * 1e6:.1f} us, bwd {t_bwd * 1e6:.1f} us", flush=True)
+    on_cell(rows)
   return rows
 
 
@@ -238,7 +251,7 @@ def variants(dtypes, calls, samples) -> list[dict]:
         t_bwd = _time(bwd, list(zip(ss, gs, strict=True)), calls, samples)
         del ss
       except Exception as e:  # e.g. a variant over the shared-memory limit
-        rows.append(dict(cell, error=f"{type(e).__name__}: {e}"[:2000]))
+        rows.append(dict(cell, error=_failed(f"variant {name} {shape} {dt}", e)))
         continue
       rows.append(_timed(cell, t_fwd, t_bwd, nbytes))
   return rows
@@ -276,6 +289,8 @@ def targets(rows, copy_bw) -> list[str]:
 
 def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
   lines = [f"# Pallas softmax on {meta['device']} (jax {meta['jax']}, {meta['date']})", ""]
+  if not all(c["ok"] for c in checks):
+    lines += ["**The correctness check FAILED: the Pallas timings are of a wrong kernel.**", ""]
   lines.append(f"Measured copy bandwidth (`-x`, 1 GiB float32): **{copy_bw / 1e9:.0f} GB/s**.")
   lines += ["", "## Correctness vs float64 (first rows, with masks and non-finite rows)", ""]
   lines.append("| op | cols | dtype | fwd err / tol | bwd err / tol | ok |")
@@ -337,13 +352,19 @@ def main(argv=None) -> int:
     sizes, dtypes = [(64, 256)], ["float32"]
   probe = jnp.zeros((8, sizes[0][1]), jnp.float32)
   try:
-    jaxsoftmax.softmax(probe, implementation="pallas")
+    t = time.perf_counter()
+    jax.block_until_ready(jaxsoftmax.softmax(probe, implementation="pallas"))
+    print(f"gpu_pallas.py: first Pallas call {time.perf_counter() - t:.1f} s", flush=True)
     pallas = True
   except ValueError as e:
     print(f"gpu_pallas.py: Pallas unavailable here: {e}", file=sys.stderr)
     pallas = False
+  except Exception as e:  # supported but failing: the checks below record where
+    _failed("the first Pallas call", e)
+    pallas = True
   if platform == "gpu" and not pallas:
     return 1
+  copy_n = 1 << 28 if platform == "gpu" else 1 << 20
 
   meta = dict(
     device=str(jax.devices()[0].device_kind),
@@ -353,33 +374,44 @@ def main(argv=None) -> int:
     calls=args.calls,
     samples=args.samples,
   )
-  checks = check(sizes, dtypes) if pallas else []
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"gpu_pallas-{meta['date']}"
-  if not all(c["ok"] for c in checks):
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, checks=checks), indent=1))
-    print("gpu_pallas.py: correctness check FAILED; nothing timed", file=sys.stderr)
+  result = dict(meta=meta)
+
+  def save(md=None):
+    # Written after every step, so that a call that runs out of time, or a kernel
+    # that brings the process down, loses nothing measured before it.
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    if md is not None:
+      stem.with_suffix(".md").write_text(md)
+      print(md, flush=True)
+
+  result["checks"] = checks = check(sizes, dtypes) if pallas else []
+  ok = all(c["ok"] for c in checks)
+  save()
+  if not ok:
+    # Timed anyway (the numbers say whether the kernels are worth mending), but
+    # reported as wrong and the exit status is 1.
+    print("gpu_pallas.py: correctness check FAILED; timings follow", file=sys.stderr)
     for c in checks:
       if not c["ok"]:
-        print(c, file=sys.stderr)
-    return 1
-  rows = timings(sizes, dtypes, pallas, args.calls, args.samples)
-  copy_bw = copy_bandwidth(args.calls, args.samples, 1 << 28 if platform == "gpu" else 1 << 20)
-  result = dict(meta=meta, copy_bytes_per_s=copy_bw, checks=checks, timings=rows)
-  # Written before the variants, so that a variant that brings the process down
-  # loses nothing measured.
-  stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-  md = markdown(meta, checks, rows, copy_bw)
-  stem.with_suffix(".md").write_text(md)
-  print(md)
+        print({k: v for k, v in c.items() if k != "error"}, file=sys.stderr)
+  # A first copy measurement, in case the call runs out of time before the last.
+  result["copy_bytes_per_s_before"] = copy_bandwidth(args.calls, args.samples, copy_n)
+
+  def on_cell(rows):
+    result["timings"] = rows
+    save()
+
+  rows = timings(sizes, dtypes, pallas, args.calls, args.samples, on_cell)
+  copy_bw = copy_bandwidth(args.calls, args.samples, copy_n)
+  result.update(copy_bytes_per_s=copy_bw, timings=rows)
+  save(markdown(meta, checks, rows, copy_bw))
   if pallas and not args.no_variants:
     result["variants"] = variants(dtypes, args.calls, args.samples)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = markdown(meta, checks, rows, copy_bw, result["variants"])
-    stem.with_suffix(".md").write_text(md)
-    print(md)
-  return 0
+    save(markdown(meta, checks, rows, copy_bw, result["variants"]))
+  return 0 if ok else 1
 
 
 if __name__ == "__main__":
