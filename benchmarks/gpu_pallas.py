@@ -14,15 +14,16 @@ In this order:
 2. timings, forward and backward separately, of ``implementation="pallas"``,
    ``implementation="xla"`` and ``jax.nn.softmax``, at 4096 x {1024, 4096,
    16384}, 1024 x 65536 and 128 x 262144, in bfloat16 and float32, as the
-   median of several samples of back-to-back calls on rotating buffers (so that
-   the 50 MB L2 cache does not serve small sizes);
+   median of several samples of back-to-back programs, each of which calls the
+   op on 2 to 16 distinct buffers that move 256 MiB together (one Python
+   dispatch per program, and no size served from the 50-60 MB L2);
 3. the measured copy bandwidth (``-x`` over a 1 GiB buffer), against which the
    achieved bandwidth is reported: forward moves 2 arrays (read x, write s),
    backward 3 (read s and g, write dx); then the issue's two targets per cell
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (write pass order, pipeline depth, the
-   shared-memory budget for whole rows) at the sizes past 16k columns, each
+   with a few ``gpu.Config`` variants (pipeline depth, persistent CTAs) at the
+   sizes past 16k columns, each
    checked against float64 as in step 1 before it is timed
    (``--no-variants`` skips this part).
 
@@ -51,7 +52,7 @@ from jaxsoftmax._pallas import gpu
 
 SIZES = [(4096, 1024), (4096, 4096), (4096, 16384), (1024, 65536), (128, 262144)]
 DTYPES = ["bfloat16", "float32"]
-ROTATE_BYTES = 128 << 20  # > 2x the H100's L2
+BATCH_BYTES = 256 << 20  # moved per timed program; > 4x the L2 of an H100 or H200
 CHECK_ROWS = 8
 
 
@@ -154,24 +155,33 @@ def check(sizes, dtypes) -> list[dict]:
 
 
 def _buffers(shape, dtype, n_arrays):
+  """2 to 16 distinct random arrays: enough that one pass over all of them moves
+  ``BATCH_BYTES`` (``n_arrays`` arrays of this shape per call), far more than the L2."""
   nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize * n_arrays
-  count = int(min(4, max(2, -(-ROTATE_BYTES // nbytes))))
+  count = int(min(16, max(2, -(-BATCH_BYTES // nbytes))))
   keys = jax.random.split(jax.random.key(0), count)
   return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys]
 
 
 def _time(fn, argsets, calls, samples):
-  """Median seconds per call of ``fn(*args)``, over rotating argument sets."""
-  for args in argsets:  # compile (each VJP closure is its own program) and warm up
-    jax.block_until_ready(fn(*args))
+  """Median seconds per call of ``fn(*args)``.
+
+  One jitted program calls ``fn`` on every argument set in turn, so that one
+  dispatch from Python starts ``len(argsets)`` kernels: the first GPU run showed
+  that single calls on small arrays time the host (about 50 us per call for
+  every contender at 4096 x 1024), not the kernel. ``calls`` such programs run
+  back to back per sample."""
+  one = jax.jit(fn)
+  batch = jax.jit(lambda sets: [one(*a) for a in sets])
+  jax.block_until_ready(batch(argsets))  # compile and warm up
   out = []
   for _ in range(samples):
     t = time.perf_counter()
     r = None
-    for i in range(calls):
-      r = fn(*argsets[i % len(argsets)])
+    for _ in range(calls):
+      r = batch(argsets)
     jax.block_until_ready(r)
-    out.append((time.perf_counter() - t) / calls)
+    out.append((time.perf_counter() - t) / (calls * len(argsets)))
   return statistics.median(out)
 
 
@@ -219,11 +229,25 @@ def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) ->
 
 
 VARIANT_SIZES = [(4096, 16384), (1024, 65536), (128, 262144)]
+
+
+def _sms() -> int:
+  """Streaming multiprocessors of the GPU (132 on an H100 SXM and an H200)."""
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+# The first GPU run (gpu_pallas-2026-11-26T0031Z) settled the write order (last
+# to first) and the backward's whole-row budget (now 200 KiB). What it left:
+# streamed rows at 59-66% of copy. One CTA per row puts 2-5 rows per SM in
+# flight, 66-82 MiB in all at 1024 x 65536, more than the L2, so the second read
+# of each row misses it; one or two persistent CTAs per SM keep 17-66 MiB in
+# flight and need more pipeline stages to keep enough bytes in flight.
 VARIANTS = {
-  "default": gpu.Config(),
-  "write first-to-last": gpu.Config(reverse_write=False),
-  "4 stages": gpu.Config(stages=4),
-  "whole rows to 200 KiB": gpu.Config(row_bytes=200 * 1024),
+  "default": lambda: gpu.Config(),
+  "4 stages": lambda: gpu.Config(stages=4),
+  "1 CTA/SM, 4 stages": lambda: gpu.Config(num_ctas=_sms(), stages=4),
+  "1 CTA/SM, 6 stages": lambda: gpu.Config(num_ctas=_sms(), stages=6),
+  "2 CTAs/SM, 4 stages": lambda: gpu.Config(num_ctas=2 * _sms(), stages=4),
 }
 
 
@@ -234,9 +258,10 @@ def variants(dtypes, calls, samples) -> list[dict]:
     x0, g0 = np.asarray(xs[0], np.float32), np.asarray(gs[0], np.float32)
     s_ref, dx_ref = _ref64(x0, np.ones(shape, bool), g0, log=False)
     eps = float(jnp.finfo(jnp.dtype(dt)).eps)
-    for name, cfg in VARIANTS.items():
+    for name, make_cfg in VARIANTS.items():
       cell = dict(variant=name, rows=shape[0], cols=shape[1], dtype=dt)
       try:
+        cfg = make_cfg()
         fwd = jax.jit(lambda x, cfg=cfg: gpu.softmax_fwd_2d(x, log=False, cfg=cfg)[0])
         bwd = jax.jit(lambda s, g, cfg=cfg: gpu.softmax_bwd_2d(s, g, log=False, cfg=cfg))
         # The tolerances of `check`, against the same float64 reference.

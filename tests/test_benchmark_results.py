@@ -47,8 +47,11 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
 
   from benchmarks import gpu_pallas
 
-  small = dict(interpret=True, row_bytes=256, chunk_elems=256)
-  variants = {k: dataclasses.replace(c, **small) for k, c in gpu_pallas.VARIANTS.items()}
+  small = dict(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256)
+  monkeypatch.setattr(gpu_pallas, "BATCH_BYTES", 1)  # 2 buffers per timed program
+  variants = {
+    k: lambda c=c: dataclasses.replace(c(), **small) for k, c in gpu_pallas.VARIANTS.items()
+  }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
   monkeypatch.setattr(gpu_pallas, "VARIANT_SIZES", [(4, 1280)])
   rows = gpu_pallas.variants(["float32"], calls=1, samples=1)

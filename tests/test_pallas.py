@@ -128,18 +128,42 @@ def test_tpu_kernels_interpret(cols, be, dtype):
 
 GPU_DEFAULT = ops.make(gpu, gpu.Config(interpret=True))
 # A tiny shared-memory budget, so that the rows stream through the online path.
-GPU_SMALL = ops.make(gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256))
+GPU_SMALL = ops.make(
+  gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256)
+)
+# Forward and backward on different paths: one streams, the other keeps rows whole.
+GPU_FWD_STREAMS = ops.make(
+  gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=1 << 20)
+)
+GPU_BWD_STREAMS = ops.make(
+  gpu, gpu.Config(interpret=True, row_bytes=1 << 20, chunk_elems=256, bwd_row_bytes=256)
+)
 # The same with the write pass taking the chunks first to last.
 GPU_SMALL_FORWARD = ops.make(
-  gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, reverse_write=False)
+  gpu,
+  gpu.Config(
+    interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, reverse_write=False
+  ),
 )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize(
   "cols, be",
-  [(384, GPU_DEFAULT), (1280, GPU_SMALL), (1280, GPU_SMALL_FORWARD)],
-  ids=["384-fits", "1280-online", "1280-online-forward-order"],
+  [
+    (384, GPU_DEFAULT),
+    (1280, GPU_SMALL),
+    (1280, GPU_SMALL_FORWARD),
+    (1280, GPU_FWD_STREAMS),
+    (1280, GPU_BWD_STREAMS),
+  ],
+  ids=[
+    "384-fits",
+    "1280-online",
+    "1280-online-forward-order",
+    "1280-fwd-online",
+    "1280-bwd-online",
+  ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
   _check(be, cols, dtype)

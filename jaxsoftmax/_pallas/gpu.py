@@ -45,7 +45,13 @@ WARPGROUP = 128
 class Config:
   """Sizes; ``interpret`` runs the kernels in Mosaic GPU's interpreter (tests, CPU)."""
 
-  row_bytes: int = 96 * 1024  # longest row (in input bytes) kept whole in SMEM
+  row_bytes: int = 96 * 1024  # forward: longest row (in input bytes) kept whole in SMEM
+  # Backward: longest pair of rows (s or l, and g, in input bytes) kept whole in
+  # SMEM. Measured on an H200 (benchmarks/results/gpu_pallas-2026-11-26T0031Z.md):
+  # at 4096 x 16384 float32 two whole 64 KiB rows ran at 96% of copy bandwidth,
+  # streaming them twice at 72%. The forward keeps 96 KiB: one whole 128 KiB
+  # bfloat16 row per CTA ran at 39% of copy there, streaming it at 59%.
+  bwd_row_bytes: int = 200 * 1024
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row
@@ -298,7 +304,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   """The VJP over axis 1: ``y`` is ``s`` (softmax) or ``l`` (log_softmax).
 
   For log_softmax, ``live`` is a ``(rows, 1)`` float32 flag, 0 on empty rows.
-  When both rows (``y`` and ``g``) fit the shared-memory budget they are read
+  When both rows (``y`` and ``g``) fit ``cfg.bwd_row_bytes`` they are read
   once; otherwise they stream twice (row sum, then write).
   """
   rows, cols = y.shape
@@ -308,7 +314,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   dtype = y.dtype
   nc = p.n1 // p.kb
   S = cfg.stages
-  fits = p.fits and 2 * cols * jnp.dtype(dtype).itemsize <= cfg.row_bytes
+  fits = p.n1 <= 256 and 2 * cols * jnp.dtype(dtype).itemsize <= cfg.bwd_row_bytes
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
   if log:
