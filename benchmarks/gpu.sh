@@ -2,7 +2,10 @@
 # The benchmarks on a GPU machine, in one call (estimated at 5-6 minutes on one
 # H100, never yet run there: keep timeout_s at 600):
 #
-#   OUT=/some/dir PYTHONPATH=. bash benchmarks/gpu.sh [extra python -m benchmarks flags]
+#   OUT=/some/dir PYTHONPATH=. BENCH_COMMIT=<sha> bash benchmarks/gpu.sh [extra flags]
+#
+# (BENCH_COMMIT: the commit the results are recorded against; the device
+# machine's copy of the tree may carry stale git metadata.)
 #
 # Installs nothing: it uses the machine's own jax (CUDA build). Two parts, both
 # by default, the Pallas one first (PARTS="pallas harness"; set PARTS to one of

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsoftmax
+from benchmarks.report import _git_commit
 from jaxsoftmax._pallas import gpu
 
 SIZES = [(4096, 1024), (4096, 4096), (4096, 16384), (1024, 65536), (128, 262144)]
@@ -395,6 +396,7 @@ def main(argv=None) -> int:
     device=str(jax.devices()[0].device_kind),
     platform=platform,
     jax=jax.__version__,
+    commit=_git_commit(),
     date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ"),
     calls=args.calls,
     samples=args.samples,

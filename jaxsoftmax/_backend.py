@@ -38,6 +38,8 @@ def resolve(
     return "xla"  # the kernels are the default only where they have run on hardware
   reason = pallas_unsupported_reason(x, axes, axis_name)
   if reason is None:
+    if implementation is None and not _pallas.preferred(x.shape, x.dtype, axes):
+      return "xla"  # supported, but measured no faster than XLA for this shape
     return "pallas"
   if implementation == "pallas":
     raise ValueError(f"{fn}: implementation='pallas' cannot run this call: {reason}.")

@@ -303,9 +303,19 @@ def test_accelerator_dispatch(monkeypatch):
   # On a Hopper GPU the row must split into whole TMA chunks.
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
-  assert (
-    _backend.resolve("softmax", None, jnp.ones((2, 4096), jnp.bfloat16), (1,), None) == "pallas"
-  )
+  # implementation=None: the kernels only for rows of >= 8 KiB, >= 128 of them.
+  for shape, dtype, want in [
+    ((128, 4096), jnp.bfloat16, "pallas"),
+    ((4, 32, 2048), jnp.float32, "pallas"),  # 128 rows of 8 KiB
+    ((128, 2048), jnp.bfloat16, "xla"),  # 4 KiB rows
+    ((127, 262144), jnp.float32, "xla"),  # too few rows
+  ]:
+    assert _backend.resolve("softmax", None, jnp.ones(shape, dtype), (-1,), None) == want, shape
+    # An explicit request runs them anyway.
+    assert _backend.resolve("softmax", "pallas", jnp.ones(shape, dtype), (-1,), None) == "pallas"
+  # The row is all softmax axes together: 2 x 4096 float32 per row, 128 rows.
+  x = jnp.ones((2, 128, 4096), jnp.float32)
+  assert _backend.resolve("softmax", None, x, (0, 2), None) == "pallas"
   with pytest.raises(ValueError, match="row length 4097"):
     _backend.resolve("softmax", "pallas", jnp.ones((2, 4097), jnp.float32), (1,), None)
 

@@ -23,6 +23,25 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16
 VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 
 
+# On a GPU, implementation=None takes the kernels only for the shapes where the
+# H200 measured them faster than XLA (benchmarks/results/gpu_pallas-2026-11-26T0041Z.md,
+# gpu-2026-11-26.md): rows of at least 8 KiB, and at least 128 of them. Shorter
+# rows run as fast or faster on XLA (bfloat16 4096 x 1024 forward: 22 vs 7.5 us);
+# fewer rows leave SMs idle, since each CTA owns whole rows (32 x 262144: twice
+# jax.nn's time). An explicit implementation="pallas" runs them anyway.
+GPU_MIN_ROW_BYTES = 8 * 1024
+GPU_MIN_ROWS = 128
+
+
+def preferred(shape, dtype, axes) -> bool:
+  """Whether ``implementation=None`` should take the (supported) kernels here."""
+  if jax.default_backend() != "gpu":
+    return True
+  cols = math.prod(shape[a] for a in axes)
+  rows = math.prod(shape) // cols
+  return rows >= GPU_MIN_ROWS and cols * jnp.dtype(dtype).itemsize >= GPU_MIN_ROW_BYTES
+
+
 def _gpu_reason() -> str | None:
   """None on a CUDA GPU that Mosaic GPU targets (compute capability >= 9.0)."""
   device = jax.devices()[0]
