@@ -126,6 +126,14 @@ def main(argv=None) -> int:
   record = dict(date=started.strftime("%Y-%m-%d"), machine=machine, suites={})
   failed_check = False
   plan = []
+  wanted_sizes = [tuple(int(n) for n in z.split("x")) for z in args.size or ()]
+  for z in wanted_sizes:
+    if not any(len(z) == len(suite.check_size) for suite in selected):
+      arities = sorted({len(suite.check_size) for suite in selected})
+      raise SystemExit(
+        f"--size {'x'.join(map(str, z))}: {len(z)} dimensions, but the selected suites "
+        f"take {' or '.join(map(str, arities))}"
+      )
   for suite in selected:
     contenders = [
       c
@@ -135,7 +143,9 @@ def main(argv=None) -> int:
     ]
     dtypes = args.dtype or list(suite.dtypes)
     if args.size:
-      sizes = [tuple(int(n) for n in s.split("x")) for s in args.size]
+      # Each suite takes the sizes of its own arity (rows x classes, or
+      # tokens x hidden x vocabulary for the fused linear one).
+      sizes = [z for z in wanted_sizes if len(z) == len(suite.check_size)]
     else:
       sizes = list(suite.quick_sizes if args.quick else suite.sizes)
     plan.append((suite, contenders, dtypes, sizes))

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import report
 
 
@@ -85,3 +87,20 @@ def test_gpu_script_targets():
   assert tie[-1].endswith("| 1.07x | 0.82x | yes |")
   behind = targets([cell("pallas", 0.22, 0.33), cell("jax.nn.softmax", 0.4, 0.32)], 1000.0)
   assert behind[-1].endswith("| 1.03x | **no** |")
+
+
+# ------------------------------------------------------ python -m benchmarks --size
+
+
+def test_sizes_go_to_the_suites_of_their_arity(capsys):
+  # A 3-dimensional size is the fused linear suite's; a 2-dimensional one the others'.
+  # (On the GPU machine one --size of each kind once crashed the run in its third suite.)
+  from benchmarks.__main__ import main
+
+  argv = ["--suite", "softmax", "--suite", "linear_cross_entropy", "--dtype", "float32"]
+  argv += ["--size", "16x128", "--size", "16x8x128", "--reps", "1", "--no-save", "--no-torch"]
+  assert main(argv) == 0
+  out = capsys.readouterr().out
+  assert "softmax 16x128 float32" in out and "linear_cross_entropy 16x8x128 float32" in out
+  with pytest.raises(SystemExit, match="--size 2x3x4x5: 4 dimensions.*take 2 or 3"):
+    main(argv[:6] + ["--size", "2x3x4x5"])
