@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The benchmarks on a GPU machine, in one call (estimated at 5-6 minutes on one
-# H100, never yet run there: keep timeout_s at 600):
+# The benchmarks on a GPU machine, in one call (on an H200: the Pallas part took
+# about 4 minutes with its variants, the harness its --budget plus about a minute):
 #
 #   OUT=/some/dir PYTHONPATH=. BENCH_COMMIT=<sha> bash benchmarks/gpu.sh [extra flags]
 #
