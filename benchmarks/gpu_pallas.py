@@ -12,8 +12,8 @@ In this order:
    first rows of every size, with a ``where`` mask and non-finite rows checked
    against the masking table. A failed check is reported, the timings still
    run (to say whether a kernel is worth mending), and the exit status is 1;
-2. timings, forward and backward separately, of ``implementation="pallas"``,
-   ``implementation="xla"`` and ``jax.nn.softmax``, at 4096 x {1024, 4096,
+2. timings, forward and backward separately, of softmax and log_softmax with
+   ``implementation="pallas"`` and ``"xla"``, and of ``jax.nn``'s, at 4096 x {1024, 4096,
    16384}, 1024 x 65536 and 128 x 262144, in bfloat16 and float32, as the
    median of several samples of back-to-back programs, each of which calls the
    op on 2 to 16 distinct buffers that move 256 MiB together (one Python
@@ -76,12 +76,16 @@ def _progress(it, desc):
     return it
 
 
-def _contenders(pallas: bool):
+OPS = ("softmax", "log_softmax")
+
+
+def _contenders(pallas: bool, op: str = "softmax"):
+  ours, ref = getattr(jaxsoftmax, op), getattr(jax.nn, op)
   out = {}
   if pallas:
-    out["pallas"] = lambda x: jaxsoftmax.softmax(x, implementation="pallas")
-  out["jaxsoftmax-xla"] = lambda x: jaxsoftmax.softmax(x, implementation="xla")
-  out["jax.nn.softmax"] = lambda x: jax.nn.softmax(x, axis=-1)
+    out["pallas"] = lambda x: ours(x, implementation="pallas")
+  out["jaxsoftmax-xla"] = lambda x: ours(x, implementation="xla")
+  out[f"jax.nn.{op}"] = lambda x: ref(x, axis=-1)
   return out
 
 
@@ -212,8 +216,8 @@ def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) ->
   """Every contender at every size; ``on_cell(rows)`` after each (shape, dtype)."""
   rows = []
   for shape, dt, xs, gs, nbytes in _cells(sizes, dtypes, "timing"):
-    for name, f in _contenders(pallas).items():
-      cell = dict(contender=name, rows=shape[0], cols=shape[1], dtype=dt)
+    for op, name, f in [(o, n, f) for o in OPS for n, f in _contenders(pallas, o).items()]:
+      cell = dict(op=op, contender=name, rows=shape[0], cols=shape[1], dtype=dt)
       try:
         t_fwd = _time(jax.jit(f), [(x,) for x in xs], calls, samples)
         # Backward alone: the residuals are computed once, then only the VJP is timed.
@@ -222,10 +226,12 @@ def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) ->
         t_bwd = _time(bwd, list(zip(vjps, gs, strict=True)), calls, samples)
         del vjps
       except Exception as e:  # record a failing contender and time the others
-        rows.append(dict(cell, error=_failed(f"timing {name} {shape} {dt}", e)))
+        rows.append(dict(cell, error=_failed(f"timing {op} {name} {shape} {dt}", e)))
         continue
       rows.append(_timed(cell, t_fwd, t_bwd, nbytes))
-      print(f"{name} {shape} {dt}: fwd {t_fwd * 1e6:.1f} us, bwd {t_bwd * 1e6:.1f} us", flush=True)
+      print(
+        f"{op} {name} {shape} {dt}: fwd {t_fwd * 1e6:.1f} us, bwd {t_bwd * 1e6:.1f} us", flush=True
+      )
     on_cell(rows)
   return rows
 
@@ -288,14 +294,18 @@ TARGET = 0.85  # of the measured copy bandwidth, forward and backward
 CEILING = 0.95  # jax.nn at this fraction of copy or above: matching it is enough
 
 
-def targets(rows, copy_bw) -> list[str]:
-  """The issue's targets per cell: Pallas at >= ``TARGET`` of copy, and faster than
-  jax.nn except where jax.nn already runs at the bandwidth ceiling."""
-  by = {(r["rows"], r["cols"], r["dtype"], r["contender"]): r for r in rows if "error" not in r}
+def targets(rows, copy_bw, op="softmax") -> list[str]:
+  """The issue's targets per cell of ``op``: Pallas at >= ``TARGET`` of copy, and
+  faster than jax.nn except where jax.nn already runs at the bandwidth ceiling."""
+  by = {
+    (r["rows"], r["cols"], r["dtype"], r["contender"]): r
+    for r in rows
+    if "error" not in r and r.get("op", "softmax") == op
+  }
   out = ["| shape | dtype | fwd % copy | bwd % copy | fwd / jax.nn | bwd / jax.nn | met |"]
   out.append("|---|---|---|---|---|---|---|")
   for (n, c, dt, who), r in by.items():
-    ref = by.get((n, c, dt, "jax.nn.softmax"))
+    ref = by.get((n, c, dt, f"jax.nn.{op}"))
     if who != "pallas" or ref is None:
       continue
     ok = True
@@ -327,24 +337,28 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
       f"| {c['op']} | {c['cols']} | {c['dtype']} | {c['fwd_rel_err']:.2e} / {c['fwd_tol']:.1e} "
       f"| {c['bwd_rel_err']:.2e} / {c['bwd_tol']:.1e} | {'yes' if c['ok'] else '**NO**'} |"
     )
-  lines += ["", "## softmax timings (median per call)", ""]
-  lines.append(
-    "| shape | dtype | contender | fwd us | fwd GB/s | % copy | bwd us | bwd GB/s | % copy |"
-  )
-  lines.append("|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    if "error" in r:
-      err = r["error"].splitlines()[0][:80]
-      lines.append(f"| {r['rows']}x{r['cols']} | {r['dtype']} | {r['contender']} | failed: {err} |")
+  for op in OPS:
+    of_op = [r for r in rows if r.get("op", "softmax") == op]
+    if not of_op:
       continue
+    lines += ["", f"## {op} timings (median per call)", ""]
     lines.append(
-      f"| {r['rows']}x{r['cols']} | {r['dtype']} | {r['contender']} | {r['fwd_s'] * 1e6:.1f} "
-      f"| {r['fwd_bytes_per_s'] / 1e9:.0f} | {100 * r['fwd_bytes_per_s'] / copy_bw:.0f}% "
-      f"| {r['bwd_s'] * 1e6:.1f} | {r['bwd_bytes_per_s'] / 1e9:.0f} "
-      f"| {100 * r['bwd_bytes_per_s'] / copy_bw:.0f}% |"
+      "| shape | dtype | contender | fwd us | fwd GB/s | % copy | bwd us | bwd GB/s | % copy |"
     )
-  lines += ["", "## Targets: Pallas >= 85% of copy, faster than jax.nn.softmax", ""]
-  lines += targets(rows, copy_bw)
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in of_op:
+      head = f"| {r['rows']}x{r['cols']} | {r['dtype']} | {r['contender']} "
+      if "error" in r:
+        lines.append(head + f"| failed: {r['error'].splitlines()[0][:80]} |")
+        continue
+      lines.append(
+        head + f"| {r['fwd_s'] * 1e6:.1f} "
+        f"| {r['fwd_bytes_per_s'] / 1e9:.0f} | {100 * r['fwd_bytes_per_s'] / copy_bw:.0f}% "
+        f"| {r['bwd_s'] * 1e6:.1f} | {r['bwd_bytes_per_s'] / 1e9:.0f} "
+        f"| {100 * r['bwd_bytes_per_s'] / copy_bw:.0f}% |"
+      )
+    lines += ["", f"## {op} targets: Pallas >= 85% of copy, faster than jax.nn.{op}", ""]
+    lines += targets(rows, copy_bw, op)
   if variant_rows:
     lines += ["", "## Mosaic GPU kernel variants (softmax, 2-D kernels called directly)", ""]
     lines.append("| shape | dtype | variant | fwd us | fwd % copy | bwd us | bwd % copy |")
