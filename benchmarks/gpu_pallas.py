@@ -324,6 +324,20 @@ def targets(rows, copy_bw, op="softmax") -> list[str]:
   return out
 
 
+def _timing_line(r, who, copy_bw, gbps) -> str:
+  """A table row: us (GB/s) and % of copy, forward then backward; or the error."""
+  head = f"| {r['rows']}x{r['cols']} | {r['dtype']} | {who} "
+  if "error" in r:
+    return head + f"| failed: {r['error'].splitlines()[0][:80]} |"
+  cells = []
+  for d in ("fwd", "bwd"):
+    bps = r[f"{d}_bytes_per_s"]
+    cells.append(f"{r[f'{d}_s'] * 1e6:.1f}")
+    cells += [f"{bps / 1e9:.0f}"] if gbps else []
+    cells.append(f"{100 * bps / copy_bw:.0f}%")
+  return head + "| " + " | ".join(cells) + " |"
+
+
 def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
   lines = [f"# Pallas softmax on {meta['device']} (jax {meta['jax']}, {meta['date']})", ""]
   if not all(c["ok"] for c in checks):
@@ -347,31 +361,14 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
     )
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in of_op:
-      head = f"| {r['rows']}x{r['cols']} | {r['dtype']} | {r['contender']} "
-      if "error" in r:
-        lines.append(head + f"| failed: {r['error'].splitlines()[0][:80]} |")
-        continue
-      lines.append(
-        head + f"| {r['fwd_s'] * 1e6:.1f} "
-        f"| {r['fwd_bytes_per_s'] / 1e9:.0f} | {100 * r['fwd_bytes_per_s'] / copy_bw:.0f}% "
-        f"| {r['bwd_s'] * 1e6:.1f} | {r['bwd_bytes_per_s'] / 1e9:.0f} "
-        f"| {100 * r['bwd_bytes_per_s'] / copy_bw:.0f}% |"
-      )
+      lines.append(_timing_line(r, r["contender"], copy_bw, gbps=True))
     lines += ["", f"## {op} targets: Pallas >= 85% of copy, faster than jax.nn.{op}", ""]
     lines += targets(rows, copy_bw, op)
   if variant_rows:
     lines += ["", "## Mosaic GPU kernel variants (softmax, 2-D kernels called directly)", ""]
     lines.append("| shape | dtype | variant | fwd us | fwd % copy | bwd us | bwd % copy |")
     lines.append("|---|---|---|---|---|---|---|")
-    for r in variant_rows:
-      head = f"| {r['rows']}x{r['cols']} | {r['dtype']} | {r['variant']} "
-      if "error" in r:
-        lines.append(head + f"| failed: {r['error'].splitlines()[0][:80]} |")
-        continue
-      lines.append(
-        head + f"| {r['fwd_s'] * 1e6:.1f} | {100 * r['fwd_bytes_per_s'] / copy_bw:.0f}% "
-        f"| {r['bwd_s'] * 1e6:.1f} | {100 * r['bwd_bytes_per_s'] / copy_bw:.0f}% |"
-      )
+    lines += [_timing_line(r, r["variant"], copy_bw, gbps=False) for r in variant_rows]
   return "\n".join(lines) + "\n"
 
 
