@@ -23,9 +23,9 @@ In this order:
    backward 3 (read s and g, write dx); then the issue's two targets per cell
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (pipeline depth, persistent CTAs) at the
-   sizes past 16k columns, each checked against float64 as in step 1 before it
-   is timed (``--no-variants`` skips this part).
+   with a few ``gpu.Config`` variants (several short rows per CTA, pipeline
+   depth), each checked against float64 as in step 1 (softmax and log_softmax)
+   before softmax is timed (``--no-variants`` skips this part).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step. Steps 1-3 use the public API only; step 4 calls ``gpu.py``.
@@ -236,49 +236,59 @@ def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) ->
   return rows
 
 
-VARIANT_SIZES = [(4096, 16384), (1024, 65536), (128, 262144)]
+SHORT = [(4096, 1024), (4096, 4096)]
+LONG = [(1024, 65536), (128, 262144)]
 
-
-def _sms() -> int:
-  """Streaming multiprocessors of the GPU (132 on an H100 SXM and an H200)."""
-  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
-
-
-# The first GPU run (gpu_pallas-2026-11-26T0031Z) settled the write order (last
-# to first) and the backward's whole-row budget (now 200 KiB). What it left:
-# streamed rows at 59-66% of copy. One CTA per row puts 2-5 rows per SM in
-# flight, 66-82 MiB in all at 1024 x 65536, more than the L2, so the second read
-# of each row misses it; one or two persistent CTAs per SM keep 17-66 MiB in
-# flight and need more pipeline stages to keep enough bytes in flight.
+# What the H200 runs settled (gpu_pallas-2026-11-26T0031Z and T0041Z): the write
+# order of streamed rows (last to first), the backward's whole-row budget (200
+# KiB), and that neither 4 or 6 pipeline stages nor 1-2 persistent CTAs per SM
+# lift streamed rows past 67% of copy. Left to measure: several short rows per
+# CTA (``block_bytes``), where one CTA per row ran at 18-64% of copy.
+# name: (config, the shapes it is timed at)
 VARIANTS = {
-  "default": lambda: gpu.Config(),
-  "4 stages": lambda: gpu.Config(stages=4),
-  "1 CTA/SM, 4 stages": lambda: gpu.Config(num_ctas=_sms(), stages=4),
-  "1 CTA/SM, 6 stages": lambda: gpu.Config(num_ctas=_sms(), stages=6),
-  "2 CTAs/SM, 4 stages": lambda: gpu.Config(num_ctas=2 * _sms(), stages=4),
+  "default": (lambda: gpu.Config(), SHORT + [(4096, 16384)] + LONG),
+  "row blocks to 32 KiB": (lambda: gpu.Config(block_bytes=32 * 1024), SHORT),
+  "row blocks to 64 KiB": (lambda: gpu.Config(block_bytes=64 * 1024), SHORT + [(4096, 16384)]),
+  "4 stages": (lambda: gpu.Config(stages=4), LONG),
 }
 
 
+def _variant_check(cfg, x, g, log, eps) -> str | None:
+  """None if the 2-D kernels under ``cfg`` match float64 (the tolerances of
+  `check`) for softmax or log_softmax on ``x`` and ``g``, else what is off."""
+  fwd = jax.jit(lambda x: gpu.softmax_fwd_2d(x, log=log, cfg=cfg))
+  y, lse = fwd(x)
+  live = jnp.ones((x.shape[0], 1), jnp.float32)
+  dx = jax.jit(lambda y, g: gpu.softmax_bwd_2d(y, g, live, log=log, cfg=cfg))(y, g)
+  ry, rdx = _ref64(
+    np.asarray(x, np.float32), np.ones(x.shape, bool), np.asarray(g, np.float32), log
+  )
+  err_f, err_b = _rel(np.asarray(y, np.float32), ry), _rel(np.asarray(dx, np.float32), rdx)
+  if err_f <= 4 * eps and err_b <= 8 * eps:
+    return None
+  return f"wrong: {'log_softmax' if log else 'softmax'} fwd err {err_f:.2e}, bwd err {err_b:.2e}"
+
+
 def variants(dtypes, calls, samples) -> list[dict]:
-  """The 2-D kernels under each of ``VARIANTS``, forward and backward of softmax."""
+  """The 2-D kernels under each of ``VARIANTS`` at its shapes: softmax and
+  log_softmax checked against float64, softmax forward and backward timed."""
   rows = []
-  for shape, dt, xs, gs, nbytes in _cells(VARIANT_SIZES, dtypes, "variants"):
-    x0, g0 = np.asarray(xs[0], np.float32), np.asarray(gs[0], np.float32)
-    s_ref, dx_ref = _ref64(x0, np.ones(shape, bool), g0, log=False)
+  shapes = list(dict.fromkeys(z for _, zs in VARIANTS.values() for z in zs))
+  for shape, dt, xs, gs, nbytes in _cells(shapes, dtypes, "variants"):
     eps = float(jnp.finfo(jnp.dtype(dt)).eps)
-    for name, make_cfg in VARIANTS.items():
+    for name, (make_cfg, at) in VARIANTS.items():
+      if shape not in at:
+        continue
       cell = dict(variant=name, rows=shape[0], cols=shape[1], dtype=dt)
       try:
         cfg = make_cfg()
+        wrong = _variant_check(cfg, xs[0], gs[0], False, eps)
+        wrong = wrong or _variant_check(cfg, xs[0], gs[0], True, eps)
+        if wrong:
+          rows.append(dict(cell, error=wrong))
+          continue
         fwd = jax.jit(lambda x, cfg=cfg: gpu.softmax_fwd_2d(x, log=False, cfg=cfg)[0])
         bwd = jax.jit(lambda s, g, cfg=cfg: gpu.softmax_bwd_2d(s, g, log=False, cfg=cfg))
-        # The tolerances of `check`, against the same float64 reference.
-        s0 = fwd(xs[0])
-        err_f = _rel(np.asarray(s0, np.float32), s_ref)
-        err_b = _rel(np.asarray(bwd(s0, gs[0]), np.float32), dx_ref)
-        if not (err_f <= 4 * eps and err_b <= 8 * eps):
-          rows.append(dict(cell, error=f"wrong: fwd err {err_f:.2e}, bwd err {err_b:.2e}"))
-          continue
         t_fwd = _time(fwd, [(x,) for x in xs], calls, samples)
         ss = [fwd(x) for x in xs]
         t_bwd = _time(bwd, list(zip(ss, gs, strict=True)), calls, samples)

@@ -44,33 +44,34 @@ def test_rerunning_one_cell_keeps_the_others(tmp_path):
 
 def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   # The variant timings run on the GPU machine after everything else; here they
-  # run the kernels in interpret mode on one small streamed size.
-  import dataclasses
-
+  # run the kernels in interpret mode at two small sizes.
   from benchmarks import gpu_pallas
 
+  Config = gpu_pallas.gpu.Config
+  assert all(isinstance(c(), Config) for c, _ in gpu_pallas.VARIANTS.values())
   small = dict(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256)
   monkeypatch.setattr(gpu_pallas, "BATCH_BYTES", 1)  # 2 buffers per timed program
-  assert all(isinstance(c(), gpu_pallas.gpu.Config) for c in gpu_pallas.VARIANTS.values())
-  # Three of them run (each costs two interpret-mode compiles per kernel).
   variants = {
-    k: lambda c=c: dataclasses.replace(c(), **small)
-    for k, c in list(gpu_pallas.VARIANTS.items())[:3]
+    "streamed": (lambda: Config(**small), [(4, 1280)]),
+    "row blocks": (lambda: Config(interpret=True, block_bytes=1 << 20), [(4, 1280), (4, 256)]),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
-  monkeypatch.setattr(gpu_pallas, "VARIANT_SIZES", [(4, 1280)])
   rows = gpu_pallas.variants(["float32"], calls=1, samples=1)
-  assert [r["variant"] for r in rows] == list(variants)
+  assert [(r["variant"], r["cols"]) for r in rows] == [
+    ("streamed", 1280),
+    ("row blocks", 1280),
+    ("row blocks", 256),
+  ]
   assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
 
-  # A kernel off by a factor is reported as wrong and not timed (one variant is enough).
-  monkeypatch.setattr(gpu_pallas, "VARIANTS", dict(list(variants.items())[:1]))
+  # A kernel off by a factor is reported as wrong and not timed.
+  monkeypatch.setattr(gpu_pallas, "VARIANTS", {"streamed": variants["streamed"]})
   real_fwd = gpu_pallas.gpu.softmax_fwd_2d
   monkeypatch.setattr(
     gpu_pallas.gpu, "softmax_fwd_2d", lambda x, **kw: (1.01 * real_fwd(x, **kw)[0], None)
   )
   rows = gpu_pallas.variants(["float32"], calls=1, samples=1)
-  assert all(r["error"].startswith("wrong: fwd err") for r in rows), rows
+  assert [r["error"][:26] for r in rows] == ["wrong: softmax fwd err 1.0"], rows
 
 
 def test_gpu_script_targets():

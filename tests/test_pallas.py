@@ -135,6 +135,8 @@ GPU_SMALL = ops.make(
 GPU_FWD_STREAMS = ops.make(
   gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=1 << 20)
 )
+# Several whole rows per CTA (6 rows: blocks of 2).
+GPU_BLOCKS = ops.make(gpu, gpu.Config(interpret=True, block_bytes=1 << 20))
 GPU_BWD_STREAMS = ops.make(
   gpu, gpu.Config(interpret=True, row_bytes=1 << 20, chunk_elems=256, bwd_row_bytes=256)
 )
@@ -167,6 +169,37 @@ GPU_SMALL_FORWARD = ops.make(
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
   _check(be, cols, dtype)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_gpu_row_blocks_keep_each_rows_statistics(log):
+  # Blocks of 4 rows that mix live and empty rows: each row keeps its own max,
+  # normaliser and live flag, whatever its place in the block.
+  x = 3.0 * jax.random.normal(jax.random.key(7), (8, 256), jnp.float32)
+  x = x + jnp.arange(8.0)[:, None]  # a different scale per row
+  w = jnp.ones((8, 256), bool).at[jnp.array([1, 4, 6])].set(False)
+  g = jax.random.normal(jax.random.key(8), (8, 256), jnp.float32)
+  blocks_of_4 = ops.make(gpu, gpu.Config(interpret=True, block_bytes=4 * 256 * 4))
+  y, dx = map(np.asarray, _run_jit(blocks_of_4, x, w, g, log))
+  f = jax.nn.log_softmax if log else jax.nn.softmax
+  x64 = x.astype(jnp.float64)
+  ry, vjp = jax.vjp(lambda v: f(v, axis=1, where=w), x64)
+  rdx = np.asarray(vjp(jnp.where(w, g, 0.0).astype(jnp.float64))[0])
+  ry = np.asarray(ry)
+  live = np.asarray(w[:, 0])
+  assert rel_err(y[live], ry[live]) <= 4 * eps(jnp.float32)
+  assert rel_err(dx[live], rdx[live]) <= 8 * eps(jnp.float32)
+  assert np.all(y[~live] == (-np.inf if log else 0.0)) and np.all(dx[~live] == 0.0)
+
+
+def test_gpu_block_rows():
+  # The largest power of two <= 256 dividing the rows within the byte budget.
+  assert gpu.block_rows(4096, 2048, 32 * 1024) == 16
+  assert gpu.block_rows(4096, 2048, 0) == 1  # no budget: one row per CTA
+  assert gpu.block_rows(6, 100, 1 << 20) == 2
+  assert gpu.block_rows(7, 100, 1 << 20) == 1
+  assert gpu.block_rows(1 << 12, 4, 1 << 20) == 256
+  assert gpu.block_rows(4096, 64 * 1024, 64 * 1024) == 1
 
 
 @pytest.mark.parametrize("cols", [1, 127, 4097, 70000])
@@ -268,6 +301,17 @@ def test_gpu_kernels_lower_with_warpgroup_semantics():
     softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
   )
   _lowers(warpgroup, "cuda", jnp.bfloat16, [(64, 4096), (4, 262144)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gpu_row_block_kernels_lower_for_cuda(dtype):
+  cfg = gpu.Config(block_bytes=32 * 1024)
+  blocks = SimpleNamespace(
+    softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
+    softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
+  )
+  # 16, 4 and 2 rows per CTA (bfloat16: 16, 8, 4), and the streamed path unchanged.
+  _lowers(blocks, "cuda", dtype, [(4096, 512), (4096, 2048), (64, 4096), (8, 65536)])
 
 
 # --------------------------------------------------------------- implementation=

@@ -52,6 +52,12 @@ class Config:
   # streaming them twice at 72%. The forward keeps 96 KiB: one whole 128 KiB
   # bfloat16 row per CTA ran at 39% of copy there, streaming it at 59%.
   bwd_row_bytes: int = 200 * 1024
+  # Rows kept whole: each CTA takes a block of R rows (R a power of two dividing
+  # the row count, at most 256) of up to this many input bytes in one TMA copy,
+  # rather than one row. 0 (the default, what ran on the H200) means R = 1. For
+  # short rows, where one CTA per row measured slow (4096 x 1024 bfloat16
+  # forward: 22 us, jax.nn 7.5); unmeasured, timed by the GPU script's variants.
+  block_bytes: int = 0
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row
@@ -93,6 +99,15 @@ def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
     f"the row length {cols} cannot be split into chunks of a multiple of "
     f"{WARPGROUP} elements that divide it"
   )
+
+
+def block_rows(rows: int, row_bytes: int, budget: int) -> int:
+  """Rows per CTA for rows kept whole: the largest power of two ``R <= 256`` that
+  divides ``rows`` with ``R * row_bytes <= budget``; 1 if none (or no budget)."""
+  r = 1
+  while r < 256 and rows % (2 * r) == 0 and 2 * r * row_bytes <= budget:
+    r *= 2
+  return r
 
 
 def unsupported_reason(rows: int, cols: int, dtype) -> str | None:
@@ -235,24 +250,69 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
     plgpu.wait_smem_to_gmem(0)
 
+  def row_stats(row):
+    """Running max and normaliser of a whole (n1, w) row in SMEM."""
+
+    def stats(j, md):
+      return _online_stats(*md, load(row.at[pl.ds(j * p.kb, p.kb)]))
+
+    return jax.lax.fori_loop(0, nc, stats, (jnp.float32(-jnp.inf), jnp.float32(0)))
+
+  def row_write(row, m, d):
+    """The output, in place of the row."""
+
+    def write(j, c):
+      chunk = row.at[pl.ds(j * p.kb, p.kb)]
+      chunk[...] = _fwd_out(load(chunk), m, d, log).astype(dtype)
+      return c
+
+    jax.lax.fori_loop(0, nc, write, 0)
+
+  R = block_rows(rows, cols * jnp.dtype(dtype).itemsize, cfg.block_bytes) if p.fits else 1
+  if R > 1:
+    # Blocks of R whole rows: one TMA copy in, R rows computed, one copy out.
+    nb = rows // R
+    x3 = x.reshape(nb, R, p.n1, p.w)
+    out_type = (
+      jax.ShapeDtypeStruct(x3.shape, dtype),
+      jax.ShapeDtypeStruct((nb, R, WARPGROUP), F32),
+    )
+
+    def body(num_ctas, x_gmem, o_gmem, lse_gmem, buf, lse_smem, bar):
+      def one_block(b):
+        plgpu.copy_gmem_to_smem(x_gmem.at[b], buf, bar.at[0])
+        plgpu.barrier_wait(bar.at[0])
+
+        def one_row(r, c):
+          m, d = row_stats(buf.at[r])
+          row_write(buf.at[r], m, d)
+          lse_smem.at[r][...] = jnp.broadcast_to(_safe_shift(m) + jnp.log(d), (WARPGROUP,))
+          return c
+
+        jax.lax.fori_loop(0, R, one_row, 0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf, o_gmem.at[b])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b])
+        plgpu.wait_smem_to_gmem(0)  # before the buffers take the next block
+
+      _row_loop(nb, num_ctas, one_block)
+
+    scratch = [
+      plgpu.SMEM((R, p.n1, p.w), dtype),
+      plgpu.SMEM((R, WARPGROUP), F32),
+      plgpu.Barrier(num_barriers=1),
+    ]
+    out, lse = _kernel(nb, p, dtype, cfg, out_type, scratch, body)(x3)
+    return out.reshape(rows, cols), lse.reshape(rows, WARPGROUP)[:, :1]
+
   if p.fits:
 
     def body(num_ctas, x_gmem, o_gmem, lse_gmem, buf, lse_smem, bar):
       def one_row(row):
         plgpu.copy_gmem_to_smem(x_gmem.at[row], buf, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
-
-        def stats(j, md):
-          return _online_stats(*md, load(buf.at[pl.ds(j * p.kb, p.kb)]))
-
-        m, d = jax.lax.fori_loop(0, nc, stats, (jnp.float32(-jnp.inf), jnp.float32(0)))
-
-        def write(j, c):
-          chunk = buf.at[pl.ds(j * p.kb, p.kb)]
-          chunk[...] = _fwd_out(load(chunk), m, d, log).astype(dtype)
-          return c
-
-        jax.lax.fori_loop(0, nc, write, 0)
+        m, d = row_stats(buf)
+        row_write(buf, m, d)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(buf, o_gmem.at[row])
         write_lse(lse_gmem, lse_smem, row, m, d)  # also waits for the row's store
@@ -333,6 +393,64 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       return jnp.where(jnp.broadcast_to(flag != 0, gc.shape), gc - jnp.exp(yc) * acc, 0.0)
     return yc * (gc - acc)
 
+  def whole_row_grad(ybuf, gbuf, flag):
+    """dx of a whole (n1, w) row in SMEM, written in place of g."""
+    chunk = lambda ref, j: ref.at[pl.ds(j * p.kb, p.kb)]  # noqa: E731
+
+    def rowsum(j, a):
+      return a + partial_sum(load(chunk(ybuf, j)), load(chunk(gbuf, j)))
+
+    acc = jax.lax.fori_loop(0, nc, rowsum, jnp.float32(0))
+
+    def write(j, c):
+      dx = grad(load(chunk(ybuf, j)), load(chunk(gbuf, j)), acc, flag)
+      chunk(gbuf, j)[...] = dx.astype(dtype)  # in place of g
+      return c
+
+    jax.lax.fori_loop(0, nc, write, 0)
+
+  row_bytes = cols * jnp.dtype(dtype).itemsize
+  R = block_rows(rows, row_bytes, min(cfg.block_bytes, cfg.bwd_row_bytes // 2)) if fits else 1
+  if R > 1:
+    # Blocks of R whole rows, as in the forward: y, g (and the live flags) in, dx out.
+    nb = rows // R
+    args = [a.reshape(nb, R, p.n1, p.w) for a in args[:2]]
+    if log:
+      args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)).reshape(nb, R, WARPGROUP))
+
+    def block_body(num_ctas, *refs):
+      if log:
+        y_gmem, g_gmem, live_gmem, o_gmem, live_smem, ybuf, gbuf, bar = refs
+      else:
+        y_gmem, g_gmem, o_gmem, ybuf, gbuf, bar = refs
+
+      def one_block(b):
+        plgpu.copy_gmem_to_smem(y_gmem.at[b], ybuf, bar.at[0])
+        plgpu.copy_gmem_to_smem(g_gmem.at[b], gbuf, bar.at[1])
+        if log:
+          plgpu.copy_gmem_to_smem(live_gmem.at[b], live_smem, bar.at[2])
+          plgpu.barrier_wait(bar.at[2])
+        plgpu.barrier_wait(bar.at[0])
+        plgpu.barrier_wait(bar.at[1])
+
+        def one_row(r, c):
+          flag = jnp.max(live_smem.at[r][...]) if log else None
+          whole_row_grad(ybuf.at[r], gbuf.at[r], flag)
+          return c
+
+        jax.lax.fori_loop(0, R, one_row, 0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[b])
+        plgpu.wait_smem_to_gmem(0)  # before the buffers take the next block
+
+      _row_loop(nb, num_ctas, one_block)
+
+    scratch = [plgpu.SMEM((R, WARPGROUP), F32)] if log else []
+    scratch += [plgpu.SMEM((R, p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=3)]
+    out_type = jax.ShapeDtypeStruct(args[0].shape, dtype)
+    dx = _kernel(nb, p, dtype, cfg, out_type, scratch, block_body)(*args)
+    return dx.reshape(rows, cols)
+
   def body(num_ctas, *refs):
     if log:
       y_gmem, g_gmem, live_gmem, o_gmem, live_smem, ybuf, gbuf, *rest = refs
@@ -351,19 +469,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
         plgpu.copy_gmem_to_smem(g_gmem.at[row], gbuf, bar.at[1])
         plgpu.barrier_wait(bar.at[0])
         plgpu.barrier_wait(bar.at[1])
-        chunk = lambda ref, j: ref.at[pl.ds(j * p.kb, p.kb)]  # noqa: E731
-
-        def rowsum(j, a):
-          return a + partial_sum(load(chunk(ybuf, j)), load(chunk(gbuf, j)))
-
-        acc = jax.lax.fori_loop(0, nc, rowsum, jnp.float32(0))
-
-        def write(j, c):
-          dx = grad(load(chunk(ybuf, j)), load(chunk(gbuf, j)), acc, flag)
-          chunk(gbuf, j)[...] = dx.astype(dtype)  # in place of g
-          return c
-
-        jax.lax.fori_loop(0, nc, write, 0)
+        whole_row_grad(ybuf, gbuf, flag)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[row])
       else:
