@@ -191,7 +191,7 @@ def main(argv=None) -> int:
           skipped.append(f"{suite.name} {suite.size_label(size)} {dtype}")
           continue
         cell = harness.measure_cell(
-          suite, size, dtype, contenders, reps, args.warmup, args.seed, calls
+          suite, size, dtype, contenders, reps, args.warmup, args.seed, calls, batch=not on_cpu
         )
         cell["load_average"] = [round(v, 2) for v in os.getloadavg()]
         entry["cells"].append(cell)

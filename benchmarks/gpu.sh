@@ -16,7 +16,8 @@
 # - harness: `python -m benchmarks` first checks every contender's value and VJP
 #   against the naive definition in float64 on the CPU, and times nothing (exit 1)
 #   if one is wrong. Then it times every suite (softmax and log_softmax first),
-#   interleaved, with 20 back-to-back calls per sample (to hide dispatch latency),
+#   interleaved, with 20 back-to-back calls per sample, each call one program
+#   that runs the op on every rotating buffer (to hide dispatch latency),
 #   and writes <platform>-<date>.json/.md/.png under $OUT. Cells that would start
 #   after $BUDGET seconds are skipped and listed, so that the call ends in time
 #   (default 75 s with the Pallas part, 200 s without). PyTorch is left out.

@@ -213,6 +213,7 @@ class Program:
   call: Callable[[Any], Any]  # starts one call (may return before it is done)
   argsets: list[tuple]
   temp_bytes: int | None = None
+  per_call: int = 1  # op executions per call (a batched program runs several)
   residual_bytes: int | None = None
   residuals: list[str] | None = None
   times: list[float] | None = None
@@ -244,25 +245,32 @@ def saved_residual_bytes(fn, args, argnums, flags) -> tuple[int, list[str]]:
   return total, names
 
 
-def jax_programs(suite: Suite, c: Contender, cases, gs) -> list[Program]:
+def _program(name, mode, fn, argsets, flags, batch: bool) -> Program:
+  """``fn`` compiled for one argument set (its memory use is reported from this
+  program). With ``batch``, the timed program calls ``fn`` on every argument set
+  in turn, so that one dispatch from Python covers ``len(argsets)`` runs: on the
+  GPU machine a single call costs about 50 us of host time, more than the op
+  itself at small sizes."""
+  one = _compile(fn, argsets[0], flags)
+  temp = _temp_bytes(one)
+  if not batch:
+    return Program(name, mode, lambda a, f=one: f(*a), argsets, temp)
+  inner = jax.jit(fn)
+  many = _compile(lambda sets: [inner(*a) for a in sets], (argsets,), flags)
+  return Program(name, mode, lambda a, f=many: f(a), [argsets], temp, per_call=len(argsets))
+
+
+def jax_programs(suite: Suite, c: Contender, cases, gs, batch: bool = False) -> list[Program]:
   device_cases = [tuple(jnp.asarray(a) for a in args) for args in cases]
   device_gs = [jnp.asarray(g) for g in gs]
-  fwd = _compile(c.fn, device_cases[0], c.flags)
   fb_args = [(*args, g) for args, g in zip(device_cases, device_gs, strict=True)]
-  fb = _compile(_fwd_bwd(c.fn, suite.diff_argnums), fb_args[0], c.flags)
-  res_bytes, res_names = saved_residual_bytes(c.fn, device_cases[0], suite.diff_argnums, c.flags)
-  return [
-    Program(c.name, "fwd", lambda a, f=fwd: f(*a), device_cases, _temp_bytes(fwd)),
-    Program(
-      c.name,
-      "fwd+bwd",
-      lambda a, f=fb: f(*a),
-      fb_args,
-      _temp_bytes(fb),
-      res_bytes,
-      res_names,
-    ),
-  ]
+  fwd = _program(c.name, "fwd", c.fn, device_cases, c.flags, batch)
+  fb_fn = _fwd_bwd(c.fn, suite.diff_argnums)
+  fb = _program(c.name, "fwd+bwd", fb_fn, fb_args, c.flags, batch)
+  fb.residual_bytes, fb.residuals = saved_residual_bytes(
+    c.fn, device_cases[0], suite.diff_argnums, c.flags
+  )
+  return [fwd, fb]
 
 
 def torch_programs(suite: Suite, c: Contender, cases, gs) -> list[Program]:
@@ -291,14 +299,12 @@ def torch_programs(suite: Suite, c: Contender, cases, gs) -> list[Program]:
   ]
 
 
-def roofline_programs(cases) -> list[Program]:
+def roofline_programs(cases, batch: bool = False) -> list[Program]:
   """A plain copy and an exp pass over the first input's bytes."""
   xs = [(jnp.asarray(args[0]),) for args in cases]
-  copy = jax.jit(jnp.copy).lower(*xs[0]).compile()
-  exp = jax.jit(jnp.exp).lower(*xs[0]).compile()
   return [
-    Program("roofline", "copy", lambda a, f=copy: f(*a), xs),
-    Program("roofline", "exp", lambda a, f=exp: f(*a), xs),
+    _program("roofline", "copy", jnp.copy, xs, {}, batch),
+    _program("roofline", "exp", jnp.exp, xs, {}, batch),
   ]
 
 
@@ -306,8 +312,9 @@ def time_interleaved(programs: Sequence[Program], reps: int, warmup: int, calls:
   """Runs the programs in turn, A B C A B C ..., and records each one's time per call.
 
   A sample is ``calls`` back-to-back calls (on rotating buffers) and one wait for
-  the last result: on an accelerator this hides the host's dispatch and sync
-  latency, which would otherwise dominate small sizes. On the CPU, ``calls=1``.
+  the last result: on an accelerator this hides the host's sync latency, and
+  batched programs (``per_call`` runs of the op each) its dispatch latency,
+  which would otherwise dominate small sizes. On the CPU, ``calls=1``.
   """
   for p in programs:
     p.times = []
@@ -319,7 +326,7 @@ def time_interleaved(programs: Sequence[Program], reps: int, warmup: int, calls:
       for j in range(calls):
         out = p.call(p.argsets[(r * calls + j) % len(p.argsets)])
       jax.block_until_ready(out)
-      p.times.append((time.perf_counter() - t0) / calls)
+      p.times.append((time.perf_counter() - t0) / (calls * p.per_call))
 
 
 def measure_cell(
@@ -331,18 +338,22 @@ def measure_cell(
   warmup: int,
   seed: int = 0,
   calls: int = 1,
+  batch: bool = False,
 ) -> dict:
-  """Times every contender and the roofline at one (size, dtype)."""
+  """Times every contender and the roofline at one (size, dtype); ``batch``: each
+  timed JAX program runs the op once per rotating buffer (accelerators)."""
   (probe,) = make_cases(suite, size, dtype, 1, seed)
   count = buffer_count(probe)
   cases = make_cases(suite, size, dtype, count, seed)
   rng = np.random.default_rng(seed + 1)
   gs = [cotangent(suite, args, rng) for args in cases]
 
-  programs = roofline_programs(cases)
+  programs = roofline_programs(cases, batch)
   for c in contenders:
-    build = torch_programs if c.framework == "torch" else jax_programs
-    programs += build(suite, c, cases, gs)
+    if c.framework == "torch":
+      programs += torch_programs(suite, c, cases, gs)
+    else:
+      programs += jax_programs(suite, c, cases, gs, batch)
   time_interleaved(programs, reps, warmup, calls)
 
   itemsize = np.dtype(cases[0][0].dtype).itemsize
@@ -383,6 +394,7 @@ def measure_cell(
     buffers=count,
     reps=reps,
     calls_per_sample=calls,
+    batched=batch,
     roofline=dict(
       copy_s=median["roofline", "copy"],
       exp_s=median["roofline", "exp"],

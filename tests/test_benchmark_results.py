@@ -129,3 +129,26 @@ def test_gpu_script_targets_per_op():
     "| 1x25 | float32 | 91% | 91% | 0.55x | 1.00x | yes |"
   ]
   assert targets(rows, 1000.0)[2:] == ["| 1x25 | float32 | 67% | 91% | 1.50x | 1.00x | **no** |"]
+
+
+def test_batched_programs_run_the_op_on_every_buffer():
+  # On accelerators one timed program runs the op once per rotating buffer (one
+  # dispatch for all): its outputs must be the single program's, buffer by buffer.
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import harness
+
+  xs = [(jnp.full((4, 8), float(i)).at[:, 0].set(i + 1.0),) for i in range(3)]
+  f = lambda x: jax.nn.softmax(x * 2.0)  # noqa: E731
+  single = harness._program("c", "fwd", f, xs, {}, batch=False)
+  batched = harness._program("c", "fwd", f, xs, {}, batch=True)
+  assert (single.per_call, len(single.argsets)) == (1, 3)
+  assert (batched.per_call, len(batched.argsets)) == (3, 1)
+  outs = batched.call(batched.argsets[0])
+  assert len(outs) == 3
+  for (x,), out in zip(xs, outs, strict=True):
+    np.testing.assert_array_equal(out, single.call((x,)))
+    np.testing.assert_allclose(out, jax.nn.softmax(np.asarray(x, np.float64) * 2.0), rtol=1e-6)
+  assert batched.temp_bytes == single.temp_bytes  # memory is the single program's

@@ -347,6 +347,7 @@ def test_accelerator_dispatch(monkeypatch):
   # On a Hopper GPU the row must split into whole TMA chunks.
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
+  monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
   # implementation=None: the kernels only for rows of >= 8 KiB, >= 128 of them.
   for shape, dtype, want in [
     ((128, 4096), jnp.bfloat16, "pallas"),
@@ -360,6 +361,10 @@ def test_accelerator_dispatch(monkeypatch):
   # The row is all softmax axes together: 2 x 4096 float32 per row, 128 rows.
   x = jnp.ones((2, 128, 4096), jnp.float32)
   assert _backend.resolve("softmax", None, x, (0, 2), None) == "pallas"
+  # Verified on Hopper only: a newer GPU runs them on request, not by default.
+  monkeypatch.setattr(_pallas, "_gpu_major", lambda: 10)
+  assert _backend.resolve("softmax", None, x, (0, 2), None) == "xla"
+  assert _backend.resolve("softmax", "pallas", x, (0, 2), None) == "pallas"
   with pytest.raises(ValueError, match="row length 4097"):
     _backend.resolve("softmax", "pallas", jnp.ones((2, 4097), jnp.float32), (1,), None)
 

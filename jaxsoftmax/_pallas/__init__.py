@@ -23,8 +23,9 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16
 VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 
 
-# On a GPU, implementation=None takes the kernels only for the shapes where the
-# H200 measured them faster than XLA (benchmarks/results/gpu_pallas-2026-11-26T0041Z.md,
+# On a GPU, implementation=None takes the kernels only on Hopper (compute
+# capability 9.x, where they were verified) and for the shapes where the H200
+# measured them faster than XLA (benchmarks/results/gpu_pallas-2026-11-26T0041Z.md,
 # gpu-2026-11-26.md): rows of at least 8 KiB, and at least 128 of them. Shorter
 # rows run as fast or faster on XLA (bfloat16 4096 x 1024 forward: 22 vs 7.5 us);
 # fewer rows leave SMs idle, since each CTA owns whole rows (32 x 262144: twice
@@ -37,9 +38,17 @@ def preferred(shape, dtype, axes) -> bool:
   """Whether ``implementation=None`` should take the (supported) kernels here."""
   if jax.default_backend() != "gpu":
     return True
+  if _gpu_major() != 9:
+    return False  # verified on Hopper only; newer GPUs run them on request
   cols = math.prod(shape[a] for a in axes)
   rows = math.prod(shape) // cols
   return rows >= GPU_MIN_ROWS and cols * jnp.dtype(dtype).itemsize >= GPU_MIN_ROW_BYTES
+
+
+def _gpu_major() -> int | None:
+  """The major compute capability of the first GPU, None if it has none (not NVIDIA)."""
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  return None if cc is None else int(str(cc).split(".")[0])
 
 
 def _gpu_reason() -> str | None:
