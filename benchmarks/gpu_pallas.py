@@ -1,6 +1,7 @@
 """Pallas kernels on a GPU: correctness against float64, then timings and bandwidth.
 
-Run on a GPU machine (about 4 minutes on an H200, 1.5 of them the variants):
+Run on a GPU machine (about 4 minutes on an H200 when it timed softmax alone,
+1.5 of them the variants; estimated at 5 with log_softmax):
 
     python benchmarks/gpu_pallas.py --out "$OUT"
 
