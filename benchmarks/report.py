@@ -185,11 +185,16 @@ _MODES = {"fwd+bwd": "Forward + backward", "fwd": "Forward"}
 def markdown_suite(name: str, s: dict) -> list[str]:
   contenders = s["contenders"]
   base = s["baseline"]
+  how = ""
+  if s.get("calls_per_sample", 1) > 1:
+    how = f"; a sample is {s['calls_per_sample']} back-to-back calls"
+    if any(c.get("batched") for c in s["cells"]):
+      how += ", each a program that runs the op once per rotating buffer"
   lines = [
     "",
     f"## {name}",
     "",
-    f"{s['description']}. Mode: {s['mode']}, {s['reps']} repetitions, run at {s['time']} "
+    f"{s['description']}. Mode: {s['mode']}, {s['reps']} repetitions{how}, run at {s['time']} "
     f"(load average {s.get('load_average', '?')}).",
   ]
   for mode in ("fwd+bwd", "fwd"):
