@@ -65,6 +65,7 @@ def _parse(argv):
   p.add_argument("--contender", action="append", help="only this contender (repeatable)")
   p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
   p.add_argument("--no-save", action="store_true", help="print only, write no files")
+  p.add_argument("--no-plots", action="store_true", help="write JSON and Markdown, no PNG")
   p.add_argument("--check-only", action="store_true", help="run the correctness check and stop")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--list", action="store_true", help="list the suites and exit")
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
     written = [f"{stem}.json", f"{stem}.md"]
     for name, s in merged["suites"].items():
       png = args.out / f"{stem}-{name}.png"
-      if s["cells"] and report.plot(name, s, png, machine["platform"]):
+      if s["cells"] and not args.no_plots and report.plot(name, s, png, machine["platform"]):
         written.append(png.name)
     print(f"wrote {', '.join(written)} in {args.out}")
   return 0

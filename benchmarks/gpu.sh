@@ -35,8 +35,10 @@ case " $PARTS " in
 esac
 mkdir -p "$OUT"
 
-{ nvidia-smi || echo "nvidia-smi not available"; } >"$OUT/nvidia-smi.txt" 2>&1
 backend=$("$PY" -c 'import jax; print(jax.default_backend())')
+# At most 8 files come back from the GPU machine: nvidia-smi goes into the
+# Pallas part's log, and the harness writes no plots.
+{ nvidia-smi || echo "nvidia-smi not available"; } >"$OUT/gpu_pallas-$backend.log" 2>&1
 if [ "$backend" != gpu ] && [ -z "${ALLOW_CPU:-}" ]; then
   echo "gpu.sh: jax sees no GPU (default backend: $backend); set ALLOW_CPU=1 to run anyway" >&2
   exit 2
@@ -46,7 +48,7 @@ status=0
 for part in $PARTS; do
   case "$part" in
     harness)
-      "$PY" -m benchmarks --out "$OUT" --budget "$BUDGET" "$@" 2>&1 |
+      "$PY" -m benchmarks --out "$OUT" --budget "$BUDGET" --no-plots "$@" 2>&1 |
         tee "$OUT/benchmark-$backend.log" || status=1
       ;;
     pallas)
@@ -55,7 +57,7 @@ for part in $PARTS; do
       extra=()
       [ "$backend" != gpu ] && extra=(--allow-cpu)
       "$PY" benchmarks/gpu_pallas.py --out "$OUT" "${extra[@]}" 2>&1 |
-        tee "$OUT/gpu_pallas-$backend.log" || status=1
+        tee -a "$OUT/gpu_pallas-$backend.log" || status=1
       ;;
     *)
       echo "gpu.sh: unknown part '$part' in PARTS (expected harness and/or pallas)" >&2

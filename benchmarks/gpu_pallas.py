@@ -24,9 +24,11 @@ In this order:
    backward 3 (read s and g, write dx); then the issue's two targets per cell
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (several short rows per CTA, pipeline
-   depth), each checked against float64 as in step 1 (softmax and log_softmax)
-   before softmax is timed (``--no-variants`` skips this part).
+   with a few ``gpu.Config`` variants (several short rows per CTA, long rows
+   kept whole, pipeline depth), in a child process killed after
+   ``--variants-timeout`` seconds (a kernel that hangs), each checked against
+   float64 as in step 1 (softmax and log_softmax) before softmax is timed
+   (``--no-variants`` skips this part).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step. Steps 1-3 use the public API only; step 4 calls ``gpu.py``.
@@ -39,8 +41,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -237,6 +242,11 @@ def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) ->
   return rows
 
 
+def _sms() -> int:
+  """Streaming multiprocessors of the GPU (132 on an H100 SXM and an H200)."""
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
 SHORT = [(4096, 1024), (4096, 4096)]
 LONG = [(1024, 65536), (128, 262144)]
 
@@ -244,12 +254,19 @@ LONG = [(1024, 65536), (128, 262144)]
 # order of streamed rows (last to first), the backward's whole-row budget (200
 # KiB), and that neither 4 or 6 pipeline stages nor 1-2 persistent CTAs per SM
 # lift streamed rows past 67% of copy. Left to measure: several short rows per
-# CTA (``block_bytes``), where one CTA per row ran at 18-64% of copy.
+# CTA (``block_bytes``), where one CTA per row ran at 18-64% of copy, and rows of
+# 96-200 KiB kept whole by persistent CTAs (``resident_bytes``: 1024 x 32768
+# float32 and 1024 x 65536 bfloat16 are 128 KiB rows).
+RESIDENT = [(1024, 32768), (1024, 65536)]
 # name: (config, the shapes it is timed at)
 VARIANTS = {
-  "default": (lambda: gpu.Config(), SHORT + [(4096, 16384)] + LONG),
+  "default": (lambda: gpu.Config(), SHORT + [(4096, 16384), (1024, 32768)] + LONG),
   "row blocks to 32 KiB": (lambda: gpu.Config(block_bytes=32 * 1024), SHORT),
   "row blocks to 64 KiB": (lambda: gpu.Config(block_bytes=64 * 1024), SHORT + [(4096, 16384)]),
+  "resident rows to 200 KiB": (
+    lambda: gpu.Config(resident_bytes=200 * 1024, num_ctas=_sms()),
+    RESIDENT,
+  ),
   "4 stages": (lambda: gpu.Config(stages=4), LONG),
 }
 
@@ -270,9 +287,10 @@ def _variant_check(cfg, x, g, log, eps) -> str | None:
   return f"wrong: {'log_softmax' if log else 'softmax'} fwd err {err_f:.2e}, bwd err {err_b:.2e}"
 
 
-def variants(dtypes, calls, samples) -> list[dict]:
+def variants(dtypes, calls, samples, on_cell=lambda rows: None) -> list[dict]:
   """The 2-D kernels under each of ``VARIANTS`` at its shapes: softmax and
-  log_softmax checked against float64, softmax forward and backward timed."""
+  log_softmax checked against float64, softmax forward and backward timed;
+  ``on_cell(rows)`` after each."""
   rows = []
   shapes = list(dict.fromkeys(z for _, zs in VARIANTS.values() for z in zs))
   for shape, dt, xs, gs, nbytes in _cells(shapes, dtypes, "variants"):
@@ -298,6 +316,28 @@ def variants(dtypes, calls, samples) -> list[dict]:
         rows.append(dict(cell, error=_failed(f"variant {name} {shape} {dt}", e)))
         continue
       rows.append(_timed(cell, t_fwd, t_bwd, nbytes))
+      on_cell(rows)
+  return rows
+
+
+def variants_in_child(dtypes, calls, samples, timeout_s) -> list[dict]:
+  """``variants`` in a child process, killed after ``timeout_s``: a variant kernel
+  that hangs on the GPU (a barrier that never completes) then costs the call
+  ``timeout_s`` and the variants after it, not the rest of the run."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = Path(tmp) / "variants.json"
+    cmd = [sys.executable, __file__, "--variants-only", str(path)]
+    cmd += ["--calls", str(calls), "--samples", str(samples), "--dtypes", ",".join(dtypes)]
+    root = str(Path(__file__).resolve().parent.parent)  # for `import benchmarks`
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    try:
+      subprocess.run(cmd, timeout=timeout_s, check=False, env=env)
+      note = None
+    except subprocess.TimeoutExpired:
+      note = f"timed out after {timeout_s} s: the variants after this one were not run"
+    rows = json.loads(path.read_text()) if path.exists() else []
+  if note:
+    rows.append(dict(variant="(child process)", rows=0, cols=0, dtype="-", error=note))
   return rows
 
 
@@ -390,7 +430,15 @@ def main(argv=None) -> int:
   p.add_argument("--samples", type=int, default=7, help="samples per measurement (median)")
   p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on the CPU")
   p.add_argument("--no-variants", action="store_true", help="skip the kernel-variant timings")
+  p.add_argument("--variants-timeout", type=int, default=300, help="seconds for all variants")
+  p.add_argument("--variants-only", metavar="JSON", help=argparse.SUPPRESS)  # the child
+  p.add_argument("--dtypes", default=",".join(DTYPES), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.variants_only:
+    path = Path(args.variants_only)
+    save_rows = lambda rows: path.write_text(json.dumps(rows, indent=1))  # noqa: E731
+    save_rows(variants(args.dtypes.split(","), args.calls, args.samples, save_rows))
+    return 0
 
   platform = jax.default_backend()
   if platform != "gpu" and not args.allow_cpu:
@@ -459,7 +507,7 @@ def main(argv=None) -> int:
   result.update(copy_bytes_per_s=copy_bw, timings=rows)
   save(markdown(meta, checks, rows, copy_bw))
   if pallas and not args.no_variants:
-    result["variants"] = variants(dtypes, args.calls, args.samples)
+    result["variants"] = variants_in_child(dtypes, args.calls, args.samples, args.variants_timeout)
     save(markdown(meta, checks, rows, copy_bw, result["variants"]))
   return 0 if ok else 1
 

@@ -152,3 +152,13 @@ def test_batched_programs_run_the_op_on_every_buffer():
     np.testing.assert_array_equal(out, single.call((x,)))
     np.testing.assert_allclose(out, jax.nn.softmax(np.asarray(x, np.float64) * 2.0), rtol=1e-6)
   assert batched.temp_bytes == single.temp_bytes  # memory is the single program's
+
+
+def test_gpu_script_variants_child_is_killed_after_its_timeout():
+  # A variant kernel that hangs on the GPU must not take the rest of the call with it.
+  from benchmarks import gpu_pallas
+
+  rows = gpu_pallas.variants_in_child(["float32"], calls=1, samples=1, timeout_s=1)
+  assert rows[-1]["error"].startswith("timed out after 1 s"), rows
+  md = gpu_pallas.markdown(dict(device="d", jax="j", date="t"), [], [], 1.0, rows)
+  assert "| (child process) | failed: timed out after 1 s" in md

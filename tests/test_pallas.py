@@ -137,6 +137,11 @@ GPU_FWD_STREAMS = ops.make(
 )
 # Several whole rows per CTA (6 rows: blocks of 2).
 GPU_BLOCKS = ops.make(gpu, gpu.Config(interpret=True, block_bytes=1 << 20))
+# Rows past row_bytes kept whole in SMEM, chunk by chunk, the next row loading
+# as the current one is written (one CTA in interpret mode: every row after the first).
+GPU_RESIDENT = ops.make(
+  gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, resident_bytes=1 << 20)
+)
 GPU_BWD_STREAMS = ops.make(
   gpu, gpu.Config(interpret=True, row_bytes=1 << 20, chunk_elems=256, bwd_row_bytes=256)
 )
@@ -158,6 +163,9 @@ GPU_SMALL_FORWARD = ops.make(
     (1280, GPU_SMALL_FORWARD),
     (1280, GPU_FWD_STREAMS),
     (1280, GPU_BWD_STREAMS),
+    (384, GPU_BLOCKS),
+    (1280, GPU_RESIDENT),
+    (256, GPU_RESIDENT),
   ],
   ids=[
     "384-fits",
@@ -165,6 +173,9 @@ GPU_SMALL_FORWARD = ops.make(
     "1280-online-forward-order",
     "1280-fwd-online",
     "1280-bwd-online",
+    "384-row-blocks",
+    "1280-resident",
+    "256-resident-one-chunk",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -304,14 +315,20 @@ def test_gpu_kernels_lower_with_warpgroup_semantics():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_gpu_row_block_kernels_lower_for_cuda(dtype):
-  cfg = gpu.Config(block_bytes=32 * 1024)
-  blocks = SimpleNamespace(
-    softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
-    softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
-  )
+def test_gpu_row_block_and_resident_kernels_lower_for_cuda(dtype):
+  def kernels(**cfg):
+    cfg = gpu.Config(**cfg)
+    return SimpleNamespace(
+      softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
+      softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
+    )
+
   # 16, 4 and 2 rows per CTA (bfloat16: 16, 8, 4), and the streamed path unchanged.
-  _lowers(blocks, "cuda", dtype, [(4096, 512), (4096, 2048), (64, 4096), (8, 65536)])
+  shapes = [(4096, 512), (4096, 2048), (64, 4096), (8, 65536)]
+  _lowers(kernels(block_bytes=32 * 1024), "cuda", dtype, shapes)
+  # Resident rows of 128 KiB (float32 32768, bfloat16 65536); float32 65536 streams.
+  shapes = [(1024, 32768), (1024, 65536), (100, 49152)]
+  _lowers(kernels(resident_bytes=200 * 1024, num_ctas=132), "cuda", dtype, shapes)
 
 
 # --------------------------------------------------------------- implementation=

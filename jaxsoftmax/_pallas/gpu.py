@@ -58,6 +58,12 @@ class Config:
   # short rows, where one CTA per row measured slow (4096 x 1024 bfloat16
   # forward: 22 us, jax.nn 7.5); unmeasured, timed by the GPU script's variants.
   block_bytes: int = 0
+  # Rows past ``row_bytes`` but at most this many input bytes are kept whole in
+  # SMEM as chunks, each with its own barrier, by persistent CTAs that load the
+  # next row's chunks while the current row's are written: one HBM read per row
+  # instead of two. 0 (the default) streams them. Unmeasured; timed by the GPU
+  # script's variants at 1024 x 65536 bfloat16 (128 KiB rows, 61% of copy streamed).
+  resident_bytes: int = 0
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row
@@ -268,6 +274,9 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     jax.lax.fori_loop(0, nc, write, 0)
 
+  if not p.fits and cols * jnp.dtype(dtype).itemsize <= cfg.resident_bytes:
+    return _fwd_resident(x, p, log, cfg, load)
+
   R = block_rows(rows, cols * jnp.dtype(dtype).itemsize, cfg.block_bytes) if p.fits else 1
   if R > 1:
     # Blocks of R whole rows: one TMA copy in, R rows computed, one copy out.
@@ -355,6 +364,83 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     ]
   out, lse = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(x3)
   return out.reshape(rows, cols), lse[:, :1]
+
+
+def _fwd_resident(x, p: Plan, log: bool, cfg: Config, load):
+  """The forward for rows kept whole in SMEM as ``nc`` chunks (``cfg.resident_bytes``).
+
+  Persistent CTAs (``cfg.num_ctas``, by default one per row up to 132) each take
+  rows cta, cta + num_ctas, ...; a row's chunks arrive on their own barriers, so
+  the statistics start with the first chunk. In the write pass, once the store of
+  chunk j has read it from SMEM (``LAG`` stores later), chunk j of the CTA's next
+  row is loaded into its slot; the last ``LAG`` follow after the row."""
+  LAG = 2
+  rows, cols = x.shape
+  dtype = x.dtype
+  nc = p.n1 // p.kb
+  x3 = x.reshape(rows, p.n1, p.w)
+  out_type = (jax.ShapeDtypeStruct(x3.shape, dtype), jax.ShapeDtypeStruct((rows, WARPGROUP), F32))
+  cfg = dataclasses.replace(cfg, num_ctas=cfg.num_ctas or 132)
+
+  def body(num_ctas, x_gmem, o_gmem, lse_gmem, buf, lse_smem, bars):
+    cta = jax.lax.axis_index("cta")
+    mine = (rows - cta + num_ctas - 1) // num_ctas
+
+    def fetch(row, j):
+      src = x_gmem.at[row, pl.ds(j * p.kb, p.kb)]
+      plgpu.copy_gmem_to_smem(src, buf.at[j], bars.at[j])
+
+    @pl.when(mine > 0)
+    def _():
+      for j in range(nc):
+        fetch(cta, j)
+
+    def one_row(k, carry):
+      row = cta + k * num_ctas
+      nxt = row + num_ctas
+      has_next = k + 1 < mine
+
+      def stats(j, md):
+        plgpu.barrier_wait(bars.at[j])
+        return _online_stats(*md, load(buf.at[j]))
+
+      m, d = jax.lax.fori_loop(0, nc, stats, (jnp.float32(-jnp.inf), jnp.float32(0)))
+
+      def write(j, c):
+        buf.at[j][...] = _fwd_out(load(buf.at[j]), m, d, log).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf.at[j], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
+
+        @pl.when(jnp.logical_and(j >= LAG, has_next))
+        def _():
+          plgpu.wait_smem_to_gmem(LAG, wait_read_only=True)  # chunk j - LAG is stored
+          fetch(nxt, j - LAG)
+
+        return c
+
+      jax.lax.fori_loop(0, nc, write, 0)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every chunk and the last lse
+      lse_smem[...] = jnp.broadcast_to(_safe_shift(m) + jnp.log(d), (WARPGROUP,))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
+
+      @pl.when(has_next)
+      def _():
+        for j in range(max(0, nc - LAG), nc):
+          fetch(nxt, j)
+
+      return carry
+
+    jax.lax.fori_loop(0, mine, one_row, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [
+    plgpu.SMEM((nc, p.kb, p.w), dtype),
+    plgpu.SMEM((WARPGROUP,), F32),
+    plgpu.Barrier(num_barriers=nc),
+  ]
+  out, lse = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(x3)
+  return out.reshape(rows, x.shape[1]), lse[:, :1]
 
 
 # ---------------------------------------------------------------------------- backward
