@@ -433,7 +433,7 @@ def main(argv=None) -> int:
   p.add_argument("--samples", type=int, default=7, help="samples per measurement (median)")
   p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on the CPU")
   p.add_argument("--no-variants", action="store_true", help="skip the kernel-variant timings")
-  p.add_argument("--variants-timeout", type=int, default=300, help="seconds for all variants")
+  p.add_argument("--variants-timeout", type=int, default=240, help="seconds for all variants")
   p.add_argument("--variants-only", metavar="JSON", help=argparse.SUPPRESS)  # the child
   p.add_argument("--dtypes", default=",".join(DTYPES), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
