@@ -242,11 +242,6 @@ def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) ->
   return rows
 
 
-def _sms() -> int:
-  """Streaming multiprocessors of the GPU (132 on an H100 SXM and an H200)."""
-  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
-
-
 SHORT = [(4096, 1024), (4096, 4096)]
 LONG = [(1024, 65536), (128, 262144)]
 
@@ -264,7 +259,7 @@ VARIANTS = {
   "row blocks to 32 KiB": (lambda: gpu.Config(block_bytes=32 * 1024), SHORT),
   "row blocks to 64 KiB": (lambda: gpu.Config(block_bytes=64 * 1024), SHORT + [(4096, 16384)]),
   "resident rows to 200 KiB": (
-    lambda: gpu.Config(resident_bytes=200 * 1024, num_ctas=_sms()),
+    lambda: gpu.Config(resident_bytes=200 * 1024, num_ctas=gpu.sm_count()),
     RESIDENT,
   ),
   "4 stages": (lambda: gpu.Config(stages=4), LONG),

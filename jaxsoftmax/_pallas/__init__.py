@@ -54,10 +54,11 @@ def _gpu_major() -> int | None:
 def _gpu_reason() -> str | None:
   """None on a CUDA GPU that Mosaic GPU targets (compute capability >= 9.0)."""
   device = jax.devices()[0]
-  cc = getattr(device, "compute_capability", None)
-  if cc is None:
+  major = _gpu_major()
+  if major is None:
     return f"Mosaic GPU needs an NVIDIA GPU; this GPU is {device.device_kind!r}"
-  if tuple(int(v) for v in str(cc).split(".")[:2]) < (9, 0):
+  if major < 9:
+    cc = device.compute_capability
     return f"Mosaic GPU needs compute capability >= 9.0 (Hopper); this GPU has {cc}"
   return None
 

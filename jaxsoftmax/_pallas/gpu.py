@@ -142,6 +142,17 @@ def _safe_shift(m):
   return jnp.where(m == -jnp.inf, 0.0, m)
 
 
+def _lse(m, d):
+  """A row's log-sum-exp from its running max and normaliser (-inf if empty)."""
+  return _safe_shift(m) + jnp.log(d)
+
+
+def sm_count() -> int:
+  """Streaming multiprocessors of the GPU (132 on an H100 SXM and an H200, and
+  the fallback where the device does not say)."""
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
 def _strided(shape, dtype):
   """The layout Mosaic GPU gives a plain SMEM load of this shape and dtype."""
   vec = min(8 // jnp.dtype(dtype).itemsize, (shape[0] * shape[1]) // WARPGROUP)
@@ -250,8 +261,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
 
   def write_lse(lse_gmem, lse_smem, row, m, d):
-    lse = _safe_shift(m) + jnp.log(d)
-    lse_smem[...] = jnp.broadcast_to(lse, (WARPGROUP,))
+    lse_smem[...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
     plgpu.wait_smem_to_gmem(0)
@@ -274,10 +284,11 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     jax.lax.fori_loop(0, nc, write, 0)
 
-  if not p.fits and cols * jnp.dtype(dtype).itemsize <= cfg.resident_bytes:
+  row_bytes = cols * jnp.dtype(dtype).itemsize
+  if not p.fits and row_bytes <= cfg.resident_bytes:
     return _fwd_resident(x, p, log, cfg, load)
 
-  R = block_rows(rows, cols * jnp.dtype(dtype).itemsize, cfg.block_bytes) if p.fits else 1
+  R = block_rows(rows, row_bytes, cfg.block_bytes) if p.fits else 1
   if R > 1:
     # Blocks of R whole rows: one TMA copy in, R rows computed, one copy out.
     nb = rows // R
@@ -295,7 +306,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
         def one_row(r, c):
           m, d = row_stats(buf.at[r])
           row_write(buf.at[r], m, d)
-          lse_smem.at[r][...] = jnp.broadcast_to(_safe_shift(m) + jnp.log(d), (WARPGROUP,))
+          lse_smem.at[r][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
           return c
 
         jax.lax.fori_loop(0, R, one_row, 0)
@@ -369,7 +380,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 def _fwd_resident(x, p: Plan, log: bool, cfg: Config, load):
   """The forward for rows kept whole in SMEM as ``nc`` chunks (``cfg.resident_bytes``).
 
-  Persistent CTAs (``cfg.num_ctas``, by default one per row up to 132) each take
+  Persistent CTAs (``cfg.num_ctas``, by default one per SM) each take
   rows cta, cta + num_ctas, ...; a row's chunks arrive on their own barriers, so
   the statistics start with the first chunk. In the write pass, once the store of
   chunk j has read it from SMEM (``LAG`` stores later), chunk j of the CTA's next
@@ -380,7 +391,7 @@ def _fwd_resident(x, p: Plan, log: bool, cfg: Config, load):
   nc = p.n1 // p.kb
   x3 = x.reshape(rows, p.n1, p.w)
   out_type = (jax.ShapeDtypeStruct(x3.shape, dtype), jax.ShapeDtypeStruct((rows, WARPGROUP), F32))
-  cfg = dataclasses.replace(cfg, num_ctas=cfg.num_ctas or 132)
+  cfg = dataclasses.replace(cfg, num_ctas=cfg.num_ctas or sm_count())
 
   def body(num_ctas, x_gmem, o_gmem, lse_gmem, buf, lse_smem, bars):
     cta = jax.lax.axis_index("cta")
@@ -420,7 +431,7 @@ def _fwd_resident(x, p: Plan, log: bool, cfg: Config, load):
 
       jax.lax.fori_loop(0, nc, write, 0)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every chunk and the last lse
-      lse_smem[...] = jnp.broadcast_to(_safe_shift(m) + jnp.log(d), (WARPGROUP,))
+      lse_smem[...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
 
@@ -460,7 +471,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   dtype = y.dtype
   nc = p.n1 // p.kb
   S = cfg.stages
-  fits = p.n1 <= 256 and 2 * cols * jnp.dtype(dtype).itemsize <= cfg.bwd_row_bytes
+  row_bytes = cols * jnp.dtype(dtype).itemsize
+  fits = p.n1 <= 256 and 2 * row_bytes <= cfg.bwd_row_bytes
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
   if log:
@@ -495,7 +507,6 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
     jax.lax.fori_loop(0, nc, write, 0)
 
-  row_bytes = cols * jnp.dtype(dtype).itemsize
   R = block_rows(rows, row_bytes, min(cfg.block_bytes, cfg.bwd_row_bytes // 2)) if fits else 1
   if R > 1:
     # Blocks of R whole rows, as in the forward: y, g (and the live flags) in, dx out.
