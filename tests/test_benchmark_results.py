@@ -54,6 +54,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   variants = {
     "streamed": (lambda: Config(**small), [(4, 1280)]),
     "row blocks": (lambda: Config(interpret=True, block_bytes=1 << 20), [(4, 1280), (4, 256)]),
+    "split rows": (lambda: Config(**small, split_bytes=2048), [(4, 2048)]),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
   rows = gpu_pallas.variants(["float32"], calls=1, samples=1)
@@ -61,6 +62,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     ("streamed", 1280),
     ("row blocks", 1280),
     ("row blocks", 256),
+    ("split rows", 2048),
   ]
   assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
 

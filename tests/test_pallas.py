@@ -142,6 +142,20 @@ GPU_BLOCKS = ops.make(gpu, gpu.Config(interpret=True, block_bytes=1 << 20))
 GPU_RESIDENT = ops.make(
   gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, resident_bytes=1 << 20)
 )
+# Rows split over a cluster: 2048 columns as 8 chunks of 256, in parts of at most
+# 2 KiB: forward 4 parts (float32) or 2, backward 8 or 4. One CTA in interpret
+# mode holds every part of a row and merges the parts' statistics.
+GPU_SPLIT = ops.make(
+  gpu,
+  gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, split_bytes=2048),
+)
+# A budget that holds the whole row: one part, no cluster.
+GPU_SPLIT_WHOLE = ops.make(
+  gpu,
+  gpu.Config(
+    interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, split_bytes=1 << 20
+  ),
+)
 GPU_BWD_STREAMS = ops.make(
   gpu, gpu.Config(interpret=True, row_bytes=1 << 20, chunk_elems=256, bwd_row_bytes=256)
 )
@@ -166,6 +180,8 @@ GPU_SMALL_FORWARD = ops.make(
     (384, GPU_BLOCKS),
     (1280, GPU_RESIDENT),
     (256, GPU_RESIDENT),
+    (2048, GPU_SPLIT),
+    (1280, GPU_SPLIT_WHOLE),
   ],
   ids=[
     "384-fits",
@@ -176,6 +192,8 @@ GPU_SMALL_FORWARD = ops.make(
     "384-row-blocks",
     "1280-resident",
     "256-resident-one-chunk",
+    "2048-split",
+    "1280-split-one-part",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -201,6 +219,43 @@ def test_gpu_row_blocks_keep_each_rows_statistics(log):
   assert rel_err(y[live], ry[live]) <= 4 * eps(jnp.float32)
   assert rel_err(dx[live], rdx[live]) <= 8 * eps(jnp.float32)
   assert np.all(y[~live] == (-np.inf if log else 0.0)) and np.all(dx[~live] == 0.0)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_gpu_split_rows_merge_the_parts_statistics(log):
+  # 2048 float32 columns in 4 parts of 512 (backward: 8 of 256). The rows put the
+  # max in different parts, and leave whole parts masked or -inf, so that a
+  # part's statistics are (-inf, 0) and must not turn the merge into NaN.
+  x = 3.0 * jax.random.normal(jax.random.key(9), (8, 2048), jnp.float32)
+  x = x.at[1, 1700].set(40.0).at[2, 5].set(40.0).at[3, :1536].set(-jnp.inf)
+  w = jnp.ones((8, 2048), bool).at[4, 512:].set(False).at[5, :512].set(False)
+  w = w.at[6, 1024:1536].set(False).at[7].set(False)
+  g = jax.random.normal(jax.random.key(10), (8, 2048), jnp.float32)
+  p = gpu.plan(2048, jnp.float32, gpu.Config(chunk_elems=256))
+  assert gpu.cluster_size(p, 2048 * 4, 2048) == 4 and gpu.cluster_size(p, 2 * 2048 * 4, 2048) == 8
+  y, dx = map(np.asarray, _run_jit(GPU_SPLIT, x, w, g, log))
+  f = jax.nn.log_softmax if log else jax.nn.softmax
+  ry, vjp = jax.vjp(lambda v: f(v, axis=1, where=w), x.astype(jnp.float64))
+  rdx = np.asarray(vjp(jnp.where(w, g, 0.0).astype(jnp.float64))[0])
+  ry = np.asarray(ry)
+  live = np.arange(8) < 7
+  finite = np.isfinite(ry[live])
+  assert np.array_equal(np.isfinite(y[live]), finite)
+  assert rel_err(y[live][finite], ry[live][finite]) <= 4 * eps(jnp.float32)
+  assert rel_err(dx[live], rdx[live]) <= 8 * eps(jnp.float32)
+  assert np.all(y[7] == (-np.inf if log else 0.0)) and np.all(dx[7] == 0.0)
+
+
+def test_gpu_cluster_size():
+  # The smallest power of two <= 8 dividing the row's chunks with parts within budget.
+  p = gpu.plan(65536, jnp.float32)  # 16 chunks of 4096
+  assert gpu.cluster_size(p, 65536 * 4, 64 * 1024) == 4
+  assert gpu.cluster_size(p, 2 * 65536 * 4, 64 * 1024) == 8
+  assert gpu.cluster_size(p, 65536 * 4, 256 * 1024) == 1
+  assert gpu.cluster_size(p, 65536 * 4, 16 * 1024) == 0  # would take 16 CTAs
+  assert gpu.cluster_size(p, 65536 * 4, 0) == 0  # no budget: off
+  p = gpu.plan(3 * 4096, jnp.float32)  # 3 chunks: no power of two > 1 divides them
+  assert gpu.cluster_size(p, 3 * 4096 * 4, 32 * 1024) == 0
 
 
 def test_gpu_block_rows():
@@ -329,6 +384,27 @@ def test_gpu_row_block_and_resident_kernels_lower_for_cuda(dtype):
   # Resident rows of 128 KiB (float32 32768, bfloat16 65536); float32 65536 streams.
   shapes = [(1024, 32768), (1024, 65536), (100, 49152)]
   _lowers(kernels(resident_bytes=200 * 1024, num_ctas=132), "cuda", dtype, shapes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gpu_split_row_kernels_lower_for_cuda(dtype):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  def kernels(**cfg):
+    cfg = gpu.Config(split_bytes=64 * 1024, **cfg)
+    return SimpleNamespace(
+      softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
+      softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
+    )
+
+  # Clusters of 2 to 8 CTAs (and 128 x 262144 float32, past 8 parts, streamed).
+  shapes = [(1024, 65536), (128, 262144), (1024, 32768)]
+  text = jax.export.export(
+    jax.jit(lambda x: kernels().softmax_fwd_2d(x, log=False)), platforms=["cuda"]
+  )(jax.ShapeDtypeStruct((1024, 65536), dtype)).mlir_module()
+  assert "barrier.cluster.arrive.release" in text  # the swap's cluster barrier
+  _lowers(kernels(), "cuda", dtype, shapes)
+  _lowers(kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, shapes[1:2])
 
 
 # --------------------------------------------------------------- implementation=

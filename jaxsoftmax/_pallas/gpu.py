@@ -17,6 +17,10 @@ that divide the row exactly, so no copy runs out of bounds.
   buffers, keeping a running max and normaliser in float32 (Milakov &
   Gimelshein 2018); a second pass streams them again, last chunk first (those
   are the likeliest to be still in L2), and writes.
+* **split** (longer rows, off by default, ``Config.split_bytes``): a cluster of
+  up to 8 CTAs shares each row, each holding its part in SMEM; the CTAs swap
+  their partial statistics through distributed shared memory, then each writes
+  its part: one read and one write of HBM, and a few rows still fill the GPU.
 
 The backward (a row sum, then the write pass) keeps both rows (``s`` or ``l``,
 and ``g``) in shared memory when they fit, and streams them twice otherwise.
@@ -64,6 +68,13 @@ class Config:
   # instead of two. 0 (the default) streams them. Unmeasured; timed by the GPU
   # script's variants at 1024 x 65536 bfloat16 (128 KiB rows, 61% of copy streamed).
   resident_bytes: int = 0
+  # Rows past ``row_bytes`` (backward: pairs past ``bwd_row_bytes``) split over
+  # a cluster of C CTAs (C a power of two, at most 8), each holding its share of
+  # the row in SMEM, at most this many input bytes (backward: both rows' shares).
+  # The CTAs swap their partial statistics through distributed shared memory, so
+  # each row is read from HBM once, and a few long rows still fill every SM.
+  # 0 (the default) streams them. Unmeasured; timed by the GPU script's variants.
+  split_bytes: int = 0
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row
@@ -114,6 +125,21 @@ def block_rows(rows: int, row_bytes: int, budget: int) -> int:
   while r < 256 and rows % (2 * r) == 0 and 2 * r * row_bytes <= budget:
     r *= 2
   return r
+
+
+MAX_CLUSTER = 8  # the portable cluster size
+
+
+def cluster_size(p: Plan, row_bytes: int, budget: int) -> int:
+  """CTAs per row for rows split over a cluster: the smallest power of two
+  ``C <= MAX_CLUSTER`` that divides the row's chunks with ``row_bytes / C <=
+  budget``; 0 if there is none (or no budget)."""
+  c = 1
+  while budget > 0 and c <= MAX_CLUSTER:
+    if (p.n1 // p.kb) % c == 0 and row_bytes <= c * budget:
+      return c
+    c *= 2
+  return 0
 
 
 def unsupported_reason(rows: int, cols: int, dtype) -> str | None:
@@ -182,6 +208,22 @@ def _online_stats(m, d, v):
   return m_new, d * alpha + jnp.sum(jnp.exp(v - shift))
 
 
+def _fold_stats(md, chunks):
+  return _online_stats(*md, chunks[0])
+
+
+def _merge_stats(a, b):
+  """The running max and normaliser of two parts of a row, from each part's."""
+  (ma, da), (mb, db) = a, b
+  m = jnp.maximum(ma, mb)  # NaN propagates
+  shift = _safe_shift(m)
+
+  def scale(mp):  # a part with no live entry (m = -inf, d = 0) adds 0
+    return jnp.where(mp == -jnp.inf, 0.0, jnp.exp(mp - shift))
+
+  return m, da * scale(ma) + db * scale(mb)
+
+
 def _fwd_out(v, m, d, log):
   shift = _safe_shift(m)
   if log:
@@ -189,15 +231,20 @@ def _fwd_out(v, m, d, log):
   return jnp.exp(v - shift) * (1.0 / jnp.where(d == 0, 1.0, d))
 
 
-def _kernel(rows, p: Plan, dtype, cfg: Config, out_type, scratch, body):
+def _kernel(rows, p: Plan, dtype, cfg: Config, out_type, scratch, body, cluster: int = 1):
+  """``body(num_ctas, *refs)`` on ``num_ctas`` CTAs (axis ``"cta"``), or as many
+  clusters of ``cluster`` CTAs (axis ``"cl"``) if ``cluster > 1``."""
   num_ctas = rows if cfg.num_ctas is None else min(cfg.num_ctas, rows)
   interpret = False
+  kwargs = {}
   if cfg.interpret:
-    # The Mosaic GPU interpreter runs a grid of one CTA only.
+    # The Mosaic GPU interpreter runs a grid of one CTA only (and no clusters).
     num_ctas = 1
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     interpret = InterpretGPUParams()
+  elif cluster > 1:
+    kwargs = dict(cluster=(cluster,), cluster_names=("cl",))
   return plgpu.kernel(
     functools.partial(body, num_ctas),
     out_type=out_type,
@@ -206,6 +253,7 @@ def _kernel(rows, p: Plan, dtype, cfg: Config, out_type, scratch, body):
     grid=(num_ctas,),
     grid_names=("cta",),
     interpret=interpret,
+    **kwargs,
   )
 
 
@@ -285,6 +333,15 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     jax.lax.fori_loop(0, nc, write, 0)
 
   row_bytes = cols * jnp.dtype(dtype).itemsize
+  if not p.fits and (c := cluster_size(p, row_bytes, cfg.split_bytes)):
+
+    def emit(chunks, md, flag):
+      return _fwd_out(chunks[0], *md, log)
+
+    out, lse = _split_rows(
+      [x3], p, cfg, c, load, (-jnp.inf, 0.0), _fold_stats, _merge_stats, emit, _lse
+    )
+    return out.reshape(rows, cols), lse[:, :1]
   if not p.fits and row_bytes <= cfg.resident_bytes:
     return _fwd_resident(x, p, log, cfg, load)
 
@@ -454,6 +511,142 @@ def _fwd_resident(x, p: Plan, log: bool, cfg: Config, load):
   return out.reshape(rows, x.shape[1]), lse[:, :1]
 
 
+def _cluster_sync():
+  """Every thread of every CTA in the cluster meets here; shared memory written
+  before it is visible to the whole cluster after it (``barrier.cluster`` with
+  release and acquire semantics at cluster scope, as CUTLASS's cluster_sync)."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+
+  @plgpu.inline_mgpu()
+  def sync(ctx):
+    del ctx
+    llvm.inline_asm(
+      ir.Type.parse("!llvm.void"),
+      [],
+      "barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;",
+      "",
+      has_side_effects=True,
+    )
+
+  sync()
+
+
+def _swap(xch, own, c: int, merge):
+  """The partial statistics ``own`` of each of the ``c`` CTAs of the cluster,
+  merged in cluster order, so that every CTA gets the same bits. ``xch`` holds
+  one ``(WARPGROUP,)`` float32 SMEM ref per statistic in each CTA, read by its
+  peers until the caller's next ``_cluster_sync``. (Separate refs, because a
+  peer's view of a row of a 2-D ref does not lower with Warpgroup semantics.)"""
+  for s, v in enumerate(own):
+    xch[s][...] = jnp.broadcast_to(v, (WARPGROUP,))
+  _cluster_sync()  # every slot is written
+  peers = []
+  for k in range(c):
+    peer = [plgpu.cluster_ref(xch[s], {"cl": k}) for s in range(len(own))]
+    peers.append(tuple(jnp.max(slot[...]) for slot in peer))
+  return functools.reduce(merge, peers)
+
+
+def _split_rows(
+  arrays, p: Plan, cfg: Config, c: int, load, init, fold, merge, emit, finish=None, live=None
+):
+  """Rows split over clusters of ``c`` CTAs (``cfg.split_bytes``).
+
+  CTA k of a row's cluster loads chunks ``[k * ncp, (k + 1) * ncp)`` of each of
+  ``arrays`` (``(rows, n1, w)``) into SMEM, each chunk on its own barrier, and
+  folds them into partial statistics as they arrive, ``fold(stats, chunks)``
+  with ``chunks`` the float32 chunk of each array. The CTAs swap their partial
+  statistics through distributed shared memory (``_swap``). Then each writes
+  ``emit(chunks, stats, flag)`` in place of its chunks of the last array and
+  stores them: one HBM read and one write per element. ``finish(*stats)``, if
+  given, is a per-row float32 second output (the forward's lse), stored by CTA
+  0; ``live``, a ``(rows, WARPGROUP)`` float32 row flag, is ``emit``'s ``flag``.
+
+  In interpret mode (one CTA, no clusters) that one CTA holds all ``c`` parts of
+  a row and merges their statistics in the same order: the split, the partial
+  statistics and their merge run on the CPU, the swap through the cluster does not.
+  """
+  rows = arrays[0].shape[0]
+  dtype = arrays[0].dtype
+  n_in = len(arrays)
+  ncp = p.n1 // p.kb // c  # chunks per part
+  held = c if cfg.interpret else 1  # parts per CTA
+  out_type = [jax.ShapeDtypeStruct(arrays[0].shape, dtype)]
+  if finish is not None:
+    out_type.append(jax.ShapeDtypeStruct((rows, WARPGROUP), F32))
+  inputs = [*arrays, *([live] if live is not None else [])]
+  flag_bar = n_in * held * ncp
+
+  def body(num_ctas, *refs):
+    ins, outs = refs[: len(inputs)], refs[len(inputs) : len(inputs) + len(out_type)]
+    *bufs, xch, row_smem, bars = refs[len(inputs) + len(out_type) :]
+    xch = list(xch)
+    part = 0 if held == c else jax.lax.axis_index("cl")
+
+    def one_row(row):
+      first = part * ncp  # the CTA's first chunk in the row
+      for j in range(held * ncp):
+        for a in range(n_in):
+          src = ins[a].at[row, pl.ds((first + j) * p.kb, p.kb)]
+          plgpu.copy_gmem_to_smem(src, bufs[a].at[j], bars.at[n_in * j + a])
+      flag = None
+      if live is not None:
+        plgpu.copy_gmem_to_smem(ins[-1].at[row], row_smem, bars.at[flag_bar])
+        plgpu.barrier_wait(bars.at[flag_bar])
+        flag = jnp.max(row_smem[...])
+
+      def chunks(j):
+        return tuple(load(buf.at[j]) for buf in bufs)
+
+      def part_stats(i):
+        def step(j, st):
+          for a in range(n_in):
+            plgpu.barrier_wait(bars.at[n_in * (i * ncp + j) + a])
+          return fold(st, chunks(i * ncp + j))
+
+        return jax.lax.fori_loop(0, ncp, step, tuple(jnp.float32(v) for v in init))
+
+      parts = [part_stats(i) for i in range(held)]
+      if held == c:
+        stats = functools.reduce(merge, parts)
+      else:
+        stats = _swap(xch, parts[0], c, merge)
+
+      def write(j, carry):
+        out = bufs[-1].at[j]
+        out[...] = emit(chunks(j), stats, flag).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out, outs[0].at[row, pl.ds((first + j) * p.kb, p.kb)])
+        return carry
+
+      jax.lax.fori_loop(0, held * ncp, write, 0)
+
+      def store_finish():
+        row_smem[...] = jnp.broadcast_to(finish(*stats), (WARPGROUP,))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(row_smem, outs[1].at[row])
+
+      if finish is not None:
+        if held == c:
+          store_finish()
+        else:
+          pl.when(part == 0)(store_finish)
+      if held < c:
+        _cluster_sync()  # the peers have read this CTA's slot: it may be rewritten, or freed
+      plgpu.wait_smem_to_gmem(0)  # before the buffers take the next row
+
+    _row_loop(rows, num_ctas, one_row)
+
+  scratch = [plgpu.SMEM((held * ncp, p.kb, p.w), dtype) for _ in range(n_in)]
+  scratch += [
+    [plgpu.SMEM((WARPGROUP,), F32) for _ in init],
+    plgpu.SMEM((WARPGROUP,), F32),
+    plgpu.Barrier(num_barriers=flag_bar + 1),
+  ]
+  return _kernel(rows, p, dtype, cfg, tuple(out_type), scratch, body, cluster=c)(*inputs)
+
+
 # ---------------------------------------------------------------------------- backward
 
 
@@ -506,6 +699,21 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       return c
 
     jax.lax.fori_loop(0, nc, write, 0)
+
+  if not fits and (c := cluster_size(p, 2 * row_bytes, cfg.split_bytes)):
+
+    def fold(acc, chunks):
+      return (acc[0] + partial_sum(*chunks),)
+
+    def merge(a, b):
+      return (a[0] + b[0],)
+
+    def emit(chunks, acc, flag):
+      return grad(*chunks, acc[0], flag)
+
+    live2 = args[2] if log else None
+    (dx,) = _split_rows(args[:2], p, cfg, c, load, (0.0,), fold, merge, emit, live=live2)
+    return dx.reshape(rows, cols)
 
   R = block_rows(rows, row_bytes, min(cfg.block_bytes, cfg.bwd_row_bytes // 2)) if fits else 1
   if R > 1:
