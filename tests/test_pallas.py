@@ -232,7 +232,8 @@ def test_gpu_split_rows_merge_the_parts_statistics(log):
   w = w.at[6, 1024:1536].set(False).at[7].set(False)
   g = jax.random.normal(jax.random.key(10), (8, 2048), jnp.float32)
   p = gpu.plan(2048, jnp.float32, gpu.Config(chunk_elems=256))
-  assert gpu.cluster_size(p, 2048 * 4, 2048) == 4 and gpu.cluster_size(p, 2 * 2048 * 4, 2048) == 8
+  assert gpu.cluster_size(p, 2048 * 4, 2048) == 4
+  assert gpu.cluster_size(p, 2 * 2048 * 4, 2048, arrays=2) == 8
   y, dx = map(np.asarray, _run_jit(GPU_SPLIT, x, w, g, log))
   f = jax.nn.log_softmax if log else jax.nn.softmax
   ry, vjp = jax.vjp(lambda v: f(v, axis=1, where=w), x.astype(jnp.float64))
@@ -250,12 +251,17 @@ def test_gpu_cluster_size():
   # The smallest power of two <= 8 dividing the row's chunks with parts within budget.
   p = gpu.plan(65536, jnp.float32)  # 16 chunks of 4096
   assert gpu.cluster_size(p, 65536 * 4, 64 * 1024) == 4
-  assert gpu.cluster_size(p, 2 * 65536 * 4, 64 * 1024) == 8
+  assert gpu.cluster_size(p, 2 * 65536 * 4, 64 * 1024, arrays=2) == 8
   assert gpu.cluster_size(p, 65536 * 4, 256 * 1024) == 1
   assert gpu.cluster_size(p, 65536 * 4, 16 * 1024) == 0  # would take 16 CTAs
   assert gpu.cluster_size(p, 65536 * 4, 0) == 0  # no budget: off
   p = gpu.plan(3 * 4096, jnp.float32)  # 3 chunks: no power of two > 1 divides them
   assert gpu.cluster_size(p, 3 * 4096 * 4, 32 * 1024) == 0
+  # 64 chunks of 1024: at most 31 chunks a CTA (15 of each of two rows), so that
+  # their barriers and the row flag's fit in one array of 32.
+  p = gpu.plan(65536, jnp.float32, gpu.Config(chunk_elems=1024))
+  assert gpu.cluster_size(p, 65536 * 4, 1 << 20) == 4
+  assert gpu.cluster_size(p, 2 * 65536 * 4, 1 << 20, arrays=2) == 8
 
 
 def test_gpu_block_rows():

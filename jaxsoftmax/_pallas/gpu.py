@@ -128,15 +128,18 @@ def block_rows(rows: int, row_bytes: int, budget: int) -> int:
 
 
 MAX_CLUSTER = 8  # the portable cluster size
+MAX_BARRIERS = 32  # per barrier array in Mosaic GPU (its phases live in one i32)
 
 
-def cluster_size(p: Plan, row_bytes: int, budget: int) -> int:
+def cluster_size(p: Plan, row_bytes: int, budget: int, arrays: int = 1) -> int:
   """CTAs per row for rows split over a cluster: the smallest power of two
-  ``C <= MAX_CLUSTER`` that divides the row's chunks with ``row_bytes / C <=
-  budget``; 0 if there is none (or no budget)."""
+  ``C <= MAX_CLUSTER`` that divides the row's chunks, with ``row_bytes / C <=
+  budget`` and a barrier for each of the part's chunks of the ``arrays`` input
+  rows (and one more) within ``MAX_BARRIERS``; 0 if there is none (or no budget)."""
+  nc = p.n1 // p.kb
   c = 1
   while budget > 0 and c <= MAX_CLUSTER:
-    if (p.n1 // p.kb) % c == 0 and row_bytes <= c * budget:
+    if nc % c == 0 and row_bytes <= c * budget and arrays * (nc // c) + 1 <= MAX_BARRIERS:
       return c
     c *= 2
   return 0
@@ -342,7 +345,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       [x3], p, cfg, c, load, (-jnp.inf, 0.0), _fold_stats, _merge_stats, emit, _lse
     )
     return out.reshape(rows, cols), lse[:, :1]
-  if not p.fits and row_bytes <= cfg.resident_bytes:
+  if not p.fits and row_bytes <= cfg.resident_bytes and nc <= MAX_BARRIERS:
     return _fwd_resident(x, p, log, cfg, load)
 
   R = block_rows(rows, row_bytes, cfg.block_bytes) if p.fits else 1
@@ -700,7 +703,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
     jax.lax.fori_loop(0, nc, write, 0)
 
-  if not fits and (c := cluster_size(p, 2 * row_bytes, cfg.split_bytes)):
+  if not fits and (c := cluster_size(p, 2 * row_bytes, cfg.split_bytes, arrays=2)):
 
     def fold(acc, chunks):
       return (acc[0] + partial_sum(*chunks),)
