@@ -24,8 +24,8 @@ In this order:
    backward 3 (read s and g, write dx); then the issue's two targets per cell
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (long rows split over a CTA cluster,
-   long rows kept whole, several short rows per CTA), in a child process killed after
+   with a few ``gpu.Config`` variants (long rows split over a CTA cluster or
+   kept whole, several short rows per CTA), in a child process killed after
    ``--variants-timeout`` seconds (a kernel that hangs), each checked against
    float64 as in step 1 (softmax and log_softmax) before softmax is timed
    (``--no-variants`` skips this part).
@@ -255,22 +255,22 @@ LONG = [(1024, 65536), (128, 262144)]
 #   parts: 1024 x 65536 forward float32 4 CTAs, bfloat16 2; backward 8 and 4;
 #   128 x 262144 bfloat16 forward 8 (float32 and both backwards stream). At 128
 #   KiB: half as many, and 128 x 262144 float32 forward 8, bfloat16 backward 8.
-# - rows of 96-200 KiB kept whole by persistent CTAs (``resident_bytes``: 1024 x
-#   32768 float32 and 1024 x 65536 bfloat16 are 128 KiB rows);
+# - the same with persistent clusters (``split_ctas``) that load the next row
+#   as they store the current one, and parts to 200 KiB: rows of 96-200 KiB
+#   (1024 x 32768 float32, 1024 x 65536 bfloat16) are then kept whole by one CTA;
 # - several short rows per CTA (``block_bytes``), where one CTA per row ran at
 #   18-64% of copy.
 # The shapes run in the order of first use below, long rows first, so that the
 # timeout cuts the short-row variants first.
 SPLIT = [*LONG, (1024, 32768)]
-RESIDENT = [(1024, 32768), (1024, 65536)]
 # name: (config, the shapes it is timed at)
 VARIANTS = {
   "default": (lambda: gpu.Config(), SPLIT + [(4096, 16384)] + SHORT),
   "split rows, 64 KiB parts": (lambda: gpu.Config(split_bytes=64 * 1024), SPLIT),
   "split rows, 128 KiB parts": (lambda: gpu.Config(split_bytes=128 * 1024), SPLIT),
-  "resident rows to 200 KiB": (
-    lambda: gpu.Config(resident_bytes=200 * 1024, num_ctas=gpu.sm_count()),
-    RESIDENT,
+  "split rows, 200 KiB parts, persistent": (
+    lambda: gpu.Config(split_bytes=200 * 1024, split_ctas=gpu.sm_count()),
+    SPLIT,
   ),
   "row blocks to 32 KiB": (lambda: gpu.Config(block_bytes=32 * 1024), SHORT),
   "row blocks to 64 KiB": (lambda: gpu.Config(block_bytes=64 * 1024), SHORT + [(4096, 16384)]),

@@ -137,19 +137,16 @@ GPU_FWD_STREAMS = ops.make(
 )
 # Several whole rows per CTA (6 rows: blocks of 2).
 GPU_BLOCKS = ops.make(gpu, gpu.Config(interpret=True, block_bytes=1 << 20))
-# Rows past row_bytes kept whole in SMEM, chunk by chunk, the next row loading
-# as the current one is written (one CTA in interpret mode: every row after the first).
-GPU_RESIDENT = ops.make(
-  gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, resident_bytes=1 << 20)
-)
 # Rows split over a cluster: 2048 columns as 8 chunks of 256, in parts of at most
 # 2 KiB: forward 4 parts (float32) or 2, backward 8 or 4. One CTA in interpret
-# mode holds every part of a row and merges the parts' statistics.
+# mode holds every part of a row and merges the parts' statistics; it takes
+# every row, each loading as the one before is written, as persistent clusters do.
 GPU_SPLIT = ops.make(
   gpu,
   gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, split_bytes=2048),
 )
-# A budget that holds the whole row: one part, no cluster.
+# A budget that holds the whole row: one part, no cluster (persistent CTAs keep
+# long rows whole).
 GPU_SPLIT_WHOLE = ops.make(
   gpu,
   gpu.Config(
@@ -178,10 +175,9 @@ GPU_SMALL_FORWARD = ops.make(
     (1280, GPU_FWD_STREAMS),
     (1280, GPU_BWD_STREAMS),
     (384, GPU_BLOCKS),
-    (1280, GPU_RESIDENT),
-    (256, GPU_RESIDENT),
     (2048, GPU_SPLIT),
     (1280, GPU_SPLIT_WHOLE),
+    (256, GPU_SPLIT_WHOLE),
   ],
   ids=[
     "384-fits",
@@ -190,10 +186,9 @@ GPU_SMALL_FORWARD = ops.make(
     "1280-fwd-online",
     "1280-bwd-online",
     "384-row-blocks",
-    "1280-resident",
-    "256-resident-one-chunk",
     "2048-split",
     "1280-split-one-part",
+    "256-split-one-chunk",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -376,7 +371,7 @@ def test_gpu_kernels_lower_with_warpgroup_semantics():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_gpu_row_block_and_resident_kernels_lower_for_cuda(dtype):
+def test_gpu_row_block_kernels_lower_for_cuda(dtype):
   def kernels(**cfg):
     cfg = gpu.Config(**cfg)
     return SimpleNamespace(
@@ -387,9 +382,6 @@ def test_gpu_row_block_and_resident_kernels_lower_for_cuda(dtype):
   # 16, 4 and 2 rows per CTA (bfloat16: 16, 8, 4), and the streamed path unchanged.
   shapes = [(4096, 512), (4096, 2048), (64, 4096), (8, 65536)]
   _lowers(kernels(block_bytes=32 * 1024), "cuda", dtype, shapes)
-  # Resident rows of 128 KiB (float32 32768, bfloat16 65536); float32 65536 streams.
-  shapes = [(1024, 32768), (1024, 65536), (100, 49152)]
-  _lowers(kernels(resident_bytes=200 * 1024, num_ctas=132), "cuda", dtype, shapes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -397,7 +389,7 @@ def test_gpu_split_row_kernels_lower_for_cuda(dtype):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   def kernels(**cfg):
-    cfg = gpu.Config(split_bytes=64 * 1024, **cfg)
+    cfg = gpu.Config(**{"split_bytes": 64 * 1024, **cfg})
     return SimpleNamespace(
       softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
       softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
@@ -411,6 +403,8 @@ def test_gpu_split_row_kernels_lower_for_cuda(dtype):
   assert "barrier.cluster.arrive.release" in text  # the swap's cluster barrier
   _lowers(kernels(), "cuda", dtype, shapes)
   _lowers(kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, shapes[1:2])
+  # Persistent clusters (and rows of 128 KiB kept whole by persistent CTAs).
+  _lowers(kernels(split_bytes=200 * 1024, split_ctas=132), "cuda", dtype, shapes + [(100, 49152)])
 
 
 # --------------------------------------------------------------- implementation=

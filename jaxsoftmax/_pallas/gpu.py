@@ -62,19 +62,18 @@ class Config:
   # short rows, where one CTA per row measured slow (4096 x 1024 bfloat16
   # forward: 22 us, jax.nn 7.5); unmeasured, timed by the GPU script's variants.
   block_bytes: int = 0
-  # Rows past ``row_bytes`` but at most this many input bytes are kept whole in
-  # SMEM as chunks, each with its own barrier, by persistent CTAs that load the
-  # next row's chunks while the current row's are written: one HBM read per row
-  # instead of two. 0 (the default) streams them. Unmeasured; timed by the GPU
-  # script's variants at 1024 x 65536 bfloat16 (128 KiB rows, 61% of copy streamed).
-  resident_bytes: int = 0
   # Rows past ``row_bytes`` (backward: pairs past ``bwd_row_bytes``) split over
   # a cluster of C CTAs (C a power of two, at most 8), each holding its share of
   # the row in SMEM, at most this many input bytes (backward: both rows' shares).
   # The CTAs swap their partial statistics through distributed shared memory, so
   # each row is read from HBM once, and a few long rows still fill every SM.
+  # A row of at most this many bytes is one part: kept whole, no cluster.
   # 0 (the default) streams them. Unmeasured; timed by the GPU script's variants.
   split_bytes: int = 0
+  # Split rows: None runs a cluster per row; a number runs persistent clusters
+  # on about that many CTAs (``sm_count()``: one per SM), each loading its part
+  # of the next row while it stores the current one.
+  split_ctas: int | None = None
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row
@@ -345,8 +344,6 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       [x3], p, cfg, c, load, (-jnp.inf, 0.0), _fold_stats, _merge_stats, emit, _lse
     )
     return out.reshape(rows, cols), lse[:, :1]
-  if not p.fits and row_bytes <= cfg.resident_bytes and nc <= MAX_BARRIERS:
-    return _fwd_resident(x, p, log, cfg, load)
 
   R = block_rows(rows, row_bytes, cfg.block_bytes) if p.fits else 1
   if R > 1:
@@ -437,83 +434,6 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   return out.reshape(rows, cols), lse[:, :1]
 
 
-def _fwd_resident(x, p: Plan, log: bool, cfg: Config, load):
-  """The forward for rows kept whole in SMEM as ``nc`` chunks (``cfg.resident_bytes``).
-
-  Persistent CTAs (``cfg.num_ctas``, by default one per SM) each take
-  rows cta, cta + num_ctas, ...; a row's chunks arrive on their own barriers, so
-  the statistics start with the first chunk. In the write pass, once the store of
-  chunk j has read it from SMEM (``LAG`` stores later), chunk j of the CTA's next
-  row is loaded into its slot; the last ``LAG`` follow after the row."""
-  LAG = 2
-  rows, cols = x.shape
-  dtype = x.dtype
-  nc = p.n1 // p.kb
-  x3 = x.reshape(rows, p.n1, p.w)
-  out_type = (jax.ShapeDtypeStruct(x3.shape, dtype), jax.ShapeDtypeStruct((rows, WARPGROUP), F32))
-  cfg = dataclasses.replace(cfg, num_ctas=cfg.num_ctas or sm_count())
-
-  def body(num_ctas, x_gmem, o_gmem, lse_gmem, buf, lse_smem, bars):
-    cta = jax.lax.axis_index("cta")
-    mine = (rows - cta + num_ctas - 1) // num_ctas
-
-    def fetch(row, j):
-      src = x_gmem.at[row, pl.ds(j * p.kb, p.kb)]
-      plgpu.copy_gmem_to_smem(src, buf.at[j], bars.at[j])
-
-    @pl.when(mine > 0)
-    def _():
-      for j in range(nc):
-        fetch(cta, j)
-
-    def one_row(k, carry):
-      row = cta + k * num_ctas
-      nxt = row + num_ctas
-      has_next = k + 1 < mine
-
-      def stats(j, md):
-        plgpu.barrier_wait(bars.at[j])
-        return _online_stats(*md, load(buf.at[j]))
-
-      m, d = jax.lax.fori_loop(0, nc, stats, (jnp.float32(-jnp.inf), jnp.float32(0)))
-
-      def write(j, c):
-        buf.at[j][...] = _fwd_out(load(buf.at[j]), m, d, log).astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf.at[j], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
-
-        @pl.when(jnp.logical_and(j >= LAG, has_next))
-        def _():
-          plgpu.wait_smem_to_gmem(LAG, wait_read_only=True)  # chunk j - LAG is stored
-          fetch(nxt, j - LAG)
-
-        return c
-
-      jax.lax.fori_loop(0, nc, write, 0)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every chunk and the last lse
-      lse_smem[...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
-
-      @pl.when(has_next)
-      def _():
-        for j in range(max(0, nc - LAG), nc):
-          fetch(nxt, j)
-
-      return carry
-
-    jax.lax.fori_loop(0, mine, one_row, 0)
-    plgpu.wait_smem_to_gmem(0)
-
-  scratch = [
-    plgpu.SMEM((nc, p.kb, p.w), dtype),
-    plgpu.SMEM((WARPGROUP,), F32),
-    plgpu.Barrier(num_barriers=nc),
-  ]
-  out, lse = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(x3)
-  return out.reshape(rows, x.shape[1]), lse[:, :1]
-
-
 def _cluster_sync():
   """Every thread of every CTA in the cluster meets here; shared memory written
   before it is visible to the whole cluster after it (``barrier.cluster`` with
@@ -566,6 +486,10 @@ def _split_rows(
   given, is a per-row float32 second output (the forward's lse), stored by CTA
   0; ``live``, a ``(rows, WARPGROUP)`` float32 row flag, is ``emit``'s ``flag``.
 
+  With ``cfg.split_ctas``, persistent clusters take rows q, q + Q, ...: once the
+  store of chunk j has read it from SMEM (``LAG`` stores later), chunk j of the
+  next row loads into its slot, and the last ``LAG`` follow after the row.
+
   In interpret mode (one CTA, no clusters) that one CTA holds all ``c`` parts of
   a row and merges their statistics in the same order: the split, the partial
   statistics and their merge run on the CPU, the swap through the cluster does not.
@@ -579,20 +503,35 @@ def _split_rows(
   if finish is not None:
     out_type.append(jax.ShapeDtypeStruct((rows, WARPGROUP), F32))
   inputs = [*arrays, *([live] if live is not None else [])]
-  flag_bar = n_in * held * ncp
+  nloc = held * ncp  # chunks held by a CTA
+  flag_bar = n_in * nloc
+  LAG = 2
+  if cfg.split_ctas:
+    cfg = dataclasses.replace(cfg, num_ctas=max(1, cfg.split_ctas // c))  # clusters
 
   def body(num_ctas, *refs):
     ins, outs = refs[: len(inputs)], refs[len(inputs) : len(inputs) + len(out_type)]
     *bufs, xch, row_smem, bars = refs[len(inputs) + len(out_type) :]
     xch = list(xch)
     part = 0 if held == c else jax.lax.axis_index("cl")
+    first = part * ncp  # the CTA's first chunk in a row
+    cta = jax.lax.axis_index("cta")
+    mine = (rows - cta + num_ctas - 1) // num_ctas
 
-    def one_row(row):
-      first = part * ncp  # the CTA's first chunk in the row
-      for j in range(held * ncp):
-        for a in range(n_in):
-          src = ins[a].at[row, pl.ds((first + j) * p.kb, p.kb)]
-          plgpu.copy_gmem_to_smem(src, bufs[a].at[j], bars.at[n_in * j + a])
+    def fetch(row, j):
+      for a in range(n_in):
+        src = ins[a].at[row, pl.ds((first + j) * p.kb, p.kb)]
+        plgpu.copy_gmem_to_smem(src, bufs[a].at[j], bars.at[n_in * j + a])
+
+    @pl.when(mine > 0)
+    def _():
+      for j in range(nloc):
+        fetch(cta, j)
+
+    def one_row(k, carry):
+      row = cta + k * num_ctas
+      nxt = row + num_ctas
+      has_next = k + 1 < mine
       flag = None
       if live is not None:
         plgpu.copy_gmem_to_smem(ins[-1].at[row], row_smem, bars.at[flag_bar])
@@ -621,9 +560,15 @@ def _split_rows(
         out[...] = emit(chunks(j), stats, flag).astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out, outs[0].at[row, pl.ds((first + j) * p.kb, p.kb)])
+
+        @pl.when(jnp.logical_and(j >= LAG, has_next))
+        def _():
+          plgpu.wait_smem_to_gmem(LAG, wait_read_only=True)  # chunk j - LAG is stored
+          fetch(nxt, j - LAG)
+
         return carry
 
-      jax.lax.fori_loop(0, held * ncp, write, 0)
+      jax.lax.fori_loop(0, nloc, write, 0)
 
       def store_finish():
         row_smem[...] = jnp.broadcast_to(finish(*stats), (WARPGROUP,))
@@ -637,11 +582,19 @@ def _split_rows(
           pl.when(part == 0)(store_finish)
       if held < c:
         _cluster_sync()  # the peers have read this CTA's slot: it may be rewritten, or freed
-      plgpu.wait_smem_to_gmem(0)  # before the buffers take the next row
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every chunk (and the lse) is stored
 
-    _row_loop(rows, num_ctas, one_row)
+      @pl.when(has_next)
+      def _():
+        for j in range(max(0, nloc - LAG), nloc):
+          fetch(nxt, j)
 
-  scratch = [plgpu.SMEM((held * ncp, p.kb, p.w), dtype) for _ in range(n_in)]
+      return carry
+
+    jax.lax.fori_loop(0, mine, one_row, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((nloc, p.kb, p.w), dtype) for _ in range(n_in)]
   scratch += [
     [plgpu.SMEM((WARPGROUP,), F32) for _ in init],
     plgpu.SMEM((WARPGROUP,), F32),
