@@ -25,8 +25,9 @@ In this order:
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
    with a few ``gpu.Config`` variants (long rows split over a CTA cluster or
-   kept whole, several short rows per CTA), in a child process killed after
-   ``--variants-timeout`` seconds (a kernel that hangs), each checked against
+   kept whole, several short rows per CTA), in child processes, within
+   ``--variants-timeout`` seconds (a cell that hangs is killed after 60 s and
+   a new child goes on with the rest), each checked against
    float64 as in step 1 (softmax and log_softmax) before softmax is timed
    (``--no-variants`` skips this part).
 
@@ -292,12 +293,33 @@ def _variant_check(cfg, x, g, log, eps, ref) -> str | None:
   return f"wrong: {'log_softmax' if log else 'softmax'} fwd err {err_f:.2e}, bwd err {err_b:.2e}"
 
 
-def variants(dtypes, calls, samples, on_cell=lambda rows: None) -> list[dict]:
+def cell_key(variant, rows, cols, dtype) -> str:
+  """A variant cell's name, as the child and the parent process pass it."""
+  return f"{variant} {rows}x{cols} {dtype}"
+
+
+def variants(
+  dtypes, calls, samples, on_cell=lambda rows: None, skip=(), on_start=lambda key: None
+) -> list[dict]:
   """The 2-D kernels under each of ``VARIANTS`` at its shapes: softmax and
-  log_softmax checked against float64, softmax forward and backward timed;
-  ``on_cell(rows)`` after each."""
+  log_softmax checked against float64, softmax forward and backward timed.
+  Cells named in ``skip`` (``cell_key``) are left out; ``on_start(key)`` before
+  each cell, ``on_cell(rows)`` after each."""
   rows = []
+  todo = {
+    (z, dt): name
+    for name, (_, zs) in VARIANTS.items()
+    for z in zs
+    for dt in dtypes
+    if cell_key(name, *z, dt) not in skip
+  }
   shapes = list(dict.fromkeys(z for _, zs in VARIANTS.values() for z in zs))
+  shapes = [z for z in shapes if any((z, dt) in todo for dt in dtypes)]
+
+  def add(row):
+    rows.append(row)
+    on_cell(rows)
+
   for shape, dt, xs, gs, nbytes in _cells(shapes, dtypes, "variants"):
     eps = float(jnp.finfo(jnp.dtype(dt)).eps)
 
@@ -308,15 +330,16 @@ def variants(dtypes, calls, samples, on_cell=lambda rows: None) -> list[dict]:
       )
 
     for name, (make_cfg, at) in VARIANTS.items():
-      if shape not in at:
+      if shape not in at or cell_key(name, *shape, dt) in skip:
         continue
+      on_start(cell_key(name, *shape, dt))
       cell = dict(variant=name, rows=shape[0], cols=shape[1], dtype=dt)
       try:
         cfg = make_cfg()
         wrong = _variant_check(cfg, xs[0], gs[0], False, eps, ref)
         wrong = wrong or _variant_check(cfg, xs[0], gs[0], True, eps, ref)
         if wrong:
-          rows.append(dict(cell, error=wrong))
+          add(dict(cell, error=wrong))
           continue
         fwd = jax.jit(lambda x, cfg=cfg: gpu.softmax_fwd_2d(x, log=False, cfg=cfg)[0])
         bwd = jax.jit(lambda s, g, cfg=cfg: gpu.softmax_bwd_2d(s, g, log=False, cfg=cfg))
@@ -325,35 +348,68 @@ def variants(dtypes, calls, samples, on_cell=lambda rows: None) -> list[dict]:
         t_bwd = _time(bwd, list(zip(ss, gs, strict=True)), calls, samples)
         del ss
       except Exception as e:  # e.g. a variant over the shared-memory limit
-        rows.append(dict(cell, error=_failed(f"variant {name} {shape} {dt}", e)))
+        add(dict(cell, error=_failed(f"variant {name} {shape} {dt}", e)))
         continue
-      rows.append(_timed(cell, t_fwd, t_bwd, nbytes))
-      on_cell(rows)
+      add(_timed(cell, t_fwd, t_bwd, nbytes))
   return rows
 
 
-def variants_in_child(dtypes, calls, samples, timeout_s) -> list[dict]:
-  """``variants`` in a child process, killed after ``timeout_s``: a variant kernel
-  that hangs on the GPU (a barrier that never completes) then costs the call
-  ``timeout_s`` and the variants after it, not the rest of the run."""
+CELL_TIMEOUT = 60  # s: a variant cell (compile, check, time) past this is taken as hung
+
+
+def variants_in_child(
+  dtypes, calls, samples, timeout_s, cell_timeout_s=CELL_TIMEOUT, child=None
+) -> list[dict]:
+  """``variants`` in child processes, all within ``timeout_s``. A variant kernel
+  that hangs on the GPU (a barrier that never completes) cannot be stopped from
+  inside: when a cell runs past ``cell_timeout_s``, its child is killed, the cell
+  is reported as hung, and a new child goes on with the cells not yet run.
+
+  The child (``child`` + ``[directory]``, by default this script with
+  ``--variants-only``) reads the cells to skip from ``skip.json``, names the cell
+  it starts in ``current.json`` and writes its rows to ``rows.json`` after each."""
+  child = child or [sys.executable, __file__, "--variants-only"]
+  opts = ["--calls", str(calls), "--samples", str(samples), "--dtypes", ",".join(dtypes)]
+  root = str(Path(__file__).resolve().parent.parent)  # for `import benchmarks`
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+  # This process holds JAX's preallocated 75% of the GPU's memory: the child
+  # allocates what it uses from the rest instead of asking for 75% again.
+  env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  deadline = time.monotonic() + timeout_s
+  rows: list[dict] = []
   with tempfile.TemporaryDirectory() as tmp:
-    path = Path(tmp) / "variants.json"
-    cmd = [sys.executable, __file__, "--variants-only", str(path)]
-    cmd += ["--calls", str(calls), "--samples", str(samples), "--dtypes", ",".join(dtypes)]
-    root = str(Path(__file__).resolve().parent.parent)  # for `import benchmarks`
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    # This process holds JAX's preallocated 75% of the GPU's memory: the child
-    # allocates what it uses from the rest instead of asking for 75% again.
-    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    try:
-      subprocess.run(cmd, timeout=timeout_s, check=False, env=env)
-      note = None
-    except subprocess.TimeoutExpired:
-      note = f"timed out after {timeout_s} s: the variants after this one were not run"
-    rows = json.loads(path.read_text()) if path.exists() else []
-  if note:
-    rows.append(dict(variant="(child process)", rows=0, cols=0, dtype="-", error=note))
-  return rows
+    tmp = Path(tmp)
+    rows_file, current = tmp / "rows.json", tmp / "current.json"
+    while True:
+      done = [cell_key(r["variant"], r["rows"], r["cols"], r["dtype"]) for r in rows]
+      (tmp / "skip.json").write_text(json.dumps(done))
+      rows_file.unlink(missing_ok=True)
+      current.unlink(missing_ok=True)
+      proc = subprocess.Popen([*child, str(tmp), *opts], env=env)
+      hung = late = False
+      while proc.poll() is None:
+        time.sleep(0.2)
+        late = time.monotonic() > deadline
+        try:
+          hung = time.time() - current.stat().st_mtime > cell_timeout_s
+        except FileNotFoundError:
+          pass
+        if hung or late:
+          proc.kill()
+          proc.wait()
+          break
+      rows += json.loads(rows_file.read_text()) if rows_file.exists() else []
+      if late:
+        note = f"timed out after {timeout_s} s: the variants after this one were not run"
+        rows.append(dict(variant="(child process)", rows=0, cols=0, dtype="-", error=note))
+        return rows
+      if not hung:
+        return rows
+      name, shape, dt = current.read_text().rsplit(" ", 2)
+      n, c = map(int, shape.split("x"))
+      error = f"hung: killed after {cell_timeout_s} s (the next cells ran in a new process)"
+      rows.append(dict(variant=name, rows=n, cols=c, dtype=dt, error=error))
+      print(f"gpu_pallas.py: variant cell {current.read_text()} {error}", flush=True)
 
 
 TARGET = 0.85  # of the measured copy bandwidth, forward and backward
@@ -446,13 +502,15 @@ def main(argv=None) -> int:
   p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on the CPU")
   p.add_argument("--no-variants", action="store_true", help="skip the kernel-variant timings")
   p.add_argument("--variants-timeout", type=int, default=240, help="seconds for all variants")
-  p.add_argument("--variants-only", metavar="JSON", help=argparse.SUPPRESS)  # the child
+  p.add_argument("--variants-only", metavar="DIR", help=argparse.SUPPRESS)  # the child
   p.add_argument("--dtypes", default=",".join(DTYPES), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  if args.variants_only:
-    path = Path(args.variants_only)
-    save_rows = lambda rows: path.write_text(json.dumps(rows, indent=1))  # noqa: E731
-    save_rows(variants(args.dtypes.split(","), args.calls, args.samples, save_rows))
+  if args.variants_only:  # the child of variants_in_child
+    tmp = Path(args.variants_only)
+    skip = set(json.loads((tmp / "skip.json").read_text()))
+    save_rows = lambda rows: (tmp / "rows.json").write_text(json.dumps(rows, indent=1))  # noqa: E731
+    on_start = lambda key: (tmp / "current.json").write_text(key)  # noqa: E731
+    save_rows(variants(args.dtypes.split(","), args.calls, args.samples, save_rows, skip, on_start))
     return 0
 
   platform = jax.default_backend()

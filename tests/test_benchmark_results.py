@@ -57,12 +57,18 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     "split rows": (lambda: Config(**small, split_bytes=2048), [(4, 2048)]),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
-  rows = gpu_pallas.variants(["float32"], calls=1, samples=1)
+  started = []
+  skip = {gpu_pallas.cell_key("row blocks", 4, 1280, "float32")}
+  rows = gpu_pallas.variants(["float32"], 1, 1, skip=skip, on_start=started.append)
   assert [(r["variant"], r["cols"]) for r in rows] == [
     ("streamed", 1280),
-    ("row blocks", 1280),
     ("row blocks", 256),
     ("split rows", 2048),
+  ]
+  assert started == [
+    "streamed 4x1280 float32",
+    "row blocks 4x256 float32",
+    "split rows 4x2048 float32",
   ]
   assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
 
@@ -164,3 +170,41 @@ def test_gpu_script_variants_child_is_killed_after_its_timeout():
   assert rows[-1]["error"].startswith("timed out after 1 s"), rows
   md = gpu_pallas.markdown(dict(device="d", jax="j", date="t"), [], [], 1.0, rows)
   assert "| (child process) | failed: timed out after 1 s" in md
+
+
+HANGING_CHILD = """
+import json, pathlib, sys, time
+tmp = pathlib.Path(sys.argv[1])
+skip = set(json.loads((tmp / "skip.json").read_text()))
+rows = []
+for key in ["a 1x128 float32", "hangs 1x128 float32", "a 2x128 float32"]:
+  if key in skip:
+    continue
+  (tmp / "current.json").write_text(key)
+  if key.startswith("hangs"):
+    time.sleep(60)
+  name, shape, dtype = key.rsplit(" ", 2)
+  n, c = map(int, shape.split("x"))
+  rows.append(dict(variant=name, rows=n, cols=c, dtype=dtype, fwd_s=float(n)))
+  (tmp / "rows.json").write_text(json.dumps(rows))
+"""
+
+
+def test_gpu_script_variants_go_on_past_a_hung_cell(tmp_path):
+  # A cell that hangs is killed after the cell timeout; a new child runs the cells
+  # after it, and skips those already done.
+  import sys
+
+  from benchmarks import gpu_pallas
+
+  child = tmp_path / "child.py"
+  child.write_text(HANGING_CHILD)
+  rows = gpu_pallas.variants_in_child(
+    ["float32"], 1, 1, timeout_s=30, cell_timeout_s=1, child=[sys.executable, str(child)]
+  )
+  assert [(r["variant"], r["rows"], r.get("fwd_s")) for r in rows] == [
+    ("a", 1, 1.0),
+    ("hangs", 1, None),
+    ("a", 2, 2.0),
+  ]
+  assert rows[1]["error"].startswith("hung: killed after 1 s")
