@@ -436,8 +436,8 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
 def _cluster_sync():
   """Every thread of every CTA in the cluster meets here; shared memory written
-  before it is visible to the whole cluster after it (``barrier.cluster`` with
-  release and acquire semantics at cluster scope, as CUTLASS's cluster_sync)."""
+  before it is visible to the whole cluster after it (``barrier.cluster``: the
+  arrive releases and the wait acquires, at cluster scope)."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import llvm
 
@@ -447,7 +447,8 @@ def _cluster_sync():
     llvm.inline_asm(
       ir.Type.parse("!llvm.void"),
       [],
-      "barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;",
+      # Not .aligned: that would also require every warp to be converged here.
+      "barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;",
       "",
       has_side_effects=True,
     )
