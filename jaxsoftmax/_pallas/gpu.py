@@ -76,7 +76,7 @@ class Config:
   split_ctas: int | None = None
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
-  num_ctas: int | None = None  # None: one CTA per row
+  num_ctas: int | None = None  # None: one CTA per row (split rows: clusters, one per row)
   # Streamed rows: the second pass (the write) takes the chunks last to first, so
   # that it starts with those the first pass read last, the likeliest still in L2.
   reverse_write: bool = True
@@ -434,41 +434,45 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   return out.reshape(rows, cols), lse[:, :1]
 
 
-def _cluster_sync():
-  """Every thread of every CTA in the cluster meets here; shared memory written
-  before it is visible to the whole cluster after it (``barrier.cluster``: the
-  arrive releases and the wait acquires, at cluster scope)."""
+def _cluster_barrier(arrive: bool = True, wait: bool = True):
+  """The cluster barrier (``barrier.cluster``), or one half of it: a thread's
+  shared-memory writes before its arrive are visible to every thread of the
+  cluster after that thread's matching wait (release and acquire at cluster
+  scope). Each thread alternates arrive and wait."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import llvm
 
-  @plgpu.inline_mgpu()
-  def sync(ctx):
-    del ctx
-    llvm.inline_asm(
-      ir.Type.parse("!llvm.void"),
-      [],
-      # Not .aligned: that would also require every warp to be converged here.
-      "barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;",
-      "",
-      has_side_effects=True,
-    )
+  # Not .aligned: that would also require every warp to be converged here.
+  asm = ["barrier.cluster.arrive.release;"] * arrive + ["barrier.cluster.wait.acquire;"] * wait
 
-  sync()
+  @plgpu.inline_mgpu()
+  def barrier(ctx):
+    del ctx
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "\n".join(asm), "", has_side_effects=True)
+
+  barrier()
 
 
 def _swap(xch, own, c: int, merge):
   """The partial statistics ``own`` of each of the ``c`` CTAs of the cluster,
   merged in cluster order, so that every CTA gets the same bits. ``xch`` holds
-  one ``(WARPGROUP,)`` float32 SMEM ref per statistic in each CTA, read by its
-  peers until the caller's next ``_cluster_sync``. (Separate refs, because a
-  peer's view of a row of a 2-D ref does not lower with Warpgroup semantics.)"""
+  one ``(WARPGROUP,)`` float32 SMEM ref per statistic in each CTA. (Separate
+  refs, because a peer's view of a row of a 2-D ref does not lower with
+  Warpgroup semantics.)
+
+  Called with an arrive pending (the previous swap's, or the caller's before
+  the first), and returns with one: the wait that closes it, before the slot is
+  written again or the CTA exits, is the sign that the peers have read it. That
+  second barrier thus overlaps the work between two swaps."""
+  _cluster_barrier(arrive=False)  # the peers have read the slot since the last swap
   for s, v in enumerate(own):
     xch[s][...] = jnp.broadcast_to(v, (WARPGROUP,))
-  _cluster_sync()  # every slot is written
+  _cluster_barrier()  # every CTA's slot is written
   peers = []
   for k in range(c):
     peer = [plgpu.cluster_ref(xch[s], {"cl": k}) for s in range(len(own))]
     peers.append(tuple(jnp.max(slot[...]) for slot in peer))
+  _cluster_barrier(wait=False)  # this CTA has read its peers' slots
   return functools.reduce(merge, peers)
 
 
@@ -508,7 +512,11 @@ def _split_rows(
   flag_bar = n_in * nloc
   LAG = 2
   if cfg.split_ctas:
-    cfg = dataclasses.replace(cfg, num_ctas=max(1, cfg.split_ctas // c))  # clusters
+    # A cluster runs within one GPC (14-18 SMs on an H100 or H200): at one CTA
+    # per SM, clusters of 4 or 8 cannot use every SM, and a cluster that does not
+    # fit would wait for a whole second wave. So clusters take 7/8 of the CTAs.
+    ctas = cfg.split_ctas if c == 1 else cfg.split_ctas * 7 // 8
+    cfg = dataclasses.replace(cfg, num_ctas=max(1, ctas // c))  # clusters
 
   def body(num_ctas, *refs):
     ins, outs = refs[: len(inputs)], refs[len(inputs) : len(inputs) + len(out_type)]
@@ -528,6 +536,9 @@ def _split_rows(
     def _():
       for j in range(nloc):
         fetch(cta, j)
+
+    if held < c:
+      _cluster_barrier(wait=False)  # the arrive that the first swap's wait closes
 
     def one_row(k, carry):
       row = cta + k * num_ctas
@@ -581,8 +592,6 @@ def _split_rows(
           store_finish()
         else:
           pl.when(part == 0)(store_finish)
-      if held < c:
-        _cluster_sync()  # the peers have read this CTA's slot: it may be rewritten, or freed
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every chunk (and the lse) is stored
 
       @pl.when(has_next)
@@ -593,6 +602,8 @@ def _split_rows(
       return carry
 
     jax.lax.fori_loop(0, mine, one_row, 0)
+    if held < c:
+      _cluster_barrier(arrive=False)  # the peers have read this CTA's slot: it may exit
     plgpu.wait_smem_to_gmem(0)
 
   scratch = [plgpu.SMEM((nloc, p.kb, p.w), dtype) for _ in range(n_in)]
