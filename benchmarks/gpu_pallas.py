@@ -293,6 +293,16 @@ def _variant_check(cfg, x, g, log, eps, ref) -> str | None:
   return f"wrong: {'log_softmax' if log else 'softmax'} fwd err {err_f:.2e}, bwd err {err_b:.2e}"
 
 
+def _paths(shape, dtype, cfg) -> str:
+  """Which kernel path the forward and the backward take (``gpu.route``)."""
+  p = gpu.plan(shape[1], dtype, cfg)
+  if isinstance(p, str):
+    return p
+  (fk, fn), (bk, bn) = (gpu.route(shape[0], p, dtype, cfg, b) for b in (False, True))
+  show = lambda kind, n: kind if n == 1 else f"{kind} {n}"  # noqa: E731
+  return f"{show(fk, fn)} / {show(bk, bn)}"
+
+
 def cell_key(variant, rows, cols, dtype) -> str:
   """A variant cell's name, as the child and the parent process pass it."""
   return f"{variant} {rows}x{cols} {dtype}"
@@ -336,6 +346,7 @@ def variants(
       cell = dict(variant=name, rows=shape[0], cols=shape[1], dtype=dt)
       try:
         cfg = make_cfg()
+        cell["path"] = _paths(shape, dt, cfg)
         wrong = _variant_check(cfg, xs[0], gs[0], False, eps, ref)
         wrong = wrong or _variant_check(cfg, xs[0], gs[0], True, eps, ref)
         if wrong:
@@ -488,9 +499,13 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
     lines += targets(rows, copy_bw, op)
   if variant_rows:
     lines += ["", "## Mosaic GPU kernel variants (softmax, 2-D kernels called directly)", ""]
-    lines.append("| shape | dtype | variant | fwd us | fwd % copy | bwd us | bwd % copy |")
-    lines.append("|---|---|---|---|---|---|---|")
-    lines += [_timing_line(r, r["variant"], copy_bw, gbps=False) for r in variant_rows]
+    head = (
+      "| shape | dtype | variant | fwd us | fwd % copy | bwd us | bwd % copy | path fwd / bwd |"
+    )
+    lines += [head, "|---|---|---|---|---|---|---|---|"]
+    for r in variant_rows:
+      line = _timing_line(r, r["variant"], copy_bw, gbps=False)
+      lines.append(line if "error" in r else f"{line} {r.get('path', '')} |")
   return "\n".join(lines) + "\n"
 
 

@@ -71,6 +71,13 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     "split rows 4x2048 float32",
   ]
   assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
+  assert [r["path"] for r in rows] == [
+    "streamed / streamed",
+    "blocks 4 / blocks 4",
+    "split 4 / split 8",
+  ]
+  md = gpu_pallas.markdown(dict(device="d", jax="j", date="t"), [], [], 1e9, rows)
+  assert md.rstrip().endswith("| split 4 / split 8 |")
 
   # A kernel off by a factor is reported as wrong and not timed.
   monkeypatch.setattr(gpu_pallas, "VARIANTS", {"streamed": variants["streamed"]})

@@ -259,6 +259,28 @@ def test_gpu_cluster_size():
   assert gpu.cluster_size(p, 2 * 65536 * 4, 1 << 20, arrays=2) == 8
 
 
+def test_gpu_route():
+  # Which path each shape takes, forward and backward, by the sizes in Config.
+  def route(rows, cols, dtype, backward=False, **cfg):
+    cfg = gpu.Config(**cfg)
+    return gpu.route(rows, gpu.plan(cols, dtype, cfg), dtype, cfg, backward)
+
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  assert route(4096, 16384, f32) == ("rows", 1)  # 64 KiB <= 96 KiB
+  assert route(4096, 16384, f32, True) == ("rows", 1)  # two 64 KiB rows <= 200 KiB
+  assert route(1024, 32768, f32) == ("streamed", 1)  # 128 KiB
+  assert route(1024, 32768, bf16, True) == ("rows", 1)
+  assert route(1024, 65536, f32, True) == ("streamed", 1)
+  assert route(4096, 1024, f32, block_bytes=32 * 1024) == ("blocks", 8)
+  assert route(4096, 1024, f32, True, block_bytes=32 * 1024) == ("blocks", 8)
+  assert route(1024, 65536, f32, split_bytes=64 * 1024) == ("split", 4)
+  assert route(1024, 65536, f32, True, split_bytes=64 * 1024) == ("split", 8)
+  assert route(128, 262144, f32, split_bytes=64 * 1024) == ("streamed", 1)  # 16 parts
+  assert route(128, 262144, bf16, split_bytes=128 * 1024) == ("split", 4)
+  assert route(1024, 32768, f32, split_bytes=200 * 1024) == ("split", 1)  # one part
+  assert route(1024, 16384, f32, split_bytes=200 * 1024) == ("rows", 1)  # fits: not split
+
+
 def test_gpu_block_rows():
   # The largest power of two <= 256 dividing the rows within the byte budget.
   assert gpu.block_rows(4096, 2048, 32 * 1024) == 16

@@ -144,6 +144,25 @@ def cluster_size(p: Plan, row_bytes: int, budget: int, arrays: int = 1) -> int:
   return 0
 
 
+def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tuple[str, int]:
+  """The path a call takes, and its size: ``("rows", 1)`` whole rows, one per
+  CTA; ``("blocks", R)`` R whole rows per CTA; ``("split", C)`` rows split over
+  clusters of C CTAs; ``("streamed", 1)`` rows read twice in chunks."""
+  row_bytes = p.n1 * p.w * jnp.dtype(dtype).itemsize
+  if backward:
+    fits = p.n1 <= 256 and 2 * row_bytes <= cfg.bwd_row_bytes
+    c = cluster_size(p, 2 * row_bytes, cfg.split_bytes, arrays=2)
+    budget = min(cfg.block_bytes, cfg.bwd_row_bytes // 2)
+  else:
+    fits = p.fits
+    c = cluster_size(p, row_bytes, cfg.split_bytes)
+    budget = cfg.block_bytes
+  if not fits:
+    return ("split", c) if c else ("streamed", 1)
+  r = block_rows(rows, row_bytes, budget)
+  return ("blocks", r) if r > 1 else ("rows", 1)
+
+
 def unsupported_reason(rows: int, cols: int, dtype) -> str | None:
   p = plan(cols, dtype)
   return p if isinstance(p, str) else None
@@ -334,19 +353,19 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     jax.lax.fori_loop(0, nc, write, 0)
 
-  row_bytes = cols * jnp.dtype(dtype).itemsize
-  if not p.fits and (c := cluster_size(p, row_bytes, cfg.split_bytes)):
+  kind, size = route(rows, p, dtype, cfg)
+  if kind == "split":
 
     def emit(chunks, md, flag):
       return _fwd_out(chunks[0], *md, log)
 
     out, lse = _split_rows(
-      [x3], p, cfg, c, load, (-jnp.inf, 0.0), _fold_stats, _merge_stats, emit, _lse
+      [x3], p, cfg, size, load, (-jnp.inf, 0.0), _fold_stats, _merge_stats, emit, _lse
     )
     return out.reshape(rows, cols), lse[:, :1]
 
-  R = block_rows(rows, row_bytes, cfg.block_bytes) if p.fits else 1
-  if R > 1:
+  if kind == "blocks":
+    R = size
     # Blocks of R whole rows: one TMA copy in, R rows computed, one copy out.
     nb = rows // R
     x3 = x.reshape(nb, R, p.n1, p.w)
@@ -382,7 +401,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     out, lse = _kernel(nb, p, dtype, cfg, out_type, scratch, body)(x3)
     return out.reshape(rows, cols), lse.reshape(rows, WARPGROUP)[:, :1]
 
-  if p.fits:
+  if kind == "rows":
 
     def body(num_ctas, x_gmem, o_gmem, lse_gmem, buf, lse_smem, bar):
       def one_row(row):
@@ -632,8 +651,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   dtype = y.dtype
   nc = p.n1 // p.kb
   S = cfg.stages
-  row_bytes = cols * jnp.dtype(dtype).itemsize
-  fits = p.n1 <= 256 and 2 * row_bytes <= cfg.bwd_row_bytes
+  kind, size = route(rows, p, dtype, cfg, backward=True)
+  fits = kind in ("rows", "blocks")
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
   if log:
@@ -668,7 +687,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
     jax.lax.fori_loop(0, nc, write, 0)
 
-  if not fits and (c := cluster_size(p, 2 * row_bytes, cfg.split_bytes, arrays=2)):
+  if kind == "split":
 
     def fold(acc, chunks):
       return (acc[0] + partial_sum(*chunks),)
@@ -680,11 +699,11 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       return grad(*chunks, acc[0], flag)
 
     live2 = args[2] if log else None
-    (dx,) = _split_rows(args[:2], p, cfg, c, load, (0.0,), fold, merge, emit, live=live2)
+    (dx,) = _split_rows(args[:2], p, cfg, size, load, (0.0,), fold, merge, emit, live=live2)
     return dx.reshape(rows, cols)
 
-  R = block_rows(rows, row_bytes, min(cfg.block_bytes, cfg.bwd_row_bytes // 2)) if fits else 1
-  if R > 1:
+  if kind == "blocks":
+    R = size
     # Blocks of R whole rows, as in the forward: y, g (and the live flags) in, dx out.
     nb = rows // R
     args = [a.reshape(nb, R, p.n1, p.w) for a in args[:2]]
