@@ -325,6 +325,37 @@ def test_custom_vjp_cores_run_the_kernels_for_any_axes():
       assert rel_err(dx, rdx) <= 8 * eps(jnp.float32), (axes, log)
 
 
+@pytest.mark.parametrize("be", ["pallas:gpu:interpret", "pallas:tpu:interpret"])
+def test_kernels_under_vmap(be):
+  # vmap(vjp) of the cores, as per-example gradients do: the kernels' batching
+  # rules, against float64 jax.nn on the whole batch.
+  x = jax.random.normal(jax.random.key(11), (3, 4, 256), jnp.float32)
+  g = jax.random.normal(jax.random.key(12), x.shape, jnp.float32)
+  for log, ours, ref in [
+    (False, core._softmax, jax.nn.softmax),
+    (True, lambda *a: core._log_softmax(*a)[0], jax.nn.log_softmax),
+  ]:
+
+    def value_and_vjp(x, g):
+      y, vjp = jax.vjp(lambda v: ours(v, None, (1,), None, be), x)  # noqa: B023
+      return y, vjp(g)[0]
+
+    y, dx = jax.jit(jax.vmap(value_and_vjp))(x, g)
+    ry, rvjp = jax.vjp(lambda v: ref(v, axis=-1), x.astype(jnp.float64))  # noqa: B023
+    assert rel_err(y, ry) <= 4 * eps(jnp.float32), log
+    assert rel_err(dx, rvjp(g.astype(jnp.float64))[0]) <= 8 * eps(jnp.float32), log
+
+
+def test_gpu_kernels_lower_for_cuda_under_vmap():
+  def value_and_vjp(x, g):
+    y, vjp = jax.vjp(lambda v: core._softmax(v, None, (1,), None, "pallas:gpu"), x)
+    return y, vjp(g)[0]
+
+  x = jax.ShapeDtypeStruct((8, 512, 4096), jnp.bfloat16)
+  text = jax.export.export(jax.jit(jax.vmap(value_and_vjp)), platforms=["cuda"])(x, x).mlir_module()
+  assert "mosaic_gpu" in text and "stablehlo.while" not in text  # one launch, no loop
+
+
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_reverse_over_reverse_falls_back_to_xla(log):
   # The kernels' backward is a custom_vjp whose own VJP is the XLA backward's.
