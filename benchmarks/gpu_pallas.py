@@ -206,9 +206,10 @@ def copy_bandwidth(calls, samples, n=1 << 28) -> float:
   return 2 * xs[0].nbytes / _time(neg, [(x,) for x in xs], calls, samples)
 
 
-def _cells(sizes, dtypes, desc):
-  """Per (shape, dtype): rotating inputs ``xs``, cotangents ``gs`` and bytes per array."""
-  for shape, dt in _progress([(s, d) for s in sizes for d in dtypes], desc):
+def _cells(pairs, desc):
+  """Per (shape, dtype) of ``pairs``: rotating inputs ``xs``, cotangents ``gs`` and
+  bytes per array."""
+  for shape, dt in _progress(pairs, desc):
     xs = _buffers(shape, dt, 2)
     gs = _buffers(shape, dt, 1)[: len(xs)]
     yield shape, dt, xs, gs, int(np.prod(shape)) * jnp.dtype(dt).itemsize
@@ -223,7 +224,7 @@ def _timed(cell, t_fwd, t_bwd, nbytes):
 def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) -> list[dict]:
   """Every contender at every size; ``on_cell(rows)`` after each (shape, dtype)."""
   rows = []
-  for shape, dt, xs, gs, nbytes in _cells(sizes, dtypes, "timing"):
+  for shape, dt, xs, gs, nbytes in _cells([(s, d) for s in sizes for d in dtypes], "timing"):
     for op, name, f in [(o, n, f) for o in OPS for n, f in _contenders(pallas, o).items()]:
       cell = dict(op=op, contender=name, rows=shape[0], cols=shape[1], dtype=dt)
       try:
@@ -316,21 +317,20 @@ def variants(
   Cells named in ``skip`` (``cell_key``) are left out; ``on_start(key)`` before
   each cell, ``on_cell(rows)`` after each."""
   rows = []
-  todo = {
-    (z, dt): name
-    for name, (_, zs) in VARIANTS.items()
-    for z in zs
+  # (shape, dtype) pairs with a cell left to run, shapes in order of first use.
+  shapes = dict.fromkeys(z for _, zs in VARIANTS.values() for z in zs)
+  pairs = [
+    (z, dt)
+    for z in shapes
     for dt in dtypes
-    if cell_key(name, *z, dt) not in skip
-  }
-  shapes = list(dict.fromkeys(z for _, zs in VARIANTS.values() for z in zs))
-  shapes = [z for z in shapes if any((z, dt) in todo for dt in dtypes)]
+    if any(z in zs and cell_key(name, *z, dt) not in skip for name, (_, zs) in VARIANTS.items())
+  ]
 
   def add(row):
     rows.append(row)
     on_cell(rows)
 
-  for shape, dt, xs, gs, nbytes in _cells(shapes, dtypes, "variants"):
+  for shape, dt, xs, gs, nbytes in _cells(pairs, "variants"):
     eps = float(jnp.finfo(jnp.dtype(dt)).eps)
 
     @functools.cache
@@ -416,11 +416,12 @@ def variants_in_child(
         return rows
       if not hung:
         return rows
-      name, shape, dt = current.read_text().rsplit(" ", 2)
+      key = current.read_text()
+      name, shape, dt = key.rsplit(" ", 2)
       n, c = map(int, shape.split("x"))
       error = f"hung: killed after {cell_timeout_s} s (the next cells ran in a new process)"
       rows.append(dict(variant=name, rows=n, cols=c, dtype=dt, error=error))
-      print(f"gpu_pallas.py: variant cell {current.read_text()} {error}", flush=True)
+      print(f"gpu_pallas.py: variant cell {key} {error}", flush=True)
 
 
 TARGET = 0.85  # of the measured copy bandwidth, forward and backward

@@ -706,9 +706,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     R = size
     # Blocks of R whole rows, as in the forward: y, g (and the live flags) in, dx out.
     nb = rows // R
-    args = [a.reshape(nb, R, p.n1, p.w) for a in args[:2]]
-    if log:
-      args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)).reshape(nb, R, WARPGROUP))
+    args = [a.reshape(nb, R, *a.shape[1:]) for a in args]
 
     def block_body(num_ctas, *refs):
       if log:
