@@ -25,11 +25,11 @@ In this order:
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
    with a few ``gpu.Config`` variants (long rows split over a CTA cluster or
-   kept whole, several short rows per CTA), in child processes, within
-   ``--variants-timeout`` seconds (a cell that hangs is killed after 60 s and
-   a new child goes on with the rest), each checked against
-   float64 as in step 1 (softmax and log_softmax) before softmax is timed
-   (``--no-variants`` skips this part).
+   kept whole, several short rows per CTA, or a ring of row blocks in
+   persistent CTAs), in child processes, within ``--variants-timeout`` seconds
+   (a cell that hangs is killed after 60 s and a new child goes on with the
+   rest), each checked against float64 as in step 1 (softmax and log_softmax)
+   before softmax is timed (``--no-variants`` skips this part).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step. Steps 1-3 use the public API only; step 4 calls ``gpu.py``.
@@ -261,7 +261,10 @@ LONG = [(1024, 65536), (128, 262144)]
 #   as they store the current one, and parts to 200 KiB: rows of 96-200 KiB
 #   (1024 x 32768 float32, 1024 x 65536 bfloat16) are then kept whole by one CTA;
 # - several short rows per CTA (``block_bytes``), where one CTA per row ran at
-#   18-64% of copy.
+#   18-64% of copy;
+# - whole rows through a ring of SMEM slots in persistent CTAs (``ring_slots``),
+#   loading the next blocks while one is computed and stored: one row a slot, or
+#   blocks to 16 KiB (4096 x 1024: 4 rows float32, 8 bfloat16).
 # The shapes run in the order of first use below, long rows first, so that the
 # timeout cuts the short-row variants first.
 SPLIT = [*LONG, (1024, 32768)]
@@ -274,8 +277,12 @@ VARIANTS = {
     lambda: gpu.Config(split_bytes=200 * 1024, split_ctas=gpu.sm_count()),
     SPLIT,
   ),
-  "row blocks to 32 KiB": (lambda: gpu.Config(block_bytes=32 * 1024), SHORT),
   "row blocks to 64 KiB": (lambda: gpu.Config(block_bytes=64 * 1024), SHORT + [(4096, 16384)]),
+  "ring of 3 slots": (lambda: gpu.Config(ring_slots=3), SHORT + [(4096, 16384)]),
+  "ring of 3 slots, blocks to 16 KiB": (
+    lambda: gpu.Config(ring_slots=3, block_bytes=16 * 1024),
+    SHORT,
+  ),
 }
 
 

@@ -55,6 +55,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     "streamed": (lambda: Config(**small), [(4, 1280)]),
     "row blocks": (lambda: Config(interpret=True, block_bytes=1 << 20), [(4, 1280), (4, 256)]),
     "split rows": (lambda: Config(**small, split_bytes=2048), [(4, 2048)]),
+    "ring": (lambda: Config(interpret=True, ring_slots=2, block_bytes=2048), [(4, 256)]),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
   started = []
@@ -63,17 +64,20 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   assert [(r["variant"], r["cols"]) for r in rows] == [
     ("streamed", 1280),
     ("row blocks", 256),
+    ("ring", 256),
     ("split rows", 2048),
   ]
   assert started == [
     "streamed 4x1280 float32",
     "row blocks 4x256 float32",
+    "ring 4x256 float32",
     "split rows 4x2048 float32",
   ]
   assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
   assert [r["path"] for r in rows] == [
     "streamed / streamed",
     "blocks 4 / blocks 4",
+    "ring 2 / ring 2",
     "split 4 / split 8",
   ]
   md = gpu_pallas.markdown(dict(device="d", jax="j", date="t"), [], [], 1e9, rows)

@@ -153,6 +153,12 @@ GPU_SPLIT_WHOLE = ops.make(
     interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, split_bytes=1 << 20
   ),
 )
+# Whole rows through a ring of SMEM slots in persistent CTAs: 6 rows as 3
+# blocks of 2 through 2 slots (the ring wraps), as 6 blocks of 1 through 4, and
+# 3 blocks through 8 slots (more slots than blocks).
+GPU_RING = ops.make(gpu, gpu.Config(interpret=True, ring_slots=2, block_bytes=2 * 384 * 4))
+GPU_RING_4 = ops.make(gpu, gpu.Config(interpret=True, ring_slots=4))
+GPU_RING_8 = ops.make(gpu, gpu.Config(interpret=True, ring_slots=8, block_bytes=1 << 20))
 GPU_BWD_STREAMS = ops.make(
   gpu, gpu.Config(interpret=True, row_bytes=1 << 20, chunk_elems=256, bwd_row_bytes=256)
 )
@@ -178,6 +184,9 @@ GPU_SMALL_FORWARD = ops.make(
     (2048, GPU_SPLIT),
     (1280, GPU_SPLIT_WHOLE),
     (256, GPU_SPLIT_WHOLE),
+    (384, GPU_RING),
+    (384, GPU_RING_4),
+    (256, GPU_RING_8),
   ],
   ids=[
     "384-fits",
@@ -189,6 +198,9 @@ GPU_SMALL_FORWARD = ops.make(
     "2048-split",
     "1280-split-one-part",
     "256-split-one-chunk",
+    "384-ring-2-slots",
+    "384-ring-4-slots",
+    "256-ring-8-slots",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -196,21 +208,34 @@ def test_gpu_kernels_interpret(cols, be, dtype):
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-def test_gpu_row_blocks_keep_each_rows_statistics(log):
-  # Blocks of 4 rows that mix live and empty rows: each row keeps its own max,
-  # normaliser and live flag, whatever its place in the block.
+@pytest.mark.parametrize(
+  "cfg, path",
+  [
+    (dict(block_bytes=4 * 256 * 4), ("blocks", 4)),
+    (dict(block_bytes=2 * 256 * 4, ring_slots=3), ("ring", 2)),
+  ],
+  ids=["blocks-of-4", "ring-of-3-slots-blocks-of-2"],
+)
+def test_gpu_row_blocks_keep_each_rows_statistics(log, cfg, path):
+  # Blocks of rows that mix live and empty rows (masked, or all -inf with a
+  # nonzero cotangent): each row keeps its own max, normaliser and live flag,
+  # whatever its place in the block (and in the ring: 4 blocks through 3 slots).
+  cfg = gpu.Config(interpret=True, **cfg)
+  p = gpu.plan(256, jnp.float32, cfg)
+  assert gpu.route(8, p, jnp.float32, cfg) == gpu.route(8, p, jnp.float32, cfg, True) == path
   x = 3.0 * jax.random.normal(jax.random.key(7), (8, 256), jnp.float32)
-  x = x + jnp.arange(8.0)[:, None]  # a different scale per row
+  x = x + jnp.arange(8, dtype=jnp.float32)[:, None]  # a different scale per row
+  x = x.at[3].set(-jnp.inf)
   w = jnp.ones((8, 256), bool).at[jnp.array([1, 4, 6])].set(False)
   g = jax.random.normal(jax.random.key(8), (8, 256), jnp.float32)
-  blocks_of_4 = ops.make(gpu, gpu.Config(interpret=True, block_bytes=4 * 256 * 4))
-  y, dx = map(np.asarray, _run_jit(blocks_of_4, x, w, g, log))
+  y, dx = map(np.asarray, _run_jit(ops.make(gpu, cfg), x, w, g, log))
+  assert y.dtype == dx.dtype == np.float32
   f = jax.nn.log_softmax if log else jax.nn.softmax
   x64 = x.astype(jnp.float64)
   ry, vjp = jax.vjp(lambda v: f(v, axis=1, where=w), x64)
   rdx = np.asarray(vjp(jnp.where(w, g, 0.0).astype(jnp.float64))[0])
   ry = np.asarray(ry)
-  live = np.asarray(w[:, 0])
+  live = np.asarray(w[:, 0]) & (np.arange(8) != 3)
   assert rel_err(y[live], ry[live]) <= 4 * eps(jnp.float32)
   assert rel_err(dx[live], rdx[live]) <= 8 * eps(jnp.float32)
   assert np.all(y[~live] == (-np.inf if log else 0.0)) and np.all(dx[~live] == 0.0)
@@ -279,6 +304,27 @@ def test_gpu_route():
   assert route(128, 262144, bf16, split_bytes=128 * 1024) == ("split", 4)
   assert route(1024, 32768, f32, split_bytes=200 * 1024) == ("split", 1)  # one part
   assert route(1024, 16384, f32, split_bytes=200 * 1024) == ("rows", 1)  # fits: not split
+  # The ring: blocks within RING_BYTES for all its slots (rows and a 512-byte
+  # statistic each; backward: two rows), else the plain paths.
+  assert route(4096, 1024, f32, ring_slots=3) == ("ring", 1)
+  assert route(4096, 1024, f32, ring_slots=3, block_bytes=32 * 1024) == ("ring", 8)
+  assert route(4096, 1024, f32, True, ring_slots=3, block_bytes=32 * 1024) == ("ring", 4)
+  assert route(4096, 1024, bf16, True, ring_slots=2, block_bytes=64 * 1024) == ("ring", 16)
+  assert route(4096, 16384, f32, ring_slots=3) == ("ring", 1)  # 3 x 64.5 KiB
+  assert route(4096, 16384, f32, True, ring_slots=2) == ("rows", 1)  # 2 x 128.5 KiB
+  assert route(4096, 16384, f32, ring_slots=1) == ("rows", 1)  # a ring needs 2 slots
+  assert route(1024, 65536, f32, ring_slots=3) == ("streamed", 1)  # too long to keep whole
+
+
+def test_gpu_ring_sizes():
+  # SMEM of a ring (R rows of each array and a 512-byte statistic per row, in
+  # each slot), and the CTAs per SM that fit Hopper's 228 KiB (1 KiB each reserved).
+  assert gpu.ring_bytes(4, 4096, 3, 1) == 3 * 4 * (4096 + 512)
+  assert gpu.ring_bytes(1, 2048, 2, 2) == 2 * (2 * 2048 + 512)
+  assert gpu.ring_ctas(200 * 1024) == 1
+  assert gpu.ring_ctas(100 * 1024) == 2
+  assert gpu.ring_ctas(60 * 1024) == 3  # 4 x 61 KiB > 228 KiB
+  assert gpu.ring_ctas(8 * 1024) == 4  # at most 4
 
 
 def test_gpu_block_rows():
@@ -398,6 +444,15 @@ def _lowers(mod, platform, dtype, shapes):
       assert "tpu_custom_call" in text or "mosaic_gpu" in text, (name, shape)
 
 
+def _gpu_kernels(**cfg):
+  """The GPU module's two 2-D kernels under ``gpu.Config(**cfg)``."""
+  cfg = gpu.Config(**cfg)
+  return SimpleNamespace(
+    softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
+    softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
+  )
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_tpu_kernels_lower_for_tpu(dtype):
   _lowers(tpu, "tpu", dtype, LOWER_SHAPES)
@@ -415,26 +470,15 @@ def test_gpu_kernels_lower_with_warpgroup_semantics():
   # jax 0.11 makes Warpgroup lowering the default; gpu.py pins Lane but lowers either way.
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  cfg = gpu.Config(semantics=plgpu.LoweringSemantics.Warpgroup)
-  warpgroup = SimpleNamespace(
-    softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
-    softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
-  )
+  warpgroup = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
   _lowers(warpgroup, "cuda", jnp.bfloat16, [(64, 4096), (4, 262144)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_gpu_row_block_kernels_lower_for_cuda(dtype):
-  def kernels(**cfg):
-    cfg = gpu.Config(**cfg)
-    return SimpleNamespace(
-      softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
-      softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
-    )
-
   # 16, 4 and 2 rows per CTA (bfloat16: 16, 8, 4), and the streamed path unchanged.
   shapes = [(4096, 512), (4096, 2048), (64, 4096), (8, 65536)]
-  _lowers(kernels(block_bytes=32 * 1024), "cuda", dtype, shapes)
+  _lowers(_gpu_kernels(block_bytes=32 * 1024), "cuda", dtype, shapes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -442,11 +486,7 @@ def test_gpu_split_row_kernels_lower_for_cuda(dtype):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   def kernels(**cfg):
-    cfg = gpu.Config(**{"split_bytes": 64 * 1024, **cfg})
-    return SimpleNamespace(
-      softmax_fwd_2d=partial(gpu.softmax_fwd_2d, cfg=cfg),
-      softmax_bwd_2d=partial(gpu.softmax_bwd_2d, cfg=cfg),
-    )
+    return _gpu_kernels(**{"split_bytes": 64 * 1024, **cfg})
 
   # Clusters of 2 to 8 CTAs (and 128 x 262144 float32, past 8 parts, streamed).
   shapes = [(1024, 65536), (128, 262144), (1024, 32768)]
@@ -458,6 +498,22 @@ def test_gpu_split_row_kernels_lower_for_cuda(dtype):
   _lowers(kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, shapes[1:2])
   # Persistent clusters (and rows of 128 KiB kept whole by persistent CTAs).
   _lowers(kernels(split_bytes=200 * 1024, split_ctas=132), "cuda", dtype, shapes + [(100, 49152)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gpu_ring_kernels_lower_for_cuda(dtype):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  kernels = _gpu_kernels
+  # One row a slot, blocks of 2 to 16 rows (bfloat16: to 32), and rows too long
+  # for a ring (the backward at 4096 x 16384 float32; 8 x 65536 streamed).
+  shapes = [(4096, 1024), (4096, 4096), (4096, 16384), (8, 65536)]
+  _lowers(kernels(ring_slots=3), "cuda", dtype, shapes)
+  _lowers(kernels(ring_slots=2, block_bytes=64 * 1024), "cuda", dtype, shapes[:2])
+  warpgroup = plgpu.LoweringSemantics.Warpgroup
+  _lowers(
+    kernels(ring_slots=3, block_bytes=16 * 1024, semantics=warpgroup), "cuda", dtype, shapes[:1]
+  )
 
 
 # --------------------------------------------------------------- implementation=

@@ -17,6 +17,10 @@ that divide the row exactly, so no copy runs out of bounds.
   buffers, keeping a running max and normaliser in float32 (Milakov &
   Gimelshein 2018); a second pass streams them again, last chunk first (those
   are the likeliest to be still in L2), and writes.
+* **ring** (rows that fit, off by default, ``Config.ring_slots``): persistent
+  CTAs take blocks of whole rows through a ring of SMEM slots, loading the next
+  blocks while one is computed and stored, rather than waiting for each load
+  and store in turn.
 * **split** (longer rows, off by default, ``Config.split_bytes``): a cluster of
   up to 8 CTAs shares each row, each holding its part in SMEM; the CTAs swap
   their partial statistics through distributed shared memory, then each writes
@@ -74,6 +78,14 @@ class Config:
   # on about that many CTAs (``sm_count()``: one per SM), each loading its part
   # of the next row while it stores the current one.
   split_ctas: int | None = None
+  # Rows kept whole, by persistent CTAs: each takes the blocks of rows (R rows,
+  # by ``block_bytes``, within RING_BYTES of SMEM) cta, cta + Q, ... through a
+  # ring of this many SMEM slots, loading the next ``ring_slots - 1`` blocks
+  # while it computes and stores the current one; one CTA per row waits for each
+  # load and store in turn (4096 x 1024 at 18-64% of copy on the H200). 0 (the
+  # default) is off; unmeasured, timed by the GPU script's variants. With
+  # ``num_ctas`` None, as many CTAs per SM as the ring's SMEM allows (``ring_ctas``).
+  ring_slots: int = 0
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row (split rows: clusters, one per row)
@@ -144,10 +156,27 @@ def cluster_size(p: Plan, row_bytes: int, budget: int, arrays: int = 1) -> int:
   return 0
 
 
+RING_BYTES = 200 * 1024  # the most SMEM a ring of row blocks takes (Hopper: 227 KiB a CTA)
+SMEM_PER_SM = 228 * 1024  # Hopper; each resident CTA also reserves 1 KiB
+MAX_RING_CTAS_PER_SM = 4  # 512 threads: room for 128 registers a thread
+
+
+def ring_bytes(rows_per_slot: int, row_bytes: int, slots: int, arrays: int) -> int:
+  """SMEM of a ring: each slot holds R rows of each input array, and a float32
+  ``(WARPGROUP,)`` row of per-row statistics (the lse, or the backward's live flag)."""
+  return slots * rows_per_slot * (arrays * row_bytes + 4 * WARPGROUP)
+
+
+def ring_ctas(smem_bytes: int) -> int:
+  """CTAs per SM for a ring of ``smem_bytes``: as many as stay resident together."""
+  return max(1, min(MAX_RING_CTAS_PER_SM, SMEM_PER_SM // (smem_bytes + 1024)))
+
+
 def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tuple[str, int]:
   """The path a call takes, and its size: ``("rows", 1)`` whole rows, one per
-  CTA; ``("blocks", R)`` R whole rows per CTA; ``("split", C)`` rows split over
-  clusters of C CTAs; ``("streamed", 1)`` rows read twice in chunks."""
+  CTA; ``("blocks", R)`` R whole rows per CTA; ``("ring", R)`` blocks of R whole
+  rows through a ring of SMEM slots in persistent CTAs; ``("split", C)`` rows
+  split over clusters of C CTAs; ``("streamed", 1)`` rows read twice in chunks."""
   row_bytes = p.n1 * p.w * jnp.dtype(dtype).itemsize
   if backward:
     fits = p.n1 <= 256 and 2 * row_bytes <= cfg.bwd_row_bytes
@@ -159,6 +188,12 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
     budget = cfg.block_bytes
   if not fits:
     return ("split", c) if c else ("streamed", 1)
+  if cfg.ring_slots >= 2:
+    arrays = 2 if backward else 1
+    per_row = ring_bytes(1, row_bytes, cfg.ring_slots, arrays)
+    r = block_rows(rows, row_bytes, min(budget, RING_BYTES // per_row * row_bytes))
+    if ring_bytes(r, row_bytes, cfg.ring_slots, arrays) <= RING_BYTES:
+      return ("ring", r)
   r = block_rows(rows, row_bytes, budget)
   return ("blocks", r) if r > 1 else ("rows", 1)
 
@@ -252,7 +287,7 @@ def _fwd_out(v, m, d, log):
   return jnp.exp(v - shift) * (1.0 / jnp.where(d == 0, 1.0, d))
 
 
-def _kernel(rows, p: Plan, dtype, cfg: Config, out_type, scratch, body, cluster: int = 1):
+def _kernel(rows, cfg: Config, out_type, scratch, body, cluster: int = 1):
   """``body(num_ctas, *refs)`` on ``num_ctas`` CTAs (axis ``"cta"``), or as many
   clusters of ``cluster`` CTAs (axis ``"cl"``) if ``cluster > 1``."""
   num_ctas = rows if cfg.num_ctas is None else min(cfg.num_ctas, rows)
@@ -311,11 +346,91 @@ def _stream(row, p: Plan, stages: int, sources, bars, fn, carry, reverse: bool =
   return jax.lax.fori_loop(0, nc, step, carry)
 
 
+def _ring_rows(inputs, out_from: int, cfg: Config, per_row, stat: bool = False):
+  """Blocks of whole rows through a ring of ``cfg.ring_slots`` SMEM slots, in
+  persistent CTAs.
+
+  ``inputs`` are ``(nb, R, ...)`` arrays: block b is rows ``[b * R, (b + 1) * R)``.
+  CTA q takes blocks q, q + Q, ...; slot i % K holds its i-th block of every
+  input, each on its own barrier. With block i loaded, ``per_row(views, st, r)``
+  runs for each of its R rows (``views``: the slot's block of each input;
+  ``st``: a ``(R, WARPGROUP)`` float32 SMEM block for a per-row statistic if
+  ``stat``, else None) and writes the row's output in place in
+  ``views[out_from]``. That block (and ``st``) is stored; once the stores of
+  block i - 1 have read their slot, block i + K - 1 loads into it. So K - 1
+  blocks are in flight while one is computed, and stores are waited for only
+  when their slot is next loaded.
+
+  Returns the output ``(nb, R, ...)`` and, if ``stat``, ``(nb, R, WARPGROUP)``."""
+  nb, R = inputs[0].shape[:2]
+  K = cfg.ring_slots
+  n = len(inputs)
+  like = inputs[out_from]
+  out_type = [jax.ShapeDtypeStruct(like.shape, like.dtype)]
+  if stat:
+    out_type.append(jax.ShapeDtypeStruct((nb, R, WARPGROUP), F32))
+  scratch = [plgpu.SMEM((K, *a.shape[1:]), a.dtype) for a in inputs]
+  scratch += [plgpu.SMEM((K, R, WARPGROUP), F32)] if stat else []
+  scratch += [plgpu.Barrier(num_barriers=n * K)]
+  if cfg.num_ctas is None:
+    smem = sum(K * a.size // nb * a.dtype.itemsize for a in inputs) + stat * K * R * 4 * WARPGROUP
+    cfg = dataclasses.replace(cfg, num_ctas=sm_count() * ring_ctas(smem))
+
+  def body(num_ctas, *refs):
+    ins, outs = refs[:n], refs[n : n + len(out_type)]
+    slots = refs[n + len(out_type) : 2 * n + len(out_type)]
+    st = refs[-2] if stat else None
+    bars = refs[-1]
+    cta = jax.lax.axis_index("cta")
+    mine = (nb - cta + num_ctas - 1) // num_ctas
+
+    def fetch(i, slot):  # the CTA's i-th block into ``slot``
+      for a in range(n):
+        plgpu.copy_gmem_to_smem(
+          ins[a].at[cta + i * num_ctas], slots[a].at[slot], bars.at[n * slot + a]
+        )
+
+    for i in range(K - 1):
+      pl.when(i < mine)(partial(fetch, i, i))
+
+    def step(i, carry):
+      slot = i % K
+      for a in range(n):
+        plgpu.barrier_wait(bars.at[n * slot + a])
+      views = [s.at[slot] for s in slots]
+      st_view = st.at[slot] if stat else None
+
+      def one_row(r, c):
+        per_row(views, st_view, r)
+        return c
+
+      jax.lax.fori_loop(0, R, one_row, 0)
+      plgpu.commit_smem()
+      block = cta + i * num_ctas
+      plgpu.copy_smem_to_gmem(views[out_from], outs[0].at[block])
+      if stat:
+        plgpu.copy_smem_to_gmem(st_view, outs[1].at[block])
+
+      @pl.when(i + K - 1 < mine)
+      def _():
+        # Block i - 1's stores (all but this block's) have read its slot.
+        plgpu.wait_smem_to_gmem(len(out_type), wait_read_only=True)
+        fetch(i + K - 1, (i + K - 1) % K)
+
+      return carry
+
+    jax.lax.fori_loop(0, mine, step, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  return _kernel(nb, cfg, tuple(out_type), scratch, body)(*inputs)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
-  """``(softmax or log_softmax of x over axis 1, lse as (rows, 1) float32)``."""
+  """``(softmax or log_softmax of x over axis 1, lse as (rows, 1) float32)``; the
+  lse is None for softmax on the ring path, which does not write what nobody reads."""
   rows, cols = x.shape
   p = plan(cols, x.dtype, cfg)
   if isinstance(p, str):
@@ -354,6 +469,20 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     jax.lax.fori_loop(0, nc, write, 0)
 
   kind, size = route(rows, p, dtype, cfg)
+  if kind == "ring":
+    nb = rows // size
+
+    def ring_row(views, st, r):
+      row = views[0].at[r]
+      m, d = row_stats(row)
+      row_write(row, m, d)
+      if st is not None:
+        st.at[r][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
+
+    res = _ring_rows([x.reshape(nb, size, p.n1, p.w)], 0, cfg, ring_row, stat=log)
+    lse = res[1].reshape(rows, WARPGROUP)[:, :1] if log else None
+    return res[0].reshape(rows, cols), lse
+
   if kind == "split":
 
     def emit(chunks, md, flag):
@@ -398,7 +527,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       plgpu.SMEM((R, WARPGROUP), F32),
       plgpu.Barrier(num_barriers=1),
     ]
-    out, lse = _kernel(nb, p, dtype, cfg, out_type, scratch, body)(x3)
+    out, lse = _kernel(nb, cfg, out_type, scratch, body)(x3)
     return out.reshape(rows, cols), lse.reshape(rows, WARPGROUP)[:, :1]
 
   if kind == "rows":
@@ -449,7 +578,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       plgpu.SMEM((WARPGROUP,), F32),
       plgpu.Barrier(num_barriers=S),
     ]
-  out, lse = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(x3)
+  out, lse = _kernel(rows, cfg, out_type, scratch, body)(x3)
   return out.reshape(rows, cols), lse[:, :1]
 
 
@@ -631,7 +760,7 @@ def _split_rows(
     plgpu.SMEM((WARPGROUP,), F32),
     plgpu.Barrier(num_barriers=flag_bar + 1),
   ]
-  return _kernel(rows, p, dtype, cfg, tuple(out_type), scratch, body, cluster=c)(*inputs)
+  return _kernel(rows, cfg, tuple(out_type), scratch, body, cluster=c)(*inputs)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -652,7 +781,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   nc = p.n1 // p.kb
   S = cfg.stages
   kind, size = route(rows, p, dtype, cfg, backward=True)
-  fits = kind in ("rows", "blocks")
+  fits = kind in ("rows", "blocks")  # (the ring returns first)
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
   if log:
@@ -686,6 +815,17 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       return c
 
     jax.lax.fori_loop(0, nc, write, 0)
+
+  if kind == "ring":
+    nb = rows // size
+
+    def ring_row(views, st, r):
+      flag = jnp.max(views[2].at[r][...]) if log else None
+      whole_row_grad(views[0].at[r], views[1].at[r], flag)
+
+    ring_args = [a.reshape(nb, size, *a.shape[1:]) for a in args]
+    (dx,) = _ring_rows(ring_args, 1, cfg, ring_row)
+    return dx.reshape(rows, cols)
 
   if kind == "split":
 
@@ -738,7 +878,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     scratch = [plgpu.SMEM((R, WARPGROUP), F32)] if log else []
     scratch += [plgpu.SMEM((R, p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=3)]
     out_type = jax.ShapeDtypeStruct(args[0].shape, dtype)
-    dx = _kernel(nb, p, dtype, cfg, out_type, scratch, block_body)(*args)
+    dx = _kernel(nb, cfg, out_type, scratch, block_body)(*args)
     return dx.reshape(rows, cols)
 
   def body(num_ctas, *refs):
@@ -789,5 +929,5 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   else:
     scratch += [plgpu.SMEM((S, p.kb, p.w), dtype)] * 2 + [plgpu.SMEM((2, p.kb, p.w), dtype)]
     scratch += [plgpu.Barrier(num_barriers=2 * S)]
-  dx = _kernel(rows, p, dtype, cfg, out_type, scratch, body)(*args)
+  dx = _kernel(rows, cfg, out_type, scratch, body)(*args)
   return dx.reshape(rows, cols)
