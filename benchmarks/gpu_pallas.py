@@ -465,6 +465,39 @@ def targets(rows, copy_bw, op="softmax") -> list[str]:
   return out
 
 
+def best_variants(variant_rows, rows, copy_bw) -> list[str]:
+  """Per (shape, dtype): the fastest correct variant forward and backward, its
+  share of copy and its time over ``jax.nn.softmax``'s (from ``rows``), and
+  whether the two together meet the targets: what a new default would give."""
+  nn = {
+    (r["rows"], r["cols"], r["dtype"]): r
+    for r in rows
+    if "error" not in r and r.get("contender") == "jax.nn.softmax"
+  }
+  cells = {}
+  for r in variant_rows:
+    if "error" not in r:
+      cells.setdefault((r["rows"], r["cols"], r["dtype"]), []).append(r)
+  out = ["| shape | dtype | fastest fwd | fwd % copy, / jax.nn | fastest bwd "]
+  out[0] += "| bwd % copy, / jax.nn | met |"
+  out.append("|---|---|---|---|---|---|---|")
+  for (n, c, dt), rs in cells.items():
+    ref = nn.get((n, c, dt))
+    line, ok = f"| {n}x{c} | {dt} ", ref is not None
+    for d in ("fwd", "bwd"):
+      best = min(rs, key=lambda r: r[f"{d}_s"])
+      frac = best[f"{d}_bytes_per_s"] / copy_bw
+      if ref is None:
+        line += f"| {best['variant']} | {100 * frac:.0f}% "
+        continue
+      ratio = best[f"{d}_s"] / ref[f"{d}_s"]
+      at_ceiling = ref[f"{d}_bytes_per_s"] / copy_bw >= CEILING
+      ok = ok and frac >= TARGET and (ratio <= 1.0 or at_ceiling)
+      line += f"| {best['variant']} | {100 * frac:.0f}%, {ratio:.2f}x "
+    out.append(line + f"| {'yes' if ok else '**no**'} |")
+  return out
+
+
 def _timing_line(r, who, copy_bw, gbps) -> str:
   """A table row: us (GB/s) and % of copy, forward then backward; or the error."""
   head = f"| {r['rows']}x{r['cols']} | {r['dtype']} | {who} "
@@ -514,6 +547,8 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
     for r in variant_rows:
       line = _timing_line(r, r["variant"], copy_bw, gbps=False)
       lines.append(line if "error" in r else f"{line} {r.get('path', '')} |")
+    lines += ["", "## The fastest correct variant per cell (softmax), and the targets", ""]
+    lines += best_variants(variant_rows, rows, copy_bw)
   return "\n".join(lines) + "\n"
 
 

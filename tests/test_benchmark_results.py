@@ -81,7 +81,8 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     "split 4 / split 8",
   ]
   md = gpu_pallas.markdown(dict(device="d", jax="j", date="t"), [], [], 1e9, rows)
-  assert md.rstrip().endswith("| split 4 / split 8 |")
+  assert md.count("| split 4 / split 8 |") == 1
+  assert "## The fastest correct variant per cell" in md
 
   # A kernel off by a factor is reported as wrong and not timed.
   monkeypatch.setattr(gpu_pallas, "VARIANTS", {"streamed": variants["streamed"]})
@@ -111,6 +112,30 @@ def test_gpu_script_targets():
   assert tie[-1].endswith("| 1.07x | 0.82x | yes |")
   behind = targets([cell("pallas", 0.22, 0.33), cell("jax.nn.softmax", 0.4, 0.32)], 1000.0)
   assert behind[-1].endswith("| 1.03x | **no** |")
+
+
+def test_gpu_script_best_variants():
+  # The fastest correct variant forward and backward per cell, as a new default
+  # would give them, against jax.nn's time from the main table. 1000 B/s copy.
+  from benchmarks.gpu_pallas import best_variants
+
+  def cell(fwd_s, bwd_s, rows=1, **kw):
+    return dict(rows=rows, cols=25, dtype="float32", fwd_s=fwd_s, bwd_s=bwd_s,
+                fwd_bytes_per_s=200 / fwd_s, bwd_bytes_per_s=300 / bwd_s, **kw)  # fmt: skip
+
+  nn = [cell(0.4, 0.4, contender="jax.nn.softmax"), cell(0.4, 0.4, contender="pallas")]
+  variants = [
+    cell(0.25, 0.33, variant="a"),
+    cell(0.22, 0.5, variant="b"),
+    dict(rows=1, cols=25, dtype="float32", variant="c", error="wrong: ..."),
+    cell(0.1, 0.1, rows=2, variant="a"),  # a cell with no jax.nn time
+  ]
+  table = best_variants(variants, nn, 1000.0)
+  assert table[2] == "| 1x25 | float32 | b | 91%, 0.55x | a | 91%, 0.82x | yes |"
+  assert table[3] == "| 2x25 | float32 | a | 200% | a | 300% | **no** |"
+  assert len(table) == 4
+  slow = best_variants([cell(0.25, 0.33, variant="a")], nn, 1000.0)
+  assert slow[2].endswith("| a | 80%, 0.62x | a | 91%, 0.82x | **no** |")
 
 
 # ------------------------------------------------------ python -m benchmarks --size

@@ -313,18 +313,24 @@ def test_gpu_route():
   assert route(4096, 16384, f32, ring_slots=3) == ("ring", 1)  # 3 x 64.5 KiB
   assert route(4096, 16384, f32, True, ring_slots=2) == ("rows", 1)  # 2 x 128.5 KiB
   assert route(4096, 16384, f32, ring_slots=1) == ("rows", 1)  # a ring needs 2 slots
+  assert route(4096, 1024, f32, True, ring_slots=10) == ("ring", 1)
+  assert route(4096, 1024, f32, True, ring_slots=11) == ("rows", 1)  # 33 barriers
   assert route(1024, 65536, f32, ring_slots=3) == ("streamed", 1)  # too long to keep whole
 
 
 def test_gpu_ring_sizes():
   # SMEM of a ring (R rows of each array and a 512-byte statistic per row, in
-  # each slot), and the CTAs per SM that fit Hopper's 228 KiB (1 KiB each reserved).
+  # each slot), and the CTAs per SM that fit Hopper's 228 KiB: each buffer
+  # rounded up to 1 KiB, plus 2 KiB of reduction scratch, 1 KiB of barriers and
+  # the 1 KiB reserved per CTA.
   assert gpu.ring_bytes(4, 4096, 3, 1) == 3 * 4 * (4096 + 512)
   assert gpu.ring_bytes(1, 2048, 2, 2) == 2 * (2 * 2048 + 512)
-  assert gpu.ring_ctas(200 * 1024) == 1
-  assert gpu.ring_ctas(100 * 1024) == 2
-  assert gpu.ring_ctas(60 * 1024) == 3  # 4 x 61 KiB > 228 KiB
-  assert gpu.ring_ctas(8 * 1024) == 4  # at most 4
+  assert gpu.ring_ctas([200 * 1024]) == 1
+  assert gpu.ring_ctas([100 * 1024]) == 2
+  assert gpu.ring_ctas([53 * 1024]) == 4  # 4 x 57 KiB = 228 KiB
+  assert gpu.ring_ctas([53 * 1024 + 1]) == 3  # rounded up to 54 KiB
+  assert gpu.ring_ctas([48 * 1024, 6 * 1024]) == 3
+  assert gpu.ring_ctas([1024]) == 4  # at most 4
 
 
 def test_gpu_block_rows():

@@ -167,9 +167,18 @@ def ring_bytes(rows_per_slot: int, row_bytes: int, slots: int, arrays: int) -> i
   return slots * rows_per_slot * (arrays * row_bytes + 4 * WARPGROUP)
 
 
-def ring_ctas(smem_bytes: int) -> int:
-  """CTAs per SM for a ring of ``smem_bytes``: as many as stay resident together."""
-  return max(1, min(MAX_RING_CTAS_PER_SM, SMEM_PER_SM // (smem_bytes + 1024)))
+SMEM_ALIGN = 1024  # Mosaic GPU starts each SMEM scratch buffer at a multiple of this
+REDUCTION_SCRATCH = 2048  # the SMEM Pallas adds for jnp.max / jnp.sum (its default)
+
+
+def ring_ctas(buffer_bytes: list[int]) -> int:
+  """CTAs per SM for a kernel with SMEM buffers of these sizes: as many as stay
+  resident together. Each buffer is rounded up to SMEM_ALIGN, and the kernel
+  also takes the reduction scratch, its barriers (an aligned block) and the 1
+  KiB the hardware reserves per CTA."""
+  smem = sum(-(-b // SMEM_ALIGN) * SMEM_ALIGN for b in buffer_bytes)
+  smem += REDUCTION_SCRATCH + SMEM_ALIGN + 1024
+  return max(1, min(MAX_RING_CTAS_PER_SM, SMEM_PER_SM // smem))
 
 
 def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tuple[str, int]:
@@ -188,7 +197,8 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
     budget = cfg.block_bytes
   if not fits:
     return ("split", c) if c else ("streamed", 1)
-  if cfg.ring_slots >= 2:
+  # (Each slot takes a barrier per input: log_softmax's backward has three.)
+  if 2 <= cfg.ring_slots <= MAX_BARRIERS // (3 if backward else 1):
     arrays = 2 if backward else 1
     per_row = ring_bytes(1, row_bytes, cfg.ring_slots, arrays)
     r = block_rows(rows, row_bytes, min(budget, RING_BYTES // per_row * row_bytes))
@@ -373,8 +383,9 @@ def _ring_rows(inputs, out_from: int, cfg: Config, per_row, stat: bool = False):
   scratch += [plgpu.SMEM((K, R, WARPGROUP), F32)] if stat else []
   scratch += [plgpu.Barrier(num_barriers=n * K)]
   if cfg.num_ctas is None:
-    smem = sum(K * a.size // nb * a.dtype.itemsize for a in inputs) + stat * K * R * 4 * WARPGROUP
-    cfg = dataclasses.replace(cfg, num_ctas=sm_count() * ring_ctas(smem))
+    sizes = [K * a.size // nb * a.dtype.itemsize for a in inputs]
+    sizes += [K * R * 4 * WARPGROUP] if stat else []
+    cfg = dataclasses.replace(cfg, num_ctas=sm_count() * ring_ctas(sizes))
 
   def body(num_ctas, *refs):
     ins, outs = refs[:n], refs[n : n + len(out_type)]
