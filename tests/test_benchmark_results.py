@@ -74,6 +74,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     "split rows 4x2048 float32",
   ]
   assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
+  assert all(r["wall_s"] > r["fwd_s"] + r["bwd_s"] for r in rows), rows
   assert [r["path"] for r in rows] == [
     "streamed / streamed",
     "blocks 4 / blocks 4",

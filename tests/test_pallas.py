@@ -5,6 +5,7 @@ References are float64 ``jax.nn`` (independent of jaxsoftmax) for ordinary rows,
 and the masking table of the README (closed forms) for special rows.
 """
 
+import re
 from functools import partial
 from types import SimpleNamespace
 
@@ -520,6 +521,29 @@ def test_gpu_ring_kernels_lower_for_cuda(dtype):
   _lowers(
     kernels(ring_slots=3, block_bytes=16 * 1024, semantics=warpgroup), "cuda", dtype, shapes[:1]
   )
+
+
+def test_gpu_read_only_drain_reaches_every_path():
+  # Config.read_only_drain changes the final store waits of every path (rows,
+  # blocks, streamed, split, ring; forward and backward), and they still lower.
+  def module(f, shape, **cfg):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    k = _gpu_kernels(**cfg)
+    g = lambda x: f(k, x)  # noqa: E731
+    text = jax.export.export(jax.jit(g), platforms=["cuda"])(x).mlir_module()
+    return re.sub(r"loc\([^\n]*", "", text)  # the source locations, which differ anyway
+
+  fwd = lambda k, x: k.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
+  bwd = lambda k, x: k.softmax_bwd_2d(x, x, log=False)  # noqa: E731
+  for shape, cfg in [
+    ((4096, 1024), {}),
+    ((4096, 1024), dict(block_bytes=32 * 1024)),
+    ((1024, 65536), {}),
+    ((1024, 65536), dict(split_bytes=64 * 1024)),
+    ((4096, 1024), dict(ring_slots=3)),
+  ]:
+    for f in (fwd, bwd):
+      assert module(f, shape, **cfg) != module(f, shape, read_only_drain=True, **cfg), (shape, cfg)
 
 
 # --------------------------------------------------------------- implementation=

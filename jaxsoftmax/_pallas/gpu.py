@@ -86,6 +86,13 @@ class Config:
   # default) is off; unmeasured, timed by the GPU script's variants. With
   # ``num_ctas`` None, as many CTAs per SM as the ring's SMEM allows (``ring_ctas``).
   ring_slots: int = 0
+  # The waits for all of a CTA's TMA stores, before their buffers take the next
+  # row (or block) and before the CTA exits: False waits for the writes to
+  # complete (what ran on the H200); True only for the stores to have read
+  # shared memory, all that reuse needs (CUTLASS's epilogues end the same way;
+  # the kernel's end still completes the writes before any later kernel), so a
+  # CTA frees its SM sooner. Unmeasured; timed by the GPU script's variants.
+  read_only_drain: bool = False
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
   num_ctas: int | None = None  # None: one CTA per row (split rows: clusters, one per row)
@@ -251,6 +258,11 @@ def _strided(shape, dtype):
   while (shape[0] * shape[1]) % (vec * WARPGROUP):
     vec //= 2
   return plgpu.Layout.WG_STRIDED(shape, vec_size=vec)
+
+
+def _drain(cfg: Config):
+  """Waits for every TMA store this CTA has issued (``Config.read_only_drain``)."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.read_only_drain)
 
 
 def _row_loop(num_rows: int, num_ctas: int, body):
@@ -431,7 +443,7 @@ def _ring_rows(inputs, out_from: int, cfg: Config, per_row, stat: bool = False):
       return carry
 
     jax.lax.fori_loop(0, mine, step, 0)
-    plgpu.wait_smem_to_gmem(0)
+    _drain(cfg)
 
   return _kernel(nb, cfg, tuple(out_type), scratch, body)(*inputs)
 
@@ -459,7 +471,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     lse_smem[...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
-    plgpu.wait_smem_to_gmem(0)
+    _drain(cfg)
 
   def row_stats(row):
     """Running max and normaliser of a whole (n1, w) row in SMEM."""
@@ -529,7 +541,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(buf, o_gmem.at[b])
         plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b])
-        plgpu.wait_smem_to_gmem(0)  # before the buffers take the next block
+        _drain(cfg)  # before the buffers take the next block
 
       _row_loop(nb, num_ctas, one_block)
 
@@ -763,7 +775,7 @@ def _split_rows(
     jax.lax.fori_loop(0, mine, one_row, 0)
     if held < c:
       _cluster_barrier(arrive=False)  # the peers have read this CTA's slot: it may exit
-    plgpu.wait_smem_to_gmem(0)
+    _drain(cfg)
 
   scratch = [plgpu.SMEM((nloc, p.kb, p.w), dtype) for _ in range(n_in)]
   scratch += [
@@ -882,7 +894,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
         jax.lax.fori_loop(0, R, one_row, 0)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[b])
-        plgpu.wait_smem_to_gmem(0)  # before the buffers take the next block
+        _drain(cfg)  # before the buffers take the next block
 
       _row_loop(nb, num_ctas, one_block)
 
@@ -930,7 +942,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
           return c
 
         stream2(write, 0, reverse=cfg.reverse_write)
-      plgpu.wait_smem_to_gmem(0)  # before the buffers are reused for the next row
+      _drain(cfg)  # before the buffers are reused for the next row
 
     _row_loop(rows, num_ctas, one_row)
 
