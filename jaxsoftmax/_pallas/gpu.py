@@ -166,16 +166,14 @@ def cluster_size(p: Plan, row_bytes: int, budget: int, arrays: int = 1) -> int:
 RING_BYTES = 200 * 1024  # the most SMEM a ring of row blocks takes (Hopper: 227 KiB a CTA)
 SMEM_PER_SM = 228 * 1024  # Hopper; each resident CTA also reserves 1 KiB
 MAX_RING_CTAS_PER_SM = 4  # 512 threads: room for 128 registers a thread
+SMEM_ALIGN = 1024  # Mosaic GPU starts each SMEM scratch buffer at a multiple of this
+REDUCTION_SCRATCH = 2048  # the SMEM Pallas adds for jnp.max / jnp.sum (its default)
 
 
 def ring_bytes(rows_per_slot: int, row_bytes: int, slots: int, arrays: int) -> int:
   """SMEM of a ring: each slot holds R rows of each input array, and a float32
   ``(WARPGROUP,)`` row of per-row statistics (the lse, or the backward's live flag)."""
   return slots * rows_per_slot * (arrays * row_bytes + 4 * WARPGROUP)
-
-
-SMEM_ALIGN = 1024  # Mosaic GPU starts each SMEM scratch buffer at a multiple of this
-REDUCTION_SCRATCH = 2048  # the SMEM Pallas adds for jnp.max / jnp.sum (its default)
 
 
 def ring_ctas(buffer_bytes: list[int]) -> int:
