@@ -115,6 +115,27 @@ def test_gpu_script_targets():
   assert behind[-1].endswith("| 1.03x | **no** |")
 
 
+def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
+  # The whole script (its smoke-test mode: tiny sizes, the XLA contenders only),
+  # so that a crash in it is found here and not on the GPU machine.
+  from benchmarks import gpu_pallas
+
+  assert gpu_pallas.main(["--allow-cpu", "--out", str(tmp_path), "--calls", "2"]) == 0
+  (md,) = tmp_path.glob("gpu_pallas-*.md")
+  (js,) = tmp_path.glob("gpu_pallas-*.json")
+  result = json.loads(js.read_text())
+  assert result["copy_bytes_per_s"] > 0
+  who = {(r["op"], r["contender"]) for r in result["timings"]}
+  assert who == {
+    ("softmax", "jaxsoftmax-xla"),
+    ("softmax", "jax.nn.softmax"),
+    ("log_softmax", "jaxsoftmax-xla"),
+    ("log_softmax", "jax.nn.log_softmax"),
+  }
+  assert all(r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in result["timings"])
+  assert "| 64x256 | float32 | jax.nn.softmax |" in md.read_text()
+
+
 def test_gpu_script_best_variants():
   # The fastest correct variant forward and backward per cell, as a new default
   # would give them, against jax.nn's time from the main table. 1000 B/s copy.
