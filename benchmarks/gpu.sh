@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The benchmarks on a GPU machine, in one call. On an H200 the Pallas part took
 # about 4 minutes (2026-11-26, softmax only, 30 variant cells); with log_softmax
-# timed too and the variants capped at 240 s (a cell that hangs is killed after
-# 60 s), estimated at 5. The harness takes its --budget plus about a minute.
+# timed too and 50 variant cells capped at 240 s (a cell that hangs is killed
+# after 60 s), estimated at 6-7. The harness takes its --budget plus about a
+# minute.
 # Keep timeout_s at 600:
 #
 #   OUT=/some/dir PYTHONPATH=. BENCH_COMMIT=<sha> bash benchmarks/gpu.sh [extra flags]

@@ -1,7 +1,8 @@
 """Pallas kernels on a GPU: correctness against float64, then timings and bandwidth.
 
 Run on a GPU machine (about 4 minutes on an H200 when it timed softmax alone,
-1.5 of them the variants; estimated at 5 with log_softmax):
+1.5 of them the 30 variant cells; estimated at 6-7 with log_softmax and 50
+variant cells, which stop at 240 s):
 
     python benchmarks/gpu_pallas.py --out "$OUT"
 
