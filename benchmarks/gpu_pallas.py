@@ -19,7 +19,8 @@ In this order:
    16384}, 1024 x 65536 and 128 x 262144, in bfloat16 and float32, as the
    median of several samples of back-to-back programs, each of which calls the
    op on 2 to 16 distinct buffers that move 256 MiB together (one Python
-   dispatch per program, and no size served from the 50-60 MB L2);
+   dispatch per program, and no size served from the 50-60 MB L2); each
+   program warms up for 0.1 s, and each sample times the contenders in turn;
 3. the measured copy bandwidth (``-x`` over a 1 GiB buffer), against which the
    achieved bandwidth is reported: forward moves 2 arrays (read x, write s),
    backward 3 (read s and g, write dx); then the issue's two targets per cell
@@ -178,26 +179,58 @@ def _buffers(shape, dtype, n_arrays):
   return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys]
 
 
-def _time(fn, argsets, calls, samples):
-  """Median seconds per call of ``fn(*args)``.
+WARM_S = 0.1  # s: each program runs at least this long before it is timed
+
+
+def _interleaved(programs, calls, samples) -> list:
+  """Median seconds per call of each ``(fn, argsets)`` in ``programs``, or the
+  exception that compiling or warming it up raised.
 
   One jitted program calls ``fn`` on every argument set in turn, so that one
   dispatch from Python starts ``len(argsets)`` kernels: the first GPU run showed
   that single calls on small arrays time the host (about 50 us per call for
-  every contender at 4096 x 1024), not the kernel. ``calls`` such programs run
-  back to back per sample."""
-  one = jax.jit(fn)
-  batch = jax.jit(lambda sets: [one(*a) for a in sets])
-  jax.block_until_ready(batch(argsets))  # compile and warm up
-  out = []
+  every contender at 4096 x 1024), not the kernel. Each program first runs for
+  at least WARM_S seconds; then each sample times ``calls`` back-to-back runs of
+  every program in turn, so that the contenders share the GPU's clock and
+  thermal state (the second run timed them one after the other, and the very
+  first timing of the run, Pallas bfloat16 forward at 4096 x 1024, came out at
+  3x jax.nn's time with no cause in the kernel)."""
+  batches, out = [], []
+  for fn, argsets in programs:
+    one = jax.jit(fn)
+    batch = jax.jit(lambda sets, one=one: [one(*a) for a in sets])
+    try:
+      t = time.perf_counter()
+      jax.block_until_ready(batch(argsets))  # compile
+      while time.perf_counter() - t < WARM_S:
+        jax.block_until_ready(batch(argsets))
+    except Exception as e:
+      batches.append(None)
+      out.append(e)
+      continue
+    batches.append((batch, argsets))
+    out.append([])
   for _ in range(samples):
-    t = time.perf_counter()
-    r = None
-    for _ in range(calls):
-      r = batch(argsets)
-    jax.block_until_ready(r)
-    out.append((time.perf_counter() - t) / (calls * len(argsets)))
-  return statistics.median(out)
+    for k, b in enumerate(batches):
+      if b is None:
+        continue
+      batch, argsets = b
+      t = time.perf_counter()
+      r = None
+      for _ in range(calls):
+        r = batch(argsets)
+      jax.block_until_ready(r)
+      out[k].append((time.perf_counter() - t) / (calls * len(argsets)))
+      del r
+  return [o if isinstance(o, Exception) else statistics.median(o) for o in out]
+
+
+def _time(fn, argsets, calls, samples) -> float:
+  """Median seconds per call of ``fn(*args)`` (``_interleaved`` of one program)."""
+  (t,) = _interleaved([(fn, argsets)], calls, samples)
+  if isinstance(t, Exception):
+    raise t
+  return t
 
 
 def copy_bandwidth(calls, samples, n=1 << 28) -> float:
@@ -226,22 +259,37 @@ def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) ->
   """Every contender at every size; ``on_cell(rows)`` after each (shape, dtype)."""
   rows = []
   for shape, dt, xs, gs, nbytes in _cells([(s, d) for s in sizes for d in dtypes], "timing"):
-    for op, name, f in [(o, n, f) for o in OPS for n, f in _contenders(pallas, o).items()]:
-      cell = dict(op=op, contender=name, rows=shape[0], cols=shape[1], dtype=dt)
-      try:
-        t_fwd = _time(jax.jit(f), [(x,) for x in xs], calls, samples)
-        # Backward alone: the residuals are computed once, then only the VJP is timed.
-        vjps = [jax.vjp(f, x)[1] for x in xs]
-        bwd = jax.jit(lambda vjp, g: vjp(g)[0])
-        t_bwd = _time(bwd, list(zip(vjps, gs, strict=True)), calls, samples)
-        del vjps
-      except Exception as e:  # record a failing contender and time the others
-        rows.append(dict(cell, error=_failed(f"timing {op} {name} {shape} {dt}", e)))
-        continue
-      rows.append(_timed(cell, t_fwd, t_bwd, nbytes))
-      print(
-        f"{op} {name} {shape} {dt}: fwd {t_fwd * 1e6:.1f} us, bwd {t_bwd * 1e6:.1f} us", flush=True
-      )
+    for op in OPS:
+      names, fwds, bwds, failed = [], [], [], {}
+      for name, f in _contenders(pallas, op).items():
+        try:
+          # Backward alone: the residuals are computed once, then only the VJP is timed.
+          vjps = [jax.vjp(f, x)[1] for x in xs]
+        except Exception as e:
+          failed[name] = e
+          continue
+        names.append(name)
+        fwds.append((f, [(x,) for x in xs]))
+        bwds.append((lambda vjp, g: vjp(g)[0], list(zip(vjps, gs, strict=True))))
+      # The contenders in turn within each sample (``_interleaved``).
+      t_fwds = _interleaved(fwds, calls, samples)
+      t_bwds = _interleaved(bwds, calls, samples)
+      del fwds, bwds
+      for name in _contenders(pallas, op):
+        cell = dict(op=op, contender=name, rows=shape[0], cols=shape[1], dtype=dt)
+        if name in failed:
+          e = failed[name]
+        else:
+          t_fwd, t_bwd = t_fwds[names.index(name)], t_bwds[names.index(name)]
+          e = next((t for t in (t_fwd, t_bwd) if isinstance(t, Exception)), None)
+        if e is not None:  # record a failing contender; the others are timed
+          rows.append(dict(cell, error=_failed(f"timing {op} {name} {shape} {dt}", e)))
+          continue
+        rows.append(_timed(cell, t_fwd, t_bwd, nbytes))
+        print(
+          f"{op} {name} {shape} {dt}: fwd {t_fwd * 1e6:.1f} us, bwd {t_bwd * 1e6:.1f} us",
+          flush=True,
+        )
     on_cell(rows)
   return rows
 

@@ -115,6 +115,37 @@ def test_gpu_script_targets():
   assert behind[-1].endswith("| 1.03x | **no** |")
 
 
+def test_gpu_script_interleaves_the_contenders(monkeypatch):
+  # Each sample runs every program in turn (after each has warmed up), so that
+  # the contenders share the GPU's clock state; one that fails to compile is
+  # returned as its exception and the others are still timed.
+  import jax.numpy as jnp
+  from jax.experimental import io_callback
+
+  from benchmarks import gpu_pallas
+
+  monkeypatch.setattr(gpu_pallas, "WARM_S", 0.0)
+  ran = []
+
+  def program(name):
+    def fn(x):
+      io_callback(lambda: ran.append(name), None, ordered=True)
+      return x + 1
+
+    return fn
+
+  def broken(x):
+    raise ValueError("does not compile")
+
+  x = jnp.ones(4)
+  programs = [(program("a"), [(x,)]), (broken, [(x,)]), (program("b"), [(x,)])]
+  t_a, err, t_b = gpu_pallas._interleaved(programs, calls=2, samples=3)
+  assert t_a > 0 and t_b > 0 and isinstance(err, ValueError)
+  assert ran == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then 3 samples of 2 calls
+  with pytest.raises(ValueError, match="does not compile"):
+    gpu_pallas._time(broken, [(x,)], calls=1, samples=1)
+
+
 def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
   # The whole script (its smoke-test mode: tiny sizes, the XLA contenders only),
   # so that a crash in it is found here and not on the GPU machine.
