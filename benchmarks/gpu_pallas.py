@@ -31,7 +31,8 @@ In this order:
    persistent CTAs), in child processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
    rest), each checked against float64 as in step 1 (softmax and log_softmax)
-   before softmax is timed (``--no-variants`` skips this part).
+   before softmax is timed, in turn with the default of its cell within every
+   sample (``--no-variants`` skips this part).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step. Steps 1-3 use the public API only; step 4 calls ``gpu.py``.
@@ -182,37 +183,36 @@ def _buffers(shape, dtype, n_arrays):
 WARM_S = 0.1  # s: each program runs at least this long before it is timed
 
 
-def _interleaved(programs, calls, samples) -> list:
-  """Median seconds per call of each ``(fn, argsets)`` in ``programs``, or the
-  exception that compiling or warming it up raised.
+def _build(fn, argsets):
+  """``fn`` on every argument set in one jitted program, compiled and run for at
+  least WARM_S seconds: ``(program, argsets)``, or the exception it raised.
 
-  One jitted program calls ``fn`` on every argument set in turn, so that one
-  dispatch from Python starts ``len(argsets)`` kernels: the first GPU run showed
-  that single calls on small arrays time the host (about 50 us per call for
-  every contender at 4096 x 1024), not the kernel. Each program first runs for
-  at least WARM_S seconds; then each sample times ``calls`` back-to-back runs of
-  every program in turn, so that the contenders share the GPU's clock and
-  thermal state (the second run timed them one after the other, and the very
-  first timing of the run, Pallas bfloat16 forward at 4096 x 1024, came out at
-  3x jax.nn's time with no cause in the kernel)."""
-  batches, out = [], []
-  for fn, argsets in programs:
-    one = jax.jit(fn)
-    batch = jax.jit(lambda sets, one=one: [one(*a) for a in sets])
-    try:
-      t = time.perf_counter()
-      jax.block_until_ready(batch(argsets))  # compile
-      while time.perf_counter() - t < WARM_S:
-        jax.block_until_ready(batch(argsets))
-    except Exception as e:
-      batches.append(None)
-      out.append(e)
-      continue
-    batches.append((batch, argsets))
-    out.append([])
+  One dispatch from Python then starts ``len(argsets)`` kernels: the first GPU
+  run showed that single calls on small arrays time the host (about 50 us per
+  call for every contender at 4096 x 1024), not the kernel."""
+  one = jax.jit(fn)
+  batch = jax.jit(lambda sets: [one(*a) for a in sets])
+  try:
+    t = time.perf_counter()
+    jax.block_until_ready(batch(argsets))  # compile
+    while time.perf_counter() - t < WARM_S:
+      jax.block_until_ready(batch(argsets))
+  except Exception as e:
+    return e
+  return batch, argsets
+
+
+def _sample(built, calls, samples) -> list:
+  """Median seconds per call of each ``_build`` result (an exception stays one):
+  each sample times ``calls`` back-to-back runs of every program in turn, so
+  that they share the GPU's clock and thermal state. (The second GPU run timed
+  the contenders one after the other, and its very first timing, Pallas
+  bfloat16 forward at 4096 x 1024, came out at 3x jax.nn's time with no cause
+  in the kernel.)"""
+  out = [b if isinstance(b, Exception) else [] for b in built]
   for _ in range(samples):
-    for k, b in enumerate(batches):
-      if b is None:
+    for k, b in enumerate(built):
+      if isinstance(b, Exception):
         continue
       batch, argsets = b
       t = time.perf_counter()
@@ -223,6 +223,12 @@ def _interleaved(programs, calls, samples) -> list:
       out[k].append((time.perf_counter() - t) / (calls * len(argsets)))
       del r
   return [o if isinstance(o, Exception) else statistics.median(o) for o in out]
+
+
+def _interleaved(programs, calls, samples) -> list:
+  """Median seconds per call of each ``(fn, argsets)``, timed in turn (``_sample``),
+  or the exception that compiling or warming it up raised."""
+  return _sample([_build(fn, argsets) for fn, argsets in programs], calls, samples)
 
 
 def _time(fn, argsets, calls, samples) -> float:
@@ -403,6 +409,7 @@ def variants(
         np.asarray(x, np.float32), np.ones(x.shape, bool), np.asarray(g, np.float32), log
       )
 
+    default = None  # the default's built programs at this cell, timed with each variant
     for name, (make_cfg, at) in VARIANTS.items():
       if shape not in at or cell_key(name, *shape, dt) in skip:
         continue
@@ -419,10 +426,23 @@ def variants(
           continue
         fwd = jax.jit(lambda x, cfg=cfg: gpu.softmax_fwd_2d(x, log=False, cfg=cfg)[0])
         bwd = jax.jit(lambda s, g, cfg=cfg: gpu.softmax_bwd_2d(s, g, log=False, cfg=cfg))
-        t_fwd = _time(fwd, [(x,) for x in xs], calls, samples)
         ss = [fwd(x) for x in xs]
-        t_bwd = _time(bwd, list(zip(ss, gs, strict=True)), calls, samples)
-        del ss
+        built = [_build(fwd, [(x,) for x in xs]), _build(bwd, list(zip(ss, gs, strict=True)))]
+        for b in built:
+          if isinstance(b, Exception):
+            raise b
+        if name == "default":
+          default = built
+        pair = None if default is None or default is built else default
+        # Forward, then backward; each in turn with the default's within every
+        # sample, so that their ratio compares the two under the same clocks.
+        times = [
+          _sample([b] + ([pair[k]] if pair else []), calls, samples) for k, b in enumerate(built)
+        ]
+        (t_fwd, *d_fwd), (t_bwd, *d_bwd) = times
+        if pair:
+          cell.update(fwd_vs_default=t_fwd / d_fwd[0], bwd_vs_default=t_bwd / d_bwd[0])
+        del ss, built
       except Exception as e:  # e.g. a variant over the shared-memory limit
         add(dict(cell, error=_failed(f"variant {name} {shape} {dt}", e)))
         continue
@@ -600,13 +620,21 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
     lines += targets(rows, copy_bw, op)
   if variant_rows:
     lines += ["", "## Mosaic GPU kernel variants (softmax, 2-D kernels called directly)", ""]
-    head = (
-      "| shape | dtype | variant | fwd us | fwd % copy | bwd us | bwd % copy | path fwd / bwd |"
+    lines.append(
+      "Each variant is timed in turn with the default of its cell (same samples): "
+      "`/ default` is their ratio of times, fwd / bwd."
     )
-    lines += [head, "|---|---|---|---|---|---|---|---|"]
+    lines.append("")
+    head = "| shape | dtype | variant | fwd us | fwd % copy | bwd us | bwd % copy "
+    lines += [head + "| / default | path fwd / bwd |", "|---|---|---|---|---|---|---|---|---|"]
     for r in variant_rows:
       line = _timing_line(r, r["variant"], copy_bw, gbps=False)
-      lines.append(line if "error" in r else f"{line} {r.get('path', '')} |")
+      if "error" not in r:
+        vs = "-"
+        if "fwd_vs_default" in r:
+          vs = f"{r['fwd_vs_default']:.2f}x / {r['bwd_vs_default']:.2f}x"
+        line += f" {vs} | {r.get('path', '')} |"
+      lines.append(line)
     lines += ["", "## The fastest correct variant per cell (softmax), and the targets", ""]
     lines += best_variants(variant_rows, rows, copy_bw)
   return "\n".join(lines) + "\n"

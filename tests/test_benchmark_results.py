@@ -44,7 +44,8 @@ def test_rerunning_one_cell_keeps_the_others(tmp_path):
 
 def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   # The variant timings run on the GPU machine after everything else; here they
-  # run the kernels in interpret mode at two small sizes.
+  # run the kernels in interpret mode at three small sizes. Each variant is
+  # timed together with the default of its cell, when that ran first.
   from benchmarks import gpu_pallas
 
   Config = gpu_pallas.gpu.Config
@@ -52,7 +53,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   small = dict(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256)
   monkeypatch.setattr(gpu_pallas, "BATCH_BYTES", 1)  # 2 buffers per timed program
   variants = {
-    "streamed": (lambda: Config(**small), [(4, 1280)]),
+    "default": (lambda: Config(**small), [(4, 1280), (4, 256)]),
     "row blocks": (lambda: Config(interpret=True, block_bytes=1 << 20), [(4, 1280), (4, 256)]),
     "split rows": (lambda: Config(**small, split_bytes=2048), [(4, 2048)]),
     "ring": (lambda: Config(interpret=True, ring_slots=2, block_bytes=2048), [(4, 256)]),
@@ -62,13 +63,15 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   skip = {gpu_pallas.cell_key("row blocks", 4, 1280, "float32")}
   rows = gpu_pallas.variants(["float32"], 1, 1, skip=skip, on_start=started.append)
   assert [(r["variant"], r["cols"]) for r in rows] == [
-    ("streamed", 1280),
+    ("default", 1280),
+    ("default", 256),
     ("row blocks", 256),
     ("ring", 256),
     ("split rows", 2048),
   ]
   assert started == [
-    "streamed 4x1280 float32",
+    "default 4x1280 float32",
+    "default 4x256 float32",
     "row blocks 4x256 float32",
     "ring 4x256 float32",
     "split rows 4x2048 float32",
@@ -77,22 +80,28 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   assert all(r["wall_s"] > r["fwd_s"] + r["bwd_s"] for r in rows), rows
   assert [r["path"] for r in rows] == [
     "streamed / streamed",
+    "streamed / streamed",
     "blocks 4 / blocks 4",
     "ring 2 / ring 2",
     "split 4 / split 8",
   ]
   md = gpu_pallas.markdown(dict(device="d", jax="j", date="t"), [], [], 1e9, rows)
   assert md.count("| split 4 / split 8 |") == 1
+  # Paired with the default: the variants at 4 x 256, not the default itself
+  # nor the split rows, whose cell has no default.
+  paired = [r["variant"] for r in rows if r.get("fwd_vs_default", 0) > 0 < r["bwd_vs_default"]]
+  assert paired == ["row blocks", "ring"]
+  assert md.count("x / ") == 2 and md.count("| - |") == 3
   assert "## The fastest correct variant per cell" in md
 
   # A kernel off by a factor is reported as wrong and not timed.
-  monkeypatch.setattr(gpu_pallas, "VARIANTS", {"streamed": variants["streamed"]})
+  monkeypatch.setattr(gpu_pallas, "VARIANTS", {"default": variants["default"]})
   real_fwd = gpu_pallas.gpu.softmax_fwd_2d
   monkeypatch.setattr(
     gpu_pallas.gpu, "softmax_fwd_2d", lambda x, **kw: (1.01 * real_fwd(x, **kw)[0], None)
   )
   rows = gpu_pallas.variants(["float32"], calls=1, samples=1)
-  assert [r["error"][:26] for r in rows] == ["wrong: softmax fwd err 1.0"], rows
+  assert [r["error"][:26] for r in rows] == ["wrong: softmax fwd err 1.0"] * 2, rows
 
 
 def test_gpu_script_targets():
