@@ -35,9 +35,11 @@ In this order:
    sample (``--no-variants`` skips this part).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
-step. Steps 1-3 use the public API only; step 4 calls ``gpu.py``.
-``--allow-cpu`` runs the script on the CPU with the XLA contenders only (a
-smoke test of the script itself: no numbers to report).
+step (the variants' rows as they come in). ``--budget`` (540 s) bounds the
+whole script: the variants get what is left of it, at most
+``--variants-timeout``. Steps 1-3 use the public API only; step 4 calls
+``gpu.py``. ``--allow-cpu`` runs the script on the CPU with the XLA contenders
+only (a smoke test of the script itself: no numbers to report).
 """
 
 from __future__ import annotations
@@ -193,8 +195,8 @@ def _build(fn, argsets):
   one = jax.jit(fn)
   batch = jax.jit(lambda sets: [one(*a) for a in sets])
   try:
-    t = time.perf_counter()
     jax.block_until_ready(batch(argsets))  # compile
+    t = time.perf_counter()
     while time.perf_counter() - t < WARM_S:
       jax.block_until_ready(batch(argsets))
   except Exception as e:
@@ -203,25 +205,36 @@ def _build(fn, argsets):
 
 
 def _sample(built, calls, samples) -> list:
-  """Median seconds per call of each ``_build`` result (an exception stays one):
-  each sample times ``calls`` back-to-back runs of every program in turn, so
-  that they share the GPU's clock and thermal state. (The second GPU run timed
-  the contenders one after the other, and its very first timing, Pallas
-  bfloat16 forward at 4096 x 1024, came out at 3x jax.nn's time with no cause
-  in the kernel.)"""
+  """Median seconds per call of each ``_build`` result, or the exception that
+  building or running it raised: after one untimed round through all of them
+  (the later ones compiled while the GPU idled), each sample times ``calls``
+  back-to-back runs of every program in turn, in reverse order every other
+  sample, so that they share the GPU's clock and thermal state. (The second
+  GPU run timed the contenders one after the other, and its very first timing,
+  Pallas bfloat16 forward at 4096 x 1024, came out at 3x jax.nn's time with no
+  cause in the kernel.)"""
   out = [b if isinstance(b, Exception) else [] for b in built]
-  for _ in range(samples):
-    for k, b in enumerate(built):
-      if isinstance(b, Exception):
+
+  def run(k, n):
+    batch, argsets = built[k]
+    r = None
+    for _ in range(n):
+      r = batch(argsets)
+    jax.block_until_ready(r)
+
+  for i in range(-1, samples):  # -1: the untimed round
+    order = range(len(built)) if i % 2 == 0 else reversed(range(len(built)))
+    for k in order:
+      if isinstance(out[k], Exception):
         continue
-      batch, argsets = b
       t = time.perf_counter()
-      r = None
-      for _ in range(calls):
-        r = batch(argsets)
-      jax.block_until_ready(r)
-      out[k].append((time.perf_counter() - t) / (calls * len(argsets)))
-      del r
+      try:
+        run(k, 1 if i < 0 else calls)
+      except Exception as e:  # recorded; the other programs are still timed
+        out[k] = e
+        continue
+      if i >= 0:
+        out[k].append((time.perf_counter() - t) / (calls * len(built[k][1])))
   return [o if isinstance(o, Exception) else statistics.median(o) for o in out]
 
 
@@ -280,7 +293,7 @@ def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) ->
       # The contenders in turn within each sample (``_interleaved``).
       t_fwds = _interleaved(fwds, calls, samples)
       t_bwds = _interleaved(bwds, calls, samples)
-      del fwds, bwds
+      del fwds, bwds, vjps
       for name in _contenders(pallas, op):
         cell = dict(op=op, contender=name, rows=shape[0], cols=shape[1], dtype=dt)
         if name in failed:
@@ -428,20 +441,20 @@ def variants(
         bwd = jax.jit(lambda s, g, cfg=cfg: gpu.softmax_bwd_2d(s, g, log=False, cfg=cfg))
         ss = [fwd(x) for x in xs]
         built = [_build(fwd, [(x,) for x in xs]), _build(bwd, list(zip(ss, gs, strict=True)))]
-        for b in built:
-          if isinstance(b, Exception):
-            raise b
-        if name == "default":
-          default = built
-        pair = None if default is None or default is built else default
+        pair = default if name != "default" else None
         # Forward, then backward; each in turn with the default's within every
         # sample, so that their ratio compares the two under the same clocks.
         times = [
           _sample([b] + ([pair[k]] if pair else []), calls, samples) for k, b in enumerate(built)
         ]
         (t_fwd, *d_fwd), (t_bwd, *d_bwd) = times
-        if pair:
+        for t in (t_fwd, t_bwd):
+          if isinstance(t, Exception):
+            raise t
+        if pair and not any(isinstance(t, Exception) for t in d_fwd + d_bwd):
           cell.update(fwd_vs_default=t_fwd / d_fwd[0], bwd_vs_default=t_bwd / d_bwd[0])
+        if name == "default":
+          default = built  # timed: the later variants of this cell pair with it
         del ss, built
       except Exception as e:  # e.g. a variant over the shared-memory limit
         add(dict(cell, error=_failed(f"variant {name} {shape} {dt}", e)))
@@ -456,7 +469,7 @@ CELL_TIMEOUT = 60  # s: a variant cell (compile, check, time) past this is taken
 
 
 def variants_in_child(
-  dtypes, calls, samples, timeout_s, cell_timeout_s=CELL_TIMEOUT, child=None
+  dtypes, calls, samples, timeout_s, cell_timeout_s=CELL_TIMEOUT, child=None, on_rows=None
 ) -> list[dict]:
   """``variants`` in child processes, all within ``timeout_s``. A variant kernel
   that hangs on the GPU (a barrier that never completes) cannot be stopped from
@@ -465,7 +478,9 @@ def variants_in_child(
 
   The child (``child`` + ``[directory]``, by default this script with
   ``--variants-only``) reads the cells to skip from ``skip.json``, names the cell
-  it starts in ``current.json`` and writes its rows to ``rows.json`` after each."""
+  it starts in ``current.json`` and writes its rows to ``rows.json`` after each.
+  ``on_rows(rows)`` gets the rows so far whenever a child has written more, so
+  that a call killed from outside keeps them."""
   child = child or [sys.executable, __file__, "--variants-only"]
   opts = ["--calls", str(calls), "--samples", str(samples), "--dtypes", ",".join(dtypes)]
   root = str(Path(__file__).resolve().parent.parent)  # for `import benchmarks`
@@ -485,8 +500,19 @@ def variants_in_child(
       current.unlink(missing_ok=True)
       proc = subprocess.Popen([*child, str(tmp), *opts], env=env)
       hung = late = False
+      seen = None
+
+      def child_rows():
+        try:
+          return json.loads(rows_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+          return []
+
       while proc.poll() is None:
         time.sleep(0.2)
+        if on_rows is not None and rows_file.exists() and rows_file.stat().st_mtime != seen:
+          seen = rows_file.stat().st_mtime
+          on_rows(rows + child_rows())
         late = time.monotonic() > deadline
         try:
           hung = time.time() - current.stat().st_mtime > cell_timeout_s
@@ -496,7 +522,9 @@ def variants_in_child(
           proc.kill()
           proc.wait()
           break
-      rows += json.loads(rows_file.read_text()) if rows_file.exists() else []
+      rows += child_rows()
+      if on_rows is not None:
+        on_rows(rows)
       if late:
         note = f"timed out after {timeout_s} s: the variants after this one were not run"
         rows.append(dict(variant="(child process)", rows=0, cols=0, dtype="-", error=note))
@@ -636,6 +664,12 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
         line += f" {vs} | {r.get('path', '')} |"
       lines.append(line)
     lines += ["", "## The fastest correct variant per cell (softmax), and the targets", ""]
+    lines.append(
+      "Each variant's own times (its child process) against jax.nn's from the table above "
+      "(an earlier time); forward and backward may be different variants. The `/ default` "
+      "ratios above, from shared samples, are the firmer comparison."
+    )
+    lines.append("")
     lines += best_variants(variant_rows, rows, copy_bw)
   return "\n".join(lines) + "\n"
 
@@ -648,13 +682,24 @@ def main(argv=None) -> int:
   p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on the CPU")
   p.add_argument("--no-variants", action="store_true", help="skip the kernel-variant timings")
   p.add_argument("--variants-timeout", type=int, default=240, help="seconds for all variants")
+  p.add_argument(
+    "--budget",
+    type=int,
+    default=540,
+    help="seconds for the whole script: the variants stop in time",
+  )
   p.add_argument("--variants-only", metavar="DIR", help=argparse.SUPPRESS)  # the child
   p.add_argument("--dtypes", default=",".join(DTYPES), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  started = time.monotonic()
   if args.variants_only:  # the child of variants_in_child
     tmp = Path(args.variants_only)
     skip = set(json.loads((tmp / "skip.json").read_text()))
-    save_rows = lambda rows: (tmp / "rows.json").write_text(json.dumps(rows, indent=1))  # noqa: E731
+
+    def save_rows(rows):  # whole or not at all: the parent reads it while the child runs
+      (tmp / "rows.part").write_text(json.dumps(rows, indent=1))
+      os.replace(tmp / "rows.part", tmp / "rows.json")
+
     on_start = lambda key: (tmp / "current.json").write_text(key)  # noqa: E731
     save_rows(variants(args.dtypes.split(","), args.calls, args.samples, save_rows, skip, on_start))
     return 0
@@ -725,8 +770,20 @@ def main(argv=None) -> int:
   copy_bw = copy_bandwidth(args.calls, args.samples, copy_n)
   result.update(copy_bytes_per_s=copy_bw, timings=rows)
   save(markdown(meta, checks, rows, copy_bw))
-  if pallas and not args.no_variants:
-    result["variants"] = variants_in_child(dtypes, args.calls, args.samples, args.variants_timeout)
+  left = args.budget - (time.monotonic() - started) - 15  # for the last save
+  if pallas and not args.no_variants and left < 30:
+    print(f"gpu_pallas.py: {left:.0f} s left of --budget: no variants", flush=True)
+  elif pallas and not args.no_variants:
+
+    def on_rows(vrows):  # as the variants come in, quietly
+      result["variants"] = vrows
+      stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+      stem.with_suffix(".md").write_text(markdown(meta, checks, rows, copy_bw, vrows))
+
+    timeout = int(min(args.variants_timeout, left))
+    result["variants"] = variants_in_child(
+      dtypes, args.calls, args.samples, timeout, on_rows=on_rows
+    )
     save(markdown(meta, checks, rows, copy_bw, result["variants"]))
   return 0 if ok else 1
 

@@ -150,7 +150,9 @@ def test_gpu_script_interleaves_the_contenders(monkeypatch):
   programs = [(program("a"), [(x,)]), (broken, [(x,)]), (program("b"), [(x,)])]
   t_a, err, t_b = gpu_pallas._interleaved(programs, calls=2, samples=3)
   assert t_a > 0 and t_b > 0 and isinstance(err, ValueError)
-  assert ran == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then 3 samples of 2 calls
+  # Compiled (no warm-up here), an untimed round, then 3 samples of 2 calls,
+  # every other one in reverse order.
+  assert ran == ["a", "b", "b", "a"] + ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
   with pytest.raises(ValueError, match="does not compile"):
     gpu_pallas._time(broken, [(x,)], calls=1, samples=1)
 
@@ -297,8 +299,15 @@ def test_gpu_script_variants_go_on_past_a_hung_cell(tmp_path):
 
   child = tmp_path / "child.py"
   child.write_text(HANGING_CHILD)
+  seen = []  # what the parent passes on while the children run (saved to $OUT)
   rows = gpu_pallas.variants_in_child(
-    ["float32"], 1, 1, timeout_s=30, cell_timeout_s=1, child=[sys.executable, str(child)]
+    ["float32"],
+    1,
+    1,
+    timeout_s=30,
+    cell_timeout_s=1,
+    child=[sys.executable, str(child)],
+    on_rows=lambda rows: seen.append([r["variant"] for r in rows]),
   )
   assert [(r["variant"], r["rows"], r.get("fwd_s")) for r in rows] == [
     ("a", 1, 1.0),
@@ -306,3 +315,5 @@ def test_gpu_script_variants_go_on_past_a_hung_cell(tmp_path):
     ("a", 2, 2.0),
   ]
   assert rows[1]["error"].startswith("hung: killed after 1 s")
+  # The first cell's row reached the parent while the hung cell still ran.
+  assert seen[0] == ["a"] and seen[-1] == ["a", "hangs", "a"]
