@@ -407,6 +407,32 @@ def test_gpu_kernels_lower_for_cuda_under_vmap():
   x = jax.ShapeDtypeStruct((8, 512, 4096), jnp.bfloat16)
   text = jax.export.export(jax.jit(jax.vmap(value_and_vjp)), platforms=["cuda"])(x, x).mlir_module()
   assert "mosaic_gpu" in text and "stablehlo.while" not in text  # one launch, no loop
+  # The ring's persistent CTAs too (the 2-D kernels, batched directly).
+  ring = _gpu_kernels(ring_slots=3, block_bytes=16 * 1024)
+  live = jnp.ones((512, 1), jnp.float32)
+  for f, args in [
+    (lambda x: ring.softmax_fwd_2d(x, log=True), (x,)),
+    (lambda y, g: ring.softmax_bwd_2d(y, g, live, log=True), (x, x)),
+  ]:
+    text = jax.export.export(jax.jit(jax.vmap(f)), platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in text and "stablehlo.while" not in text
+
+
+def test_gpu_ring_kernels_under_vmap_interpret():
+  # vmap of the ring's 2-D kernels (3 blocks of 2 rows through 2 slots per
+  # example) against float64 jax.nn and the closed-form log_softmax VJP.
+  cfg = gpu.Config(interpret=True, ring_slots=2, block_bytes=2 * 256 * 4)
+  assert gpu.route(6, gpu.plan(256, jnp.float32, cfg), jnp.float32, cfg, True) == ("ring", 2)
+  x = jax.random.normal(jax.random.key(13), (3, 6, 256), jnp.float32)
+  g = jax.random.normal(jax.random.key(14), x.shape, jnp.float32)
+  live = jnp.ones((6, 1), jnp.float32)
+  y, lse = jax.jit(jax.vmap(lambda x: gpu.softmax_fwd_2d(x, log=True, cfg=cfg)))(x)
+  dx = jax.jit(jax.vmap(lambda y, g: gpu.softmax_bwd_2d(y, g, live, log=True, cfg=cfg)))(y, g)
+  x64, g64 = x.astype(jnp.float64), g.astype(jnp.float64)
+  ry = jax.nn.log_softmax(x64, axis=-1)
+  assert rel_err(y, ry) <= 4 * eps(jnp.float32)
+  assert rel_err(lse, jax.nn.logsumexp(x64, axis=-1, keepdims=True)) <= 4 * eps(jnp.float32)
+  assert rel_err(dx, g64 - jnp.exp(ry) * g64.sum(-1, keepdims=True)) <= 8 * eps(jnp.float32)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
