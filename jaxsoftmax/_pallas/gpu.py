@@ -366,9 +366,10 @@ def _stream(row, p: Plan, stages: int, sources, bars, fn, carry, reverse: bool =
   return jax.lax.fori_loop(0, nc, step, carry)
 
 
-def _ring_rows(inputs, out_from: int, cfg: Config, per_row, stat: bool = False):
-  """Blocks of whole rows through a ring of ``cfg.ring_slots`` SMEM slots, in
-  persistent CTAs.
+def _row_blocks(inputs, out_from: int, cfg: Config, per_row, stat: bool = False, ring=True):
+  """Blocks of whole rows: through a ring of ``cfg.ring_slots`` SMEM slots, in
+  persistent CTAs; or, if not ``ring`` (the "blocks" path), through one slot, one
+  CTA per block (``cfg.num_ctas`` None) loading its block, computing and storing it.
 
   ``inputs`` are ``(nb, R, ...)`` arrays: block b is rows ``[b * R, (b + 1) * R)``.
   CTA q takes blocks q, q + Q, ...; slot i % K holds its i-th block of every
@@ -379,11 +380,13 @@ def _ring_rows(inputs, out_from: int, cfg: Config, per_row, stat: bool = False):
   ``views[out_from]``. That block (and ``st``) is stored; once the stores of
   block i - 1 have read their slot, block i + K - 1 loads into it. So K - 1
   blocks are in flight while one is computed, and stores are waited for only
-  when their slot is next loaded.
+  when their slot is next loaded. (One slot: block i + 1 loads once block i is
+  stored.)
 
   Returns the output ``(nb, R, ...)`` and, if ``stat``, ``(nb, R, WARPGROUP)``."""
   nb, R = inputs[0].shape[:2]
-  K = cfg.ring_slots
+  K = cfg.ring_slots if ring else 1
+  ahead = max(K - 1, 1)  # the blocks loaded before the first is computed
   n = len(inputs)
   like = inputs[out_from]
   out_type = [jax.ShapeDtypeStruct(like.shape, like.dtype)]
@@ -392,7 +395,7 @@ def _ring_rows(inputs, out_from: int, cfg: Config, per_row, stat: bool = False):
   scratch = [plgpu.SMEM((K, *a.shape[1:]), a.dtype) for a in inputs]
   scratch += [plgpu.SMEM((K, R, WARPGROUP), F32)] if stat else []
   scratch += [plgpu.Barrier(num_barriers=n * K)]
-  if cfg.num_ctas is None:
+  if ring and cfg.num_ctas is None:
     sizes = [K * a.size // nb * a.dtype.itemsize for a in inputs]
     sizes += [K * R * 4 * WARPGROUP] if stat else []
     cfg = dataclasses.replace(cfg, num_ctas=sm_count() * ring_ctas(sizes))
@@ -411,8 +414,8 @@ def _ring_rows(inputs, out_from: int, cfg: Config, per_row, stat: bool = False):
           ins[a].at[cta + i * num_ctas], slots[a].at[slot], bars.at[n * slot + a]
         )
 
-    for i in range(K - 1):
-      pl.when(i < mine)(partial(fetch, i, i))
+    for i in range(ahead):
+      pl.when(i < mine)(partial(fetch, i, i % K))
 
     def step(i, carry):
       slot = i % K
@@ -432,11 +435,12 @@ def _ring_rows(inputs, out_from: int, cfg: Config, per_row, stat: bool = False):
       if stat:
         plgpu.copy_smem_to_gmem(st_view, outs[1].at[block])
 
-      @pl.when(i + K - 1 < mine)
+      @pl.when(i + ahead < mine)
       def _():
-        # Block i - 1's stores (all but this block's) have read its slot.
-        plgpu.wait_smem_to_gmem(len(out_type), wait_read_only=True)
-        fetch(i + K - 1, (i + K - 1) % K)
+        # The stores of the block that used the slot have read it: block i - 1's
+        # (all but this block's), or with one slot this block's own.
+        plgpu.wait_smem_to_gmem(len(out_type) if K > 1 else 0, wait_read_only=True)
+        fetch(i + ahead, (i + ahead) % K)
 
       return carry
 
@@ -451,7 +455,8 @@ def _ring_rows(inputs, out_from: int, cfg: Config, per_row, stat: bool = False):
 
 def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   """``(softmax or log_softmax of x over axis 1, lse as (rows, 1) float32)``; the
-  lse is None for softmax on the ring path, which does not write what nobody reads."""
+  lse is None for softmax on the ring and blocks paths, which do not write what
+  nobody reads."""
   rows, cols = x.shape
   p = plan(cols, x.dtype, cfg)
   if isinstance(p, str):
@@ -490,17 +495,18 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     jax.lax.fori_loop(0, nc, write, 0)
 
   kind, size = route(rows, p, dtype, cfg)
-  if kind == "ring":
+  if kind in ("ring", "blocks"):
     nb = rows // size
 
-    def ring_row(views, st, r):
+    def block_row(views, st, r):
       row = views[0].at[r]
       m, d = row_stats(row)
       row_write(row, m, d)
       if st is not None:
         st.at[r][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
 
-    res = _ring_rows([x.reshape(nb, size, p.n1, p.w)], 0, cfg, ring_row, stat=log)
+    x4 = x.reshape(nb, size, p.n1, p.w)
+    res = _row_blocks([x4], 0, cfg, block_row, stat=log, ring=kind == "ring")
     lse = res[1].reshape(rows, WARPGROUP)[:, :1] if log else None
     return res[0].reshape(rows, cols), lse
 
@@ -513,43 +519,6 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       [x3], p, cfg, size, load, (-jnp.inf, 0.0), _fold_stats, _merge_stats, emit, _lse
     )
     return out.reshape(rows, cols), lse[:, :1]
-
-  if kind == "blocks":
-    R = size
-    # Blocks of R whole rows: one TMA copy in, R rows computed, one copy out.
-    nb = rows // R
-    x3 = x.reshape(nb, R, p.n1, p.w)
-    out_type = (
-      jax.ShapeDtypeStruct(x3.shape, dtype),
-      jax.ShapeDtypeStruct((nb, R, WARPGROUP), F32),
-    )
-
-    def body(num_ctas, x_gmem, o_gmem, lse_gmem, buf, lse_smem, bar):
-      def one_block(b):
-        plgpu.copy_gmem_to_smem(x_gmem.at[b], buf, bar.at[0])
-        plgpu.barrier_wait(bar.at[0])
-
-        def one_row(r, c):
-          m, d = row_stats(buf.at[r])
-          row_write(buf.at[r], m, d)
-          lse_smem.at[r][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
-          return c
-
-        jax.lax.fori_loop(0, R, one_row, 0)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf, o_gmem.at[b])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b])
-        _drain(cfg)  # before the buffers take the next block
-
-      _row_loop(nb, num_ctas, one_block)
-
-    scratch = [
-      plgpu.SMEM((R, p.n1, p.w), dtype),
-      plgpu.SMEM((R, WARPGROUP), F32),
-      plgpu.Barrier(num_barriers=1),
-    ]
-    out, lse = _kernel(nb, cfg, out_type, scratch, body)(x3)
-    return out.reshape(rows, cols), lse.reshape(rows, WARPGROUP)[:, :1]
 
   if kind == "rows":
 
@@ -802,7 +771,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   nc = p.n1 // p.kb
   S = cfg.stages
   kind, size = route(rows, p, dtype, cfg, backward=True)
-  fits = kind in ("rows", "blocks")  # (the ring returns first)
+  fits = kind == "rows"  # (row blocks return first)
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
   if log:
@@ -837,15 +806,15 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
     jax.lax.fori_loop(0, nc, write, 0)
 
-  if kind == "ring":
+  if kind in ("ring", "blocks"):
     nb = rows // size
 
-    def ring_row(views, st, r):
+    def block_row(views, st, r):
       flag = jnp.max(views[2].at[r][...]) if log else None
       whole_row_grad(views[0].at[r], views[1].at[r], flag)
 
-    ring_args = [a.reshape(nb, size, *a.shape[1:]) for a in args]
-    (dx,) = _ring_rows(ring_args, 1, cfg, ring_row)
+    block_args = [a.reshape(nb, size, *a.shape[1:]) for a in args]
+    (dx,) = _row_blocks(block_args, 1, cfg, block_row, ring=kind == "ring")
     return dx.reshape(rows, cols)
 
   if kind == "split":
@@ -861,45 +830,6 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
     live2 = args[2] if log else None
     (dx,) = _split_rows(args[:2], p, cfg, size, load, (0.0,), fold, merge, emit, live=live2)
-    return dx.reshape(rows, cols)
-
-  if kind == "blocks":
-    R = size
-    # Blocks of R whole rows, as in the forward: y, g (and the live flags) in, dx out.
-    nb = rows // R
-    args = [a.reshape(nb, R, *a.shape[1:]) for a in args]
-
-    def block_body(num_ctas, *refs):
-      if log:
-        y_gmem, g_gmem, live_gmem, o_gmem, live_smem, ybuf, gbuf, bar = refs
-      else:
-        y_gmem, g_gmem, o_gmem, ybuf, gbuf, bar = refs
-
-      def one_block(b):
-        plgpu.copy_gmem_to_smem(y_gmem.at[b], ybuf, bar.at[0])
-        plgpu.copy_gmem_to_smem(g_gmem.at[b], gbuf, bar.at[1])
-        if log:
-          plgpu.copy_gmem_to_smem(live_gmem.at[b], live_smem, bar.at[2])
-          plgpu.barrier_wait(bar.at[2])
-        plgpu.barrier_wait(bar.at[0])
-        plgpu.barrier_wait(bar.at[1])
-
-        def one_row(r, c):
-          flag = jnp.max(live_smem.at[r][...]) if log else None
-          whole_row_grad(ybuf.at[r], gbuf.at[r], flag)
-          return c
-
-        jax.lax.fori_loop(0, R, one_row, 0)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[b])
-        _drain(cfg)  # before the buffers take the next block
-
-      _row_loop(nb, num_ctas, one_block)
-
-    scratch = [plgpu.SMEM((R, WARPGROUP), F32)] if log else []
-    scratch += [plgpu.SMEM((R, p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=3)]
-    out_type = jax.ShapeDtypeStruct(args[0].shape, dtype)
-    dx = _kernel(nb, cfg, out_type, scratch, block_body)(*args)
     return dx.reshape(rows, cols)
 
   def body(num_ctas, *refs):
