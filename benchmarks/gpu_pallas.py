@@ -493,6 +493,13 @@ def variants_in_child(
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     rows_file, current = tmp / "rows.json", tmp / "current.json"
+
+    def child_rows():  # the current child's rows so far
+      try:
+        return json.loads(rows_file.read_text())
+      except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
     while True:
       done = [cell_key(r["variant"], r["rows"], r["cols"], r["dtype"]) for r in rows]
       (tmp / "skip.json").write_text(json.dumps(done))
@@ -501,13 +508,6 @@ def variants_in_child(
       proc = subprocess.Popen([*child, str(tmp), *opts], env=env)
       hung = late = False
       seen = None
-
-      def child_rows():
-        try:
-          return json.loads(rows_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-          return []
-
       while proc.poll() is None:
         time.sleep(0.2)
         if on_rows is not None and rows_file.exists() and rows_file.stat().st_mtime != seen:
@@ -543,6 +543,16 @@ TARGET = 0.85  # of the measured copy bandwidth, forward and backward
 CEILING = 0.95  # jax.nn at this fraction of copy or above: matching it is enough
 
 
+def _against(r, ref, d, copy_bw):
+  """Direction ``d`` ("fwd" or "bwd") of the timing row ``r`` against jax.nn's
+  row ``ref``: its share of copy, its time over jax.nn's, and whether that meets
+  the targets (jax.nn at the bandwidth ceiling need only be matched)."""
+  frac = r[f"{d}_bytes_per_s"] / copy_bw
+  ratio = r[f"{d}_s"] / ref[f"{d}_s"]
+  at_ceiling = ref[f"{d}_bytes_per_s"] / copy_bw >= CEILING
+  return frac, ratio, frac >= TARGET and (ratio <= 1.0 or at_ceiling)
+
+
 def targets(rows, copy_bw, op="softmax") -> list[str]:
   """The issue's targets per cell of ``op``: Pallas at >= ``TARGET`` of copy, and
   faster than jax.nn except where jax.nn already runs at the bandwidth ceiling."""
@@ -557,15 +567,8 @@ def targets(rows, copy_bw, op="softmax") -> list[str]:
     ref = by.get((n, c, dt, f"jax.nn.{op}"))
     if who != "pallas" or ref is None:
       continue
-    ok = True
-    cols = []
-    for d in ("fwd", "bwd"):
-      frac = r[f"{d}_bytes_per_s"] / copy_bw
-      ratio = r[f"{d}_s"] / ref[f"{d}_s"]
-      nn_at_ceiling = ref[f"{d}_bytes_per_s"] / copy_bw >= CEILING
-      ok = ok and frac >= TARGET and (ratio <= 1.0 or nn_at_ceiling)
-      cols.append((frac, ratio))
-    (pf, rf), (pb, rb) = cols
+    (pf, rf, okf), (pb, rb, okb) = (_against(r, ref, d, copy_bw) for d in ("fwd", "bwd"))
+    ok = okf and okb
     out.append(
       f"| {n}x{c} | {dt} | {100 * pf:.0f}% | {100 * pb:.0f}% | {rf:.2f}x | {rb:.2f}x "
       f"| {'yes' if ok else '**no**'} |"
@@ -598,9 +601,8 @@ def best_variants(variant_rows, rows, copy_bw) -> list[str]:
       if ref is None:
         line += f"| {best['variant']} | {100 * frac:.0f}% "
         continue
-      ratio = best[f"{d}_s"] / ref[f"{d}_s"]
-      at_ceiling = ref[f"{d}_bytes_per_s"] / copy_bw >= CEILING
-      ok = ok and frac >= TARGET and (ratio <= 1.0 or at_ceiling)
+      _, ratio, met = _against(best, ref, d, copy_bw)
+      ok = ok and met
       line += f"| {best['variant']} | {100 * frac:.0f}%, {ratio:.2f}x "
     out.append(line + f"| {'yes' if ok else '**no**'} |")
   return out
