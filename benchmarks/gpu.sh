@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The benchmarks on a GPU machine, in one call. On an H200 the Pallas part took
-# about 4 minutes (2026-11-26, softmax only, 30 variant cells); with log_softmax
-# timed too and 50 variant cells capped at 240 s (a cell that hangs is killed
-# after 60 s), estimated at 6-7. The harness takes its --budget plus about a
-# minute.
+# 6.5 minutes (2026-11-26T0511Z: its variants cut at 240 s); now 24 variant
+# cells within 360 s (a cell that hangs is killed after 60 s), about 6-7 in all.
+# The harness takes its --budget plus about a minute.
 # Keep timeout_s at 600:
 #
 #   OUT=/some/dir PYTHONPATH=. BENCH_COMMIT=<sha> bash benchmarks/gpu.sh [extra flags]

@@ -1,8 +1,8 @@
 """Pallas kernels on a GPU: correctness against float64, then timings and bandwidth.
 
-Run on a GPU machine (about 4 minutes on an H200 when it timed softmax alone,
-1.5 of them the 30 variant cells; estimated at 6-7 with log_softmax and 50
-variant cells, which stop at 240 s):
+Run on a GPU machine (6.5 minutes on an H200 on 2026-11-26, T0511Z: 2.5 for
+steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 24
+cells, about 10 s each, within 360 s):
 
     python benchmarks/gpu_pallas.py --out "$OUT"
 
@@ -20,15 +20,18 @@ In this order:
    median of several samples of back-to-back programs, each of which calls the
    op on 2 to 16 distinct buffers that move 256 MiB together (one Python
    dispatch per program, and no size served from the 50-60 MB L2); each
-   program warms up for 0.1 s, and each sample times the contenders in turn;
+   program warms up for 0.1 s, and each sample times the contenders in turn,
+   with an elementwise op that moves the same bytes (``-x`` forward, ``s * g``
+   backward): the ceiling at that size, where launch and tail weigh more than
+   in a 1 GiB copy;
 3. the measured copy bandwidth (``-x`` over a 1 GiB buffer), against which the
    achieved bandwidth is reported: forward moves 2 arrays (read x, write s),
    backward 3 (read s and g, write dx); then the issue's two targets per cell
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (long rows split over a CTA cluster or
-   kept whole, several short rows per CTA, or a ring of row blocks in
-   persistent CTAs), in child processes, within ``--variants-timeout`` seconds
+   with a few ``gpu.Config`` variants (long rows split over a CTA cluster in
+   parts of several sizes, forward and backward, or the backward streamed as
+   before it split), in child processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
    rest), each checked against float64 as in step 1 (softmax and log_softmax)
    before softmax is timed, in turn with the default of its cell within every
@@ -274,12 +277,23 @@ def _timed(cell, t_fwd, t_bwd, nbytes):
               bwd_bytes_per_s=3 * nbytes / t_bwd)  # fmt: skip
 
 
+# The ceiling of a cell: an elementwise op that moves the same bytes as the
+# forward (``-x``: read x, write one array) and as the backward (``s * g``: read
+# two, write one), timed with the contenders. What 4 GB of copy bandwidth says
+# of a 1 GiB buffer need not hold of 8 MB at 4096 x 1024, where the launch and
+# the last wave of CTAs weigh more.
+ELEMENTWISE = "elementwise (same bytes)"
+
+
 def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) -> list[dict]:
-  """Every contender at every size; ``on_cell(rows)`` after each (shape, dtype)."""
+  """Every contender at every size, and the cell's ``ELEMENTWISE``; ``on_cell(rows)``
+  after each (shape, dtype)."""
   rows = []
   for shape, dt, xs, gs, nbytes in _cells([(s, d) for s in sizes for d in dtypes], "timing"):
     for op in OPS:
-      names, fwds, bwds, failed = [], [], [], {}
+      names, fwds, bwds, failed = [ELEMENTWISE], [], [], {}
+      fwds.append((lambda x: -x, [(x,) for x in xs]))
+      bwds.append((lambda s, g: s * g, list(zip(xs, gs, strict=True))))
       for name, f in _contenders(pallas, op).items():
         try:
           # Backward alone: the residuals are computed once, then only the VJP is timed.
@@ -294,7 +308,7 @@ def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) ->
       t_fwds = _interleaved(fwds, calls, samples)
       t_bwds = _interleaved(bwds, calls, samples)
       del fwds, bwds, vjps
-      for name in _contenders(pallas, op):
+      for name in [*_contenders(pallas, op), ELEMENTWISE]:
         cell = dict(op=op, contender=name, rows=shape[0], cols=shape[1], dtype=dt)
         if name in failed:
           e = failed[name]
@@ -319,45 +333,37 @@ LONG = [(1024, 65536), (128, 262144)]
 # What the H200 runs settled (gpu_pallas-2026-11-26T0031Z and T0041Z): the write
 # order of streamed rows (last to first), the backward's whole-row budget (200
 # KiB), and that neither 4 or 6 pipeline stages nor 1-2 persistent CTAs per SM
-# lift streamed rows past 67% of copy (reading each row twice). Left to measure:
-# - rows split over a cluster of up to 8 CTAs (``split_bytes``), each part held
-#   in SMEM, so each row is read once and 128 rows fill 1024 CTAs. At 64 KiB
-#   parts: 1024 x 65536 forward float32 4 CTAs, bfloat16 2; backward 8 and 4;
-#   128 x 262144 bfloat16 forward 8 (float32 and both backwards stream). At 128
-#   KiB: half as many, and 128 x 262144 float32 forward 8, bfloat16 backward 8.
-# - the same with persistent clusters (``split_ctas``) that load the next row
-#   as they store the current one, and parts to 200 KiB: rows of 96-200 KiB
-#   (1024 x 32768 float32, 1024 x 65536 bfloat16) are then kept whole by one CTA;
-# - several short rows per CTA (``block_bytes``), where one CTA per row ran at
-#   18-64% of copy;
-# - whole rows through a ring of SMEM slots in persistent CTAs (``ring_slots``),
-#   loading the next blocks while one is computed and stored: one row a slot, or
-#   blocks to 16 KiB (4096 x 1024: 4 rows float32, 8 bfloat16);
-# - CTAs that wait only for their last stores to read shared memory, not to
-#   complete, before they exit (``read_only_drain``): with one CTA per row, the
-#   next CTA gets the SM sooner.
-# The shapes run in the order of the default's list below: the issue's long and
-# short rows first, so that the timeout cuts 4096 x 16384 (already at 81-97% of
-# copy) and 1024 x 32768 (not one of the issue's shapes) first.
+# lift streamed rows past 67% of copy (reading each row twice). Then (T0511Z,
+# and gpu_variants-2026-11-26T0518Z with 50 calls and 15 samples):
+# - the backward's pairs of rows split over a cluster in 64 KiB parts ran at
+#   0.81-0.94x of the streamed time at 1024 x 65536, in both runs: now the
+#   default (``bwd_split_bytes``); 200 KiB parts in persistent clusters, 0.81-0.84x;
+# - split forwards: 0.91x in float32 (64 KiB parts, 4 CTAs), 1.17-1.41x in
+#   bfloat16 and with larger parts; nothing gained at 128 x 262144;
+# - several short rows per CTA (``block_bytes``): 1.1-2.1x slower; a ring of
+#   row blocks (``ring_slots``) and the read-only drain: within 5% of the
+#   default at 4096 x {1024, 4096, 16384} in the second run (the first run's
+#   0.72-0.80x at 4096 x 1024 did not repeat), 1.1-1.2x slower at 4096 x 16384
+#   bfloat16. Those are no longer timed here.
+# Left to measure: the new default against the streamed backward end to end
+# (and at 1024 x 32768 float32, clusters of 4, which no run reached), and split
+# forwards against it.
 SPLIT = [*LONG, (1024, 32768)]
+
+
+def _split(kib, **cfg):
+  """Rows split in parts of ``kib`` KiB, forward and backward."""
+  return gpu.Config(split_bytes=kib * 1024, bwd_split_bytes=kib * 1024, **cfg)
+
+
 # name: (config, the shapes it is timed at)
 VARIANTS = {
-  "default": (lambda: gpu.Config(), LONG + SHORT + [(4096, 16384), (1024, 32768)]),
-  "split rows, 64 KiB parts": (lambda: gpu.Config(split_bytes=64 * 1024), SPLIT),
-  "split rows, 128 KiB parts": (lambda: gpu.Config(split_bytes=128 * 1024), LONG),
+  "default": (lambda: gpu.Config(), SPLIT),
+  "streamed backward": (lambda: gpu.Config(bwd_split_bytes=0), SPLIT),
+  "split rows, 64 KiB parts": (lambda: _split(64), SPLIT),
   "split rows, 200 KiB parts, persistent": (
-    lambda: gpu.Config(split_bytes=200 * 1024, split_ctas=gpu.sm_count()),
+    lambda: _split(200, split_ctas=gpu.sm_count()),
     SPLIT,
-  ),
-  "row blocks to 64 KiB": (lambda: gpu.Config(block_bytes=64 * 1024), SHORT),
-  "ring of 3 slots": (lambda: gpu.Config(ring_slots=3), SHORT + [(4096, 16384)]),
-  "ring of 3 slots, blocks to 16 KiB": (
-    lambda: gpu.Config(ring_slots=3, block_bytes=16 * 1024),
-    SHORT,
-  ),
-  "read-only drain": (
-    lambda: gpu.Config(read_only_drain=True),
-    LONG[:1] + SHORT + [(4096, 16384)],
   ),
 }
 
@@ -555,23 +561,29 @@ def _against(r, ref, d, copy_bw):
 
 def targets(rows, copy_bw, op="softmax") -> list[str]:
   """The issue's targets per cell of ``op``: Pallas at >= ``TARGET`` of copy, and
-  faster than jax.nn except where jax.nn already runs at the bandwidth ceiling."""
+  faster than jax.nn except where jax.nn already runs at the bandwidth ceiling.
+  The last column, for reference only: Pallas's share of the cell's ``ELEMENTWISE``
+  (its time over Pallas's), forward / backward."""
   by = {
     (r["rows"], r["cols"], r["dtype"], r["contender"]): r
     for r in rows
     if "error" not in r and r.get("op", "softmax") == op
   }
-  out = ["| shape | dtype | fwd % copy | bwd % copy | fwd / jax.nn | bwd / jax.nn | met |"]
-  out.append("|---|---|---|---|---|---|---|")
+  head = "| shape | dtype | fwd % copy | bwd % copy | fwd / jax.nn | bwd / jax.nn | met "
+  out = [head + "| % of elementwise |", "|---|---|---|---|---|---|---|---|"]
   for (n, c, dt, who), r in by.items():
     ref = by.get((n, c, dt, f"jax.nn.{op}"))
     if who != "pallas" or ref is None:
       continue
     (pf, rf, okf), (pb, rb, okb) = (_against(r, ref, d, copy_bw) for d in ("fwd", "bwd"))
     ok = okf and okb
+    top = by.get((n, c, dt, ELEMENTWISE))
+    vs_top = "-"
+    if top is not None:
+      vs_top = f"{100 * top['fwd_s'] / r['fwd_s']:.0f}% / {100 * top['bwd_s'] / r['bwd_s']:.0f}%"
     out.append(
       f"| {n}x{c} | {dt} | {100 * pf:.0f}% | {100 * pb:.0f}% | {rf:.2f}x | {rb:.2f}x "
-      f"| {'yes' if ok else '**no**'} |"
+      f"| {'yes' if ok else '**no**'} | {vs_top} |"
     )
   return out
 
@@ -683,7 +695,7 @@ def main(argv=None) -> int:
   p.add_argument("--samples", type=int, default=7, help="samples per measurement (median)")
   p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on the CPU")
   p.add_argument("--no-variants", action="store_true", help="skip the kernel-variant timings")
-  p.add_argument("--variants-timeout", type=int, default=240, help="seconds for all variants")
+  p.add_argument("--variants-timeout", type=int, default=360, help="seconds for all variants")
   p.add_argument(
     "--budget",
     type=int,

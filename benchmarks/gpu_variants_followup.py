@@ -39,9 +39,9 @@ gp.VARIANTS = {
     SHORT,
   ),
   "read-only drain": (lambda: gpu.Config(read_only_drain=True), SHORT[1:] + MID),
-  "split rows, 64 KiB parts": (lambda: gpu.Config(split_bytes=64 * 1024), LONG),
+  "split rows, 64 KiB parts": (lambda: gp._split(64), LONG),
   "split rows, 200 KiB parts, persistent": (
-    lambda: gpu.Config(split_bytes=200 * 1024, split_ctas=gpu.sm_count()),
+    lambda: gp._split(200, split_ctas=gpu.sm_count()),
     LONG,
   ),
 }

@@ -50,12 +50,15 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
 
   Config = gpu_pallas.gpu.Config
   assert all(isinstance(c(), Config) for c, _ in gpu_pallas.VARIANTS.values())
-  small = dict(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256)
+  small = dict(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, bwd_split_bytes=0)
   monkeypatch.setattr(gpu_pallas, "BATCH_BYTES", 1)  # 2 buffers per timed program
   variants = {
     "default": (lambda: Config(**small), [(4, 1280), (4, 256)]),
     "row blocks": (lambda: Config(interpret=True, block_bytes=1 << 20), [(4, 1280), (4, 256)]),
-    "split rows": (lambda: Config(**small, split_bytes=2048), [(4, 2048)]),
+    "split rows": (
+      lambda: Config(**{**small, "split_bytes": 2048, "bwd_split_bytes": 2048}),
+      [(4, 2048)],
+    ),
     "ring": (lambda: Config(interpret=True, ring_slots=2, block_bytes=2048), [(4, 256)]),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
@@ -112,16 +115,20 @@ def test_gpu_script_targets():
 
   from benchmarks.gpu_pallas import targets
 
-  met = targets([cell("pallas", 0.22, 0.33), cell("jax.nn.softmax", 0.4, 0.4)], 1000.0)
-  assert met[-1] == "| 1x25 | float32 | 91% | 91% | 0.55x | 0.82x | yes |"
+  met_rows = [cell("pallas", 0.22, 0.33), cell("jax.nn.softmax", 0.4, 0.4)]
+  met = targets(met_rows, 1000.0)
+  assert met[-1] == "| 1x25 | float32 | 91% | 91% | 0.55x | 0.82x | yes | - |"
+  # The share of the cell's elementwise ceiling: its time over Pallas's.
+  top = targets([*met_rows, cell("elementwise (same bytes)", 0.11, 0.3)], 1000.0)
+  assert top[-1] == "| 1x25 | float32 | 91% | 91% | 0.55x | 0.82x | yes | 50% / 91% |"
   # 80% of copy misses the bandwidth target.
   slow = targets([cell("pallas", 0.25, 0.33), cell("jax.nn.softmax", 0.4, 0.4)], 1000.0)
-  assert slow[-1].endswith("| **no** |") and "| 80% |" in slow[-1]
+  assert slow[-1].endswith("| **no** | - |") and "| 80% |" in slow[-1]
   # Slower than jax.nn is allowed only where jax.nn is itself at >= 95% of copy.
   tie = targets([cell("pallas", 0.22, 0.33), cell("jax.nn.softmax", 0.205, 0.4)], 1000.0)
-  assert tie[-1].endswith("| 1.07x | 0.82x | yes |")
+  assert tie[-1].endswith("| 1.07x | 0.82x | yes | - |")
   behind = targets([cell("pallas", 0.22, 0.33), cell("jax.nn.softmax", 0.4, 0.32)], 1000.0)
-  assert behind[-1].endswith("| 1.03x | **no** |")
+  assert behind[-1].endswith("| 1.03x | **no** | - |")
 
 
 def test_gpu_script_interleaves_the_contenders(monkeypatch):
@@ -171,8 +178,10 @@ def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
   assert who == {
     ("softmax", "jaxsoftmax-xla"),
     ("softmax", "jax.nn.softmax"),
+    ("softmax", "elementwise (same bytes)"),
     ("log_softmax", "jaxsoftmax-xla"),
     ("log_softmax", "jax.nn.log_softmax"),
+    ("log_softmax", "elementwise (same bytes)"),
   }
   assert all(r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in result["timings"])
   assert "| 64x256 | float32 | jax.nn.softmax |" in md.read_text()
@@ -234,9 +243,11 @@ def test_gpu_script_targets_per_op():
     cell("softmax", "jax.nn.softmax", 0.2),
   ]
   assert targets(rows, 1000.0, "log_softmax")[2:] == [
-    "| 1x25 | float32 | 91% | 91% | 0.55x | 1.00x | yes |"
+    "| 1x25 | float32 | 91% | 91% | 0.55x | 1.00x | yes | - |"
   ]
-  assert targets(rows, 1000.0)[2:] == ["| 1x25 | float32 | 67% | 91% | 1.50x | 1.00x | **no** |"]
+  assert targets(rows, 1000.0)[2:] == [
+    "| 1x25 | float32 | 67% | 91% | 1.50x | 1.00x | **no** | - |"
+  ]
 
 
 def test_batched_programs_run_the_op_on_every_buffer():

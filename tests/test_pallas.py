@@ -128,10 +128,10 @@ def test_tpu_kernels_interpret(cols, be, dtype):
 # --------------------------------------------------------- GPU kernels, interpret mode
 
 GPU_DEFAULT = ops.make(gpu, gpu.Config(interpret=True))
-# A tiny shared-memory budget, so that the rows stream through the online path.
-GPU_SMALL = ops.make(
-  gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256)
-)
+# A tiny shared-memory budget, so that the rows stream through the online path
+# (the backward too: not split over a cluster).
+STREAM = dict(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, bwd_split_bytes=0)
+GPU_SMALL = ops.make(gpu, gpu.Config(**STREAM))
 # Forward and backward on different paths: one streams, the other keeps rows whole.
 GPU_FWD_STREAMS = ops.make(
   gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=1 << 20)
@@ -142,17 +142,11 @@ GPU_BLOCKS = ops.make(gpu, gpu.Config(interpret=True, block_bytes=1 << 20))
 # 2 KiB: forward 4 parts (float32) or 2, backward 8 or 4. One CTA in interpret
 # mode holds every part of a row and merges the parts' statistics; it takes
 # every row, each loading as the one before is written, as persistent clusters do.
-GPU_SPLIT = ops.make(
-  gpu,
-  gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, split_bytes=2048),
-)
+GPU_SPLIT = ops.make(gpu, gpu.Config(**{**STREAM, "split_bytes": 2048, "bwd_split_bytes": 2048}))
 # A budget that holds the whole row: one part, no cluster (persistent CTAs keep
 # long rows whole).
 GPU_SPLIT_WHOLE = ops.make(
-  gpu,
-  gpu.Config(
-    interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, split_bytes=1 << 20
-  ),
+  gpu, gpu.Config(**{**STREAM, "split_bytes": 1 << 20, "bwd_split_bytes": 1 << 20})
 )
 # Whole rows through a ring of SMEM slots in persistent CTAs: 6 rows as 3
 # blocks of 2 through 2 slots (the ring wraps), as 6 blocks of 1 through 4, and
@@ -160,16 +154,9 @@ GPU_SPLIT_WHOLE = ops.make(
 GPU_RING = ops.make(gpu, gpu.Config(interpret=True, ring_slots=2, block_bytes=2 * 384 * 4))
 GPU_RING_4 = ops.make(gpu, gpu.Config(interpret=True, ring_slots=4))
 GPU_RING_8 = ops.make(gpu, gpu.Config(interpret=True, ring_slots=8, block_bytes=1 << 20))
-GPU_BWD_STREAMS = ops.make(
-  gpu, gpu.Config(interpret=True, row_bytes=1 << 20, chunk_elems=256, bwd_row_bytes=256)
-)
+GPU_BWD_STREAMS = ops.make(gpu, gpu.Config(**{**STREAM, "row_bytes": 1 << 20}))
 # The same with the write pass taking the chunks first to last.
-GPU_SMALL_FORWARD = ops.make(
-  gpu,
-  gpu.Config(
-    interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, reverse_write=False
-  ),
-)
+GPU_SMALL_FORWARD = ops.make(gpu, gpu.Config(**STREAM, reverse_write=False))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -296,11 +283,18 @@ def test_gpu_route():
   assert route(4096, 16384, f32, True) == ("rows", 1)  # two 64 KiB rows <= 200 KiB
   assert route(1024, 32768, f32) == ("streamed", 1)  # 128 KiB
   assert route(1024, 32768, bf16, True) == ("rows", 1)
-  assert route(1024, 65536, f32, True) == ("streamed", 1)
+  # The backward splits pairs of rows past 200 KiB in parts of 64 KiB, up to 8
+  # (what the H200 measured faster than streaming them), else streams them.
+  assert route(1024, 65536, f32, True) == ("split", 8)
+  assert route(1024, 65536, bf16, True) == ("split", 4)
+  assert route(1024, 32768, f32, True) == ("split", 4)
+  assert route(128, 262144, bf16, True) == ("streamed", 1)  # 16 parts
+  assert route(1024, 65536, f32, True, bwd_split_bytes=0) == ("streamed", 1)
+  assert route(1024, 65536, f32) == ("streamed", 1)  # the forward does not split
   assert route(4096, 1024, f32, block_bytes=32 * 1024) == ("blocks", 8)
   assert route(4096, 1024, f32, True, block_bytes=32 * 1024) == ("blocks", 8)
   assert route(1024, 65536, f32, split_bytes=64 * 1024) == ("split", 4)
-  assert route(1024, 65536, f32, True, split_bytes=64 * 1024) == ("split", 8)
+  assert route(1024, 65536, f32, True, bwd_split_bytes=128 * 1024) == ("split", 4)
   assert route(128, 262144, f32, split_bytes=64 * 1024) == ("streamed", 1)  # 16 parts
   assert route(128, 262144, bf16, split_bytes=128 * 1024) == ("split", 4)
   assert route(1024, 32768, f32, split_bytes=200 * 1024) == ("split", 1)  # one part
@@ -519,7 +513,7 @@ def test_gpu_split_row_kernels_lower_for_cuda(dtype):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   def kernels(**cfg):
-    return _gpu_kernels(**{"split_bytes": 64 * 1024, **cfg})
+    return _gpu_kernels(**{"split_bytes": 64 * 1024, "bwd_split_bytes": 64 * 1024, **cfg})
 
   # Clusters of 2 to 8 CTAs (and 128 x 262144 float32, past 8 parts, streamed).
   shapes = [(1024, 65536), (128, 262144), (1024, 32768)]
@@ -530,7 +524,8 @@ def test_gpu_split_row_kernels_lower_for_cuda(dtype):
   _lowers(kernels(), "cuda", dtype, shapes)
   _lowers(kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, shapes[1:2])
   # Persistent clusters (and rows of 128 KiB kept whole by persistent CTAs).
-  _lowers(kernels(split_bytes=200 * 1024, split_ctas=132), "cuda", dtype, shapes + [(100, 49152)])
+  persistent = kernels(split_bytes=200 * 1024, bwd_split_bytes=200 * 1024, split_ctas=132)
+  _lowers(persistent, "cuda", dtype, shapes + [(100, 49152)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -564,8 +559,8 @@ def test_gpu_read_only_drain_reaches_every_path():
   for shape, cfg in [
     ((4096, 1024), {}),
     ((4096, 1024), dict(block_bytes=32 * 1024)),
-    ((1024, 65536), {}),
-    ((1024, 65536), dict(split_bytes=64 * 1024)),
+    ((1024, 65536), dict(bwd_split_bytes=0)),  # streamed
+    ((1024, 65536), dict(split_bytes=64 * 1024)),  # split (the backward by default)
     ((4096, 1024), dict(ring_slots=3)),
   ]:
     for f in (fwd, bwd):

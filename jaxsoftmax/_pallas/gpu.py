@@ -21,13 +21,15 @@ that divide the row exactly, so no copy runs out of bounds.
   CTAs take blocks of whole rows through a ring of SMEM slots, loading the next
   blocks while one is computed and stored, rather than waiting for each load
   and store in turn.
-* **split** (longer rows, off by default, ``Config.split_bytes``): a cluster of
-  up to 8 CTAs shares each row, each holding its part in SMEM; the CTAs swap
-  their partial statistics through distributed shared memory, then each writes
-  its part: one read and one write of HBM, and a few rows still fill the GPU.
+* **split** (longer rows; the backward's default, ``Config.bwd_split_bytes``,
+  the forward's off, ``Config.split_bytes``): a cluster of up to 8 CTAs shares
+  each row, each holding its part in SMEM; the CTAs swap their partial
+  statistics through distributed shared memory, then each writes its part: one
+  read and one write of HBM, and a few rows still fill the GPU.
 
 The backward (a row sum, then the write pass) keeps both rows (``s`` or ``l``,
-and ``g``) in shared memory when they fit, and streams them twice otherwise.
+and ``g``) in shared memory when they fit, splits them over a cluster when
+their parts do, and streams them twice otherwise.
 
 Shapes whose row length admits no such chunking are reported by
 ``unsupported_reason`` and run on XLA.
@@ -66,14 +68,22 @@ class Config:
   # short rows, where one CTA per row measured slow (4096 x 1024 bfloat16
   # forward: 22 us, jax.nn 7.5); unmeasured, timed by the GPU script's variants.
   block_bytes: int = 0
-  # Rows past ``row_bytes`` (backward: pairs past ``bwd_row_bytes``) split over
-  # a cluster of C CTAs (C a power of two, at most 8), each holding its share of
-  # the row in SMEM, at most this many input bytes (backward: both rows' shares).
-  # The CTAs swap their partial statistics through distributed shared memory, so
-  # each row is read from HBM once, and a few long rows still fill every SM.
-  # A row of at most this many bytes is one part: kept whole, no cluster.
-  # 0 (the default) streams them. Unmeasured; timed by the GPU script's variants.
+  # Forward rows past ``row_bytes`` split over a cluster of C CTAs (C a power
+  # of two, at most 8), each holding its share of the row in SMEM, at most this
+  # many input bytes. The CTAs swap their partial statistics through distributed
+  # shared memory, so each row is read from HBM once, and a few long rows still
+  # fill every SM. A row of at most this many bytes is one part: kept whole, no
+  # cluster. 0 (the default) streams them: on the H200 (gpu_pallas-2026-11-26T0511Z
+  # and gpu_variants-2026-11-26T0518Z) 64 KiB parts ran 1024 x 65536 float32 at
+  # 0.91x the streamed time in both runs, but bfloat16 at 1.17-1.19x, and larger
+  # parts at 0.98-1.41x; 128 x 262144 gained nothing.
   split_bytes: int = 0
+  # The same for the backward's pairs of rows past ``bwd_row_bytes`` (both rows'
+  # shares within this). Measured on the H200 in the same two runs, 64 KiB parts
+  # (1024 x 65536: clusters of 4 in bfloat16, 8 in float32) ran at 0.83x / 0.94x
+  # and 0.81x / 0.84x of the streamed time; 128 x 262144 still streams (its parts
+  # would need 16 CTAs). 0 streams them.
+  bwd_split_bytes: int = 64 * 1024
   # Split rows: None runs a cluster per row; a number runs persistent clusters
   # on about that many CTAs (``sm_count()``: one per SM), each loading its part
   # of the next row while it stores the current one.
@@ -194,7 +204,7 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
   row_bytes = p.n1 * p.w * jnp.dtype(dtype).itemsize
   if backward:
     fits = p.n1 <= 256 and 2 * row_bytes <= cfg.bwd_row_bytes
-    c = cluster_size(p, 2 * row_bytes, cfg.split_bytes, arrays=2)
+    c = cluster_size(p, 2 * row_bytes, cfg.bwd_split_bytes, arrays=2)
     budget = min(cfg.block_bytes, cfg.bwd_row_bytes // 2)
   else:
     fits = p.fits
@@ -617,7 +627,8 @@ def _swap(xch, own, c: int, merge):
 def _split_rows(
   arrays, p: Plan, cfg: Config, c: int, load, init, fold, merge, emit, finish=None, live=None
 ):
-  """Rows split over clusters of ``c`` CTAs (``cfg.split_bytes``).
+  """Rows split over clusters of ``c`` CTAs (``cfg.split_bytes``, backward
+  ``cfg.bwd_split_bytes``).
 
   CTA k of a row's cluster loads chunks ``[k * ncp, (k + 1) * ncp)`` of each of
   ``arrays`` (``(rows, n1, w)``) into SMEM, each chunk on its own barrier, and
