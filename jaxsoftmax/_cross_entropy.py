@@ -160,6 +160,30 @@ def _num_classes(where, shape, st: _Static, dtype):
   return slice_sum(w, st.axes, st.axis_name)
 
 
+def _saved(shift, log_d, lse):
+  """The per-example statistics the backward keeps: ``(shift, log d)``, not
+  ``lse``. The backward's ``p = exp((x - shift) - log d)`` is then exact (``x -
+  shift`` is), where ``exp(x - lse)`` carries the rounding of ``lse = shift + log
+  d`` at the scale of the logits (1e-4 relative in the gradient at logits near
+  3e4 in float32). ``log d >= 0`` in a live slice (the max contributes 1), so an
+  empty slice (``lse = -inf``) is marked by ``log d = -1``; its shift is finite."""
+  return shift, jnp.where(lse == -jnp.inf, -1.0, log_d)
+
+
+def _unsaved(stats):
+  """``(shift, log d, live, lse with 0 for an empty slice)`` from ``_saved``'s pair.
+  (NaN is not < 0: a slice with +inf or NaN counts as live and stays NaN.)"""
+  shift, log_d = stats
+  live = ~(log_d < 0)
+  return shift, log_d, live, jnp.where(live, shift + log_d, 0.0)
+
+
+def _probs(x, where, shift, log_d, cdt):
+  """``p = exp((x - shift) - log d)``: 0 on an empty slice, whose entries are all
+  -inf and whose shift is finite."""
+  return jnp.exp((masked(x.astype(cdt), where) - shift) - log_d)
+
+
 def _live_lse(lse):
   """The saved ``lse`` as (live, lse with 0 for an empty slice)."""
   live = lse != -jnp.inf
@@ -285,7 +309,7 @@ def _soft_loss(x, y, where, st: _Static, guard: bool = True):
   if guard:
     tl = jnp.where(t == 0, jnp.zeros_like(tl), tl)
   loss = -slice_sum(tl, st.axes, st.axis_name)
-  return _add_z_loss(loss, lse, st), lse
+  return _add_z_loss(loss, lse, st), (lse, _saved(m, log_d, lse))
 
 
 def _soft_unguarded_first(x, y, st: _Static):
@@ -300,9 +324,9 @@ def _soft_unguarded_first(x, y, st: _Static):
   which the guarded recomputation (a ``lax.cond``: the usual case pays nothing
   for it) gives NaN again.
   """
-  loss, lse = _soft_loss(x, y, None, st, guard=False)
+  loss, stats = _soft_loss(x, y, None, st, guard=False)
   redo = jnp.any(jnp.isnan(loss))
-  return lax.cond(redo, lambda: _soft_loss(x, y, None, st), lambda: (loss, lse))
+  return lax.cond(redo, lambda: _soft_loss(x, y, None, st), lambda: (loss, stats))
 
 
 def _add_z_loss(loss, lse, st: _Static):
@@ -318,19 +342,19 @@ def _soft_ce(x, y, where, st: _Static):
 
 
 def _soft_ce_fwd(x, y, where, st: _Static):
-  loss, lse = _soft_forward(x, y, where, st)
+  loss, stats = _soft_forward(x, y, where, st)
   # Residuals: the logits (own dtype) and labels (own shape) the backward reads,
-  # the mask, and lse per example (compute dtype; -inf marks an empty slice).
-  return _squeeze(loss, st.axes).astype(jnp.result_type(x, y)), (x, y, where, lse)
+  # the mask, and per example the shift and log d (compute dtype, ``_saved``).
+  return _squeeze(loss, st.axes).astype(jnp.result_type(x, y)), (x, y, where, stats[1])
 
 
 def _soft_ce_bwd(st: _Static, res, g):
   # dx = g * (p * (sum(t) + 2 z lse) - t);  dy = -(1 - eps) * g * l
-  x, y, where, lse = res
+  x, y, where, stats = res
   cdt = compute_dtype(jnp.result_type(x, y))
-  live, lse = _live_lse(lse)
+  shift, log_d, live, lse = _unsaved(stats)
   g = jnp.expand_dims(g.astype(cdt), st.axes)
-  l = masked(x.astype(cdt), where) - lse
+  l = (masked(x.astype(cdt), where) - shift) - log_d  # exact x - shift (``_saved``)
   t = _soft_target(y, where, st, x.shape, cdt)
   coef = slice_sum(t, st.axes, st.axis_name)
   if st.z_loss:
@@ -510,25 +534,26 @@ def _int_forward(x, labels, where, st: _Static):
       n = _num_classes(where, x.shape, st, cdt)
       sum_w = slice_sum(masked(xs - m, where, 0.0), st.axes, st.axis_name)
       nll = nll - eps * sum_w / jnp.maximum(n, 1)
-    return nll, lse
+    return nll, (lse, _saved(m, log_d, lse))
 
   if where is None and st.axis_name is None and len(st.axes) == 1:
     # On the CPU only: there it saves a pass over x (measured, see the README);
     # a GPU runs a lax.cond by copying its predicate to the host, a sync per call.
-    nll, lse = lax.platform_dependent(
+    nll, stats = lax.platform_dependent(
       cpu=lambda: _shifted_by_label(x, x_y, st, cdt, shifted_by_max), default=shifted_by_max
     )
   else:
-    nll, lse = shifted_by_max()
-  loss = jnp.where(valid, _add_z_loss(nll, lse, st), jnp.nan)
+    nll, stats = shifted_by_max()
+  loss = jnp.where(valid, _add_z_loss(nll, stats[0], st), jnp.nan)
   if where is not None:
     n = _num_classes(where, x.shape, st, cdt)
     loss = jnp.where(n > 0, loss, jnp.zeros_like(loss))
-  return loss, lse
+  return loss, stats
 
 
 def _shifted_by_label(x, x_y, st: _Static, cdt, shifted_by_max):
-  """``(nll, lse)`` in one pass over ``x``, with the label's logit as the shift.
+  """``(nll, (lse, (x_y, log s)))`` in one pass over ``x``, with the label's logit
+  as the shift.
 
   ``s = sum(exp(x - x_y))`` holds the label's own ``exp(0) = 1``, so it cannot
   underflow, and then ``nll = log s - eps * mean(x - x_y)`` and
@@ -547,7 +572,8 @@ def _shifted_by_label(x, x_y, st: _Static, cdt, shifted_by_max):
     n = _num_classes(None, x.shape, st, cdt)
     nll = nll - st.label_smoothing * (jnp.sum(xs, st.axes, keepdims=True) / n - x_y)
   # s >= 1 or NaN: its max is finite iff every example is.
-  return lax.cond(jnp.max(s, initial=1.0) < jnp.inf, lambda: (nll, x_y + log_s), shifted_by_max)
+  stats = (x_y + log_s, (x_y, log_s))  # s >= 1: never an empty slice's -1
+  return lax.cond(jnp.max(s, initial=1.0) < jnp.inf, lambda: (nll, stats), shifted_by_max)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -557,17 +583,18 @@ def _int_ce(x, labels, where, st: _Static):
 
 
 def _int_ce_fwd(x, labels, where, st: _Static):
-  loss, lse = _int_forward(x, labels, where, st)
-  # Residuals: the logits (own dtype), the labels and mask (small), and lse per
-  # example (compute dtype; -inf marks an empty slice, whose gradient is 0).
-  return _squeeze(loss, st.axes).astype(x.dtype), (x, labels, where, lse)
+  loss, stats = _int_forward(x, labels, where, st)
+  # Residuals: the logits (own dtype), the labels and mask (small), and per
+  # example the shift and log d (compute dtype, ``_saved``: an empty slice's
+  # gradient is 0).
+  return _squeeze(loss, st.axes).astype(x.dtype), (x, labels, where, stats[1])
 
 
 def _int_ce_bwd(st: _Static, res, g):
   # dx = g * (p * (1 + 2 z lse) - t); no collective unless where and label_smoothing
-  x, labels, where, lse = res
+  x, labels, where, stats = res
   cdt = compute_dtype(x.dtype)
-  live, lse0 = _live_lse(lse)
+  shift, log_d, live, lse0 = _unsaved(stats)
   y, valid = _label_index(labels, x.shape, st)
   # Per example: NaN for an invalid label; 0 for one that `where` leaves empty
   # (padding, whatever its label). Selects on per-example values only: they
@@ -576,9 +603,8 @@ def _int_ce_bwd(st: _Static, res, g):
   g = jnp.where(valid, g, jnp.nan)
   if where is not None:
     g = jnp.where(live, g, 0.0)
-  # An empty slice (lse = -inf) gets p = exp(x - shift) = 0 from a finite shift,
-  # and `0 * g` elsewhere (0, or NaN for an invalid label, as its loss is).
-  shift = jnp.maximum(lse, jnp.finfo(cdt).min)
+  # An empty slice (lse = -inf) gets p = 0 (`_probs`), and `0 * g` elsewhere
+  # (0, or NaN for an invalid label, as its loss is).
   eps, z = st.label_smoothing, st.z_loss
   coef = 1.0 + 2.0 * z * lse0 if z else 1.0
   spread = eps / jnp.maximum(_num_classes(where, x.shape, st, cdt), 1) if eps else None
@@ -589,7 +615,7 @@ def _int_ce_bwd(st: _Static, res, g):
   def off_label(xv, wv):
     """``g * (p * coef - eps / n)`` (``eps / n`` on kept classes): dx but for the
     label's own ``-(1 - eps) * g``."""
-    d = jnp.exp(masked(xv.astype(cdt), wv) - shift) * coef
+    d = _probs(xv, wv, shift, log_d, cdt) * coef
     if spread is not None:
       d = d - masked(jnp.broadcast_to(spread, xv.shape).astype(cdt), wv, 0.0)
     return g_rest * d

@@ -247,7 +247,8 @@ def _column_chunk(w, start, c):
 
 
 def _forward(x, w, labels, opts):
-  """Per-token ``lse`` and loss before masking and reduction, both in the compute dtype."""
+  """Per-token ``(m, log s)`` (the shift and log-normaliser, ``lse = m + log s``)
+  and loss before masking and reduction, all in the compute dtype."""
   n, _ = x.shape
   v = w.shape[1]
   dt = _matmul_dtype(x.dtype, w.dtype)
@@ -281,14 +282,18 @@ def _forward(x, w, labels, opts):
   if r:
     carry = update(carry, w[:, k * c :], k * c)
   m, s, zy, zsum = carry
-  lse = m + jnp.log(s)
-  loss = lse - (1.0 - eps) * zy
+  log_s = jnp.log(s)
+  # lse - (1 - eps) zy - eps / V sum(z), with the shift m taken out of each term
+  # first: zy - m is exact, where lse - zy would carry the rounding of lse = m +
+  # log s at the scale of the logits (as optax's does: 1e-3 off at logits near 3e4).
+  loss = log_s - (1.0 - eps) * (zy - m)
   if eps:
-    loss = loss - (eps / v) * zsum
+    loss = loss - eps * (zsum / v - m)
   if opts.z_loss:
+    lse = m + log_s
     loss = loss + opts.z_loss * lse * lse
   valid = (labels >= 0) & (labels < v)
-  return lse, jnp.where(valid, loss, jnp.nan)
+  return (m, log_s), jnp.where(valid, loss, jnp.nan)
 
 
 def _reduce(loss, where, reduction, out_dtype):
@@ -315,17 +320,18 @@ def _lce(x, w, labels, where, opts):
 
 
 def _lce_fwd(x, w, labels, where, opts):
-  lse, loss = _forward(x, w, labels, opts)
+  stats, loss = _forward(x, w, labels, opts)
   out = _reduce(loss, where, opts.reduction, jnp.result_type(x.dtype, w.dtype))
-  # Residuals: the inputs (no copies), and lse, one compute-dtype number per
-  # token, from which the backward rebuilds each chunk's softmax exactly.
-  return out, (x, w, labels, where, lse)
+  # Residuals: the inputs (no copies), and the shift and log-normaliser, two
+  # compute-dtype numbers per token, from which the backward rebuilds each
+  # chunk's softmax as exp((z - m) - log s): exact, where exp(z - lse) is not.
+  return out, (x, w, labels, where, stats)
 
 
 def _lce_bwd(opts, res, g):
   # dz = g_i * ((1 + 2 zeta lse_i) * softmax(z_i) - (1 - eps) onehot(y_i) - eps / V);
   # dx = dz @ w.T, dw = x.T @ dz
-  x, w, labels, where, lse = res
+  x, w, labels, where, (m, log_s) = res
   n, h = x.shape
   v = w.shape[1]
   dt = _matmul_dtype(x.dtype, w.dtype)
@@ -348,12 +354,13 @@ def _lce_bwd(opts, res, g):
   elif opts.reduction == "sum":
     gt = jnp.broadcast_to(g, (n,))
   else:
-    gt = jnp.broadcast_to(g / _count(lse, where), (n,))
+    gt = jnp.broadcast_to(g / _count(m, where), (n,))
   if where is not None:
     gt = jnp.where(where, gt, jnp.zeros_like(gt))
-  # Excluded tokens get lse = 0 so that their (zero) rows stay finite.
-  lse = lse if where is None else jnp.where(where, lse, jnp.zeros_like(lse))
-  scale = gt * (1.0 + 2.0 * opts.z_loss * lse) if opts.z_loss else gt
+  # Excluded tokens get m = log s = 0 so that their (zero) rows stay finite.
+  if where is not None:
+    m, log_s = (jnp.where(where, v, jnp.zeros_like(v)) for v in (m, log_s))
+  scale = gt * (1.0 + 2.0 * opts.z_loss * (m + log_s)) if opts.z_loss else gt
   hit = gt * (1.0 - eps)
   flat = gt * (eps / v)
 
@@ -361,7 +368,7 @@ def _lce_bwd(opts, res, g):
     w_c = w_c.astype(dt)
     z = _matmul(xd, w_c, ((1,), (0,)), opts.precision, cdt)
     cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
-    dz = scale[:, None] * jnp.exp(z - lse[:, None])
+    dz = scale[:, None] * jnp.exp((z - m[:, None]) - log_s[:, None])
     dz = dz - jnp.where(cols == labels[:, None], hit[:, None], 0)
     if eps:
       dz = dz - flat[:, None]

@@ -561,8 +561,10 @@ def test_residual_bytes_integer_labels_bfloat16():
     return optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), labels)
 
   res = _residuals(ours, x)
+  # The logits, the labels, and per example the shift and log d.
   assert sorted((r.shape, str(r.dtype)) for r in res) == [
     ((b,), "int32"),
+    ((b, 1), "float32"),
     ((b, 1), "float32"),
     ((b, n), "bfloat16"),
   ]
@@ -589,6 +591,7 @@ def test_residuals_soft_labels_and_mask_in_their_own_shapes(dtype):
       ((16, 32), str(jnp.dtype(dtype))),
       ((16, 32), str(jnp.dtype(dtype))),
       ((1, 32), "bool"),
+      ((16, 1), "float32"),
       ((16, 1), "float32"),
     ]
   )

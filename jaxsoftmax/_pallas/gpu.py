@@ -17,10 +17,10 @@ that divide the row exactly, so no copy runs out of bounds.
   buffers, keeping a running max and normaliser in float32 (Milakov &
   Gimelshein 2018); a second pass streams them again, last chunk first (those
   are the likeliest to be still in L2), and writes.
-* **ring** (rows that fit, off by default, ``Config.ring_slots``): persistent
-  CTAs take blocks of whole rows through a ring of SMEM slots, loading the next
-  blocks while one is computed and stored, rather than waiting for each load
-  and store in turn.
+* **ring** (rows that fit, off by default, ``Config.ring_slots``; no faster on
+  the H200): persistent CTAs take blocks of whole rows through a ring of SMEM
+  slots, loading the next blocks while one is computed and stored, rather than
+  waiting for each load and store in turn.
 * **split** (longer rows; the backward's default, ``Config.bwd_split_bytes``,
   the forward's off, ``Config.split_bytes``): a cluster of up to 8 CTAs shares
   each row, each holding its part in SMEM; the CTAs swap their partial
@@ -64,9 +64,10 @@ class Config:
   bwd_row_bytes: int = 200 * 1024
   # Rows kept whole: each CTA takes a block of R rows (R a power of two dividing
   # the row count, at most 256) of up to this many input bytes in one TMA copy,
-  # rather than one row. 0 (the default, what ran on the H200) means R = 1. For
-  # short rows, where one CTA per row measured slow (4096 x 1024 bfloat16
-  # forward: 22 us, jax.nn 7.5); unmeasured, timed by the GPU script's variants.
+  # rather than one row. 0 (the default) means R = 1. Blocks to 64 KiB measured
+  # 1.1-2.1x slower than one row a CTA at 4096 x {1024, 4096} on the H200
+  # (gpu_pallas-2026-11-26T0511Z). (The 22 us bfloat16 forward at 4096 x 1024
+  # that prompted them was a cold GPU: timed interleaved, 10.2 us, jax.nn 9.0.)
   block_bytes: int = 0
   # Forward rows past ``row_bytes`` split over a cluster of C CTAs (C a power
   # of two, at most 8), each holding its share of the row in SMEM, at most this
@@ -92,8 +93,10 @@ class Config:
   # by ``block_bytes``, within RING_BYTES of SMEM) cta, cta + Q, ... through a
   # ring of this many SMEM slots, loading the next ``ring_slots - 1`` blocks
   # while it computes and stores the current one; one CTA per row waits for each
-  # load and store in turn (4096 x 1024 at 18-64% of copy on the H200). 0 (the
-  # default) is off; unmeasured, timed by the GPU script's variants. With
+  # load and store in turn. 0 (the default) is off: on the H200, 3 or 4 slots
+  # ran within 5% of one row a CTA at 4096 x {1024, 4096} and 1.06-1.23x slower at
+  # 4096 x 16384 (gpu_variants-2026-11-26T0518Z; an earlier pass's 0.72-0.80x at
+  # 4096 x 1024 did not repeat). With
   # ``num_ctas`` None, as many CTAs per SM as the ring's SMEM allows (``ring_ctas``).
   ring_slots: int = 0
   # The waits for all of a CTA's TMA stores, before their buffers take the next
@@ -101,7 +104,8 @@ class Config:
   # complete (what ran on the H200); True only for the stores to have read
   # shared memory, all that reuse needs (CUTLASS's epilogues end the same way;
   # the kernel's end still completes the writes before any later kernel), so a
-  # CTA frees its SM sooner. Unmeasured; timed by the GPU script's variants.
+  # CTA frees its SM sooner. Measured within 1% of False on the H200 (4096 x
+  # {4096, 16384}, 1024 x 65536; 4096 x 1024 within its noise), so off.
   read_only_drain: bool = False
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
@@ -312,8 +316,8 @@ def _merge_stats(a, b):
 
 def _fwd_out(v, m, d, log):
   shift = _safe_shift(m)
-  if log:
-    return v - jnp.where(d == 0, 0.0, shift + jnp.log(d))
+  if log:  # (v - shift) - log d: v - shift is exact, v - (shift + log d) is not
+    return (v - shift) - jnp.where(d == 0, 0.0, jnp.log(d))
   return jnp.exp(v - shift) * (1.0 / jnp.where(d == 0, 1.0, d))
 
 

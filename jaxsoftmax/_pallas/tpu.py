@@ -69,9 +69,10 @@ def _finish_fwd(x, m, d, log: bool):
   """Output from float32 ``x`` and the row statistics ``m`` (raw max) and ``d``."""
   shift = _safe_shift(m)
   if log:
-    # An empty row (d == 0) subtracts 0, so that it stays all -inf.
-    lse = jnp.where(d == 0, jnp.zeros_like(d), shift + jnp.log(d))
-    return x - lse
+    # (x - shift) - log d: x - shift is exact, x - (shift + log d) would round
+    # shift + log d at the scale of the logits. An empty row (d == 0, shift 0)
+    # subtracts 0, so that it stays all -inf.
+    return (x - shift) - jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
   return jnp.exp(x - shift) / jnp.where(d == 0, jnp.ones_like(d), d)
 
 

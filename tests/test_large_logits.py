@@ -1,0 +1,125 @@
+"""Logits far from zero: log-probabilities and gradients stay at float32 rounding.
+
+At logits near 3e4, ``lse = m + log d`` rounds at the scale of ``m`` (an ulp of
+3e4 is 2e-3 in float32), so ``x - lse`` and ``exp(x - lse)`` are off by about
+1e-3 absolute where ``(x - m) - log d`` is exact up to the last subtraction (as
+``jax.nn.log_softmax`` computes it). Every op here once took the first form and
+missed float64 by 400-6000 eps; the references are float64 ``jax.nn`` and
+autodiff of the naive definitions, on the same float32-rounded inputs.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsoftmax
+from jaxsoftmax._pallas import gpu, ops, tpu
+
+from references import eps, rel_err
+
+TOL = 16 * eps(jnp.float32)  # the old forms: 5e-5 (values) to 2e-4 (gradients)
+OFFSET = 3e4
+
+
+def _logits(shape, seed=0):
+  x = OFFSET + 3.0 * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+  return x.astype(jnp.float32)
+
+
+def _cotangent(shape, seed=1):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _log_softmax64(x, g):
+  y, vjp = jax.vjp(partial(jax.nn.log_softmax, axis=-1), x.astype(jnp.float64))
+  return y, vjp(g.astype(jnp.float64))[0]
+
+
+def test_log_softmax_xla():
+  x, g = _logits((16, 1000)), _cotangent((16, 1000))
+  y, vjp = jax.vjp(lambda x: jaxsoftmax.log_softmax(x, implementation="xla"), x)
+  ry, rdx = _log_softmax64(x, g)
+  assert rel_err(y, ry) <= TOL
+  assert rel_err(vjp(g)[0], rdx) <= TOL
+
+
+@pytest.mark.parametrize(
+  "be",
+  [
+    ops.make(gpu, gpu.Config(interpret=True)),  # rows kept whole
+    ops.make(gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256)),  # streamed
+    ops.make(tpu, tpu.Config(interpret=True)),
+  ],
+  ids=["gpu-rows", "gpu-streamed", "tpu"],
+)
+def test_log_softmax_pallas_kernels(be):
+  x, g = _logits((8, 1024)), _cotangent((8, 1024))
+  y, live = be.log_softmax_fwd(x, None, (1,), None)
+  dx = be.log_softmax_bwd(y, live, None, g, (1,), None)
+  ry, rdx = _log_softmax64(x, g)
+  assert rel_err(y, ry) <= TOL
+  assert rel_err(dx, rdx) <= TOL
+
+
+def _ce64(x, t, w):
+  """float64 ``-sum(t * log_softmax(x))`` over the classes ``w`` keeps, and its
+  gradient (of the sum over examples)."""
+
+  def f(x):
+    l = jax.nn.log_softmax(x, axis=-1, where=w)
+    return -jnp.sum(jnp.where(t == 0, 0.0, t * l), axis=-1)
+
+  x64 = x.astype(jnp.float64)
+  return f(x64), jax.grad(lambda x: jnp.sum(f(x)))(x64)
+
+
+@pytest.mark.parametrize("where", [False, True], ids=["all", "where"])
+@pytest.mark.parametrize("kind", ["integer", "soft"])
+def test_cross_entropy(kind, where):
+  x = _logits((32, 500))
+  labels = jax.random.randint(jax.random.key(2), (32,), 0, 400)
+  w = (jnp.arange(500) < 450)[None] if where else None
+  if kind == "integer":
+    f = partial(jaxsoftmax.softmax_cross_entropy_with_integer_labels, labels=labels, where=w)
+    t = jax.nn.one_hot(labels, 500, dtype=jnp.float64)
+  else:
+    t = jax.nn.softmax(_cotangent((32, 500)), axis=-1) * (1.0 if w is None else w)
+    t = t / jnp.sum(t, axis=-1, keepdims=True)
+    f = partial(jaxsoftmax.softmax_cross_entropy, labels=t, where=w)
+  loss, dx = jax.value_and_grad(lambda x: jnp.sum(f(x)))(x)
+  ref_loss, ref_dx = _ce64(x, jnp.asarray(t, jnp.float64), w)
+  assert rel_err(f(x), ref_loss) <= TOL
+  assert rel_err(dx, ref_dx) <= TOL
+  assert np.isfinite(float(loss))
+
+
+def test_linear_cross_entropy():
+  # z = x @ w with a constant feature whose weight lifts every logit by OFFSET.
+  # x in quarters and w in 64ths: every product and partial sum is a multiple of
+  # 1/256 below 2^15, exact in float32, so the float32 matmul gives the exact z
+  # and any error is the loss's own.
+  n, h, v = 16, 8, 300
+  k = jax.random.split(jax.random.key(3), 3)
+  x = (jax.random.randint(k[0], (n, h), -4, 5) / 4).astype(jnp.float32).at[:, 0].set(1.0)
+  w = (jax.random.randint(k[1], (h, v), -64, 65) / 64).astype(jnp.float32).at[0].set(OFFSET)
+  labels = jax.random.randint(k[2], (n,), 0, v)
+  kw = dict(chunk_size=128, reduction="none")
+  f = lambda x, w: jaxsoftmax.linear_softmax_cross_entropy(x, w, labels, **kw)  # noqa: E731
+
+  def ref(x, w):
+    z = jnp.dot(x, w, precision="highest")
+    return -jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), labels[:, None], -1)[:, 0]
+
+  ct = _cotangent((n,))
+  loss, vjp = jax.vjp(f, x, w)
+  x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+  ref_loss, ref_vjp = jax.vjp(ref, x64, w64)
+  assert rel_err(loss, ref_loss) <= TOL
+  (dx, dw), (ref_dx, ref_dw) = vjp(ct), ref_vjp(ct.astype(jnp.float64))
+  assert rel_err(dw, ref_dw) <= TOL
+  # dx[:, 0] = dz @ w[0] = OFFSET * sum(dz), which cancels to 0: its float32
+  # rounding is the matmul's, not the loss's. The other features are checked.
+  assert rel_err(dx[:, 1:], ref_dx[:, 1:]) <= TOL
