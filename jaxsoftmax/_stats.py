@@ -192,3 +192,12 @@ def _varying_axes(v: jax.Array) -> frozenset[str]:
 def log_normalizer(m: jax.Array, d: jax.Array) -> jax.Array:
   """``lse = m + log(d)``: -inf for an empty slice (``d == 0``)."""
   return m + jnp.log(d)
+
+
+def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(hi, lo)`` with ``hi = fl(a + b)`` and ``hi + lo = a + b`` exactly (Knuth's
+  TwoSum: no condition on the magnitudes). Non-finite input makes ``lo`` NaN or
+  infinite: callers keep ``hi`` only where that matters."""
+  hi = a + b
+  bb = hi - a
+  return hi, (a - (hi - bb)) + (b - bb)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ._checks import AxisName, compute_dtype
-from ._stats import masked, slice_stats, slice_sum
+from ._stats import masked, slice_stats, slice_sum, two_sum
 
 Axes = tuple[int, ...]
 
@@ -39,12 +39,16 @@ def softmax_bwd(
 def log_softmax_fwd(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: AxisName):
   """Returns ``l`` in ``x.dtype`` and ``live``, a per-slice flag: False if the slice is empty."""
   xs, m, _, d, live = slice_stats(x, where, axes, axis_name)
-  # l = (x - m) - log d, as jax.nn has it: x - m is exact, where x - (m + log d)
-  # rounds m + log d at the scale of m (logits near 3e4: 1e-3 off in float32).
+  # l = x - lse with lse = m + log d held as two floats, hi + lo (`two_sum`):
+  # x - hi is exact near the max (Sterbenz), and lo puts back the rounding of
+  # m + log d, which at logits near 3e4 is 1e-3 in float32. (x - m) - log d is
+  # as exact, but shares x - m with the exp-sum, and XLA:CPU then writes x - m
+  # out as a full-size intermediate.
   # An empty slice has d == 0 and a finite m: log(max(d, 1)) = 0 keeps l = -inf
   # there, not NaN. ``e`` is only summed (never stored): the forward is one
   # fused pass over x on XLA:CPU.
-  l = masked((xs - m) - jnp.log(jnp.maximum(d, 1)), where)
+  hi, lo = two_sum(m, jnp.log(jnp.maximum(d, 1)))
+  l = masked((xs - hi) - lo, where)
   return l.astype(x.dtype), live
 
 
