@@ -1,7 +1,7 @@
 """Pallas kernels on a GPU: correctness against float64, then timings and bandwidth.
 
 Run on a GPU machine (6.5 minutes on an H200 on 2026-11-26, T0511Z: 2.5 for
-steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 24
+steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 22
 cells, about 10 s each, within 360 s):
 
     python benchmarks/gpu_pallas.py --out "$OUT"
