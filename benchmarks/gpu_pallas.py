@@ -341,10 +341,10 @@ LONG = [(1024, 65536), (128, 262144)]
 # - split forwards: 0.91x in float32 (64 KiB parts, 4 CTAs), 1.17-1.41x in
 #   bfloat16 and with larger parts; nothing gained at 128 x 262144;
 # - several short rows per CTA (``block_bytes``): 1.1-2.1x slower; a ring of
-#   row blocks (``ring_slots``) and the read-only drain: within 5% of the
-#   default at 4096 x {1024, 4096, 16384} in the second run (the first run's
-#   0.72-0.80x at 4096 x 1024 did not repeat), 1.1-1.2x slower at 4096 x 16384
-#   bfloat16. Those are no longer timed here.
+#   row blocks (``ring_slots``): 0.96-1.14x the default's time at 4096 x {1024,
+#   4096} in the second run (the first run's 0.72-0.80x at 4096 x 1024 did not
+#   repeat), 1.06-1.23x at 4096 x 16384; the read-only drain: within 1%. Those
+#   are no longer timed here.
 # Left to measure: the new default against the streamed backward end to end
 # (and at 1024 x 32768 float32, clusters of 4, which no run reached), and split
 # forwards against it.

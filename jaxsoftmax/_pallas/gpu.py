@@ -94,9 +94,9 @@ class Config:
   # ring of this many SMEM slots, loading the next ``ring_slots - 1`` blocks
   # while it computes and stores the current one; one CTA per row waits for each
   # load and store in turn. 0 (the default) is off: on the H200, 3 or 4 slots
-  # ran within 5% of one row a CTA at 4096 x {1024, 4096} and 1.06-1.23x slower at
-  # 4096 x 16384 (gpu_variants-2026-11-26T0518Z; an earlier pass's 0.72-0.80x at
-  # 4096 x 1024 did not repeat). With
+  # took 0.96-1.14x the time of one row a CTA at 4096 x {1024, 4096} and
+  # 1.06-1.23x at 4096 x 16384 (gpu_variants-2026-11-26T0518Z; an earlier pass's
+  # 0.72-0.80x at 4096 x 1024 did not repeat). With
   # ``num_ctas`` None, as many CTAs per SM as the ring's SMEM allows (``ring_ctas``).
   ring_slots: int = 0
   # The waits for all of a CTA's TMA stores, before their buffers take the next
