@@ -635,6 +635,21 @@ def _timing_line(r, who, copy_bw, gbps) -> str:
   return head + "| " + " | ".join(cells) + " |"
 
 
+def variant_table(variant_rows, copy_bw) -> list[str]:
+  """The variants, each with its ``/ default`` ratio (if it was paired) and its paths."""
+  head = "| shape | dtype | variant | fwd us | fwd % copy | bwd us | bwd % copy "
+  lines = [head + "| / default | path fwd / bwd |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in variant_rows:
+    line = _timing_line(r, r["variant"], copy_bw, gbps=False)
+    if "error" not in r:
+      vs = "-"
+      if "fwd_vs_default" in r:
+        vs = f"{r['fwd_vs_default']:.2f}x / {r['bwd_vs_default']:.2f}x"
+      line += f" {vs} | {r.get('path', '')} |"
+    lines.append(line)
+  return lines
+
+
 def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
   lines = [f"# Pallas softmax on {meta['device']} (jax {meta['jax']}, {meta['date']})", ""]
   if not all(c["ok"] for c in checks):
@@ -668,16 +683,7 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
       "`/ default` is their ratio of times, fwd / bwd."
     )
     lines.append("")
-    head = "| shape | dtype | variant | fwd us | fwd % copy | bwd us | bwd % copy "
-    lines += [head + "| / default | path fwd / bwd |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in variant_rows:
-      line = _timing_line(r, r["variant"], copy_bw, gbps=False)
-      if "error" not in r:
-        vs = "-"
-        if "fwd_vs_default" in r:
-          vs = f"{r['fwd_vs_default']:.2f}x / {r['bwd_vs_default']:.2f}x"
-        line += f" {vs} | {r.get('path', '')} |"
-      lines.append(line)
+    lines += variant_table(variant_rows, copy_bw)
     lines += ["", "## The fastest correct variant per cell (softmax), and the targets", ""]
     lines.append(
       "Each variant's own times (its child process) against jax.nn's from the table above "

@@ -57,18 +57,8 @@ def markdown(result, copy_bw) -> str:
     "turn with the default of its cell (same samples): `/ default` is their ratio of "
     "times, fwd / bwd.",
     "",
-    "| shape | dtype | variant | fwd us | fwd % copy | bwd us | bwd % copy "
-    "| / default | path fwd / bwd |",
-    "|---|---|---|---|---|---|---|---|---|",
+    *gp.variant_table(result["variants"], copy_bw),
   ]
-  for r in result["variants"]:
-    line = gp._timing_line(r, r["variant"], copy_bw, gbps=False)
-    if "error" not in r:
-      vs = "-"
-      if r.get("fwd_vs_default") is not None:
-        vs = f"{r['fwd_vs_default']:.2f}x / {r['bwd_vs_default']:.2f}x"
-      line += f" {vs} | {r.get('path', '')} |"
-    lines.append(line)
   return "\n".join(lines) + "\n"
 
 

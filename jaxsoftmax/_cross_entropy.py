@@ -178,10 +178,10 @@ def _unsaved(stats):
   return shift, log_d, live, jnp.where(live, shift + log_d, 0.0)
 
 
-def _probs(x, where, shift, log_d, cdt):
-  """``p = exp((x - shift) - log d)``: 0 on an empty slice, whose entries are all
-  -inf and whose shift is finite."""
-  return jnp.exp((masked(x.astype(cdt), where) - shift) - log_d)
+def _log_probs(x, where, shift, log_d, cdt):
+  """``l = (x - shift) - log d`` (exact ``x - shift``, see ``_saved``): -inf on an
+  empty slice, whose entries are all -inf and whose shift is finite."""
+  return (masked(x.astype(cdt), where) - shift) - log_d
 
 
 def _live_lse(lse):
@@ -354,7 +354,7 @@ def _soft_ce_bwd(st: _Static, res, g):
   cdt = compute_dtype(jnp.result_type(x, y))
   shift, log_d, live, lse = _unsaved(stats)
   g = jnp.expand_dims(g.astype(cdt), st.axes)
-  l = (masked(x.astype(cdt), where) - shift) - log_d  # exact x - shift (``_saved``)
+  l = _log_probs(x, where, shift, log_d, cdt)
   t = _soft_target(y, where, st, x.shape, cdt)
   coef = slice_sum(t, st.axes, st.axis_name)
   if st.z_loss:
@@ -603,7 +603,7 @@ def _int_ce_bwd(st: _Static, res, g):
   g = jnp.where(valid, g, jnp.nan)
   if where is not None:
     g = jnp.where(live, g, 0.0)
-  # An empty slice (lse = -inf) gets p = 0 (`_probs`), and `0 * g` elsewhere
+  # An empty slice (lse = -inf) gets p = 0 (`_log_probs`), and `0 * g` elsewhere
   # (0, or NaN for an invalid label, as its loss is).
   eps, z = st.label_smoothing, st.z_loss
   coef = 1.0 + 2.0 * z * lse0 if z else 1.0
@@ -615,7 +615,7 @@ def _int_ce_bwd(st: _Static, res, g):
   def off_label(xv, wv):
     """``g * (p * coef - eps / n)`` (``eps / n`` on kept classes): dx but for the
     label's own ``-(1 - eps) * g``."""
-    d = _probs(xv, wv, shift, log_d, cdt) * coef
+    d = jnp.exp(_log_probs(xv, wv, shift, log_d, cdt)) * coef
     if spread is not None:
       d = d - masked(jnp.broadcast_to(spread, xv.shape).astype(cdt), wv, 0.0)
     return g_rest * d

@@ -359,7 +359,7 @@ def _lce_bwd(opts, res, g):
     gt = jnp.where(where, gt, jnp.zeros_like(gt))
   # Excluded tokens get m = log s = 0 so that their (zero) rows stay finite.
   if where is not None:
-    m, log_s = (jnp.where(where, v, jnp.zeros_like(v)) for v in (m, log_s))
+    m, log_s = (jnp.where(where, a, jnp.zeros_like(a)) for a in (m, log_s))
   scale = gt * (1.0 + 2.0 * opts.z_loss * (m + log_s)) if opts.z_loss else gt
   hit = gt * (1.0 - eps)
   flat = gt * (eps / v)
