@@ -29,7 +29,9 @@ def pallas_unsupported_reason(x: jax.Array, axes: tuple[int, ...], axis_name) ->
 def resolve(
   fn: str, implementation: str | None, x: jax.Array, axes: tuple[int, ...], axis_name
 ) -> str:
-  """The name of the backend to run: explicit, or the best one for this call."""
+  """The name of the backend to run: explicit, or the best one for this call.
+  ``fn`` is the public op ("softmax" or "log_softmax"): errors name it, and the
+  GPU's size rule depends on it (``_pallas.preferred``)."""
   from . import _pallas
 
   if implementation == "xla":
@@ -38,7 +40,7 @@ def resolve(
     return "xla"  # the kernels are the default only where they have run on hardware
   reason = pallas_unsupported_reason(x, axes, axis_name)
   if reason is None:
-    if implementation is None and not _pallas.preferred(x.shape, x.dtype, axes):
+    if implementation is None and not _pallas.preferred(fn, x.shape, x.dtype, axes):
       return "xla"  # supported, but measured no faster than XLA for this shape
     return "pallas"
   if implementation == "pallas":

@@ -601,16 +601,22 @@ def test_accelerator_dispatch(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
   monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
-  # implementation=None: the kernels only for rows of >= 8 KiB, >= 128 of them.
-  for shape, dtype, want in [
-    ((128, 4096), jnp.bfloat16, "pallas"),
-    ((4, 32, 2048), jnp.float32, "pallas"),  # 128 rows of 8 KiB
-    ((128, 2048), jnp.bfloat16, "xla"),  # 4 KiB rows
-    ((127, 262144), jnp.float32, "xla"),  # too few rows
+  # implementation=None: the kernels only for >= 128 rows of >= 4 KiB (softmax)
+  # or >= 2 KiB (log_softmax, whose XLA forward is the slower one on a GPU).
+  for shape, dtype, want_softmax, want_log in [
+    ((128, 4096), jnp.bfloat16, "pallas", "pallas"),
+    ((4, 32, 1024), jnp.float32, "pallas", "pallas"),  # 128 rows of 4 KiB
+    ((128, 1024), jnp.bfloat16, "xla", "pallas"),  # 2 KiB rows
+    ((4096, 512), jnp.bfloat16, "xla", "xla"),  # 1 KiB rows
+    ((4096, 256), jnp.float32, "xla", "xla"),  # 1 KiB rows
+    ((127, 262144), jnp.float32, "xla", "xla"),  # too few rows
   ]:
-    assert _backend.resolve("softmax", None, jnp.ones(shape, dtype), (-1,), None) == want, shape
+    x = jnp.ones(shape, dtype)
+    assert _backend.resolve("softmax", None, x, (-1,), None) == want_softmax, shape
+    assert _backend.resolve("log_softmax", None, x, (-1,), None) == want_log, shape
     # An explicit request runs them anyway.
-    assert _backend.resolve("softmax", "pallas", jnp.ones(shape, dtype), (-1,), None) == "pallas"
+    for op in ("softmax", "log_softmax"):
+      assert _backend.resolve(op, "pallas", x, (-1,), None) == "pallas"
   # The row is all softmax axes together: 2 x 4096 float32 per row, 128 rows.
   x = jnp.ones((2, 128, 4096), jnp.float32)
   assert _backend.resolve("softmax", None, x, (0, 2), None) == "pallas"

@@ -25,24 +25,30 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 
 # On a GPU, implementation=None takes the kernels only on Hopper (compute
 # capability 9.x, where they were verified) and for the shapes where the H200
-# measured them faster than XLA (benchmarks/results/gpu_pallas-2026-11-26T0041Z.md,
-# gpu-2026-11-26.md): rows of at least 8 KiB, and at least 128 of them. Shorter
-# rows run as fast or faster on XLA (bfloat16 4096 x 1024 forward: 22 vs 7.5 us);
-# fewer rows leave SMs idle, since each CTA owns whole rows (32 x 262144: twice
-# jax.nn's time). An explicit implementation="pallas" runs them anyway.
-GPU_MIN_ROW_BYTES = 8 * 1024
+# measured them faster than our XLA path, forward and backward together
+# (benchmarks/results/gpu_pallas-2026-11-26T0511Z.md, the contenders timed in
+# turn after a warm-up, one dispatch per 2-16 calls): at least 128 rows, each of
+# at least GPU_MIN_ROW_BYTES[op]. At 4096 x 1024, Pallas over XLA: softmax
+# bfloat16 (2 KiB rows) 26.4 / 23.5 us, float32 (4 KiB) 29.8 / 38.1 us;
+# log_softmax, whose XLA forward lags jax.nn's on the GPU, 22.7 / 29.1 and
+# 41.3 / 46.9 us. Shorter rows have no trustworthy measurement (the first GPU
+# run timed single calls: host dispatch, not the kernels), so they stay on
+# XLA. Fewer rows leave SMs idle, since each CTA owns whole rows (32 x 262144:
+# twice jax.nn's time). An explicit implementation="pallas" runs them anyway.
+GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 2 * 1024}
 GPU_MIN_ROWS = 128
 
 
-def preferred(shape, dtype, axes) -> bool:
-  """Whether ``implementation=None`` should take the (supported) kernels here."""
+def preferred(op: str, shape, dtype, axes) -> bool:
+  """Whether ``implementation=None`` should take the (supported) kernels for
+  ``op`` ("softmax" or "log_softmax") here."""
   if jax.default_backend() != "gpu":
     return True
   if _gpu_major() != 9:
     return False  # verified on Hopper only; newer GPUs run them on request
   cols = math.prod(shape[a] for a in axes)
   rows = math.prod(shape) // cols
-  return rows >= GPU_MIN_ROWS and cols * jnp.dtype(dtype).itemsize >= GPU_MIN_ROW_BYTES
+  return rows >= GPU_MIN_ROWS and cols * jnp.dtype(dtype).itemsize >= GPU_MIN_ROW_BYTES[op]
 
 
 def _gpu_major() -> int | None:
