@@ -328,3 +328,40 @@ def test_gpu_script_variants_go_on_past_a_hung_cell(tmp_path):
   assert rows[1]["error"].startswith("hung: killed after 1 s")
   # The first cell's row reached the parent while the hung cell still ran.
   assert seen[0] == ["a"] and seen[-1] == ["a", "hangs", "a"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_script_xla_forms_match_float64(dtype):
+  # The candidate XLA log_softmax forms the GPU script times: values and VJPs
+  # against autodiff of the naive definition in float64, and the masking table
+  # (an all -inf row: -inf, gradient 0; a NaN: that row NaN, the others intact).
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks.xla_forms import FORMS
+
+  from references import eps, naive_log_softmax, rel_err
+
+  k1, k2 = jax.random.split(jax.random.key(7))
+  x = (4 * jax.random.normal(k1, (6, 300))).astype(dtype)
+  g = jax.random.normal(k2, (6, 300)).astype(dtype)
+  x64, g64 = x.astype(jnp.float64), g.astype(jnp.float64)
+  ref, ref_vjp = jax.vjp(naive_log_softmax, x64)
+  (ref_dx,) = ref_vjp(g64)
+  special = x.at[1].set(-jnp.inf).at[3, 5].set(jnp.nan)
+  assert len(FORMS) == 3
+  for name, form in FORMS.items():
+    y, vjp = jax.vjp(jax.jit(form), x)
+    (dx,) = vjp(g)
+    assert y.dtype == dx.dtype == jnp.dtype(dtype), name
+    assert rel_err(y, ref) <= 4 * eps(dtype), name
+    assert rel_err(dx, ref_dx) <= 8 * eps(dtype), name
+    y, vjp = jax.vjp(jax.jit(form), special)
+    (dx,) = vjp(g)
+    y, dx = np.asarray(y, np.float32), np.asarray(dx, np.float32)
+    assert np.all(y[1] == -np.inf) and np.all(dx[1] == 0), name
+    assert np.all(np.isnan(y[3])) and np.all(np.isnan(dx[3])), name
+    rest = [0, 2, 4, 5]
+    assert rel_err(y[rest], ref[jnp.array(rest)]) <= 4 * eps(dtype), name
+    assert rel_err(dx[rest], ref_dx[jnp.array(rest)]) <= 8 * eps(dtype), name
