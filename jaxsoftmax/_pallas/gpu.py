@@ -469,8 +469,8 @@ def _row_blocks(inputs, out_from: int, cfg: Config, per_row, stat: bool = False,
 
 def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   """``(softmax or log_softmax of x over axis 1, lse as (rows, 1) float32)``; the
-  lse is None for softmax on the ring and blocks paths, which do not write what
-  nobody reads."""
+  lse is None for softmax, which does not write what nobody reads (512 bytes a
+  row: a quarter of a 2 KiB row's output)."""
   rows, cols = x.shape
   p = plan(cols, x.dtype, cfg)
   if isinstance(p, str):
@@ -480,15 +480,28 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   S = cfg.stages
   lay = _strided((p.kb, p.w), dtype)
   x3 = x.reshape(rows, p.n1, p.w)
-  out_type = (jax.ShapeDtypeStruct(x3.shape, dtype), jax.ShapeDtypeStruct((rows, WARPGROUP), F32))
+  out_type = (jax.ShapeDtypeStruct(x3.shape, dtype),)
+  if log:
+    out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
 
-  def write_lse(lse_gmem, lse_smem, row, m, d):
-    lse_smem[...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
+  def finish_row(lse, row, m, d):
+    """Stores the row's lse (log_softmax; ``lse`` is its ``(gmem, smem)`` refs),
+    then waits for the row's stores, before its buffers take the next row."""
+    if log:
+      lse_gmem, lse_smem = lse
+      lse_smem[...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
     _drain(cfg)
+
+  def split_lse(refs):
+    """The refs after x and the output: ``((lse gmem, lse smem) or None, scratch)``;
+    the lse's SMEM row is the last scratch buffer."""
+    if log:
+      return (refs[0], refs[-1]), refs[1:-1]
+    return None, refs
 
   def row_stats(row):
     """Running max and normaliser of a whole (n1, w) row in SMEM."""
@@ -529,14 +542,16 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     def emit(chunks, md, flag):
       return _fwd_out(chunks[0], *md, log)
 
-    out, lse = _split_rows(
-      [x3], p, cfg, size, load, (-jnp.inf, 0.0), _fold_stats, _merge_stats, emit, _lse
-    )
-    return out.reshape(rows, cols), lse[:, :1]
+    finish = _lse if log else None  # softmax: no lse
+    init = (-jnp.inf, 0.0)
+    out, *lse = _split_rows([x3], p, cfg, size, load, init, _fold_stats, _merge_stats, emit, finish)
+    return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
   if kind == "rows":
 
-    def body(num_ctas, x_gmem, o_gmem, lse_gmem, buf, lse_smem, bar):
+    def body(num_ctas, x_gmem, o_gmem, *refs):
+      lse, (buf, bar) = split_lse(refs)
+
       def one_row(row):
         plgpu.copy_gmem_to_smem(x_gmem.at[row], buf, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
@@ -544,18 +559,16 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
         row_write(buf, m, d)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(buf, o_gmem.at[row])
-        write_lse(lse_gmem, lse_smem, row, m, d)  # also waits for the row's store
+        finish_row(lse, row, m, d)
 
       _row_loop(rows, num_ctas, one_row)
 
-    scratch = [
-      plgpu.SMEM((p.n1, p.w), dtype),
-      plgpu.SMEM((WARPGROUP,), F32),
-      plgpu.Barrier(num_barriers=1),
-    ]
+    scratch = [plgpu.SMEM((p.n1, p.w), dtype), plgpu.Barrier(num_barriers=1)]
   else:
 
-    def body(num_ctas, x_gmem, o_gmem, lse_gmem, bufs, outs, lse_smem, bars):
+    def body(num_ctas, x_gmem, o_gmem, *refs):
+      lse, (bufs, outs, bars) = split_lse(refs)
+
       def one_row(row):
         def stats(j, slot, md):
           return _online_stats(*md, load(bufs.at[slot]))
@@ -572,18 +585,18 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
           return c
 
         _stream(row, p, S, [(x_gmem, bufs)], bars, write, 0, reverse=cfg.reverse_write)
-        write_lse(lse_gmem, lse_smem, row, m, d)
+        finish_row(lse, row, m, d)
 
       _row_loop(rows, num_ctas, one_row)
 
     scratch = [
       plgpu.SMEM((S, p.kb, p.w), dtype),
       plgpu.SMEM((2, p.kb, p.w), dtype),
-      plgpu.SMEM((WARPGROUP,), F32),
       plgpu.Barrier(num_barriers=S),
     ]
-  out, lse = _kernel(rows, cfg, out_type, scratch, body)(x3)
-  return out.reshape(rows, cols), lse[:, :1]
+  scratch += [plgpu.SMEM((WARPGROUP,), F32)] if log else []  # the lse's row (``split_lse``)
+  out, *lse = _kernel(rows, cfg, out_type, scratch, body)(x3)
+  return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
 
 def _cluster_barrier(arrive: bool = True, wait: bool = True):
@@ -697,11 +710,8 @@ def _split_rows(
       row = cta + k * num_ctas
       nxt = row + num_ctas
       has_next = k + 1 < mine
-      flag = None
-      if live is not None:
+      if live is not None:  # waited for only before the write
         plgpu.copy_gmem_to_smem(ins[-1].at[row], row_smem, bars.at[flag_bar])
-        plgpu.barrier_wait(bars.at[flag_bar])
-        flag = jnp.max(row_smem[...])
 
       def chunks(j):
         return tuple(load(buf.at[j]) for buf in bufs)
@@ -719,6 +729,10 @@ def _split_rows(
         stats = functools.reduce(merge, parts)
       else:
         stats = _swap(xch, parts[0], c, merge)
+      flag = None
+      if live is not None:
+        plgpu.barrier_wait(bars.at[flag_bar])
+        flag = jnp.max(row_smem[...])
 
       def write(j, carry):
         out = bufs[-1].at[j]
@@ -805,14 +819,16 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       return jnp.where(jnp.broadcast_to(flag != 0, gc.shape), gc - jnp.exp(yc) * acc, 0.0)
     return yc * (gc - acc)
 
-  def whole_row_grad(ybuf, gbuf, flag):
-    """dx of a whole (n1, w) row in SMEM, written in place of g."""
+  def whole_row_grad(ybuf, gbuf, get_flag):
+    """dx of a whole (n1, w) row in SMEM, written in place of g; ``get_flag()``
+    (log_softmax) reads the row's live flag, once the row sum is taken."""
     chunk = lambda ref, j: ref.at[pl.ds(j * p.kb, p.kb)]  # noqa: E731
 
     def rowsum(j, a):
       return a + partial_sum(load(chunk(ybuf, j)), load(chunk(gbuf, j)))
 
     acc = jax.lax.fori_loop(0, nc, rowsum, jnp.float32(0))
+    flag = get_flag()
 
     def write(j, c):
       dx = grad(load(chunk(ybuf, j)), load(chunk(gbuf, j)), acc, flag)
@@ -825,8 +841,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     nb = rows // size
 
     def block_row(views, st, r):
-      flag = jnp.max(views[2].at[r][...]) if log else None
-      whole_row_grad(views[0].at[r], views[1].at[r], flag)
+      get_flag = (lambda: jnp.max(views[2].at[r][...])) if log else lambda: None
+      whole_row_grad(views[0].at[r], views[1].at[r], get_flag)
 
     block_args = [a.reshape(nb, size, *a.shape[1:]) for a in args]
     (dx,) = _row_blocks(block_args, 1, cfg, block_row, ring=kind == "ring")
@@ -854,18 +870,25 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       y_gmem, g_gmem, o_gmem, ybuf, gbuf, *rest = refs
 
     def one_row(row):
-      flag = None
+      # log_softmax: the row's live flag loads on a barrier of its own (the last)
+      # while the rows load and are summed, and is waited for only before the
+      # write, rather than ahead of everything (a memory latency per row).
+      get_flag = lambda: None  # noqa: E731
       if log:
-        plgpu.copy_gmem_to_smem(live_gmem.at[row], live_smem, rest[-1].at[0])
-        plgpu.barrier_wait(rest[-1].at[0])
-        flag = jnp.max(live_smem[...])
+        flag_bar = rest[-1].at[2 if fits else 2 * S]
+        plgpu.copy_gmem_to_smem(live_gmem.at[row], live_smem, flag_bar)
+
+        def get_flag():
+          plgpu.barrier_wait(flag_bar)
+          return jnp.max(live_smem[...])
+
       if fits:
         (bar,) = rest
         plgpu.copy_gmem_to_smem(y_gmem.at[row], ybuf, bar.at[0])
         plgpu.copy_gmem_to_smem(g_gmem.at[row], gbuf, bar.at[1])
         plgpu.barrier_wait(bar.at[0])
         plgpu.barrier_wait(bar.at[1])
-        whole_row_grad(ybuf, gbuf, flag)
+        whole_row_grad(ybuf, gbuf, get_flag)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[row])
       else:
@@ -875,6 +898,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
           lambda j, slot, a: a + partial_sum(load(ybuf.at[slot]), load(gbuf.at[slot])),
           jnp.float32(0),
         )
+        flag = get_flag()
 
         def write(j, slot, c):
           plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[j % 2] is free
@@ -890,10 +914,11 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     _row_loop(rows, num_ctas, one_row)
 
   scratch = [plgpu.SMEM((WARPGROUP,), F32)] if log else []
+  flag_bars = 1 if log else 0
   if fits:
-    scratch += [plgpu.SMEM((p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=2)]
+    scratch += [plgpu.SMEM((p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=2 + flag_bars)]
   else:
     scratch += [plgpu.SMEM((S, p.kb, p.w), dtype)] * 2 + [plgpu.SMEM((2, p.kb, p.w), dtype)]
-    scratch += [plgpu.Barrier(num_barriers=2 * S)]
+    scratch += [plgpu.Barrier(num_barriers=2 * S + flag_bars)]
   dx = _kernel(rows, cfg, out_type, scratch, body)(*args)
   return dx.reshape(rows, cols)
