@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks on a GPU machine, in one call. On an H200 the Pallas part took
 # 6.5 minutes (2026-11-26T0511Z: its variants cut at 240 s); now 22 variant
-# cells within 360 s (a cell that hangs is killed after 60 s), about 6-7 in all;
-# three candidate XLA log_softmax forms (xla_forms.py) add perhaps a minute to
-# the timings, which the variants give back (the script stops within --budget).
+# cells within 360 s (a cell that hangs is killed after 60 s), about 6-7 in all.
 # The harness takes its --budget plus about a minute.
 # Keep timeout_s at 600:
 #

@@ -15,10 +15,8 @@ In this order:
    against the masking table. A failed check is reported, the timings still
    run (to say whether a kernel is worth mending), and the exit status is 1;
 2. timings, forward and backward separately, of softmax and log_softmax with
-   ``implementation="pallas"`` and ``"xla"``, of ``jax.nn``'s, and of three
-   candidate XLA forms of log_softmax (``xla_forms.py``, also checked against
-   float64 in step 1), at 4096 x {1024, 4096, 16384}, 1024 x 65536 and
-   128 x 262144, in bfloat16 and float32, as the
+   ``implementation="pallas"`` and ``"xla"``, and of ``jax.nn``'s, at 4096 x {1024, 4096,
+   16384}, 1024 x 65536 and 128 x 262144, in bfloat16 and float32, as the
    median of several samples of back-to-back programs, each of which calls the
    op on 2 to 16 distinct buffers that move 256 MiB together (one Python
    dispatch per program, and no size served from the 50-60 MB L2); each
@@ -67,7 +65,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsoftmax
-from benchmarks import xla_forms
 from benchmarks.report import _git_commit
 from jaxsoftmax._pallas import gpu
 
@@ -105,8 +102,6 @@ def _contenders(pallas: bool, op: str = "softmax"):
     out["pallas"] = lambda x: ours(x, implementation="pallas")
   out["jaxsoftmax-xla"] = lambda x: ours(x, implementation="xla")
   out[f"jax.nn.{op}"] = lambda x: ref(x, axis=-1)
-  if op == "log_softmax":  # candidates for the XLA forward on a GPU (xla_forms.py)
-    out.update(xla_forms.FORMS)
   return out
 
 
@@ -173,21 +168,6 @@ def check(sizes, dtypes) -> list[dict]:
         rows.append(dict(row, fwd_rel_err=np.inf, bwd_rel_err=np.inf, ok=False, error=err))
         continue
       ry, rdx = _ref64(np.asarray(x, np.float32), w, np.asarray(g, np.float32), log)
-      ef, eb = _rel(y, ry), _rel(dx, rdx)
-      rows.append(dict(row, fwd_rel_err=ef, bwd_rel_err=eb, ok=ef <= 4 * eps and eb <= 8 * eps))
-    # The candidate XLA forms of log_softmax (no ``where``): the same rows unmasked.
-    everywhere = np.ones_like(w)
-    ry, rdx = _ref64(np.asarray(x, np.float32), everywhere, np.asarray(g, np.float32), True)
-    for name, form in xla_forms.FORMS.items():
-      row = dict(op=f"log_softmax, {name}", cols=cols, dtype=dt, fwd_tol=4 * eps,
-                 bwd_tol=8 * eps)  # fmt: skip
-      try:
-        y, vjp = jax.vjp(jax.jit(form), x)
-        y, dx = np.asarray(y, np.float32), np.asarray(vjp(g)[0], np.float32)
-      except Exception as e:
-        err = _failed(f"check {row['op']} {cols} {dt}", e)
-        rows.append(dict(row, fwd_rel_err=np.inf, bwd_rel_err=np.inf, ok=False, error=err))
-        continue
       ef, eb = _rel(y, ry), _rel(dx, rdx)
       rows.append(dict(row, fwd_rel_err=ef, bwd_rel_err=eb, ok=ef <= 4 * eps and eb <= 8 * eps))
   return rows
