@@ -8,6 +8,8 @@ differentiation works through them.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -36,20 +38,56 @@ def softmax_bwd(
   return masked(dx, where, 0.0).astype(s.dtype)
 
 
-def log_softmax_fwd(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: AxisName):
-  """Returns ``l`` in ``x.dtype`` and ``live``, a per-slice flag: False if the slice is empty."""
+def log_softmax_fwd(
+  x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: AxisName, *, for_grad=False
+):
+  """Returns ``l`` in ``x.dtype`` and ``live``, a per-slice flag: False if the slice
+  is empty. ``for_grad``: called from the custom_vjp's forward rule (``live`` is
+  saved), not for the output alone."""
   xs, m, _, d, live = slice_stats(x, where, axes, axis_name)
-  # l = x - lse with lse = m + log d held as two floats, hi + lo (`two_sum`):
-  # x - hi is exact near the max (Sterbenz), and lo puts back the rounding of
-  # m + log d, which at logits near 3e4 is 1e-3 in float32. (x - m) - log d is
-  # as exact, but shares x - m with the exp-sum, and XLA:CPU then writes x - m
-  # out as a full-size intermediate.
   # An empty slice has d == 0 and a finite m: log(max(d, 1)) = 0 keeps l = -inf
-  # there, not NaN. ``e`` is only summed (never stored): the forward is one
-  # fused pass over x on XLA:CPU.
-  hi, lo = two_sum(m, jnp.log(jnp.maximum(d, 1)))
-  l = masked((xs - hi) - lo, where)
-  return l.astype(x.dtype), live
+  # there, not NaN.
+  log_d = jnp.log(jnp.maximum(d, 1))
+
+  def shared(xs, m, log_d):
+    # (x - m) - log d, the shift m shared with the exp-sum: x - m is exact near
+    # the max (Sterbenz), so l is within two roundings at any scale. It is
+    # jax.nn's form, which XLA fuses into one pass over x (XLA:CPU from 4096
+    # slices).
+    return (xs - m) - log_d
+
+  def two_floats(xs, m, log_d):
+    # x - hi - lo with lse = m + log d held exactly as two floats (`two_sum`):
+    # as exact, and its shift is not the exp-sum's, so that XLA:CPU, which keeps
+    # the reductions of fewer than 4096 slices in passes of their own, does not
+    # write x - m out as a full-size intermediate for the two to share.
+    hi, lo = two_sum(m, log_d)
+    return (xs - hi) - lo
+
+  if _shared_shift(x.shape, axes, for_grad):
+    l = shared(xs, m, log_d)
+  else:  # the two floats on the CPU only, where they were measured faster
+    l = jax.lax.platform_dependent(xs, m, log_d, cpu=two_floats, default=shared)
+  return masked(l, where).astype(x.dtype), live
+
+
+# The XLA:CPU fusion threshold (jax 0.10): from this many slices the forward of a
+# softmax is one fused pass; below it the reductions stay apart.
+FUSED_SLICES = 4096
+
+
+def _shared_shift(shape: tuple[int, ...], axes: Axes, for_grad: bool) -> bool:
+  """Whether log_softmax takes ``(x - m) - log d`` (else, on the CPU, ``x - hi - lo``).
+
+  Measured on this 2-core CPU (jax 0.10.2, 2026-11-26, `benchmarks/README.md`):
+  the output alone is as fast or faster with the shared shift at every size (the
+  two floats took 1.12-1.38x jax.nn's time in float32 and 1.17-2.00x in
+  bfloat16 at 4096 slices, where the shared shift is one fused pass and
+  0.99-1.18x), and so is forward+backward from 4096 slices; below that,
+  forward+backward in float32 took 1.08-1.32x jax.nn's time with the shared
+  shift and 0.97-1.21x with the two floats."""
+  slices = math.prod(shape) // max(1, math.prod(shape[a] for a in axes))
+  return not for_grad or slices >= FUSED_SLICES
 
 
 def log_softmax_bwd(

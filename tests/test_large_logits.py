@@ -38,12 +38,22 @@ def _log_softmax64(x, g):
   return y, vjp(g.astype(jnp.float64))[0]
 
 
-def test_log_softmax_xla():
-  x, g = _logits((16, 1000)), _cotangent((16, 1000))
-  y, vjp = jax.vjp(lambda x: jaxsoftmax.log_softmax(x, implementation="xla"), x)
+# The XLA path takes (x - m) - log d for the output alone, and under autodiff
+# from 4096 slices; x - hi - lo under autodiff below that (`_xla._shared_shift`):
+# the output alone and the VJP's output are checked on both sides.
+@pytest.mark.parametrize("shape", [(16, 1000), (4096, 16)])
+def test_log_softmax_xla(shape):
+  from jaxsoftmax import _xla
+
+  x, g = _logits(shape), _cotangent(shape)
+  f = lambda x: jaxsoftmax.log_softmax(x, implementation="xla")  # noqa: E731
+  y, vjp = jax.vjp(f, x)
   ry, rdx = _log_softmax64(x, g)
+  assert rel_err(jax.jit(f)(x), ry) <= TOL  # the output alone: shared shift
   assert rel_err(y, ry) <= TOL
   assert rel_err(vjp(g)[0], rdx) <= TOL
+  assert _xla._shared_shift(shape, (1,), for_grad=True) == (shape[0] >= 4096)
+  assert _xla._shared_shift(shape, (1,), for_grad=False)
 
 
 @pytest.mark.parametrize(
