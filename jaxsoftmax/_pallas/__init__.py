@@ -28,14 +28,17 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # measured them faster than our XLA path, forward and backward together
 # (benchmarks/results/gpu_pallas-2026-11-26T0511Z.md, the contenders timed in
 # turn after a warm-up, one dispatch per 2-16 calls): at least 128 rows, each of
-# at least GPU_MIN_ROW_BYTES[op]. At 4096 x 1024, Pallas over XLA: softmax
-# bfloat16 (2 KiB rows) 26.4 / 23.5 us, float32 (4 KiB) 29.8 / 38.1 us;
-# log_softmax, whose XLA forward lags jax.nn's on the GPU, 22.7 / 29.1 and
-# 41.3 / 46.9 us. Shorter rows have no trustworthy measurement (the first GPU
-# run timed single calls: host dispatch, not the kernels), so they stay on
-# XLA. Fewer rows leave SMs idle, since each CTA owns whole rows (32 x 262144:
-# twice jax.nn's time). An explicit implementation="pallas" runs them anyway.
-GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 2 * 1024}
+# at least GPU_MIN_ROW_BYTES[op]. softmax: at 4096 x 1024, Pallas over XLA took
+# 26.4 / 23.5 us in bfloat16 (2 KiB rows) and 29.8 / 38.1 us in float32 (4 KiB).
+# log_softmax keeps 8 KiB: that run's XLA forward, 1.2-2.0x jax.nn's time, has
+# since taken jax.nn's form; were it level with jax.nn, XLA would beat Pallas by
+# 7-9% at 4096 x 1024 (jax.nn 8.5 + our backward 12.6 us against 9.1 + 13.6 in
+# bfloat16) and lose from 8 KiB rows. Shorter rows have no trustworthy
+# measurement (the first GPU run timed single calls: host dispatch, not the
+# kernels), so they stay on XLA. Fewer rows leave SMs idle, since each CTA owns
+# whole rows (32 x 262144: twice jax.nn's time). An explicit
+# implementation="pallas" runs them anyway.
+GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 8 * 1024}
 GPU_MIN_ROWS = 128
 
 
