@@ -654,7 +654,7 @@ def _split_rows(
   statistics through distributed shared memory (``_swap``). Then each writes
   ``emit(chunks, stats, flag)`` in place of its chunks of the last array and
   stores them: one HBM read and one write per element. ``finish(*stats)``, if
-  given, is a per-row float32 second output (the forward's lse), stored by CTA
+  given, is a per-row float32 second output (log_softmax's lse), stored by CTA
   0; ``live``, a ``(rows, WARPGROUP)`` float32 row flag, is ``emit``'s ``flag``.
 
   With ``cfg.split_ctas``, persistent clusters take rows q, q + Q, ...: once the
