@@ -2,7 +2,8 @@
 
 Run on a GPU machine (6.5 minutes on an H200 on 2026-11-26, T0511Z: 2.5 for
 steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 22
-cells, about 10 s each, within 360 s):
+cells, about 10 s each, within 360 s; the masked softmax adds perhaps 30 s to
+step 2, which the variants give back within ``--budget``):
 
     python benchmarks/gpu_pallas.py --out "$OUT"
 
@@ -16,7 +17,8 @@ In this order:
    run (to say whether a kernel is worth mending), and the exit status is 1;
 2. timings, forward and backward separately, of softmax and log_softmax with
    ``implementation="pallas"`` and ``"xla"``, and of ``jax.nn``'s, at 4096 x {1024, 4096,
-   16384}, 1024 x 65536 and 128 x 262144, in bfloat16 and float32, as the
+   16384}, 1024 x 65536 and 128 x 262144 (and softmax with a causal ``where``
+   mask at 4096 x {4096, 16384}), in bfloat16 and float32, as the
    median of several samples of back-to-back programs, each of which calls the
    op on 2 to 16 distinct buffers that move 256 MiB together (one Python
    dispatch per program, and no size served from the 50-60 MB L2); each
@@ -93,9 +95,29 @@ def _progress(it, desc):
 
 
 OPS = ("softmax", "log_softmax")
+# softmax with a `where` mask, as the attention hook calls it: the Pallas path
+# masks around the kernel (two more XLA passes), which `implementation=None`
+# does not yet weigh. Timed at these sizes, with a causal mask stretched over
+# the row (entry j of row i kept iff j <= i * cols / rows), for information:
+# the mask's bytes are not counted, and the issue's targets are without it.
+WHERE = "softmax, where"
+WHERE_SIZES = [(4096, 4096), (4096, 16384)]
+
+
+def _causal(shape):
+  i = jnp.arange(shape[0])[:, None]
+  return jnp.arange(shape[1])[None, :] <= i * shape[1] // shape[0]
 
 
 def _contenders(pallas: bool, op: str = "softmax"):
+  """Name: ``f(x, *extra)``; the ``WHERE`` op's functions take the mask too."""
+  if op == WHERE:
+    out = {}
+    if pallas:
+      out["pallas"] = lambda x, w: jaxsoftmax.softmax(x, where=w, implementation="pallas")
+    out["jaxsoftmax-xla"] = lambda x, w: jaxsoftmax.softmax(x, where=w, implementation="xla")
+    out["jax.nn.softmax"] = lambda x, w: jax.nn.softmax(x, axis=-1, where=w)
+    return out
   ours, ref = getattr(jaxsoftmax, op), getattr(jax.nn, op)
   out = {}
   if pallas:
@@ -285,24 +307,28 @@ def _timed(cell, t_fwd, t_bwd, nbytes):
 ELEMENTWISE = "elementwise (same bytes)"
 
 
-def timings(sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None) -> list[dict]:
-  """Every contender at every size, and the cell's ``ELEMENTWISE``; ``on_cell(rows)``
-  after each (shape, dtype)."""
+def timings(
+  sizes, dtypes, pallas, calls, samples, on_cell=lambda rows: None, where_sizes=WHERE_SIZES
+) -> list[dict]:
+  """Every contender at every size (and ``WHERE`` at ``where_sizes``), and the
+  cell's ``ELEMENTWISE``; ``on_cell(rows)`` after each (shape, dtype)."""
   rows = []
   for shape, dt, xs, gs, nbytes in _cells([(s, d) for s in sizes for d in dtypes], "timing"):
-    for op in OPS:
+    ops = [*OPS, WHERE] if shape in where_sizes else OPS
+    for op in ops:
+      extra = (_causal(shape),) if op == WHERE else ()
       names, fwds, bwds, failed = [ELEMENTWISE], [], [], {}
       fwds.append((lambda x: -x, [(x,) for x in xs]))
       bwds.append((lambda s, g: s * g, list(zip(xs, gs, strict=True))))
       for name, f in _contenders(pallas, op).items():
         try:
           # Backward alone: the residuals are computed once, then only the VJP is timed.
-          vjps = [jax.vjp(f, x)[1] for x in xs]
+          vjps = [jax.vjp(lambda x, f=f, e=extra: f(x, *e), x)[1] for x in xs]
         except Exception as e:
           failed[name] = e
           continue
         names.append(name)
-        fwds.append((f, [(x,) for x in xs]))
+        fwds.append((f, [(x, *extra) for x in xs]))
         bwds.append((lambda vjp, g: vjp(g)[0], list(zip(vjps, gs, strict=True))))
       # The contenders in turn within each sample (``_interleaved``).
       t_fwds = _interleaved(fwds, calls, samples)
@@ -663,19 +689,26 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
       f"| {c['op']} | {c['cols']} | {c['dtype']} | {c['fwd_rel_err']:.2e} / {c['fwd_tol']:.1e} "
       f"| {c['bwd_rel_err']:.2e} / {c['bwd_tol']:.1e} | {'yes' if c['ok'] else '**NO**'} |"
     )
-  for op in OPS:
+  for op in [*OPS, WHERE]:
     of_op = [r for r in rows if r.get("op", "softmax") == op]
     if not of_op:
       continue
     lines += ["", f"## {op} timings (median per call)", ""]
+    if op == WHERE:
+      lines += [
+        "A causal mask stretched over the row (`j <= i * cols / rows`), an argument of "
+        "every call; % copy counts x and s (or s, g, dx), not the mask's bytes.",
+        "",
+      ]
     lines.append(
       "| shape | dtype | contender | fwd us | fwd GB/s | % copy | bwd us | bwd GB/s | % copy |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in of_op:
       lines.append(_timing_line(r, r["contender"], copy_bw, gbps=True))
-    lines += ["", f"## {op} targets: Pallas >= 85% of copy, faster than jax.nn.{op}", ""]
-    lines += targets(rows, copy_bw, op)
+    if op != WHERE:  # (the targets are without a mask)
+      lines += ["", f"## {op} targets: Pallas >= 85% of copy, faster than jax.nn.{op}", ""]
+      lines += targets(rows, copy_bw, op)
   if variant_rows:
     lines += ["", "## Mosaic GPU kernel variants (softmax, 2-D kernels called directly)", ""]
     lines.append(
@@ -729,9 +762,10 @@ def main(argv=None) -> int:
   if platform != "gpu" and not args.allow_cpu:
     print(f"gpu_pallas.py: no GPU (default backend {platform!r}); see --allow-cpu", file=sys.stderr)
     return 2
-  sizes, dtypes = SIZES, DTYPES
+  sizes, dtypes, where_sizes = SIZES, DTYPES, WHERE_SIZES
   if platform != "gpu":  # smoke test: tiny sizes, no Pallas
     sizes, dtypes = [(64, 256)], ["float32"]
+    where_sizes = sizes
   probe = jnp.zeros((8, sizes[0][1]), jnp.float32)
   try:
     t = time.perf_counter()
@@ -787,7 +821,7 @@ def main(argv=None) -> int:
     result["timings"] = rows
     save()
 
-  rows = timings(sizes, dtypes, pallas, args.calls, args.samples, on_cell)
+  rows = timings(sizes, dtypes, pallas, args.calls, args.samples, on_cell, where_sizes)
   copy_bw = copy_bandwidth(args.calls, args.samples, copy_n)
   result.update(copy_bytes_per_s=copy_bw, timings=rows)
   save(markdown(meta, checks, rows, copy_bw))

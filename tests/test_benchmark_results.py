@@ -182,9 +182,14 @@ def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     ("log_softmax", "jaxsoftmax-xla"),
     ("log_softmax", "jax.nn.log_softmax"),
     ("log_softmax", "elementwise (same bytes)"),
+    ("softmax, where", "jaxsoftmax-xla"),
+    ("softmax, where", "jax.nn.softmax"),
+    ("softmax, where", "elementwise (same bytes)"),
   }
   assert all(r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in result["timings"])
-  assert "| 64x256 | float32 | jax.nn.softmax |" in md.read_text()
+  text = md.read_text()
+  assert "| 64x256 | float32 | jax.nn.softmax |" in text
+  assert "## softmax, where timings" in text and "## softmax, where targets" not in text
 
 
 def test_gpu_script_best_variants():
