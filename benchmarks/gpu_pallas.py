@@ -96,10 +96,11 @@ def _progress(it, desc):
 
 OPS = ("softmax", "log_softmax")
 # softmax with a `where` mask, as the attention hook calls it: the Pallas path
-# masks around the kernel (two more XLA passes), which `implementation=None`
-# does not yet weigh. Timed at these sizes, with a causal mask stretched over
-# the row (entry j of row i kept iff j <= i * cols / rows), for information:
-# the mask's bytes are not counted, and the targets are without it.
+# masks around the kernel (two more XLA passes), so `implementation=None` keeps
+# masked calls on XLA until this says otherwise. Timed at these sizes, with a
+# causal mask stretched over the row (entry j of row i kept iff j <= i * cols /
+# rows), for information: the mask's bytes are not counted, and the issue's
+# targets are without it.
 WHERE = "softmax, where"
 WHERE_SIZES = [(4096, 4096), (4096, 16384)]
 

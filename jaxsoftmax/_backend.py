@@ -27,11 +27,17 @@ def pallas_unsupported_reason(x: jax.Array, axes: tuple[int, ...], axis_name) ->
 
 
 def resolve(
-  fn: str, implementation: str | None, x: jax.Array, axes: tuple[int, ...], axis_name
+  fn: str,
+  implementation: str | None,
+  x: jax.Array,
+  axes: tuple[int, ...],
+  axis_name,
+  where: jax.Array | None = None,
 ) -> str:
   """The name of the backend to run: explicit, or the best one for this call.
   ``fn`` is the public op ("softmax" or "log_softmax"): errors name it, and the
-  GPU's size rule depends on it (``_pallas.preferred``)."""
+  GPU's size rule depends on it and on whether there is a ``where``
+  (``_pallas.preferred``)."""
   from . import _pallas
 
   if implementation == "xla":
@@ -40,8 +46,9 @@ def resolve(
     return "xla"  # the kernels are the default only where they have run on hardware
   reason = pallas_unsupported_reason(x, axes, axis_name)
   if reason is None:
-    if implementation is None and not _pallas.preferred(fn, x.shape, x.dtype, axes):
-      return "xla"  # supported, but measured no faster than XLA for this shape
+    masked = where is not None
+    if implementation is None and not _pallas.preferred(fn, x.shape, x.dtype, axes, masked):
+      return "xla"  # supported, but not measured faster than XLA for this call
     return "pallas"
   if implementation == "pallas":
     raise ValueError(f"{fn}: implementation='pallas' cannot run this call: {reason}.")

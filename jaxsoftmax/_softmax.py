@@ -25,7 +25,7 @@ def _prepare(fn, x, axis, where, axis_name, implementation):
   where = check_where(fn, where, x.shape)
   axis_name = check_axis_name(fn, axis_name)
   implementation = check_implementation(fn, implementation)
-  backend = _backend.resolve(fn, implementation, x, axes, axis_name)
+  backend = _backend.resolve(fn, implementation, x, axes, axis_name, where)
   return x, where, axes, axis_name, backend
 
 

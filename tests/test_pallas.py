@@ -617,6 +617,12 @@ def test_accelerator_dispatch(monkeypatch):
     # An explicit request runs them anyway.
     for op in ("softmax", "log_softmax"):
       assert _backend.resolve(op, "pallas", x, (-1,), None) == "pallas"
+  # With a `where` mask, applied around the kernel in extra passes: XLA unless asked.
+  x, w = jnp.ones((128, 4096), jnp.bfloat16), jnp.ones((128, 4096), bool)
+  for op in ("softmax", "log_softmax"):
+    assert _backend.resolve(op, None, x, (-1,), None) == "pallas"
+    assert _backend.resolve(op, None, x, (-1,), None, w) == "xla"
+    assert _backend.resolve(op, "pallas", x, (-1,), None, w) == "pallas"
   # The row is all softmax axes together: 2 x 4096 float32 per row, 128 rows.
   x = jnp.ones((2, 128, 4096), jnp.float32)
   assert _backend.resolve("softmax", None, x, (0, 2), None) == "pallas"
