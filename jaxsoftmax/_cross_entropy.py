@@ -194,6 +194,21 @@ def _squeeze(v, axes):
   return jnp.squeeze(v, axes)
 
 
+def _read_apart(x):
+  """``x`` for a read outside the forward's fused pass over it: the label's
+  logit, and the backward (which runs in the same program under ``jax.grad``).
+
+  On XLA:CPU (jax 0.10), when 16-bit logits have any user outside the fused
+  pass that converts them to float32, XLA writes a float32 copy of all of them
+  first and runs the pass over that: 4 more bytes written and read per logit.
+  An optimization barrier in front of the other reads keeps the conversion
+  inside the pass (no copy: the barrier returns its operand). Elsewhere, and
+  for 32-bit logits, ``x`` itself."""
+  if jnp.dtype(x.dtype).itemsize >= 4:
+    return x
+  return lax.platform_dependent(x, cpu=lax.optimization_barrier, default=lambda v: v)
+
+
 # --- Soft labels ---------------------------------------------------------------------
 
 
@@ -351,6 +366,7 @@ def _soft_ce_fwd(x, y, where, st: _Static):
 def _soft_ce_bwd(st: _Static, res, g):
   # dx = g * (p * (sum(t) + 2 z lse) - t);  dy = -(1 - eps) * g * l
   x, y, where, stats = res
+  x = _read_apart(x)
   cdt = compute_dtype(jnp.result_type(x, y))
   shift, log_d, live, lse = _unsaved(stats)
   g = jnp.expand_dims(g.astype(cdt), st.axes)
@@ -523,7 +539,7 @@ def _int_forward(x, labels, where, st: _Static):
   y, valid = _label_index(labels, x.shape, st)
   # x_y is the raw logit, masked or not (optax takes it the same way), gathered,
   # not a full pass.
-  x_y = _label_logit(x, y, st).astype(cdt)
+  x_y = _label_logit(_read_apart(x), y, st).astype(cdt)
   eps = st.label_smoothing
 
   def shifted_by_max():
@@ -593,6 +609,7 @@ def _int_ce_fwd(x, labels, where, st: _Static):
 def _int_ce_bwd(st: _Static, res, g):
   # dx = g * (p * (1 + 2 z lse) - t); no collective unless where and label_smoothing
   x, labels, where, stats = res
+  x = _read_apart(x)
   cdt = compute_dtype(x.dtype)
   shift, log_d, live, lse0 = _unsaved(stats)
   y, valid = _label_index(labels, x.shape, st)
@@ -641,13 +658,41 @@ def _int_ce_bwd(st: _Static, res, g):
   dx = off_label(x, where).astype(x.dtype)
   w_y = None if where is None else _at_label(jnp.broadcast_to(where, x.shape), y, a)
   at_y = off_label(_at_label(x, y, a), w_y) - label_term
-  return _put_at_label(dx, y, a, at_y.astype(x.dtype), lax.scatter), None, None
+  return _set_bits_at_label(dx, y, at_y.astype(x.dtype), a), None, None
 
 
 def _at_label(v, y, a):
   """``v`` at the (local) label along axis ``a``, keepdims; clipped if out of range."""
   y = jnp.broadcast_to(y, v.shape[:a] + (1,) + v.shape[a + 1 :])
   return jnp.take_along_axis(v, y, a, mode="clip")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _set_bits_at_label(dx, y, v, a):
+  """``_put_at_label(dx, y, a, v, lax.scatter)`` for 16-bit floats, run on their bit
+  patterns (unsigned integers of the same width): XLA:CPU runs a 16-bit float
+  scatter in float32, so the backward's full pass was written in float32 and all
+  of it converted after the scatter. Differentiated as the float scatter (reverse
+  over reverse), not as the bit patterns, which have no derivative."""
+  bits = jnp.dtype(f"uint{8 * dx.dtype.itemsize}")
+  as_bits = partial(lax.bitcast_convert_type, new_dtype=bits)
+  out = _put_at_label(as_bits(dx), y, a, as_bits(v), lax.scatter)
+  return lax.bitcast_convert_type(out, dx.dtype)
+
+
+def _set_bits_at_label_fwd(dx, y, v, a):
+  return _set_bits_at_label(dx, y, v, a), (y, jnp.zeros_like(v))
+
+
+def _set_bits_at_label_bwd(a, res, ct):
+  # The float scatter's VJP, which does not depend on the values scattered.
+  y, v0 = res
+  set_at = lambda d, u: _put_at_label(d, y, a, u, lax.scatter)  # noqa: E731
+  d_dx, d_v = jax.vjp(set_at, jnp.zeros_like(ct), v0)[1](ct)
+  return d_dx, None, d_v
+
+
+_set_bits_at_label.defvjp(_set_bits_at_label_fwd, _set_bits_at_label_bwd)
 
 
 def _put_at_label(dx, y, a, v, scatter):

@@ -210,6 +210,33 @@ def test_check_grads_second_order_reverse():
   check_grads(f, (x,), order=2, modes=["rev"])
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_second_order_reverse_in_16_bits(dtype):
+  # A Hessian-vector product through the backward of 16-bit logits (whose label
+  # entry is set by a scatter on the bit patterns, differentiated as the float
+  # scatter) against float64 autodiff of the naive definitions, at the same
+  # rounded inputs.
+  x, v = _normal(60, (6, 40)).astype(dtype), _normal(61, (6, 40)).astype(dtype)
+  y, labels = _probs(62, (6, 40), -1).astype(dtype), _int_labels(63, (6, 40), -1)
+  x64, v64, y64 = (a.astype(jnp.float64) for a in (x, v, y))
+
+  def hvp(loss, x, v):
+    grad = jax.grad(lambda x: jnp.sum(loss(x).astype(jnp.float64)))
+    return jax.grad(lambda x: jnp.vdot(grad(x).astype(jnp.float64), v))(x)
+
+  cases = [
+    (
+      lambda x: int_ce(x, labels),
+      lambda x: _naive(x, jax.nn.one_hot(labels, 40, dtype=x.dtype), -1),
+    ),
+    (lambda x: soft_ce(x, y), lambda x: _naive(x, y64, -1)),
+  ]
+  for ours, naive in cases:
+    got = jax.jit(partial(hvp, ours))(x, v.astype(jnp.float64))
+    assert got.dtype == dtype
+    assert rel_err(got, hvp(naive, x64, v64)) <= 8 * eps(dtype)
+
+
 def test_vmap_composes():
   x, labels = _normal(22, (4, 3, 7)), _int_labels(23, (4, 3, 7), -1)
 
