@@ -30,7 +30,15 @@ from ._checks import (
   float_input,
   normalize_axes,
 )
-from ._stats import log_normalizer, masked, slice_stats, slice_sum, sum_exp, sums_in_pieces
+from ._stats import (
+  log_normalizer,
+  masked,
+  read_apart,
+  slice_stats,
+  slice_sum,
+  sum_exp,
+  sums_in_pieces,
+)
 
 
 class _Static(NamedTuple):
@@ -194,21 +202,6 @@ def _squeeze(v, axes):
   return jnp.squeeze(v, axes)
 
 
-def _read_apart(x):
-  """``x`` for a read outside the forward's fused pass over it: the label's
-  logit, and the backward (which runs in the same program under ``jax.grad``).
-
-  On XLA:CPU (jax 0.10), when 16-bit logits have any user outside the fused
-  pass that converts them to float32, XLA writes a float32 copy of all of them
-  first and runs the pass over that: 4 more bytes written and read per logit.
-  An optimization barrier in front of the other reads keeps the conversion
-  inside the pass (no copy: the barrier returns its operand). Elsewhere, and
-  for 32-bit logits, ``x`` itself."""
-  if jnp.dtype(x.dtype).itemsize >= 4:
-    return x
-  return lax.platform_dependent(x, cpu=lax.optimization_barrier, default=lambda v: v)
-
-
 # --- Soft labels ---------------------------------------------------------------------
 
 
@@ -366,7 +359,7 @@ def _soft_ce_fwd(x, y, where, st: _Static):
 def _soft_ce_bwd(st: _Static, res, g):
   # dx = g * (p * (sum(t) + 2 z lse) - t);  dy = -(1 - eps) * g * l
   x, y, where, stats = res
-  x = _read_apart(x)
+  x = read_apart(x)
   cdt = compute_dtype(jnp.result_type(x, y))
   shift, log_d, live, lse = _unsaved(stats)
   g = jnp.expand_dims(g.astype(cdt), st.axes)
@@ -539,7 +532,7 @@ def _int_forward(x, labels, where, st: _Static):
   y, valid = _label_index(labels, x.shape, st)
   # x_y is the raw logit, masked or not (optax takes it the same way), gathered,
   # not a full pass.
-  x_y = _label_logit(_read_apart(x), y, st).astype(cdt)
+  x_y = _label_logit(read_apart(x), y, st).astype(cdt)
   eps = st.label_smoothing
 
   def shifted_by_max():
@@ -609,7 +602,7 @@ def _int_ce_fwd(x, labels, where, st: _Static):
 def _int_ce_bwd(st: _Static, res, g):
   # dx = g * (p * (1 + 2 z lse) - t); no collective unless where and label_smoothing
   x, labels, where, stats = res
-  x = _read_apart(x)
+  x = read_apart(x)
   cdt = compute_dtype(x.dtype)
   shift, log_d, live, lse0 = _unsaved(stats)
   y, valid = _label_index(labels, x.shape, st)

@@ -14,6 +14,22 @@ from jax import lax
 from ._checks import AxisName, compute_dtype
 
 
+def read_apart(x: jax.Array) -> jax.Array:
+  """``x`` for a read outside the fused pass that converts it to float32 (in the
+  losses the label's logit and the backward, which runs in the same program
+  under ``jax.grad``; in log_softmax the max passes where they are not fused).
+
+  On XLA:CPU (jax 0.10), when 16-bit logits have any user outside the fused
+  pass that converts them to float32, XLA writes a float32 copy of all of them
+  first and runs the pass over that: 4 more bytes written and read per logit.
+  An optimization barrier in front of the other reads keeps the conversion
+  inside the pass (no copy: the barrier returns its operand). Elsewhere, and
+  for 32-bit logits, ``x`` itself."""
+  if jnp.dtype(x.dtype).itemsize >= 4:
+    return x
+  return lax.platform_dependent(x, cpu=lax.optimization_barrier, default=lambda v: v)
+
+
 def masked(x: jax.Array, where: jax.Array | None, fill: float = -jnp.inf) -> jax.Array:
   """``x`` with entries outside ``where`` replaced by ``fill``."""
   return x if where is None else jnp.where(where, x, fill)
@@ -26,7 +42,11 @@ def slice_sum(v: jax.Array, axes: tuple[int, ...], axis_name: AxisName) -> jax.A
 
 
 def slice_stats(
-  x: jax.Array, where: jax.Array | None, axes: tuple[int, ...], axis_name: AxisName
+  x: jax.Array,
+  where: jax.Array | None,
+  axes: tuple[int, ...],
+  axis_name: AxisName,
+  apart: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
   """``(xs, m, e, d, live)`` of each slice of ``x`` over ``axes``.
 
@@ -43,6 +63,10 @@ def slice_stats(
   With ``axis_name``, ``x`` is one block of a slice split across devices, and
   ``m``, ``e``, ``d`` and ``live`` are those of the whole slice (see
   ``_combine_across``).
+
+  ``apart``: the two maxes read ``x`` through `read_apart`, for callers whose
+  reductions XLA:CPU does not fuse (fewer than 4096 slices): then the exp-sum
+  converts a 16-bit ``x`` within its own pass rather than from a float32 copy.
   """
   xm = masked(x, where)
   xs = xm.astype(compute_dtype(x.dtype))
@@ -51,12 +75,13 @@ def slice_stats(
     e = jnp.exp(xs - _finite_shift(m_local))
     m, d, rescale = _combine_across(m_local, jnp.sum(e, axes, keepdims=True), axis_name)
     return xs, m, e * rescale, d, d != 0
-  m = _slice_max(xm, axes).astype(xs.dtype)
+  xr = read_apart(xm) if apart else xm
+  m = _slice_max(xr, axes).astype(xs.dtype)
   e = jnp.exp(xs - m)
   # `live` from a max of its own rather than from `d`: reading `d` outside the
   # fused forward kernel would split it, and one extra read of x costs less.
   # (NaN != -inf, so a NaN slice counts as live and stays NaN.)
-  live = jnp.max(xm, axes, keepdims=True, initial=-jnp.inf) != -jnp.inf
+  live = jnp.max(xr, axes, keepdims=True, initial=-jnp.inf) != -jnp.inf
   return xs, m, e, sum_exp(xs, m, axes), live
 
 

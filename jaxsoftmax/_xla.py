@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ._checks import AxisName, compute_dtype
-from ._stats import masked, slice_stats, slice_sum, two_sum
+from ._stats import masked, read_apart, slice_stats, slice_sum, two_sum
 
 Axes = tuple[int, ...]
 
@@ -44,7 +44,12 @@ def log_softmax_fwd(
   """Returns ``l`` in ``x.dtype`` and ``live``, a per-slice flag: False if the slice
   is empty. ``for_grad``: called from the custom_vjp's forward rule (``live`` is
   saved), not for the output alone."""
-  xs, m, _, d, live = slice_stats(x, where, axes, axis_name)
+  shared_shift = _shared_shift(x.shape, axes, for_grad)
+  # (For the two floats, on the CPU, the reads of x other than the exp-sum's go
+  # through `read_apart`: a 16-bit x is then converted within the exp-sum's
+  # pass, not written out in float32 first; 0.57-0.79x the time of forward and
+  # backward, bfloat16, 256 x 4096 to 1024 x 16384.)
+  xs, m, _, d, live = slice_stats(x, where, axes, axis_name, apart=not shared_shift)
   # An empty slice has d == 0 and a finite m: log(max(d, 1)) = 0 keeps l = -inf
   # there, not NaN.
   log_d = jnp.log(jnp.maximum(d, 1))
@@ -62,9 +67,10 @@ def log_softmax_fwd(
     # the reductions of fewer than 4096 slices in passes of their own, does not
     # write x - m out as a full-size intermediate for the two to share.
     hi, lo = two_sum(m, log_d)
+    xs = masked(read_apart(x), where).astype(xs.dtype)
     return (xs - hi) - lo
 
-  if _shared_shift(x.shape, axes, for_grad):
+  if shared_shift:
     l = shared(xs, m, log_d)
   else:  # the two floats on the CPU only, where they were measured faster
     l = jax.lax.platform_dependent(xs, m, log_d, cpu=two_floats, default=shared)
