@@ -192,10 +192,9 @@ def _log_probs(x, where, shift, log_d, cdt):
   return (masked(x.astype(cdt), where) - shift) - log_d
 
 
-def _live_lse(lse):
-  """The saved ``lse`` as (live, lse with 0 for an empty slice)."""
-  live = lse != -jnp.inf
-  return live, jnp.where(live, lse, jnp.zeros_like(lse))
+def _finite_lse(lse):
+  """``lse`` with 0 for an empty slice (-inf)."""
+  return jnp.where(lse != -jnp.inf, lse, jnp.zeros_like(lse))
 
 
 def _squeeze(v, axes):
@@ -340,7 +339,7 @@ def _soft_unguarded_first(x, y, st: _Static):
 def _add_z_loss(loss, lse, st: _Static):
   if not st.z_loss:
     return loss
-  return loss + st.z_loss * jnp.square(_live_lse(lse)[1])
+  return loss + st.z_loss * jnp.square(_finite_lse(lse))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))

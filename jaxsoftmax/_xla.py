@@ -61,14 +61,14 @@ def log_softmax_fwd(
     # slices).
     return (xs - m) - log_d
 
-  def two_floats(xs, m, log_d):
+  def two_floats(_, m, log_d):
     # x - hi - lo with lse = m + log d held exactly as two floats (`two_sum`):
     # as exact, and its shift is not the exp-sum's, so that XLA:CPU, which keeps
     # the reductions of fewer than 4096 slices in passes of their own, does not
-    # write x - m out as a full-size intermediate for the two to share.
+    # write x - m out as a full-size intermediate for the two to share. (It
+    # reads x apart, not the exp-sum's converted xs that `shared` takes.)
     hi, lo = two_sum(m, log_d)
-    xs = masked(read_apart(x), where).astype(xs.dtype)
-    return (xs - hi) - lo
+    return (masked(read_apart(x), where).astype(xs.dtype) - hi) - lo
 
   if shared_shift:
     l = shared(xs, m, log_d)
