@@ -157,6 +157,13 @@ GPU_RING_8 = ops.make(gpu, gpu.Config(interpret=True, ring_slots=8, block_bytes=
 GPU_BWD_STREAMS = ops.make(gpu, gpu.Config(**{**STREAM, "row_bytes": 1 << 20}))
 # The same with the write pass taking the chunks first to last.
 GPU_SMALL_FORWARD = ops.make(gpu, gpu.Config(**STREAM, reverse_write=False))
+# Chunks that overlap (Plan.ov): near 1024 elements, 1280 columns are 5 sub-rows
+# of 256 in 2 chunks of 3 (the second from sub-row 2), 1152 are 9 of 128 in 2 of
+# 5 (the second from 4); kept whole, also in row blocks and a ring.
+OVERLAP = dict(interpret=True, chunk_elems=1024)
+GPU_OVERLAP = ops.make(gpu, gpu.Config(**OVERLAP))
+GPU_OVERLAP_BLOCKS = ops.make(gpu, gpu.Config(**OVERLAP, block_bytes=1 << 20))
+GPU_OVERLAP_RING = ops.make(gpu, gpu.Config(**OVERLAP, ring_slots=4))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -175,6 +182,15 @@ GPU_SMALL_FORWARD = ops.make(gpu, gpu.Config(**STREAM, reverse_write=False))
     (384, GPU_RING),
     (384, GPU_RING_4),
     (256, GPU_RING_8),
+    # Chunks that overlap (Plan.ov); 1000 columns are 125 sub-rows of 8.
+    (1152, GPU_OVERLAP),
+    (1000, GPU_SMALL),  # streamed, 4 chunks of 32: the last from 93
+    (1152, GPU_OVERLAP_BLOCKS),
+    (1152, GPU_OVERLAP_RING),
+    (1000, GPU_DEFAULT),  # 4000 bytes: not whole TMA copies of 128 bytes, so streamed
+    (1280, GPU_OVERLAP),  # (wide sub-rows)
+    (4104, GPU_DEFAULT),  # 513 sub-rows of 8 (streamed: more than 256), chunks of 176
+    (70000, GPU_DEFAULT),  # 4375 sub-rows of 16, 18 chunks of 248: the last from 4127
   ],
   ids=[
     "384-fits",
@@ -189,6 +205,14 @@ GPU_SMALL_FORWARD = ops.make(gpu, gpu.Config(**STREAM, reverse_write=False))
     "384-ring-2-slots",
     "384-ring-4-slots",
     "256-ring-8-slots",
+    "1152-overlap-fits",
+    "1000-overlap-online",
+    "1152-overlap-row-blocks",
+    "1152-overlap-ring",
+    "1000-overlap-online-default",
+    "1280-overlap-wide",
+    "4104-overlap-online",
+    "70000-overlap-online",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -338,12 +362,38 @@ def test_gpu_block_rows():
   assert gpu.block_rows(4096, 64 * 1024, 64 * 1024) == 1
 
 
-@pytest.mark.parametrize("cols", [1, 127, 4097, 70000])
+@pytest.mark.parametrize("cols", [1, 127, 4097, 50257, 120])
 def test_gpu_ragged_rows_are_declared_unsupported(cols):
-  # Rows that cannot be cut into whole TMA chunks run on XLA; the reason names the length.
+  # Rows not a multiple of 16 bytes (TMA's row pitch), or shorter than one chunk of
+  # 128 elements, run on XLA; the reason names the length.
   for dtype in DTYPES:
     reason = gpu.unsupported_reason(4, cols, dtype)
     assert isinstance(reason, str) and str(cols) in reason
+
+
+def test_gpu_plan_chunks():
+  # (n1, w, kb, chunks, overlap): w the largest power of two <= 256 dividing the
+  # row, kb * w a multiple of 128 near 4096 elements; a kb dividing n1 if it gives
+  # at least half of that, else about n1 / chunks rounded up, the last chunk
+  # starting at n1 - kb.
+  def chunks(cols, **cfg):
+    p = gpu.plan(cols, jnp.float32, gpu.Config(**cfg))
+    return p.n1, p.w, p.kb, p.nc, p.ov
+
+  assert chunks(65536) == (256, 256, 16, 16, 0)
+  assert chunks(100352) == (392, 256, 14, 28, 0)  # 3584 elements divide it
+  assert chunks(256000) == (1000, 256, 10, 100, 0)  # 2560
+  assert chunks(384) == (3, 128, 3, 1, 0)  # one chunk, the whole row
+  assert chunks(32000) == (125, 256, 16, 8, 3)  # 5 sub-rows divide it: 1280 elements
+  assert chunks(50304) == (393, 128, 31, 13, 10)  # 3 sub-rows divide it: 384 elements
+  assert chunks(70000) == (4375, 16, 248, 18, 89)
+  assert chunks(4104) == (513, 8, 176, 3, 15)
+  assert chunks(1000) == (125, 8, 64, 2, 3)  # 112 sub-rows wanted, as 2 chunks of 64
+  assert chunks(1280, chunk_elems=1024) == (5, 256, 3, 2, 1)
+  # Overlapping chunks never split over a cluster (each part takes whole chunks).
+  p = gpu.plan(32000, jnp.float32)
+  assert gpu.cluster_size(p, 32000 * 4, 64 * 1024) == 0
+  assert gpu.route(1024, p, jnp.float32, gpu.Config(split_bytes=64 * 1024)) == ("streamed", 1)
 
 
 # ------------------------------------------------- the custom_vjp cores and any axes
@@ -447,6 +497,7 @@ def test_reverse_over_reverse_falls_back_to_xla(log):
 # ------------------------------------------------------------- lowering for hardware
 
 LOWER_SHAPES = [(8, 1), (37, 127), (64, 4096), (40, 4097), (4, 16384), (3, 70000), (2, 262144)]
+OVERLAP_SHAPES = [(16, 32000), (8, 50304), (5, 1000), (5, 4104), (3, 70000)]
 
 
 def _kernels(mod):
@@ -489,8 +540,22 @@ def test_tpu_kernels_lower_for_tpu(dtype):
 def test_gpu_kernels_lower_for_cuda(dtype):
   shapes = [s for s in LOWER_SHAPES if gpu.unsupported_reason(*s, dtype) is None]
   shapes += [(4096, 1024), (1024, 65536), (128, 262144), (5, 384), (3, 24576)]
-  assert len(shapes) >= 6
+  assert len(shapes) >= 7
   _lowers(gpu, "cuda", dtype, shapes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gpu_overlapping_chunk_kernels_lower_for_cuda(dtype):
+  # Chunks that overlap, kept whole (32000 in 16-bit), streamed, in row blocks and
+  # in a ring, and with Warpgroup semantics (the masks' iota takes a layout).
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  assert all(gpu.plan(c, dtype).ov > 0 for _, c in OVERLAP_SHAPES)
+  _lowers(gpu, "cuda", dtype, OVERLAP_SHAPES)
+  _lowers(_gpu_kernels(chunk_elems=1024, block_bytes=32 * 1024), "cuda", dtype, [(64, 1152)])
+  _lowers(_gpu_kernels(chunk_elems=1024, ring_slots=3), "cuda", dtype, [(64, 1152)])
+  warpgroup = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
+  _lowers(warpgroup, "cuda", dtype, [(16, 32000), (3, 70000)])
 
 
 def test_gpu_kernels_lower_with_warpgroup_semantics():

@@ -36,8 +36,9 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # bfloat16) and lose from 8 KiB rows. Shorter rows have no trustworthy
 # measurement (the first GPU run timed single calls: host dispatch, not the
 # kernels), so they stay on XLA. Fewer rows leave SMs idle, since each CTA owns
-# whole rows (32 x 262144: twice jax.nn's time). An explicit
-# implementation="pallas" runs them anyway.
+# whole rows (32 x 262144: twice jax.nn's time). Rows whose chunks overlap
+# (``gpu.Plan.ov``: 32000 or 50304 columns, say) have not run on a GPU yet, so
+# they stay on XLA too. An explicit implementation="pallas" runs them anyway.
 GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 8 * 1024}
 GPU_MIN_ROWS = 128
 
@@ -57,7 +58,11 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> bool:
     return False
   cols = math.prod(shape[a] for a in axes)
   rows = math.prod(shape) // cols
-  return rows >= GPU_MIN_ROWS and cols * jnp.dtype(dtype).itemsize >= GPU_MIN_ROW_BYTES[op]
+  if rows < GPU_MIN_ROWS or cols * jnp.dtype(dtype).itemsize < GPU_MIN_ROW_BYTES[op]:
+    return False
+  from . import gpu
+
+  return gpu.plan(cols, dtype).ov == 0
 
 
 def _gpu_major() -> int | None:

@@ -7,7 +7,8 @@ Each CTA (one warpgroup) owns whole rows, taken in a strided loop, so that the
 same code runs with any number of CTAs (one in interpret mode). A row of
 ``cols`` elements is viewed as ``(cols // w, w)`` with ``w`` a power of two up
 to 256 (TMA boxes are at most 256 wide), and moved in chunks of ``(kb, w)``
-that divide the row exactly, so no copy runs out of bounds.
+that lie within the row, so no copy runs out of bounds: they divide it, or the
+last one overlaps the one before it (``plan``, ``Plan.ov``).
 
 * **row fits** (the row fits in the shared-memory budget): one TMA load of the
   row, the statistics and then the output computed chunk by chunk from shared
@@ -31,8 +32,8 @@ The backward (a row sum, then the write pass) keeps both rows (``s`` or ``l``,
 and ``g``) in shared memory when they fit, splits them over a cluster when
 their parts do, and streams them twice otherwise.
 
-Shapes whose row length admits no such chunking are reported by
-``unsupported_reason`` and run on XLA.
+Rows shorter than 128 elements, or not a multiple of 16 bytes (TMA's row
+pitch), are reported by ``unsupported_reason`` and run on XLA.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from functools import partial
 
 import jax
@@ -123,12 +125,37 @@ class Config:
 class Plan:
   n1: int  # the row is viewed as (n1, w)
   w: int
-  kb: int  # chunk = (kb, w), kb divides n1
+  kb: int  # chunk = (kb, w)
   fits: bool
+
+  @property
+  def nc(self) -> int:
+    """Chunks per row."""
+    return -(-self.n1 // self.kb)
+
+  @property
+  def ov(self) -> int:
+    """Sub-rows the last chunk shares with the one before it: 0 when ``kb`` divides
+    ``n1``. Otherwise the last chunk is the row's last ``kb`` sub-rows, so that no
+    copy leaves the row: the statistics skip its first ``ov`` sub-rows, and the
+    output there is written twice, with the same values."""
+    return self.nc * self.kb - self.n1
+
+
+def _whole_copy(n1: int, row_bytes: int) -> bool:
+  """Whether a row can move in one TMA copy: at most 256 sub-rows (a box's
+  height), and a multiple of WARPGROUP bytes (what Mosaic GPU's copies take)."""
+  return n1 <= 256 and row_bytes % WARPGROUP == 0
 
 
 def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
-  """How a row of ``cols`` elements is chunked, or why it cannot be."""
+  """How a row of ``cols`` elements is chunked, or why it cannot be.
+
+  Chunks are ``(kb, w)``, ``kb * w`` a multiple of WARPGROUP (the layout of a
+  chunk in registers) near ``cfg.chunk_elems``. A ``kb`` dividing the row is
+  taken if it gives at least half the chunk wanted; otherwise (a row of 393 or
+  125 sub-rows: 50304 or 32000 columns) chunks of about the wanted size with the
+  last one overlapping (``Plan.ov``), rather than chunks of 384 or 1280 elements."""
   size = jnp.dtype(dtype).itemsize
   w = 256
   while w > 1 and cols % w:
@@ -139,15 +166,19 @@ def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
       "(16-byte TMA rows)"
     )
   n1 = cols // w
-  fits = cols * size <= cfg.row_bytes and n1 <= 256
-  want = max(1, min(256, cfg.chunk_elems // w))
-  for kb in range(min(want, n1), 0, -1):
-    if n1 % kb == 0 and (kb * w) % WARPGROUP == 0:
-      return Plan(n1, w, kb, fits)
-  return (
-    f"the row length {cols} cannot be split into chunks of a multiple of "
-    f"{WARPGROUP} elements that divide it"
-  )
+  fits = cols * size <= cfg.row_bytes and _whole_copy(n1, cols * size)
+  step = max(1, WARPGROUP // w)  # kb * w is a multiple of WARPGROUP
+  full = min(max(1, min(256, cfg.chunk_elems // w)), n1) // step * step
+  if full == 0:
+    return f"the row length {cols} is shorter than a chunk of {WARPGROUP} elements"
+  for kb in range(full, 0, -step):
+    if n1 % kb == 0:
+      if 2 * kb >= full:
+        return Plan(n1, w, kb, fits)
+      break
+  nc = math.ceil(n1 / full)
+  kb = math.ceil(math.ceil(n1 / nc) / step) * step  # n1 / nc, rounded up to a multiple of step
+  return Plan(n1, w, kb, fits)
 
 
 def block_rows(rows: int, row_bytes: int, budget: int) -> int:
@@ -167,8 +198,11 @@ def cluster_size(p: Plan, row_bytes: int, budget: int, arrays: int = 1) -> int:
   """CTAs per row for rows split over a cluster: the smallest power of two
   ``C <= MAX_CLUSTER`` that divides the row's chunks, with ``row_bytes / C <=
   budget`` and a barrier for each of the part's chunks of the ``arrays`` input
-  rows (and one more) within ``MAX_BARRIERS``; 0 if there is none (or no budget)."""
-  nc = p.n1 // p.kb
+  rows (and one more) within ``MAX_BARRIERS``; 0 if there is none (or no budget,
+  or the row's last chunk overlaps the one before it: ``Plan.ov``)."""
+  nc = p.nc
+  if p.ov:
+    return 0
   c = 1
   while budget > 0 and c <= MAX_CLUSTER:
     if nc % c == 0 and row_bytes <= c * budget and arrays * (nc // c) + 1 <= MAX_BARRIERS:
@@ -207,7 +241,7 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
   split over clusters of C CTAs; ``("streamed", 1)`` rows read twice in chunks."""
   row_bytes = p.n1 * p.w * jnp.dtype(dtype).itemsize
   if backward:
-    fits = p.n1 <= 256 and 2 * row_bytes <= cfg.bwd_row_bytes
+    fits = _whole_copy(p.n1, row_bytes) and 2 * row_bytes <= cfg.bwd_row_bytes
     c = cluster_size(p, 2 * row_bytes, cfg.bwd_split_bytes, arrays=2)
     budget = min(cfg.block_bytes, cfg.bwd_row_bytes // 2)
   else:
@@ -256,6 +290,45 @@ def _safe_shift(m):
 def _lse(m, d):
   """A row's log-sum-exp from its running max and normaliser (-inf if empty)."""
   return _safe_shift(m) + jnp.log(d)
+
+
+def _start(p: Plan, j):
+  """The first sub-row of chunk ``j``: ``j * kb``, and for the last chunk of a
+  row that ``kb`` does not divide, ``n1 - kb`` (``Plan.ov``)."""
+  if p.ov == 0:
+    return j * p.kb
+  return jnp.minimum(j * p.kb, p.n1 - p.kb)
+
+
+def _skip_shared(p: Plan, j, v, fill, layout, interpret: bool):
+  """The float32 chunk ``v`` of chunk ``j`` for a row statistic: if ``j`` is the
+  last chunk and overlaps the one before it, its first ``p.ov`` sub-rows (already
+  counted there) are ``fill``, which the statistic ignores."""
+  if p.ov == 0 or (isinstance(j, int) and j != p.nc - 1):
+    return v
+  if interpret:  # (the interpreter has no layouts)
+    sub = jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+  else:
+    sub = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=layout)
+  skip = p.ov if isinstance(j, int) else jnp.where(j == p.nc - 1, p.ov, 0)
+  return jnp.where(sub >= skip, v, fill)
+
+
+def _in_place(p: Plan, write, chunk, out):
+  """Runs ``write(j, carry)``, which writes chunk j of an SMEM row in place, for
+  each chunk ``j``; ``out(chunk(j))`` is the value it writes.
+  A last chunk that overlaps the one before it is computed ahead of the others,
+  before they overwrite the sub-rows it shares with them, and written after them
+  (the same values again). (With Lane semantics each SMEM store waits for the
+  warpgroup's earlier reads: Mosaic GPU's automatic barriers.)"""
+
+  if p.ov == 0:
+    jax.lax.fori_loop(0, p.nc, write, 0)
+    return
+  ref = chunk(p.nc - 1)
+  last = out(ref)
+  jax.lax.fori_loop(0, p.nc - 1, write, 0)
+  ref[...] = last
 
 
 def sm_count() -> int:
@@ -353,13 +426,13 @@ def _stream(row, p: Plan, stages: int, sources, bars, fn, carry, reverse: bool =
   ``fn(c, slot, carry)`` works on chunk c. The chunks come first to last, or
   last to first if ``reverse``. Source k, slot s completes barrier
   ``stages * k + s``."""
-  nc = p.n1 // p.kb
+  nc = p.nc
   chunk = (lambda j: nc - 1 - j) if reverse else (lambda j: j)
 
   def fetch(j, slot):
     for k, (src, bufs) in enumerate(sources):
       dst = bars.at[stages * k + slot]
-      src_chunk = src.at[row, pl.ds(chunk(j) * p.kb, p.kb)]
+      src_chunk = src.at[row, pl.ds(_start(p, chunk(j)), p.kb)]
       plgpu.copy_gmem_to_smem(src_chunk, bufs.at[slot], dst)
 
   for j in range(min(stages - 1, nc)):
@@ -476,7 +549,6 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   if isinstance(p, str):
     raise ValueError(p)
   dtype = x.dtype
-  nc = p.n1 // p.kb
   S = cfg.stages
   lay = _strided((p.kb, p.w), dtype)
   x3 = x.reshape(rows, p.n1, p.w)
@@ -485,6 +557,9 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
+
+  def fresh(j, v):  # (chunk j for the statistics)
+    return _skip_shared(p, j, v, -jnp.inf, lay, cfg.interpret)
 
   def finish_row(lse, row, m, d):
     """Stores the row's lse (log_softmax; ``lse`` is its ``(gmem, smem)`` refs),
@@ -507,19 +582,22 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     """Running max and normaliser of a whole (n1, w) row in SMEM."""
 
     def stats(j, md):
-      return _online_stats(*md, load(row.at[pl.ds(j * p.kb, p.kb)]))
+      return _online_stats(*md, fresh(j, load(row.at[pl.ds(_start(p, j), p.kb)])))
 
-    return jax.lax.fori_loop(0, nc, stats, (jnp.float32(-jnp.inf), jnp.float32(0)))
+    plain = p.nc - (p.ov > 0)  # an overlapping last chunk is masked, after the loop
+    md = jax.lax.fori_loop(0, plain, stats, (jnp.float32(-jnp.inf), jnp.float32(0)))
+    return stats(p.nc - 1, md) if p.ov else md
 
   def row_write(row, m, d):
     """The output, in place of the row."""
+    out = lambda ref: _fwd_out(load(ref), m, d, log).astype(dtype)  # noqa: E731
 
     def write(j, c):
-      chunk = row.at[pl.ds(j * p.kb, p.kb)]
-      chunk[...] = _fwd_out(load(chunk), m, d, log).astype(dtype)
+      chunk = row.at[pl.ds(_start(p, j), p.kb)]
+      chunk[...] = out(chunk)
       return c
 
-    jax.lax.fori_loop(0, nc, write, 0)
+    _in_place(p, write, lambda j: row.at[pl.ds(_start(p, j), p.kb)], out)
 
   kind, size = route(rows, p, dtype, cfg)
   if kind in ("ring", "blocks"):
@@ -571,7 +649,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
       def one_row(row):
         def stats(j, slot, md):
-          return _online_stats(*md, load(bufs.at[slot]))
+          return _online_stats(*md, fresh(j, load(bufs.at[slot])))
 
         init = (jnp.float32(-jnp.inf), jnp.float32(0))
         m, d = _stream(row, p, S, [(x_gmem, bufs)], bars, stats, init)
@@ -581,7 +659,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
           plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # outs[j % 2] is free
           outs.at[j % 2][...] = _fwd_out(load(bufs.at[slot]), m, d, log).astype(dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
+          plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(_start(p, j), p.kb)])
           return c
 
         _stream(row, p, S, [(x_gmem, bufs)], bars, write, 0, reverse=cfg.reverse_write)
@@ -668,7 +746,7 @@ def _split_rows(
   rows = arrays[0].shape[0]
   dtype = arrays[0].dtype
   n_in = len(arrays)
-  ncp = p.n1 // p.kb // c  # chunks per part
+  ncp = p.nc // c  # chunks per part (cluster_size: no overlapping last chunk)
   held = c if cfg.interpret else 1  # parts per CTA
   out_type = [jax.ShapeDtypeStruct(arrays[0].shape, dtype)]
   if finish is not None:
@@ -797,7 +875,6 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   if isinstance(p, str):
     raise ValueError(p)
   dtype = y.dtype
-  nc = p.n1 // p.kb
   S = cfg.stages
   kind, size = route(rows, p, dtype, cfg, backward=True)
   fits = kind == "rows"  # (row blocks return first)
@@ -813,6 +890,10 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     # softmax: sum(g * s); log_softmax: sum(g)
     return jnp.sum(gc if log else gc * yc)
 
+  def chunk_sum(j, yc, gc):  # partial_sum of chunk j, skipping what it shares with chunk j - 1
+    fresh = partial(_skip_shared, p, j, fill=0.0, layout=lay, interpret=cfg.interpret)
+    return partial_sum(yc if log else fresh(yc), fresh(gc))
+
   def grad(yc, gc, acc, flag):
     # softmax: dx = s * (g - sum(g * s)); log_softmax: dx = g - exp(l) * sum(g), 0 if empty
     if log:
@@ -822,12 +903,14 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   def whole_row_grad(ybuf, gbuf, get_flag):
     """dx of a whole (n1, w) row in SMEM, written in place of g; ``get_flag()``
     (log_softmax) reads the row's live flag, once the row sum is taken."""
-    chunk = lambda ref, j: ref.at[pl.ds(j * p.kb, p.kb)]  # noqa: E731
+    chunk = lambda ref, j: ref.at[pl.ds(_start(p, j), p.kb)]  # noqa: E731
 
     def rowsum(j, a):
-      return a + partial_sum(load(chunk(ybuf, j)), load(chunk(gbuf, j)))
+      return a + chunk_sum(j, load(chunk(ybuf, j)), load(chunk(gbuf, j)))
 
-    acc = jax.lax.fori_loop(0, nc, rowsum, jnp.float32(0))
+    plain = p.nc - (p.ov > 0)  # an overlapping last chunk is masked, after the loop
+    acc = jax.lax.fori_loop(0, plain, rowsum, jnp.float32(0))
+    acc = rowsum(p.nc - 1, acc) if p.ov else acc
     flag = get_flag()
 
     def write(j, c):
@@ -835,7 +918,10 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       chunk(gbuf, j)[...] = dx.astype(dtype)  # in place of g
       return c
 
-    jax.lax.fori_loop(0, nc, write, 0)
+    def last_dx(g_ref):
+      return grad(load(chunk(ybuf, p.nc - 1)), load(g_ref), acc, flag).astype(dtype)
+
+    _in_place(p, write, partial(chunk, gbuf), last_dx)
 
   if kind in ("ring", "blocks"):
     nb = rows // size
@@ -895,7 +981,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
         outs, bars = rest
         stream2 = partial(_stream, row, p, S, [(y_gmem, ybuf), (g_gmem, gbuf)], bars)
         acc = stream2(
-          lambda j, slot, a: a + partial_sum(load(ybuf.at[slot]), load(gbuf.at[slot])),
+          lambda j, slot, a: a + chunk_sum(j, load(ybuf.at[slot]), load(gbuf.at[slot])),
           jnp.float32(0),
         )
         flag = get_flag()
@@ -905,7 +991,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
           dx = grad(load(ybuf.at[slot]), load(gbuf.at[slot]), acc, flag)
           outs.at[j % 2][...] = dx.astype(dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(j * p.kb, p.kb)])
+          plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(_start(p, j), p.kb)])
           return c
 
         stream2(write, 0, reverse=cfg.reverse_write)
