@@ -190,6 +190,12 @@ def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
   text = md.read_text()
   assert "| 64x256 | float32 | jax.nn.softmax |" in text
   assert "## softmax, where timings" in text and "## softmax, where targets" not in text
+  # NEW_SIZES (here 8 x 384) last of all, each op's table in that order too.
+  shapes = [(r["rows"], r["cols"]) for r in result["timings"]]
+  assert shapes.index((8, 384)) == len(shapes) - shapes[::-1].index((64, 256))
+  assert text.index("| 64x256 | float32 | jax.nn.softmax |") < text.index(
+    "| 8x384 | float32 | jax.nn.softmax |"
+  )
 
 
 def test_gpu_script_best_variants():
