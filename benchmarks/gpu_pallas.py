@@ -72,14 +72,16 @@ from jaxsoftmax._pallas import gpu
 
 SIZES = [(4096, 1024), (4096, 4096), (4096, 16384), (1024, 65536), (128, 262144)]
 # Checked and timed after SIZES (kernels that have not yet run on a GPU: were one
-# to bring the process down, what SIZES measured is saved already): LLaMA-2's
-# vocabulary, 32000 columns, 125 sub-rows of 256 in chunks of 16, the last
-# overlapping the one before (gpu.Plan.ov; kept whole in 16 bits, streamed in
-# float32), which `implementation=None` leaves on XLA until timed here.
-NEW_SIZES = [(4096, 32000)]
+# to bring the process down, what SIZES measured is saved already), both left on
+# XLA by `implementation=None` until timed here: LLaMA-2's vocabulary, 32000
+# columns, 125 sub-rows of 256 in chunks of 16, the last overlapping the one
+# before (gpu.Plan.ov; kept whole in 16 bits, streamed in float32); and GPT-2's,
+# 50257, a ragged row (no TMA: read into registers element by element).
+NEW_SIZES = [(4096, 32000), (4096, 50257)]
 # Checked only, with NEW_SIZES: the other paths of overlapping chunks (streamed
-# rows of 125 sub-rows of 8, 513 of 8, 393 of 128 and 4375 of 16).
-NEW_CHECK_COLS = [1000, 4104, 50304, 70000]
+# rows of 125 sub-rows of 8, 513 of 8, 393 of 128 and 4375 of 16), and ragged
+# rows of 129 and 4097.
+NEW_CHECK_COLS = [1000, 4104, 50304, 70000, 129, 4097]
 DTYPES = ["bfloat16", "float32"]
 BATCH_BYTES = 256 << 20  # moved per timed program; > 4x the L2 of an H100 or H200
 CHECK_ROWS = 8

@@ -37,8 +37,9 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # measurement (the first GPU run timed single calls: host dispatch, not the
 # kernels), so they stay on XLA. Fewer rows leave SMs idle, since each CTA owns
 # whole rows (32 x 262144: twice jax.nn's time). Rows whose chunks overlap
-# (``gpu.Plan.ov``: 32000 or 50304 columns, say) have not run on a GPU yet, so
-# they stay on XLA too. An explicit implementation="pallas" runs them anyway.
+# (``gpu.Plan.ov``: 32000 or 50304 columns, say) and ragged rows (not a multiple
+# of 16 bytes: 50257) have not run on a GPU yet, so they stay on XLA too. An
+# explicit implementation="pallas" runs them anyway.
 GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 8 * 1024}
 GPU_MIN_ROWS = 128
 
@@ -62,7 +63,8 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> bool:
     return False
   from . import gpu
 
-  return gpu.plan(cols, dtype).ov == 0
+  p = gpu.plan(cols, dtype)
+  return isinstance(p, gpu.Plan) and p.ov == 0
 
 
 def _gpu_major() -> int | None:

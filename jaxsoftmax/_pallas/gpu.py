@@ -32,8 +32,13 @@ The backward (a row sum, then the write pass) keeps both rows (``s`` or ``l``,
 and ``g``) in shared memory when they fit, splits them over a cluster when
 their parts do, and streams them twice otherwise.
 
-Rows shorter than 128 elements, or not a multiple of 16 bytes (TMA's row
-pitch), are reported by ``unsupported_reason`` and run on XLA.
+* **ragged** (rows not a multiple of 16 bytes, TMA's row pitch: 4097 or 50257
+  columns): no TMA and no SMEM; each CTA reads its row's chunks from HBM into
+  registers, one element a thread at a time (any alignment), twice (statistics,
+  then write), and stores the output the same way.
+
+Rows shorter than 128 elements (one element per thread of the warpgroup) are
+reported by ``unsupported_reason`` and run on XLA.
 """
 
 from __future__ import annotations
@@ -262,8 +267,9 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
 
 
 def unsupported_reason(rows: int, cols: int, dtype) -> str | None:
-  p = plan(cols, dtype)
-  return p if isinstance(p, str) else None
+  if cols < WARPGROUP:
+    return f"the row length {cols} is shorter than {WARPGROUP} elements (a warpgroup's threads)"
+  return None
 
 
 # jax 0.10 requires the index argument of plgpu.load, 0.11 deprecates it (index
@@ -294,7 +300,8 @@ def _lse(m, d):
 
 def _start(p: Plan, j):
   """The first sub-row of chunk ``j``: ``j * kb``, and for the last chunk of a
-  row that ``kb`` does not divide, ``n1 - kb`` (``Plan.ov``)."""
+  row that ``kb`` does not divide, ``n1 - kb`` (``Plan.ov``). (No copy may leave
+  its row: the interpreter would clamp it, the GPU would not.)"""
   if p.ov == 0:
     return j * p.kb
   return jnp.minimum(j * p.kb, p.n1 - p.kb)
@@ -306,12 +313,15 @@ def _skip_shared(p: Plan, j, v, fill, layout, interpret: bool):
   counted there) are ``fill``, which the statistic ignores."""
   if p.ov == 0 or (isinstance(j, int) and j != p.nc - 1):
     return v
-  if interpret:  # (the interpreter has no layouts)
-    sub = jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
-  else:
-    sub = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=layout)
   skip = p.ov if isinstance(j, int) else jnp.where(j == p.nc - 1, p.ov, 0)
-  return jnp.where(sub >= skip, v, fill)
+  return jnp.where(_iota(v.shape, layout, interpret) >= skip, v, fill)
+
+
+def _iota(shape, layout, interpret: bool):
+  """Each element's index along axis 0 of an array of this shape and layout."""
+  if interpret:  # (the interpreter has no layouts)
+    return jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  return plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
 
 
 def _in_place(p: Plan, write, chunk, out):
@@ -547,7 +557,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   rows, cols = x.shape
   p = plan(cols, x.dtype, cfg)
   if isinstance(p, str):
-    raise ValueError(p)
+    return _ragged_fwd(x, log, cfg)
   dtype = x.dtype
   S = cfg.stages
   lay = _strided((p.kb, p.w), dtype)
@@ -863,6 +873,18 @@ def _split_rows(
 # ---------------------------------------------------------------------------- backward
 
 
+def _bwd_sum(yc, gc, *, log: bool):
+  """A chunk's share of the row sum: softmax, sum(g * s); log_softmax, sum(g)."""
+  return jnp.sum(gc if log else gc * yc)
+
+
+def _bwd_grad(yc, gc, acc, flag, *, log: bool):
+  """softmax: dx = s * (g - sum(g * s)); log_softmax: dx = g - exp(l) * sum(g), 0 if empty."""
+  if log:
+    return jnp.where(jnp.broadcast_to(flag != 0, gc.shape), gc - jnp.exp(yc) * acc, 0.0)
+  return yc * (gc - acc)
+
+
 def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Config = Config()):
   """The VJP over axis 1: ``y`` is ``s`` (softmax) or ``l`` (log_softmax).
 
@@ -873,7 +895,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   rows, cols = y.shape
   p = plan(cols, y.dtype, cfg)
   if isinstance(p, str):
-    raise ValueError(p)
+    return _ragged_bwd(y, g, live, log, cfg)
   dtype = y.dtype
   S = cfg.stages
   kind, size = route(rows, p, dtype, cfg, backward=True)
@@ -886,19 +908,13 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
 
-  def partial_sum(yc, gc):
-    # softmax: sum(g * s); log_softmax: sum(g)
-    return jnp.sum(gc if log else gc * yc)
+  partial_sum = partial(_bwd_sum, log=log)
 
   def chunk_sum(j, yc, gc):  # partial_sum of chunk j, skipping what it shares with chunk j - 1
     fresh = partial(_skip_shared, p, j, fill=0.0, layout=lay, interpret=cfg.interpret)
     return partial_sum(yc if log else fresh(yc), fresh(gc))
 
-  def grad(yc, gc, acc, flag):
-    # softmax: dx = s * (g - sum(g * s)); log_softmax: dx = g - exp(l) * sum(g), 0 if empty
-    if log:
-      return jnp.where(jnp.broadcast_to(flag != 0, gc.shape), gc - jnp.exp(yc) * acc, 0.0)
-    return yc * (gc - acc)
+  grad = partial(_bwd_grad, log=log)
 
   def whole_row_grad(ybuf, gbuf, get_flag):
     """dx of a whole (n1, w) row in SMEM, written in place of g; ``get_flag()``
@@ -1008,3 +1024,116 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     scratch += [plgpu.Barrier(num_barriers=2 * S + flag_bars)]
   dx = _kernel(rows, cfg, out_type, scratch, body)(*args)
   return dx.reshape(rows, cols)
+
+
+# ------------------------------------------------------------------------ ragged rows
+
+RAGGED_CHUNK = 2048  # elements a chunk, in registers: 16 a thread
+
+
+def _ragged_plan(cols: int) -> tuple[int, int, int]:
+  """``(L, nc, ov)``: a ragged row in ``nc`` chunks of ``L`` elements (a multiple
+  of WARPGROUP, at most the row), the last one the row's last ``L`` elements,
+  sharing ``ov`` with the one before it."""
+  if cols < WARPGROUP:
+    raise ValueError(unsupported_reason(1, cols, None))
+  L = min(RAGGED_CHUNK, cols // WARPGROUP * WARPGROUP)
+  nc = math.ceil(cols / L)
+  return L, nc, nc * L - cols
+
+
+def _ragged_start(j, L: int, cols: int):
+  """The first element of chunk ``j``: the last chunk ends with the row. (No copy
+  may leave its row: the interpreter would clamp it, the GPU would not.)"""
+  return jnp.minimum(j * L, cols - L)
+
+
+def _ragged(arrays, out_type, cfg: Config, body):
+  """``body(row, *refs)`` for each row, every ref in HBM: no SMEM, no TMA."""
+  rows = arrays[0].shape[0]
+
+  def kernel(num_ctas, *refs):
+    _row_loop(rows, num_ctas, lambda row: body(row, *refs))
+
+  return _kernel(rows, cfg, out_type, [], kernel)(*arrays)
+
+
+def _ragged_chunks(cols: int, cfg: Config):
+  """``(nc, ov, chunk, load, skip_shared)`` for rows of ``cols`` elements:
+  ``chunk(ref, row, j)`` is chunk j of a row in HBM; ``load`` reads it in float32,
+  one element a thread at a time (any alignment); ``skip_shared(v, fill)`` sets
+  the last chunk's first ``ov`` elements (counted in the one before) to ``fill``."""
+  L, nc, ov = _ragged_plan(cols)
+  lay = plgpu.Layout.WG_STRIDED((L,), vec_size=1)
+
+  def chunk(ref, row, j):
+    return ref.at[row, pl.ds(_ragged_start(j, L, cols), L)]
+
+  def skip_shared(v, fill):
+    return jnp.where(_iota((L,), lay, cfg.interpret) >= ov, v, fill)
+
+  return nc, ov, chunk, partial(_load_f32, layout=lay, interpret=cfg.interpret), skip_shared
+
+
+def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
+  """``softmax_fwd_2d`` for ragged rows: each row read twice, written once."""
+  rows, cols = x.shape
+  nc, ov, chunk, load, skip_shared = _ragged_chunks(cols, cfg)
+  out_type = (jax.ShapeDtypeStruct(x.shape, x.dtype),)
+  if log:
+    out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
+
+  def body(row, x_gmem, o_gmem, *lse):
+    def stats(j, md):
+      return _online_stats(*md, load(chunk(x_gmem, row, j)))
+
+    md = (jnp.float32(-jnp.inf), jnp.float32(0))
+    md = jax.lax.fori_loop(0, nc - (ov > 0), stats, md)
+    if ov:
+      md = _online_stats(*md, skip_shared(load(chunk(x_gmem, row, nc - 1)), -jnp.inf))
+
+    def write(j, c):
+      out = _fwd_out(load(chunk(x_gmem, row, j)), *md, log)
+      chunk(o_gmem, row, j)[...] = out.astype(x.dtype)  # (the shared part twice, alike)
+      return c
+
+    jax.lax.fori_loop(0, nc, write, 0)
+    if log:
+      lse[0].at[row][...] = jnp.broadcast_to(_lse(*md), (WARPGROUP,))
+
+  out = _ragged([x], out_type, cfg, body)
+  return out[0], out[1][:, :1] if log else None
+
+
+def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
+  """``softmax_bwd_2d`` for ragged rows: ``y`` and ``g`` read twice, ``dx`` written once."""
+  rows, cols = y.shape
+  nc, ov, chunk, load, skip_shared = _ragged_chunks(cols, cfg)
+  args = [y, g]
+  if log:
+    args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
+  flag_layout = plgpu.Layout.WG_STRIDED((WARPGROUP,), vec_size=1)
+
+  def body(row, y_gmem, g_gmem, *refs):
+    *live_gmem, o_gmem = refs
+
+    def chunks(j):
+      return load(chunk(y_gmem, row, j)), load(chunk(g_gmem, row, j))
+
+    acc = jax.lax.fori_loop(
+      0, nc - (ov > 0), lambda j, a: a + _bwd_sum(*chunks(j), log=log), jnp.float32(0)
+    )
+    if ov:
+      acc = acc + _bwd_sum(*(skip_shared(v, 0.0) for v in chunks(nc - 1)), log=log)
+    flag = None
+    if log:
+      flag = jnp.max(_load_f32(live_gmem[0].at[row], flag_layout, cfg.interpret))
+
+    def write(j, c):
+      dx = _bwd_grad(*chunks(j), acc, flag, log=log)
+      chunk(o_gmem, row, j)[...] = dx.astype(y.dtype)  # (the shared part twice, alike)
+      return c
+
+    jax.lax.fori_loop(0, nc, write, 0)
+
+  return _ragged(args, jax.ShapeDtypeStruct(y.shape, y.dtype), cfg, body)
