@@ -468,11 +468,15 @@ def test_custom_vjp_cores_run_the_kernels_for_any_axes():
       assert rel_err(dx, rdx) <= 8 * eps(jnp.float32), (axes, log)
 
 
-@pytest.mark.parametrize("be", ["pallas:gpu:interpret", "pallas:tpu:interpret"])
-def test_kernels_under_vmap(be):
+@pytest.mark.parametrize(
+  "be, cols",
+  [("pallas:gpu:interpret", 256), ("pallas:gpu:interpret", 129), ("pallas:tpu:interpret", 256)],
+  ids=["gpu", "gpu-ragged", "tpu"],
+)
+def test_kernels_under_vmap(be, cols):
   # vmap(vjp) of the cores, as per-example gradients do: the kernels' batching
   # rules, against float64 jax.nn on the whole batch.
-  x = jax.random.normal(jax.random.key(11), (3, 4, 256), jnp.float32)
+  x = jax.random.normal(jax.random.key(11), (3, 4, cols), jnp.float32)
   g = jax.random.normal(jax.random.key(12), x.shape, jnp.float32)
   for log, ours, ref in [
     (False, core._softmax, jax.nn.softmax),
@@ -494,10 +498,12 @@ def test_gpu_kernels_lower_for_cuda_under_vmap():
     y, vjp = jax.vjp(lambda v: core._softmax(v, None, (1,), None, "pallas:gpu"), x)
     return y, vjp(g)[0]
 
-  x = jax.ShapeDtypeStruct((8, 512, 4096), jnp.bfloat16)
-  text = jax.export.export(jax.jit(jax.vmap(value_and_vjp)), platforms=["cuda"])(x, x).mlir_module()
-  assert "mosaic_gpu" in text and "stablehlo.while" not in text  # one launch, no loop
-  # The ring's persistent CTAs too (the 2-D kernels, batched directly).
+  for cols in (4097, 4096):  # (4097: the ragged kernels)
+    x = jax.ShapeDtypeStruct((8, 512, cols), jnp.bfloat16)
+    f = jax.jit(jax.vmap(value_and_vjp))
+    text = jax.export.export(f, platforms=["cuda"])(x, x).mlir_module()
+    assert "mosaic_gpu" in text and "stablehlo.while" not in text  # one launch, no loop
+  # The ring's persistent CTAs too (the 2-D kernels, batched directly; 4096 columns).
   ring = _gpu_kernels(ring_slots=3, block_bytes=16 * 1024)
   live = jnp.ones((512, 1), jnp.float32)
   for f, args in [
