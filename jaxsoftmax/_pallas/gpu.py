@@ -35,7 +35,8 @@ their parts do, and streams them twice otherwise.
 * **ragged** (rows not a multiple of 16 bytes, TMA's row pitch: 4097 or 50257
   columns): no TMA and no SMEM; each CTA reads its row's chunks from HBM into
   registers, one element a thread at a time (any alignment), twice (statistics,
-  then write), and stores the output the same way.
+  then write; once for rows of a few chunks, held in registers), and stores the
+  output the same way.
 
 Rows shorter than 128 elements (one element per thread of the warpgroup) are
 reported by ``unsupported_reason`` and run on XLA.
@@ -1029,6 +1030,10 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 # ------------------------------------------------------------------------ ragged rows
 
 RAGGED_CHUNK = 2048  # elements a chunk, in registers: 16 a thread
+# Ragged rows of at most this many chunks stay in registers (16 float32 values a
+# thread each; the backward holds two arrays) from the first pass to the second,
+# so that they are read once.
+RAGGED_HELD_CHUNKS = 4
 
 
 def _ragged_plan(cols: int) -> tuple[int, int, int]:
@@ -1040,6 +1045,13 @@ def _ragged_plan(cols: int) -> tuple[int, int, int]:
   L = min(RAGGED_CHUNK, cols // WARPGROUP * WARPGROUP)
   nc = math.ceil(cols / L)
   return L, nc, nc * L - cols
+
+
+def _unrolled(lo: int, hi: int, body, carry):
+  """``jax.lax.fori_loop`` unrolled in Python: ``j`` is a Python int."""
+  for j in range(lo, hi):
+    carry = body(j, carry)
+  return carry
 
 
 def _ragged_start(j, L: int, cols: int):
@@ -1076,7 +1088,8 @@ def _ragged_chunks(cols: int, cfg: Config):
 
 
 def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
-  """``softmax_fwd_2d`` for ragged rows: each row read twice, written once."""
+  """``softmax_fwd_2d`` for ragged rows: each row read twice (once if it is held,
+  ``RAGGED_HELD_CHUNKS``), written once."""
   rows, cols = x.shape
   nc, ov, chunk, load, skip_shared = _ragged_chunks(cols, cfg)
   out_type = (jax.ShapeDtypeStruct(x.shape, x.dtype),)
@@ -1084,20 +1097,22 @@ def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
     out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
 
   def body(row, x_gmem, o_gmem, *lse):
-    def stats(j, md):
-      return _online_stats(*md, load(chunk(x_gmem, row, j)))
+    get, loop = lambda j: load(chunk(x_gmem, row, j)), jax.lax.fori_loop  # noqa: E731
+    if nc <= RAGGED_HELD_CHUNKS:  # held in registers: the row is read once
+      held = [get(j) for j in range(nc)]
+      get, loop = held.__getitem__, _unrolled
 
     md = (jnp.float32(-jnp.inf), jnp.float32(0))
-    md = jax.lax.fori_loop(0, nc - (ov > 0), stats, md)
+    md = loop(0, nc - (ov > 0), lambda j, md: _online_stats(*md, get(j)), md)
     if ov:
-      md = _online_stats(*md, skip_shared(load(chunk(x_gmem, row, nc - 1)), -jnp.inf))
+      md = _online_stats(*md, skip_shared(get(nc - 1), -jnp.inf))
 
     def write(j, c):
-      out = _fwd_out(load(chunk(x_gmem, row, j)), *md, log)
+      out = _fwd_out(get(j), *md, log)
       chunk(o_gmem, row, j)[...] = out.astype(x.dtype)  # (the shared part twice, alike)
       return c
 
-    jax.lax.fori_loop(0, nc, write, 0)
+    loop(0, nc, write, 0)
     if log:
       lse[0].at[row][...] = jnp.broadcast_to(_lse(*md), (WARPGROUP,))
 
@@ -1106,7 +1121,8 @@ def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
 
 
 def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
-  """``softmax_bwd_2d`` for ragged rows: ``y`` and ``g`` read twice, ``dx`` written once."""
+  """``softmax_bwd_2d`` for ragged rows: ``y`` and ``g`` read twice (once if held),
+  ``dx`` written once."""
   rows, cols = y.shape
   nc, ov, chunk, load, skip_shared = _ragged_chunks(cols, cfg)
   args = [y, g]
@@ -1120,9 +1136,11 @@ def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
     def chunks(j):
       return load(chunk(y_gmem, row, j)), load(chunk(g_gmem, row, j))
 
-    acc = jax.lax.fori_loop(
-      0, nc - (ov > 0), lambda j, a: a + _bwd_sum(*chunks(j), log=log), jnp.float32(0)
-    )
+    loop = jax.lax.fori_loop
+    if 2 * nc <= RAGGED_HELD_CHUNKS:  # held in registers: y and g are read once
+      chunks, loop = [chunks(j) for j in range(nc)].__getitem__, _unrolled
+
+    acc = loop(0, nc - (ov > 0), lambda j, a: a + _bwd_sum(*chunks(j), log=log), jnp.float32(0))
     if ov:
       acc = acc + _bwd_sum(*(skip_shared(v, 0.0) for v in chunks(nc - 1)), log=log)
     flag = None
@@ -1134,6 +1152,6 @@ def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
       chunk(o_gmem, row, j)[...] = dx.astype(y.dtype)  # (the shared part twice, alike)
       return c
 
-    jax.lax.fori_loop(0, nc, write, 0)
+    loop(0, nc, write, 0)
 
   return _ragged(args, jax.ShapeDtypeStruct(y.shape, y.dtype), cfg, body)
