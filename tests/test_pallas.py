@@ -384,6 +384,29 @@ def test_gpu_short_rows_are_declared_unsupported(cols):
     gpu.softmax_bwd_2d(x, x, log=False, cfg=gpu.Config(interpret=True))
 
 
+def test_gpu_plan_invariants():
+  # Every row length: TMA chunks (kb * w a multiple of 128 elements, at most 4096,
+  # at least half of the chunk wanted), the row in nc chunks whose last shares ov
+  # < kb sub-rows with the one before (none when kb divides it), rows kept whole
+  # only in one TMA copy; or, for rows not a multiple of 16 bytes, the ragged
+  # kernels; rows under 128 elements only are unsupported.
+  for dtype in (jnp.float32, jnp.bfloat16):
+    size = jnp.dtype(dtype).itemsize
+    for cols in [*range(1, 3000), *range(3000, 300000, 97)]:
+      p = gpu.plan(cols, dtype)
+      assert (gpu.unsupported_reason(1, cols, dtype) is None) == (cols >= 128), cols
+      if isinstance(p, str):
+        assert cols < 128 or (cols * size) % 16, (cols, dtype)
+        continue
+      assert cols >= 128 and p.n1 * p.w == cols and (p.w * size) % 16 == 0, (cols, dtype)
+      step = max(1, 128 // p.w)
+      want = min(4096 // p.w, 256, p.n1) // step * step
+      assert p.kb % step == 0 and want // 2 <= p.kb <= want, (cols, dtype)
+      assert 0 <= p.ov < p.kb and (p.ov > 0) == (p.n1 % p.kb > 0), (cols, dtype)
+      if p.fits:
+        assert p.n1 <= 256 and (cols * size) % 128 == 0 and cols * size <= 96 * 1024
+
+
 def _covers(starts, size, length):
   """Chunks of ``size`` at ``starts`` lie within ``[0, length)``, in order, and cover it."""
   ends = [s + size for s in starts]
