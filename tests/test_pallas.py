@@ -423,8 +423,9 @@ def test_gpu_chunks_stay_within_the_row():
     assert p.ov > 0
     _covers([int(gpu._start(p, j)) for j in range(p.nc)], p.kb, p.n1)
   for cols in [129, 4097, 50257]:
-    L, nc, ov = gpu._ragged_plan(cols)
-    starts = [int(gpu._ragged_start(j, L, cols)) for j in range(nc)]
+    p = gpu._ragged_plan(cols)
+    L, nc, ov = p.kb, p.nc, p.ov
+    starts = [int(gpu._start(p, j)) for j in range(nc)]
     _covers(starts, L, cols)
     assert starts[-1] == (nc - 1) * L - ov
 
@@ -434,10 +435,15 @@ def test_gpu_ragged_rows_take_the_ragged_kernels():
   assert isinstance(gpu.plan(4097, jnp.float32), str)
   assert isinstance(gpu.plan(50260, jnp.bfloat16), str)  # 4 bytes past a multiple of 16
   assert isinstance(gpu.plan(50260, jnp.float32), gpu.Plan)
-  assert gpu._ragged_plan(4097) == (2048, 3, 2047)
-  assert gpu._ragged_plan(50257) == (2048, 25, 943)
-  assert gpu._ragged_plan(129) == (128, 2, 127)
-  assert gpu._ragged_plan(2048 + 128) == (2048, 2, 1920)
+
+  def chunks(cols):  # (L, nc, ov)
+    p = gpu._ragged_plan(cols)
+    return p.kb, p.nc, p.ov
+
+  assert chunks(4097) == (2048, 3, 2047)
+  assert chunks(50257) == (2048, 25, 943)
+  assert chunks(129) == (128, 2, 127)
+  assert chunks(2048 + 128) == (2048, 2, 1920)
 
 
 def test_gpu_plan_chunks():

@@ -602,13 +602,14 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   def row_write(row, m, d):
     """The output, in place of the row."""
     out = lambda ref: _fwd_out(load(ref), m, d, log).astype(dtype)  # noqa: E731
+    chunk = lambda j: row.at[pl.ds(_start(p, j), p.kb)]  # noqa: E731
 
     def write(j, c):
-      chunk = row.at[pl.ds(_start(p, j), p.kb)]
-      chunk[...] = out(chunk)
+      ref = chunk(j)
+      ref[...] = out(ref)
       return c
 
-    _in_place(p, write, lambda j: row.at[pl.ds(_start(p, j), p.kb)], out)
+    _in_place(p, write, chunk, out)
 
   kind, size = route(rows, p, dtype, cfg)
   if kind in ("ring", "blocks"):
@@ -1036,15 +1037,14 @@ RAGGED_CHUNK = 2048  # elements a chunk, in registers: 16 a thread
 RAGGED_HELD_CHUNKS = 4
 
 
-def _ragged_plan(cols: int) -> tuple[int, int, int]:
-  """``(L, nc, ov)``: a ragged row in ``nc`` chunks of ``L`` elements (a multiple
-  of WARPGROUP, at most the row), the last one the row's last ``L`` elements,
-  sharing ``ov`` with the one before it."""
+def _ragged_plan(cols: int) -> Plan:
+  """A ragged row as a ``Plan`` of single elements (``w = 1``): chunks of ``kb``
+  elements (a multiple of WARPGROUP, at most the row), ``Plan.nc`` of them, the
+  last one the row's last ``kb`` (``_start``), sharing ``Plan.ov`` with the one
+  before it (``_skip_shared``)."""
   if cols < WARPGROUP:
     raise ValueError(unsupported_reason(1, cols, None))
-  L = min(RAGGED_CHUNK, cols // WARPGROUP * WARPGROUP)
-  nc = math.ceil(cols / L)
-  return L, nc, nc * L - cols
+  return Plan(n1=cols, w=1, kb=min(RAGGED_CHUNK, cols // WARPGROUP * WARPGROUP), fits=False)
 
 
 def _unrolled(lo: int, hi: int, body, carry):
@@ -1052,12 +1052,6 @@ def _unrolled(lo: int, hi: int, body, carry):
   for j in range(lo, hi):
     carry = body(j, carry)
   return carry
-
-
-def _ragged_start(j, L: int, cols: int):
-  """The first element of chunk ``j``: the last chunk ends with the row. (No copy
-  may leave its row: the interpreter would clamp it, the GPU would not.)"""
-  return jnp.minimum(j * L, cols - L)
 
 
 def _ragged(arrays, out_type, cfg: Config, body):
@@ -1075,16 +1069,17 @@ def _ragged_chunks(cols: int, cfg: Config):
   ``chunk(ref, row, j)`` is chunk j of a row in HBM; ``load`` reads it in float32,
   one element a thread at a time (any alignment); ``skip_shared(v, fill)`` sets
   the last chunk's first ``ov`` elements (counted in the one before) to ``fill``."""
-  L, nc, ov = _ragged_plan(cols)
-  lay = plgpu.Layout.WG_STRIDED((L,), vec_size=1)
+  p = _ragged_plan(cols)
+  lay = plgpu.Layout.WG_STRIDED((p.kb,), vec_size=1)
 
   def chunk(ref, row, j):
-    return ref.at[row, pl.ds(_ragged_start(j, L, cols), L)]
+    return ref.at[row, pl.ds(_start(p, j), p.kb)]
 
   def skip_shared(v, fill):
-    return jnp.where(_iota((L,), lay, cfg.interpret) >= ov, v, fill)
+    return _skip_shared(p, p.nc - 1, v, fill, lay, cfg.interpret)
 
-  return nc, ov, chunk, partial(_load_f32, layout=lay, interpret=cfg.interpret), skip_shared
+  load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
+  return p.nc, p.ov, chunk, load, skip_shared
 
 
 def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
