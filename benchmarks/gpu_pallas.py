@@ -1,7 +1,7 @@
 """Pallas kernels on a GPU: correctness against float64, then timings and bandwidth.
 
 Run on a GPU machine (6.5 minutes on an H200 on 2026-11-26, T0511Z: 2.5 for
-steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 22
+steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 32
 cells, about 10 s each, within 360 s; the masked softmax adds perhaps 30 s to
 step 2, which the variants give back within ``--budget``):
 
@@ -31,9 +31,8 @@ In this order:
    backward 3 (read s and g, write dx); then the issue's two targets per cell
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (long rows split over a CTA cluster in
-   parts of several sizes, forward and backward, or the backward streamed as
-   before it split), in child processes, within ``--variants-timeout`` seconds
+   with a few ``gpu.Config`` variants (``VARIANTS``: row statistics reduced
+   once a row, approximate exp and log), in child processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
    rest), each checked against float64 as in step 1 (softmax and log_softmax)
    before softmax is timed, in turn with the default of its cell within every
@@ -383,10 +382,16 @@ LONG = [(1024, 65536), (128, 262144)]
 #   4096} in the second run (the first run's 0.72-0.80x at 4096 x 1024 did not
 #   repeat), 1.06-1.23x at 4096 x 16384; the read-only drain: within 1%. Those
 #   are no longer timed here.
-# Left to measure: the new default against the streamed backward end to end
-# (and at 1024 x 32768 float32, clusters of 4, which no run reached), and split
-# forwards against it.
-SPLIT = [*LONG, (1024, 32768)]
+# What those runs suggest: the kernels are short of issue slots where one
+# warpgroup holds an SM (long rows: 36-65% of copy), and bfloat16 falls further
+# short than float32 at every size (twice the elements a byte). Timed next:
+# - row statistics reduced once a row rather than per chunk
+#   (``Config.elementwise_stats``), where rows have several chunks;
+# - approximate exp and log (``Config.approx_math``), checked against float64
+#   like every variant (4 eps forward, 8 backward);
+# - more chunks in flight (``Config.stages``) for rows streamed by one CTA an SM;
+# the longest rows first, where the most is to gain.
+MID = [(4096, 16384)]
 
 
 def _split(kib, **cfg):
@@ -396,14 +401,29 @@ def _split(kib, **cfg):
 
 # name: (config, the shapes it is timed at)
 VARIANTS = {
-  "default": (lambda: gpu.Config(), SPLIT),
-  # (Only where the default's backward splits: at 128 x 262144 it streams too.)
-  "streamed backward": (lambda: gpu.Config(bwd_split_bytes=0), [LONG[0], SPLIT[-1]]),
-  "split rows, 64 KiB parts": (lambda: _split(64), SPLIT),
-  "split rows, 200 KiB parts, persistent": (
-    lambda: _split(200, split_ctas=gpu.sm_count()),
-    SPLIT,
+  "default": (lambda: gpu.Config(), LONG + MID + SHORT),
+  "row statistics": (lambda: gpu.Config(elementwise_stats=True), LONG + MID),
+  "row statistics, approx math": (
+    lambda: gpu.Config(elementwise_stats=True, approx_math=True),
+    LONG + MID,
   ),
+  # At 128 x 262144 one CTA streams each row on its SM with 2 chunks in flight
+  # (16 KiB in bfloat16): 6 stages gained 7% before, with the per-chunk
+  # reductions still in the way.
+  "row statistics, approx math, 6 stages": (
+    lambda: gpu.Config(elementwise_stats=True, approx_math=True, stages=6),
+    LONG,
+  ),
+  # One read of each row: rows of up to 200 KiB kept whole (1024 x 65536
+  # bfloat16), longer ones split over a cluster, by persistent CTAs that load the
+  # next row while they write this one. At 46% of copy before (T0518Z), when one
+  # warpgroup an SM spent its time in per-chunk reductions.
+  "row statistics, approx math, 200 KiB parts, persistent": (
+    lambda: _split(200, split_ctas=gpu.sm_count(), elementwise_stats=True, approx_math=True),
+    LONG[:1],
+  ),
+  # (Rows of one chunk, where the statistics are reduced once a row anyway.)
+  "approx math": (lambda: gpu.Config(approx_math=True), SHORT),
 }
 
 

@@ -164,6 +164,16 @@ OVERLAP = dict(interpret=True, chunk_elems=1024)
 GPU_OVERLAP = ops.make(gpu, gpu.Config(**OVERLAP))
 GPU_OVERLAP_BLOCKS = ops.make(gpu, gpu.Config(**OVERLAP, block_bytes=1 << 20))
 GPU_OVERLAP_RING = ops.make(gpu, gpu.Config(**OVERLAP, ring_slots=4))
+# Row statistics kept per element across the chunks and reduced once a row
+# (Config.elementwise_stats): streamed, kept whole with an overlapping chunk,
+# split over a cluster, and ragged.
+ROW_STATS = dict(elementwise_stats=True)
+GPU_SMALL_ROW_STATS = ops.make(gpu, gpu.Config(**STREAM, **ROW_STATS))
+GPU_OVERLAP_ROW_STATS = ops.make(gpu, gpu.Config(**OVERLAP, **ROW_STATS))
+GPU_SPLIT_ROW_STATS = ops.make(
+  gpu, gpu.Config(**{**STREAM, "split_bytes": 2048, "bwd_split_bytes": 2048, **ROW_STATS})
+)
+GPU_ROW_STATS = ops.make(gpu, gpu.Config(interpret=True, **ROW_STATS))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -195,6 +205,10 @@ GPU_OVERLAP_RING = ops.make(gpu, gpu.Config(**OVERLAP, ring_slots=4))
     (129, GPU_DEFAULT),  # 2 chunks of 128: the second from 1
     (4097, GPU_DEFAULT),  # 3 chunks: the last from 2049
     (20001, GPU_DEFAULT),  # 10 chunks: the last from 17953
+    (1280, GPU_SMALL_ROW_STATS),
+    (1152, GPU_OVERLAP_ROW_STATS),
+    (2048, GPU_SPLIT_ROW_STATS),
+    (4097, GPU_ROW_STATS),
   ],
   ids=[
     "384-fits",
@@ -220,6 +234,10 @@ GPU_OVERLAP_RING = ops.make(gpu, gpu.Config(**OVERLAP, ring_slots=4))
     "129-ragged",
     "4097-ragged",
     "20001-ragged",
+    "1280-online-row-stats",
+    "1152-overlap-fits-row-stats",
+    "2048-split-row-stats",
+    "4097-ragged-row-stats",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -284,6 +302,50 @@ def test_gpu_split_rows_merge_the_parts_statistics(log):
   assert rel_err(y[live][finite], ry[live][finite]) <= 4 * eps(jnp.float32)
   assert rel_err(dx[live], rdx[live]) <= 8 * eps(jnp.float32)
   assert np.all(y[7] == (-np.inf if log else 0.0)) and np.all(dx[7] == 0.0)
+
+
+def _np_stats(x):
+  """float64 max and normaliser of each row (NumPy, -inf rows give (-inf, 0))."""
+  x = np.asarray(x, np.float64)
+  m = np.max(x, axis=1)
+  with np.errstate(invalid="ignore"):
+    d = np.sum(np.exp(x - np.where(m == -np.inf, 0.0, m)[:, None]), axis=1)
+  return m, d
+
+
+def test_gpu_elementwise_row_statistics():
+  # _ew_online over a row's chunks, then _ew_reduce, against NumPy in float64:
+  # chunks whose max rises, falls or stays; -inf entries and whole -inf
+  # chunks; an all -inf row; a NaN; a +inf (the normaliser becomes NaN, as in
+  # the chunk-by-chunk statistics); and two +inf (the same).
+  rng = np.random.default_rng(0)
+  rows, nc, k = 8, 5, 16
+  x = 4.0 * rng.standard_normal((rows, nc * k))
+  x[0] += np.linspace(-30.0, 30.0, nc * k)  # the max rises chunk after chunk
+  x[1] -= np.linspace(-30.0, 30.0, nc * k)  # and falls
+  x[2, : 3 * k] = -np.inf  # whole chunks of -inf first
+  x[3, ::3] = -np.inf
+  x[4] = -np.inf
+  x[5, 40] = np.nan
+  x[6, 17] = np.inf
+  x[7, [3, 70]] = np.inf
+  x = x.astype(np.float32)
+  chunks = np.split(x, nc, axis=1)
+  md = (jnp.full((rows, k), -jnp.inf), jnp.zeros((rows, k)))
+  for c in chunks:
+    md = gpu._ew_online(md, jnp.asarray(c))
+  m, d = jax.vmap(lambda m, d: gpu._ew_reduce((m, d)))(*md)
+  rm, rd = _np_stats(x)
+  rd[6:] = np.nan  # a +inf: exp(inf - inf) in the reference's sum
+  for r in range(rows):
+    ok = np.isnan(rd[r]) if np.isnan(rd[r]) else np.isclose(d[r], rd[r], rtol=1e-5, atol=0)
+    assert ok and (m[r] == rm[r] or (np.isnan(m[r]) and np.isnan(rm[r]))), (r, m[r], d[r])
+  # The chunk-by-chunk statistics agree (one reduction a chunk).
+  for r in range(rows):
+    mc, dc = jnp.float32(-jnp.inf), jnp.float32(0)
+    for c in chunks:
+      mc, dc = gpu._online_stats(mc, dc, jnp.asarray(c[r]))
+    assert np.array_equal(np.isnan([mc, dc]), np.isnan([m[r], d[r]])), r
 
 
 def test_gpu_cluster_size():
@@ -647,6 +709,32 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   assert all(isinstance(gpu.plan(c, dtype), str) for _, c in RAGGED_SHAPES)
   _lowers(gpu, "cuda", dtype, RAGGED_SHAPES)
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gpu_row_statistics_and_approx_math_kernels_lower_for_cuda(dtype):
+  # Config.elementwise_stats (the statistics' loop carries are arrays in the
+  # chunk's layout) on every path: kept whole, streamed, split, in row blocks,
+  # overlapping and ragged; with approx_math (exp as exp2 of x * log2(e)); and
+  # with Warpgroup semantics.
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  shapes = [(4096, 16384), (1024, 65536), (16, 32000), (3, 70000), (8, 4097)]
+  k = _gpu_kernels(elementwise_stats=True, approx_math=True)
+  _lowers(k, "cuda", dtype, shapes)
+  x = jax.ShapeDtypeStruct((64, 16384), dtype)
+
+  def module(k):  # without the source locations, which differ anyway
+    f = jax.jit(lambda x: k.softmax_fwd_2d(x, log=False))
+    return re.sub(r"loc\([^\n]*", "", jax.export.export(f, platforms=["cuda"])(x).mlir_module())
+
+  assert module(k) != module(_gpu_kernels(elementwise_stats=True))  # approx_math reaches it
+  _lowers(_gpu_kernels(elementwise_stats=True, split_bytes=64 * 1024), "cuda", dtype, shapes[1:2])
+  persistent = dict(split_bytes=200 * 1024, bwd_split_bytes=200 * 1024, split_ctas=132)
+  _lowers(_gpu_kernels(elementwise_stats=True, stages=6, **persistent), "cuda", dtype, shapes[1:2])
+  _lowers(_gpu_kernels(elementwise_stats=True, block_bytes=32 * 1024), "cuda", dtype, [(64, 2048)])
+  warpgroup = _gpu_kernels(elementwise_stats=True, semantics=plgpu.LoweringSemantics.Warpgroup)
+  _lowers(warpgroup, "cuda", dtype, [(64, 16384), (8, 4097)])
 
 
 def test_gpu_kernels_lower_with_warpgroup_semantics():

@@ -124,6 +124,19 @@ class Config:
   # Lane: explicit layouts, the default of jax 0.10 and what the tests lower here;
   # jax 0.11 made Warpgroup (inferred layouts) the default.
   semantics: plgpu.LoweringSemantics = plgpu.LoweringSemantics.Lane
+  # Row statistics (the forward's max and normaliser, the backward's row sum)
+  # kept per element across a row's chunks and reduced across the warpgroup once
+  # a row (``_Acc``), rather than reduced chunk by chunk: two reductions a row
+  # rather than two a chunk, each a serial chain of a thread's registers, warp
+  # shuffles and a warpgroup barrier, which nothing hides while one warpgroup
+  # holds an SM (the long rows, 1024 x 65536 and 128 x 262144, at 36-65% of
+  # copy). The forward's online update then takes one exp an element, as before
+  # (``_ew_online``). Off until timed on a GPU (benchmarks/gpu_pallas.py).
+  elementwise_stats: bool = False
+  # Mosaic GPU's approximate math (``CompilerParams.approx_math``): exp as
+  # ``ex2.approx`` of ``x * log2(e)``, log as ``lg2.approx``, rather than the
+  # accurate libdevice calls. Off until timed, and checked against float64.
+  approx_math: bool = False
   interpret: bool = False
 
 
@@ -382,10 +395,6 @@ def _online_stats(m, d, v):
   return m_new, d * alpha + jnp.sum(jnp.exp(v - shift))
 
 
-def _fold_stats(md, chunks):
-  return _online_stats(*md, chunks[0])
-
-
 def _merge_stats(a, b):
   """The running max and normaliser of two parts of a row, from each part's."""
   (ma, da), (mb, db) = a, b
@@ -396,6 +405,78 @@ def _merge_stats(a, b):
     return jnp.where(mp == -jnp.inf, 0.0, jnp.exp(mp - shift))
 
   return m, da * scale(ma) + db * scale(mb)
+
+
+def _ew_online(md, v):
+  """Folds the float32 chunk ``v`` into elementwise running statistics ``md``
+  (arrays of ``v``'s shape): each element's max and normaliser. Of
+  ``exp(m - max(m, v))`` and ``exp(v - max(m, v))`` one is 1, so each element
+  takes one exp, of ``min - max``: an element above its running max rescales
+  the normaliser and adds 1, one below adds its exp. (A NaN propagates; a +inf
+  is a max whose normaliser becomes NaN in ``_ew_reduce``, as in ``_online_stats``.)"""
+  m, d = md
+  hi = jnp.maximum(m, v)  # NaN propagates
+  e = jnp.exp(jnp.minimum(m, v) - _safe_shift(hi))  # 0 while both are -inf
+  return hi, jnp.where(v > m, d * e + 1.0, d + e)
+
+
+def _ew_reduce(md):
+  """The row's max and normaliser from elementwise running statistics."""
+  m_el, d_el = md
+  m = jnp.max(m_el)  # NaN propagates
+  # exp(-inf) is 0 for elements that saw only -inf; exp(inf - inf) a NaN for a +inf.
+  return m, jnp.sum(d_el * jnp.exp(m_el - _safe_shift(m)))
+
+
+def _full(shape, value, layout, interpret: bool):
+  """A float32 array of ``value`` in ``layout`` (a loop carry must keep one layout)."""
+  v = jnp.full(shape, value, F32)
+  return v if interpret else plgpu.layout_cast(v, layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Acc:
+  """How a row's statistics accumulate over its float32 chunks of ``shape``
+  (in ``layout``): ``fwd_*`` the running max and normaliser, ``bwd_*`` the
+  backward's row sum (``_bwd_term``). Each ``*_done`` gives the row's scalars.
+
+  By default each chunk is reduced across the warpgroup as it comes (the
+  forward two reductions a chunk, the backward one); with ``elementwise``
+  (``Config.elementwise_stats``) the statistics are kept per element and
+  reduced once a row."""
+
+  elementwise: bool
+  shape: tuple[int, ...]
+  layout: object
+  interpret: bool
+
+  @classmethod
+  def of(cls, cfg: Config, shape, layout) -> _Acc:
+    return cls(cfg.elementwise_stats, tuple(shape), layout, cfg.interpret)
+
+  def zeros(self, *values):
+    if self.elementwise:
+      return tuple(_full(self.shape, v, self.layout, self.interpret) for v in values)
+    return tuple(jnp.float32(v) for v in values)
+
+  def fwd_init(self):
+    return self.zeros(-jnp.inf, 0.0)
+
+  def fwd_fold(self, md, v):
+    return _ew_online(md, v) if self.elementwise else _online_stats(*md, v)
+
+  def fwd_done(self, md):
+    return _ew_reduce(md) if self.elementwise else md
+
+  def bwd_init(self):
+    return self.zeros(0.0)[0]
+
+  def bwd_fold(self, acc, yc, gc, *, log: bool):
+    t = _bwd_term(yc, gc, log=log)
+    return acc + (t if self.elementwise else jnp.sum(t))
+
+  def bwd_done(self, acc):
+    return jnp.sum(acc) if self.elementwise else acc
 
 
 def _fwd_out(v, m, d, log):
@@ -423,7 +504,9 @@ def _kernel(rows, cfg: Config, out_type, scratch, body, cluster: int = 1):
     functools.partial(body, num_ctas),
     out_type=out_type,
     scratch_types=scratch,
-    compiler_params=plgpu.CompilerParams(lowering_semantics=cfg.semantics),
+    compiler_params=plgpu.CompilerParams(
+      lowering_semantics=cfg.semantics, **({"approx_math": True} if cfg.approx_math else {})
+    ),
     grid=(num_ctas,),
     grid_names=("cta",),
     interpret=interpret,
@@ -568,6 +651,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
+  acc = _Acc.of(cfg, (p.kb, p.w), lay)
 
   def fresh(j, v):  # (chunk j for the statistics)
     return _skip_shared(p, j, v, -jnp.inf, lay, cfg.interpret)
@@ -593,11 +677,11 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     """Running max and normaliser of a whole (n1, w) row in SMEM."""
 
     def stats(j, md):
-      return _online_stats(*md, fresh(j, load(row.at[pl.ds(_start(p, j), p.kb)])))
+      return acc.fwd_fold(md, fresh(j, load(row.at[pl.ds(_start(p, j), p.kb)])))
 
     plain = p.nc - (p.ov > 0)  # an overlapping last chunk is masked, after the loop
-    md = jax.lax.fori_loop(0, plain, stats, (jnp.float32(-jnp.inf), jnp.float32(0)))
-    return stats(p.nc - 1, md) if p.ov else md
+    md = jax.lax.fori_loop(0, plain, stats, acc.fwd_init())
+    return acc.fwd_done(stats(p.nc - 1, md) if p.ov else md)
 
   def row_write(row, m, d):
     """The output, in place of the row."""
@@ -632,9 +716,12 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     def emit(chunks, md, flag):
       return _fwd_out(chunks[0], *md, log)
 
+    def fold(md, chunks):
+      return acc.fwd_fold(md, chunks[0])
+
     finish = _lse if log else None  # softmax: no lse
-    init = (-jnp.inf, 0.0)
-    out, *lse = _split_rows([x3], p, cfg, size, load, init, _fold_stats, _merge_stats, emit, finish)
+    stats = (acc.fwd_init, fold, acc.fwd_done, _merge_stats)
+    out, *lse = _split_rows([x3], p, cfg, size, load, stats, emit, finish)
     return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
   if kind == "rows":
@@ -661,10 +748,10 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
       def one_row(row):
         def stats(j, slot, md):
-          return _online_stats(*md, fresh(j, load(bufs.at[slot])))
+          return acc.fwd_fold(md, fresh(j, load(bufs.at[slot])))
 
-        init = (jnp.float32(-jnp.inf), jnp.float32(0))
-        m, d = _stream(row, p, S, [(x_gmem, bufs)], bars, stats, init)
+        md = _stream(row, p, S, [(x_gmem, bufs)], bars, stats, acc.fwd_init())
+        m, d = acc.fwd_done(md)
 
         def write(j, slot, c):
           # Consecutive chunks alternate between outs[0] and outs[1] in either order.
@@ -731,17 +818,17 @@ def _swap(xch, own, c: int, merge):
   return functools.reduce(merge, peers)
 
 
-def _split_rows(
-  arrays, p: Plan, cfg: Config, c: int, load, init, fold, merge, emit, finish=None, live=None
-):
+def _split_rows(arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=None, live=None):
   """Rows split over clusters of ``c`` CTAs (``cfg.split_bytes``, backward
   ``cfg.bwd_split_bytes``).
 
   CTA k of a row's cluster loads chunks ``[k * ncp, (k + 1) * ncp)`` of each of
   ``arrays`` (``(rows, n1, w)``) into SMEM, each chunk on its own barrier, and
-  folds them into partial statistics as they arrive, ``fold(stats, chunks)``
-  with ``chunks`` the float32 chunk of each array. The CTAs swap their partial
-  statistics through distributed shared memory (``_swap``). Then each writes
+  folds them into partial statistics as they arrive: ``stats`` is ``(init,
+  fold, done, merge)``, ``fold(init(), chunks)`` with ``chunks`` the float32
+  chunk of each array, ``done`` the part's scalars (``_Acc``), ``merge`` two
+  parts' scalars into one. The CTAs swap their partial statistics through
+  distributed shared memory (``_swap``). Then each writes
   ``emit(chunks, stats, flag)`` in place of its chunks of the last array and
   stores them: one HBM read and one write per element. ``finish(*stats)``, if
   given, is a per-row float32 second output (log_softmax's lse), stored by CTA
@@ -758,6 +845,8 @@ def _split_rows(
   rows = arrays[0].shape[0]
   dtype = arrays[0].dtype
   n_in = len(arrays)
+  init, fold, done, merge = stats
+  n_stats = 2 if merge is _merge_stats else 1  # the forward's max and normaliser, or a sum
   ncp = p.nc // c  # chunks per part (cluster_size: no overlapping last chunk)
   held = c if cfg.interpret else 1  # parts per CTA
   out_type = [jax.ShapeDtypeStruct(arrays[0].shape, dtype)]
@@ -812,7 +901,7 @@ def _split_rows(
             plgpu.barrier_wait(bars.at[n_in * (i * ncp + j) + a])
           return fold(st, chunks(i * ncp + j))
 
-        return jax.lax.fori_loop(0, ncp, step, tuple(jnp.float32(v) for v in init))
+        return done(jax.lax.fori_loop(0, ncp, step, init()))
 
       parts = [part_stats(i) for i in range(held)]
       if held == c:
@@ -865,7 +954,7 @@ def _split_rows(
 
   scratch = [plgpu.SMEM((nloc, p.kb, p.w), dtype) for _ in range(n_in)]
   scratch += [
-    [plgpu.SMEM((WARPGROUP,), F32) for _ in init],
+    [plgpu.SMEM((WARPGROUP,), F32) for _ in range(n_stats)],
     plgpu.SMEM((WARPGROUP,), F32),
     plgpu.Barrier(num_barriers=flag_bar + 1),
   ]
@@ -875,9 +964,9 @@ def _split_rows(
 # ---------------------------------------------------------------------------- backward
 
 
-def _bwd_sum(yc, gc, *, log: bool):
-  """A chunk's share of the row sum: softmax, sum(g * s); log_softmax, sum(g)."""
-  return jnp.sum(gc if log else gc * yc)
+def _bwd_term(yc, gc, *, log: bool):
+  """What the row sum adds up: softmax, g * s; log_softmax, g."""
+  return gc if log else gc * yc
 
 
 def _bwd_grad(yc, gc, acc, flag, *, log: bool):
@@ -909,12 +998,12 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   out_type = jax.ShapeDtypeStruct(args[0].shape, dtype)
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
+  acc_of = _Acc.of(cfg, (p.kb, p.w), lay)
+  fold = partial(acc_of.bwd_fold, log=log)
 
-  partial_sum = partial(_bwd_sum, log=log)
-
-  def chunk_sum(j, yc, gc):  # partial_sum of chunk j, skipping what it shares with chunk j - 1
+  def chunk_sum(a, j, yc, gc):  # folds in chunk j, skipping what it shares with chunk j - 1
     fresh = partial(_skip_shared, p, j, fill=0.0, layout=lay, interpret=cfg.interpret)
-    return partial_sum(yc if log else fresh(yc), fresh(gc))
+    return fold(a, yc if log else fresh(yc), fresh(gc))
 
   grad = partial(_bwd_grad, log=log)
 
@@ -924,11 +1013,11 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     chunk = lambda ref, j: ref.at[pl.ds(_start(p, j), p.kb)]  # noqa: E731
 
     def rowsum(j, a):
-      return a + chunk_sum(j, load(chunk(ybuf, j)), load(chunk(gbuf, j)))
+      return chunk_sum(a, j, load(chunk(ybuf, j)), load(chunk(gbuf, j)))
 
     plain = p.nc - (p.ov > 0)  # an overlapping last chunk is masked, after the loop
-    acc = jax.lax.fori_loop(0, plain, rowsum, jnp.float32(0))
-    acc = rowsum(p.nc - 1, acc) if p.ov else acc
+    acc = jax.lax.fori_loop(0, plain, rowsum, acc_of.bwd_init())
+    acc = acc_of.bwd_done(rowsum(p.nc - 1, acc) if p.ov else acc)
     flag = get_flag()
 
     def write(j, c):
@@ -954,8 +1043,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
   if kind == "split":
 
-    def fold(acc, chunks):
-      return (acc[0] + partial_sum(*chunks),)
+    def fold_part(acc, chunks):
+      return (fold(acc[0], *chunks),)
 
     def merge(a, b):
       return (a[0] + b[0],)
@@ -963,8 +1052,9 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     def emit(chunks, acc, flag):
       return grad(*chunks, acc[0], flag)
 
+    stats = (lambda: (acc_of.bwd_init(),), fold_part, lambda a: (acc_of.bwd_done(a[0]),), merge)
     live2 = args[2] if log else None
-    (dx,) = _split_rows(args[:2], p, cfg, size, load, (0.0,), fold, merge, emit, live=live2)
+    (dx,) = _split_rows(args[:2], p, cfg, size, load, stats, emit, live=live2)
     return dx.reshape(rows, cols)
 
   def body(num_ctas, *refs):
@@ -999,9 +1089,10 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
         outs, bars = rest
         stream2 = partial(_stream, row, p, S, [(y_gmem, ybuf), (g_gmem, gbuf)], bars)
         acc = stream2(
-          lambda j, slot, a: a + chunk_sum(j, load(ybuf.at[slot]), load(gbuf.at[slot])),
-          jnp.float32(0),
+          lambda j, slot, a: chunk_sum(a, j, load(ybuf.at[slot]), load(gbuf.at[slot])),
+          acc_of.bwd_init(),
         )
+        acc = acc_of.bwd_done(acc)
         flag = get_flag()
 
         def write(j, slot, c):
@@ -1065,10 +1156,11 @@ def _ragged(arrays, out_type, cfg: Config, body):
 
 
 def _ragged_chunks(cols: int, cfg: Config):
-  """``(nc, ov, chunk, load, skip_shared)`` for rows of ``cols`` elements:
+  """``(nc, ov, chunk, load, skip_shared, acc)`` for rows of ``cols`` elements:
   ``chunk(ref, row, j)`` is chunk j of a row in HBM; ``load`` reads it in float32,
   one element a thread at a time (any alignment); ``skip_shared(v, fill)`` sets
-  the last chunk's first ``ov`` elements (counted in the one before) to ``fill``."""
+  the last chunk's first ``ov`` elements (counted in the one before) to ``fill``;
+  ``acc`` the row statistics' ``_Acc``."""
   p = _ragged_plan(cols)
   lay = plgpu.Layout.WG_STRIDED((p.kb,), vec_size=1)
 
@@ -1079,14 +1171,14 @@ def _ragged_chunks(cols: int, cfg: Config):
     return _skip_shared(p, p.nc - 1, v, fill, lay, cfg.interpret)
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
-  return p.nc, p.ov, chunk, load, skip_shared
+  return p.nc, p.ov, chunk, load, skip_shared, _Acc.of(cfg, (p.kb,), lay)
 
 
 def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
   """``softmax_fwd_2d`` for ragged rows: each row read twice (once if it is held,
   ``RAGGED_HELD_CHUNKS``), written once."""
   rows, cols = x.shape
-  nc, ov, chunk, load, skip_shared = _ragged_chunks(cols, cfg)
+  nc, ov, chunk, load, skip_shared, acc = _ragged_chunks(cols, cfg)
   out_type = (jax.ShapeDtypeStruct(x.shape, x.dtype),)
   if log:
     out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
@@ -1097,10 +1189,10 @@ def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
       held = [get(j) for j in range(nc)]
       get, loop = held.__getitem__, _unrolled
 
-    md = (jnp.float32(-jnp.inf), jnp.float32(0))
-    md = loop(0, nc - (ov > 0), lambda j, md: _online_stats(*md, get(j)), md)
+    md = loop(0, nc - (ov > 0), lambda j, md: acc.fwd_fold(md, get(j)), acc.fwd_init())
     if ov:
-      md = _online_stats(*md, skip_shared(get(nc - 1), -jnp.inf))
+      md = acc.fwd_fold(md, skip_shared(get(nc - 1), -jnp.inf))
+    md = acc.fwd_done(md)
 
     def write(j, c):
       out = _fwd_out(get(j), *md, log)
@@ -1119,7 +1211,7 @@ def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
   """``softmax_bwd_2d`` for ragged rows: ``y`` and ``g`` read twice (once if held),
   ``dx`` written once."""
   rows, cols = y.shape
-  nc, ov, chunk, load, skip_shared = _ragged_chunks(cols, cfg)
+  nc, ov, chunk, load, skip_shared, acc_of = _ragged_chunks(cols, cfg)
   args = [y, g]
   if log:
     args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
@@ -1135,9 +1227,11 @@ def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
     if 2 * nc <= RAGGED_HELD_CHUNKS:  # held in registers: y and g are read once
       chunks, loop = [chunks(j) for j in range(nc)].__getitem__, _unrolled
 
-    acc = loop(0, nc - (ov > 0), lambda j, a: a + _bwd_sum(*chunks(j), log=log), jnp.float32(0))
+    fold = partial(acc_of.bwd_fold, log=log)
+    acc = loop(0, nc - (ov > 0), lambda j, a: fold(a, *chunks(j)), acc_of.bwd_init())
     if ov:
-      acc = acc + _bwd_sum(*(skip_shared(v, 0.0) for v in chunks(nc - 1)), log=log)
+      acc = fold(acc, *(skip_shared(v, 0.0) for v in chunks(nc - 1)))
+    acc = acc_of.bwd_done(acc)
     flag = None
     if log:
       flag = jnp.max(_load_f32(live_gmem[0].at[row], flag_layout, cfg.interpret))
