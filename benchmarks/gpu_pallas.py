@@ -1,7 +1,7 @@
 """Pallas kernels on a GPU: correctness against float64, then timings and bandwidth.
 
 Run on a GPU machine (6.5 minutes on an H200 on 2026-11-26, T0511Z: 2.5 for
-steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 32
+steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 36
 cells, about 10 s each, within 360 s; the masked softmax adds perhaps 30 s to
 step 2, which the variants give back within ``--budget``):
 
@@ -389,7 +389,8 @@ LONG = [(1024, 65536), (128, 262144)]
 #   (``Config.elementwise_stats``), where rows have several chunks;
 # - approximate exp and log (``Config.approx_math``), checked against float64
 #   like every variant (4 eps forward, 8 backward);
-# - more chunks in flight (``Config.stages``) for rows streamed by one CTA an SM;
+# - more chunks in flight (``Config.stages``) for rows streamed by one CTA an SM,
+#   or a cluster of CTAs sharing each streamed row (``Config.stream_cluster``);
 # the longest rows first, where the most is to gain.
 MID = [(4096, 16384)]
 
@@ -412,6 +413,13 @@ VARIANTS = {
   # reductions still in the way.
   "row statistics, approx math, 6 stages": (
     lambda: gpu.Config(elementwise_stats=True, approx_math=True, stages=6),
+    LONG,
+  ),
+  # Streamed rows shared by a cluster of 4 CTAs, each streaming a quarter of the
+  # chunks (``Config.stream_cluster``): 4 warpgroups an SM at 128 x 262144 rather
+  # than one (the forward at 1024 x 65536 too; its backward splits).
+  "row statistics, approx math, streamed by clusters of 4": (
+    lambda: gpu.Config(elementwise_stats=True, approx_math=True, stream_cluster=4),
     LONG,
   ),
   # One read of each row: rows of up to 200 KiB kept whole (1024 x 65536

@@ -174,6 +174,14 @@ GPU_SPLIT_ROW_STATS = ops.make(
   gpu, gpu.Config(**{**STREAM, "split_bytes": 2048, "bwd_split_bytes": 2048, **ROW_STATS})
 )
 GPU_ROW_STATS = ops.make(gpu, gpu.Config(interpret=True, **ROW_STATS))
+# Streamed rows shared by a cluster (Config.stream_cluster): 2048 columns in 8
+# chunks of 256, 4 parts of 2 (one CTA in interpret mode streams every part and
+# merges their statistics in cluster order); 8 parts of 1 with per-element
+# statistics, written first to last.
+GPU_STREAM_CLUSTER = ops.make(gpu, gpu.Config(**STREAM, stream_cluster=4))
+GPU_STREAM_CLUSTER_8 = ops.make(
+  gpu, gpu.Config(**STREAM, **ROW_STATS, stream_cluster=8, reverse_write=False)
+)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -209,6 +217,8 @@ GPU_ROW_STATS = ops.make(gpu, gpu.Config(interpret=True, **ROW_STATS))
     (1152, GPU_OVERLAP_ROW_STATS),
     (2048, GPU_SPLIT_ROW_STATS),
     (4097, GPU_ROW_STATS),
+    (2048, GPU_STREAM_CLUSTER),
+    (2048, GPU_STREAM_CLUSTER_8),
   ],
   ids=[
     "384-fits",
@@ -238,6 +248,8 @@ GPU_ROW_STATS = ops.make(gpu, gpu.Config(interpret=True, **ROW_STATS))
     "1152-overlap-fits-row-stats",
     "2048-split-row-stats",
     "4097-ragged-row-stats",
+    "2048-online-cluster-of-4",
+    "2048-online-cluster-of-8-row-stats",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -384,6 +396,14 @@ def test_gpu_route():
   assert route(128, 262144, bf16, True) == ("streamed", 1)  # 16 parts
   assert route(1024, 65536, f32, True, bwd_split_bytes=0) == ("streamed", 1)
   assert route(1024, 65536, f32) == ("streamed", 1)  # the forward does not split
+  # Streamed rows shared by a cluster: a power of two up to 8 dividing the chunks.
+  assert route(128, 262144, f32, stream_cluster=4) == ("streamed", 4)  # 64 chunks
+  assert route(128, 262144, bf16, True, stream_cluster=16) == ("streamed", 8)
+  streams = dict(row_bytes=1024, stream_cluster=4)
+  assert route(8, 3 * 4096, f32, **streams) == ("streamed", 1)  # 3 chunks
+  assert route(8, 6 * 4096, f32, **streams) == ("streamed", 2)
+  assert route(1024, 65536, f32, True, stream_cluster=4) == ("split", 8)  # split first
+  assert route(8, 70000, f32, stream_cluster=4) == ("streamed", 1)  # an overlapping chunk
   assert route(4096, 1024, f32, block_bytes=32 * 1024) == ("blocks", 8)
   assert route(4096, 1024, f32, True, block_bytes=32 * 1024) == ("blocks", 8)
   assert route(1024, 65536, f32, split_bytes=64 * 1024) == ("split", 4)
@@ -735,6 +755,28 @@ def test_gpu_row_statistics_and_approx_math_kernels_lower_for_cuda(dtype):
   _lowers(_gpu_kernels(elementwise_stats=True, block_bytes=32 * 1024), "cuda", dtype, [(64, 2048)])
   warpgroup = _gpu_kernels(elementwise_stats=True, semantics=plgpu.LoweringSemantics.Warpgroup)
   _lowers(warpgroup, "cuda", dtype, [(64, 16384), (8, 4097)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gpu_stream_cluster_kernels_lower_for_cuda(dtype):
+  # Streamed rows shared by clusters of 2 to 8 CTAs (Config.stream_cluster),
+  # forward and backward (the backward also where it would split), with the
+  # swap's cluster barrier; and with Warpgroup semantics.
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  shapes = [(128, 262144), (1024, 65536), (8, 8192)]
+  x = jax.ShapeDtypeStruct((128, 262144), dtype)
+  for c in (2, 4, 8):
+    k = _gpu_kernels(stream_cluster=c, bwd_split_bytes=0)
+    _lowers(k, "cuda", dtype, shapes)
+    for f in (
+      lambda x, k=k: k.softmax_fwd_2d(x, log=True)[0],
+      lambda x, k=k: k.softmax_bwd_2d(x, x, log=False),
+    ):
+      text = jax.export.export(jax.jit(f), platforms=["cuda"])(x).mlir_module()
+      assert "barrier.cluster.arrive.release" in text
+  warpgroup = plgpu.LoweringSemantics.Warpgroup
+  _lowers(_gpu_kernels(stream_cluster=4, semantics=warpgroup), "cuda", dtype, shapes[:1])
 
 
 def test_gpu_kernels_lower_with_warpgroup_semantics():

@@ -17,7 +17,9 @@ last one overlaps the one before it (``plan``, ``Plan.ov``).
 * **online** (longer rows): a statistics pass streams the chunks through two
   buffers, keeping a running max and normaliser in float32 (Milakov &
   Gimelshein 2018); a second pass streams them again, last chunk first (those
-  are the likeliest to be still in L2), and writes.
+  are the likeliest to be still in L2), and writes. (Off by default,
+  ``Config.stream_cluster``: a cluster of CTAs shares each row, each streaming
+  its part of the chunks, swapping partial statistics as split rows do.)
 * **ring** (rows that fit, off by default, ``Config.ring_slots``; no faster on
   the H200): persistent CTAs take blocks of whole rows through a ring of SMEM
   slots, loading the next blocks while one is computed and stored, rather than
@@ -97,6 +99,13 @@ class Config:
   # on about that many CTAs (``sm_count()``: one per SM), each loading its part
   # of the next row while it stores the current one.
   split_ctas: int | None = None
+  # Streamed rows (past ``row_bytes``, not split): a cluster of up to this many
+  # CTAs per row (``stream_cluster``), each streaming its share of the chunks
+  # twice and swapping its partial statistics with the others through
+  # distributed shared memory, so that a few long rows (128 x 262144: one CTA, one
+  # warpgroup, an SM) take several warpgroups an SM. 0 or 1: one CTA a row. Off
+  # until timed.
+  stream_cluster: int = 0
   # Rows kept whole, by persistent CTAs: each takes the blocks of rows (R rows,
   # by ``block_bytes``, within RING_BYTES of SMEM) cta, cta + Q, ... through a
   # ring of this many SMEM slots, loading the next ``ring_slots - 1`` blocks
@@ -230,6 +239,16 @@ def cluster_size(p: Plan, row_bytes: int, budget: int, arrays: int = 1) -> int:
   return 0
 
 
+def stream_cluster(p: Plan, cfg: Config) -> int:
+  """CTAs per streamed row (``Config.stream_cluster``): the largest power of two
+  up to it (and MAX_CLUSTER) that divides the row's chunks; 1 if the last chunk
+  overlaps the one before it (``Plan.ov``)."""
+  c = 1
+  while 2 * c <= min(cfg.stream_cluster, MAX_CLUSTER) and p.nc % (2 * c) == 0 and not p.ov:
+    c *= 2
+  return c
+
+
 RING_BYTES = 200 * 1024  # the most SMEM a ring of row blocks takes (Hopper: 227 KiB a CTA)
 SMEM_PER_SM = 228 * 1024  # Hopper; each resident CTA also reserves 1 KiB
 MAX_RING_CTAS_PER_SM = 4  # 512 threads: room for 128 registers a thread
@@ -257,7 +276,8 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
   """The path a call takes, and its size: ``("rows", 1)`` whole rows, one per
   CTA; ``("blocks", R)`` R whole rows per CTA; ``("ring", R)`` blocks of R whole
   rows through a ring of SMEM slots in persistent CTAs; ``("split", C)`` rows
-  split over clusters of C CTAs; ``("streamed", 1)`` rows read twice in chunks."""
+  split over clusters of C CTAs; ``("streamed", C)`` rows read twice in chunks,
+  each by a cluster of C CTAs (``stream_cluster``)."""
   row_bytes = p.n1 * p.w * jnp.dtype(dtype).itemsize
   if backward:
     fits = _whole_copy(p.n1, row_bytes) and 2 * row_bytes <= cfg.bwd_row_bytes
@@ -268,7 +288,7 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
     c = cluster_size(p, row_bytes, cfg.split_bytes)
     budget = cfg.block_bytes
   if not fits:
-    return ("split", c) if c else ("streamed", 1)
+    return ("split", c) if c else ("streamed", stream_cluster(p, cfg))
   # (Each slot takes a barrier per input: log_softmax's backward has three.)
   if 2 <= cfg.ring_slots <= MAX_BARRIERS // (3 if backward else 1):
     arrays = 2 if backward else 1
@@ -514,14 +534,15 @@ def _kernel(rows, cfg: Config, out_type, scratch, body, cluster: int = 1):
   )
 
 
-def _stream(row, p: Plan, stages: int, sources, bars, fn, carry, reverse: bool = False):
+def _stream(row, p: Plan, stages: int, sources, bars, fn, carry, reverse: bool = False, part=None):
   """Streams the chunks of each ``(gmem, bufs)`` in ``sources`` (``gmem[row]``) through
   ``stages`` SMEM buffers, keeping ``stages - 1`` chunks in flight while
   ``fn(c, slot, carry)`` works on chunk c. The chunks come first to last, or
-  last to first if ``reverse``. Source k, slot s completes barrier
-  ``stages * k + s``."""
-  nc = p.nc
-  chunk = (lambda j: nc - 1 - j) if reverse else (lambda j: j)
+  last to first if ``reverse``: all the row's, or ``part = (first, count)``'s.
+  Source k, slot s completes barrier ``stages * k + s``."""
+  first, nc = (0, p.nc) if part is None else part
+  offset = (lambda j: j) if isinstance(first, int) and first == 0 else lambda j: first + j
+  chunk = (lambda j: offset(nc - 1 - j)) if reverse else offset
 
   def fetch(j, slot):
     for k, (src, bufs) in enumerate(sources):
@@ -656,14 +677,22 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   def fresh(j, v):  # (chunk j for the statistics)
     return _skip_shared(p, j, v, -jnp.inf, lay, cfg.interpret)
 
-  def finish_row(lse, row, m, d):
-    """Stores the row's lse (log_softmax; ``lse`` is its ``(gmem, smem)`` refs),
-    then waits for the row's stores, before its buffers take the next row."""
+  def finish_row(lse, row, m, d, store=True):
+    """Stores the row's lse (log_softmax; ``lse`` is its ``(gmem, smem)`` refs;
+    if not ``store``, only the first CTA of its cluster does), then waits for the
+    row's stores, before its buffers take the next row."""
     if log:
       lse_gmem, lse_smem = lse
-      lse_smem[...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
+
+      def store_lse():
+        lse_smem[...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[row])
+
+      if store:
+        store_lse()
+      else:
+        pl.when(jax.lax.axis_index("cl") == 0)(store_lse)
     _drain(cfg)
 
   def split_lse(refs):
@@ -742,16 +771,24 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     scratch = [plgpu.SMEM((p.n1, p.w), dtype), plgpu.Barrier(num_barriers=1)]
   else:
+    # ``size`` CTAs a row, each streaming one part of its chunks (``_parts``).
+    held, cluster_part = _parts(p, size, cfg)
 
     def body(num_ctas, x_gmem, o_gmem, *refs):
-      lse, (bufs, outs, bars) = split_lse(refs)
+      lse, (bufs, outs, bars, *xch) = split_lse(refs)
+      part_of = cluster_part()
 
       def one_row(row):
         def stats(j, slot, md):
           return acc.fwd_fold(md, fresh(j, load(bufs.at[slot])))
 
-        md = _stream(row, p, S, [(x_gmem, bufs)], bars, stats, acc.fwd_init())
-        m, d = acc.fwd_done(md)
+        def part_stats(i):
+          part = part_of(i)
+          return acc.fwd_done(
+            _stream(row, p, S, [(x_gmem, bufs)], bars, stats, acc.fwd_init(), part=part)
+          )
+
+        m, d = _combine([part_stats(i) for i in range(held)], size, xch, _merge_stats)
 
         def write(j, slot, c):
           # Consecutive chunks alternate between outs[0] and outs[1] in either order.
@@ -761,18 +798,21 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
           plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(_start(p, j), p.kb)])
           return c
 
-        _stream(row, p, S, [(x_gmem, bufs)], bars, write, 0, reverse=cfg.reverse_write)
-        finish_row(lse, row, m, d)
+        rev = cfg.reverse_write  # (parts last to first too: the chunks alternate outs)
+        for i in reversed(range(held)) if rev else range(held):
+          _stream(row, p, S, [(x_gmem, bufs)], bars, write, 0, reverse=rev, part=part_of(i))
+        finish_row(lse, row, m, d, store=held == size)
 
-      _row_loop(rows, num_ctas, one_row)
+      _cluster_rows(size, held, lambda: _row_loop(rows, num_ctas, one_row))
 
     scratch = [
       plgpu.SMEM((S, p.kb, p.w), dtype),
       plgpu.SMEM((2, p.kb, p.w), dtype),
       plgpu.Barrier(num_barriers=S),
     ]
+    scratch += [_xch_scratch(2)] if size > 1 else []
   scratch += [plgpu.SMEM((WARPGROUP,), F32)] if log else []  # the lse's row (``split_lse``)
-  out, *lse = _kernel(rows, cfg, out_type, scratch, body)(x3)
+  out, *lse = _kernel(rows, cfg, out_type, scratch, body, cluster=size)(x3)
   return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
 
@@ -816,6 +856,56 @@ def _swap(xch, own, c: int, merge):
     peers.append(tuple(jnp.max(slot[...]) for slot in peer))
   _cluster_barrier(wait=False)  # this CTA has read its peers' slots
   return functools.reduce(merge, peers)
+
+
+def _xch_scratch(n_stats: int):
+  """The SMEM rows through which a cluster's CTAs swap ``n_stats`` statistics (``_swap``)."""
+  return [plgpu.SMEM((WARPGROUP,), F32) for _ in range(n_stats)]
+
+
+def _parts(p: Plan, c: int, cfg: Config):
+  """A streamed row shared by ``c`` CTAs: ``(held, cluster_part)``, with
+  ``held`` the parts each CTA streams (all ``c`` in interpret mode, which runs
+  one CTA and no cluster; else one), and ``cluster_part()``, called in the
+  kernel, giving ``part_of(i)``: the ``(first chunk, count)`` of the CTA's i-th
+  part (None for a row of one part: all of it)."""
+  ncp = p.nc // c
+  held = c if cfg.interpret else 1
+
+  def cluster_part():
+    if c == 1:
+      return lambda i: None  # the whole row
+    if held == c:
+      return lambda i: (i * ncp, ncp)
+    k = jax.lax.axis_index("cl")
+    return lambda i: (k * ncp, ncp)
+
+  return held, cluster_part
+
+
+def _add_sums(a, b):
+  """The backward's ``merge``: two parts' row sums, as 1-tuples."""
+  return (a[0] + b[0],)
+
+
+def _combine(stats, c: int, xch, merge):
+  """The row's statistics from the ``held`` parts' ``stats`` of a CTA: merged in
+  order if it holds every part (or the row is one part), else swapped with the
+  cluster's other CTAs (``_swap``)."""
+  if len(stats) == c:
+    return functools.reduce(merge, stats)
+  return _swap(list(xch[0]), stats[0], c, merge)
+
+
+def _cluster_rows(c: int, held: int, run):
+  """``run()``, the CTA's rows, between the cluster barrier halves that ``_swap``
+  expects (a pending arrive before the first swap; the last wait before exit,
+  so that no CTA leaves while a peer may still read its slots)."""
+  if held < c:
+    _cluster_barrier(wait=False)
+  run()
+  if held < c:
+    _cluster_barrier(arrive=False)
 
 
 def _split_rows(arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=None, live=None):
@@ -1046,22 +1136,23 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     def fold_part(acc, chunks):
       return (fold(acc[0], *chunks),)
 
-    def merge(a, b):
-      return (a[0] + b[0],)
-
     def emit(chunks, acc, flag):
       return grad(*chunks, acc[0], flag)
 
-    stats = (lambda: (acc_of.bwd_init(),), fold_part, lambda a: (acc_of.bwd_done(a[0]),), merge)
+    stats = (lambda: (acc_of.bwd_init(),), fold_part, lambda a: (acc_of.bwd_done(a[0]),), _add_sums)
     live2 = args[2] if log else None
     (dx,) = _split_rows(args[:2], p, cfg, size, load, stats, emit, live=live2)
     return dx.reshape(rows, cols)
+
+  # Streamed: ``size`` CTAs a row, each streaming one part of its chunks (``_parts``).
+  held, cluster_part = _parts(p, size, cfg)
 
   def body(num_ctas, *refs):
     if log:
       y_gmem, g_gmem, live_gmem, o_gmem, live_smem, ybuf, gbuf, *rest = refs
     else:
       y_gmem, g_gmem, o_gmem, ybuf, gbuf, *rest = refs
+    part_of = cluster_part()
 
     def one_row(row):
       # log_softmax: the row's live flag loads on a barrier of its own (the last)
@@ -1086,13 +1177,18 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[row])
       else:
-        outs, bars = rest
+        outs, *xch, bars = rest
         stream2 = partial(_stream, row, p, S, [(y_gmem, ybuf), (g_gmem, gbuf)], bars)
-        acc = stream2(
-          lambda j, slot, a: chunk_sum(a, j, load(ybuf.at[slot]), load(gbuf.at[slot])),
-          acc_of.bwd_init(),
-        )
-        acc = acc_of.bwd_done(acc)
+
+        def part_sum(i):
+          acc = stream2(
+            lambda j, slot, a: chunk_sum(a, j, load(ybuf.at[slot]), load(gbuf.at[slot])),
+            acc_of.bwd_init(),
+            part=part_of(i),
+          )
+          return (acc_of.bwd_done(acc),)
+
+        (acc,) = _combine([part_sum(i) for i in range(held)], size, xch, _add_sums)
         flag = get_flag()
 
         def write(j, slot, c):
@@ -1103,10 +1199,12 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
           plgpu.copy_smem_to_gmem(outs.at[j % 2], o_gmem.at[row, pl.ds(_start(p, j), p.kb)])
           return c
 
-        stream2(write, 0, reverse=cfg.reverse_write)
+        rev = cfg.reverse_write  # (parts last to first too: the chunks alternate outs)
+        for i in reversed(range(held)) if rev else range(held):
+          stream2(write, 0, reverse=rev, part=part_of(i))
       _drain(cfg)  # before the buffers are reused for the next row
 
-    _row_loop(rows, num_ctas, one_row)
+    _cluster_rows(size, held, lambda: _row_loop(rows, num_ctas, one_row))
 
   scratch = [plgpu.SMEM((WARPGROUP,), F32)] if log else []
   flag_bars = 1 if log else 0
@@ -1114,8 +1212,9 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     scratch += [plgpu.SMEM((p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=2 + flag_bars)]
   else:
     scratch += [plgpu.SMEM((S, p.kb, p.w), dtype)] * 2 + [plgpu.SMEM((2, p.kb, p.w), dtype)]
+    scratch += [_xch_scratch(1)] if size > 1 else []
     scratch += [plgpu.Barrier(num_barriers=2 * S + flag_bars)]
-  dx = _kernel(rows, cfg, out_type, scratch, body)(*args)
+  dx = _kernel(rows, cfg, out_type, scratch, body, cluster=size)(*args)
   return dx.reshape(rows, cols)
 
 
