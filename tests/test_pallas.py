@@ -352,6 +352,10 @@ def test_gpu_elementwise_row_statistics():
   for r in range(rows):
     ok = np.isnan(rd[r]) if np.isnan(rd[r]) else np.isclose(d[r], rd[r], rtol=1e-5, atol=0)
     assert ok and (m[r] == rm[r] or (np.isnan(m[r]) and np.isnan(rm[r]))), (r, m[r], d[r])
+  # Rows of one chunk keep the chunk-by-chunk statistics (reduced once either way).
+  cfg = gpu.Config(elementwise_stats=True)
+  assert gpu._Acc.of(cfg, 2, (k,), None).elementwise
+  assert not gpu._Acc.of(cfg, 1, (k,), None).elementwise
   # The chunk-by-chunk statistics agree (one reduction a chunk).
   for r in range(rows):
     mc, dc = jnp.float32(-jnp.inf), jnp.float32(0)

@@ -471,8 +471,11 @@ class _Acc:
   interpret: bool
 
   @classmethod
-  def of(cls, cfg: Config, shape, layout) -> _Acc:
-    return cls(cfg.elementwise_stats, tuple(shape), layout, cfg.interpret)
+  def of(cls, cfg: Config, nc: int, shape, layout) -> _Acc:
+    """For rows of ``nc`` chunks. A row of one chunk is reduced once either way,
+    and its elementwise statistics would take a second exp an element
+    (``_ew_reduce``)."""
+    return cls(cfg.elementwise_stats and nc > 1, tuple(shape), layout, cfg.interpret)
 
   def zeros(self, *values):
     if self.elementwise:
@@ -672,7 +675,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
-  acc = _Acc.of(cfg, (p.kb, p.w), lay)
+  acc = _Acc.of(cfg, p.nc, (p.kb, p.w), lay)
 
   def fresh(j, v):  # (chunk j for the statistics)
     return _skip_shared(p, j, v, -jnp.inf, lay, cfg.interpret)
@@ -1088,7 +1091,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   out_type = jax.ShapeDtypeStruct(args[0].shape, dtype)
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
-  acc_of = _Acc.of(cfg, (p.kb, p.w), lay)
+  acc_of = _Acc.of(cfg, p.nc, (p.kb, p.w), lay)
   fold = partial(acc_of.bwd_fold, log=log)
 
   def chunk_sum(a, j, yc, gc):  # folds in chunk j, skipping what it shares with chunk j - 1
@@ -1270,7 +1273,7 @@ def _ragged_chunks(cols: int, cfg: Config):
     return _skip_shared(p, p.nc - 1, v, fill, lay, cfg.interpret)
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
-  return p.nc, p.ov, chunk, load, skip_shared, _Acc.of(cfg, (p.kb,), lay)
+  return p.nc, p.ov, chunk, load, skip_shared, _Acc.of(cfg, p.nc, (p.kb,), lay)
 
 
 def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
