@@ -1,7 +1,7 @@
 """Pallas kernels on a GPU: correctness against float64, then timings and bandwidth.
 
 Run on a GPU machine (6.5 minutes on an H200 on 2026-11-26, T0511Z: 2.5 for
-steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 36
+steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 38
 cells, about 10 s each, within 360 s; the masked softmax adds perhaps 30 s to
 step 2, which the variants give back within ``--budget``):
 
@@ -424,11 +424,12 @@ VARIANTS = {
   ),
   # One read of each row: rows of up to 200 KiB kept whole (1024 x 65536
   # bfloat16), longer ones split over a cluster, by persistent CTAs that load the
-  # next row while they write this one. At 46% of copy before (T0518Z), when one
-  # warpgroup an SM spent its time in per-chunk reductions.
+  # next row while they write this one. At 46% of copy before (T0518Z; 128 x
+  # 262144, 30% and 46% in T0511Z), when one warpgroup an SM spent its time in
+  # per-chunk reductions.
   "row statistics, approx math, 200 KiB parts, persistent": (
     lambda: _split(200, split_ctas=gpu.sm_count(), elementwise_stats=True, approx_math=True),
-    LONG[:1],
+    LONG,
   ),
   # (Rows of one chunk, where the statistics are reduced once a row anyway.)
   "approx math": (lambda: gpu.Config(approx_math=True), SHORT),
