@@ -174,6 +174,13 @@ GPU_SPLIT_ROW_STATS = ops.make(
   gpu, gpu.Config(**{**STREAM, "split_bytes": 2048, "bwd_split_bytes": 2048, **ROW_STATS})
 )
 GPU_ROW_STATS = ops.make(gpu, gpu.Config(interpret=True, **ROW_STATS))
+# Rows kept whole, the max and then the normaliser (Config.held_two_pass): with
+# an overlapping chunk, and 8 chunks of 256 in row blocks.
+TWO_PASS = dict(**ROW_STATS, held_two_pass=True)
+GPU_OVERLAP_TWO_PASS = ops.make(gpu, gpu.Config(**OVERLAP, **TWO_PASS))
+GPU_BLOCKS_TWO_PASS = ops.make(
+  gpu, gpu.Config(interpret=True, chunk_elems=256, block_bytes=1 << 20, **TWO_PASS)
+)
 # Streamed rows shared by a cluster (Config.stream_cluster): 2048 columns in 8
 # chunks of 256, 4 parts of 2 (one CTA in interpret mode streams every part and
 # merges their statistics in cluster order); 8 parts of 1 with per-element
@@ -219,6 +226,8 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     (4097, GPU_ROW_STATS),
     (2048, GPU_STREAM_CLUSTER),
     (2048, GPU_STREAM_CLUSTER_8),
+    (1152, GPU_OVERLAP_TWO_PASS),
+    (2048, GPU_BLOCKS_TWO_PASS),
   ],
   ids=[
     "384-fits",
@@ -250,6 +259,8 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     "4097-ragged-row-stats",
     "2048-online-cluster-of-4",
     "2048-online-cluster-of-8-row-stats",
+    "1152-overlap-fits-two-pass",
+    "2048-row-blocks-two-pass",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -757,6 +768,8 @@ def test_gpu_row_statistics_and_approx_math_kernels_lower_for_cuda(dtype):
   persistent = dict(split_bytes=200 * 1024, bwd_split_bytes=200 * 1024, split_ctas=132)
   _lowers(_gpu_kernels(elementwise_stats=True, stages=6, **persistent), "cuda", dtype, shapes[1:2])
   _lowers(_gpu_kernels(elementwise_stats=True, block_bytes=32 * 1024), "cuda", dtype, [(64, 2048)])
+  two_pass = _gpu_kernels(elementwise_stats=True, held_two_pass=True)
+  _lowers(two_pass, "cuda", dtype, [(64, 16384), (16, 32000)])
   warpgroup = _gpu_kernels(elementwise_stats=True, semantics=plgpu.LoweringSemantics.Warpgroup)
   _lowers(warpgroup, "cuda", dtype, [(64, 16384), (8, 4097)])
 

@@ -142,6 +142,11 @@ class Config:
   # copy). The forward's online update then takes one exp an element, as before
   # (``_ew_online``). Off until timed on a GPU (benchmarks/gpu_pallas.py).
   elementwise_stats: bool = False
+  # Rows kept whole in SMEM, with ``elementwise_stats``: the max in one pass over
+  # the row's chunks, then the normaliser with that max in a second, rather than
+  # the online update: fewer operations an element (no rescaling, no select),
+  # one more read of SMEM. Off until timed.
+  held_two_pass: bool = False
   # Mosaic GPU's approximate math (``CompilerParams.approx_math``): exp as
   # ``ex2.approx`` of ``x * log2(e)``, log as ``lg2.approx``, rather than the
   # accurate libdevice calls. Off until timed, and checked against float64.
@@ -708,12 +713,20 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   def row_stats(row):
     """Running max and normaliser of a whole (n1, w) row in SMEM."""
 
-    def stats(j, md):
-      return acc.fwd_fold(md, fresh(j, load(row.at[pl.ds(_start(p, j), p.kb)])))
+    def chunk(j):
+      return fresh(j, load(row.at[pl.ds(_start(p, j), p.kb)]))
 
-    plain = p.nc - (p.ov > 0)  # an overlapping last chunk is masked, after the loop
-    md = jax.lax.fori_loop(0, plain, stats, acc.fwd_init())
-    return acc.fwd_done(stats(p.nc - 1, md) if p.ov else md)
+    def fold(f, init):  # f over the row's chunks
+      plain = p.nc - (p.ov > 0)  # an overlapping last chunk is masked, after the loop
+      a = jax.lax.fori_loop(0, plain, lambda j, a: f(a, chunk(j)), init)
+      return f(a, chunk(p.nc - 1)) if p.ov else a
+
+    if acc.elementwise and cfg.held_two_pass:
+      # The max, then the normaliser with it: no rescaling (Config.held_two_pass).
+      m = jnp.max(fold(jnp.maximum, *acc.zeros(-jnp.inf)))
+      shift = _safe_shift(m)  # +inf: exp(inf - inf) makes d NaN, as the online form does
+      return m, jnp.sum(fold(lambda a, v: a + jnp.exp(v - shift), *acc.zeros(0.0)))
+    return acc.fwd_done(fold(acc.fwd_fold, acc.fwd_init()))
 
   def row_write(row, m, d):
     """The output, in place of the row."""
