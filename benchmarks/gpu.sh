@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmarks on a GPU machine, in one call. On an H200 the Pallas part took
-# 6.5 minutes (2026-11-26T0511Z: its variants cut at 240 s); now 40 variant
+# 6.5 minutes (2026-11-26T0511Z: its variants cut at 240 s); now 38 variant
 # cells within 360 s (a cell that hangs is killed after 60 s), about 6-7 in all
 # (4096 x 32000, timed since, takes its time from the variants' budget).
 # The harness takes its --budget plus about a minute.
