@@ -32,7 +32,9 @@ In this order:
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
    with a few ``gpu.Config`` variants (``VARIANTS``: row statistics reduced
-   once a row, approximate exp and log), in child processes, within ``--variants-timeout`` seconds
+   once a row, in one pass or two, approximate exp and log, more pipeline
+   stages, streamed rows shared by a cluster, whole long rows in persistent
+   CTAs), in child processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
    rest), each checked against float64 as in step 1 (softmax and log_softmax)
    before softmax is timed, in turn with the default of its cell within every
