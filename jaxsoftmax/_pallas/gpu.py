@@ -1195,13 +1195,19 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       else:
         outs, *xch, bars = rest
         stream2 = partial(_stream, row, p, S, [(y_gmem, ybuf), (g_gmem, gbuf)], bars)
+        # log_softmax's row sum is sum(g): that pass streams g alone, not l too.
+        g_only = partial(_stream, row, p, S, [(g_gmem, gbuf)], bars)
 
         def part_sum(i):
-          acc = stream2(
-            lambda j, slot, a: chunk_sum(a, j, load(ybuf.at[slot]), load(gbuf.at[slot])),
-            acc_of.bwd_init(),
-            part=part_of(i),
-          )
+          if log:
+            fn = lambda j, slot, a: chunk_sum(a, j, None, load(gbuf.at[slot]))  # noqa: E731
+            acc = g_only(fn, acc_of.bwd_init(), part=part_of(i))
+          else:
+            acc = stream2(
+              lambda j, slot, a: chunk_sum(a, j, load(ybuf.at[slot]), load(gbuf.at[slot])),
+              acc_of.bwd_init(),
+              part=part_of(i),
+            )
           return (acc_of.bwd_done(acc),)
 
         (acc,) = _combine([part_sum(i) for i in range(held)], size, xch, _add_sums)
@@ -1338,14 +1344,17 @@ def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
     def chunks(j):
       return load(chunk(y_gmem, row, j)), load(chunk(g_gmem, row, j))
 
-    loop = jax.lax.fori_loop
+    loop, summed = jax.lax.fori_loop, chunks
     if 2 * nc <= RAGGED_HELD_CHUNKS:  # held in registers: y and g are read once
       chunks, loop = [chunks(j) for j in range(nc)].__getitem__, _unrolled
+      summed = chunks
+    elif log:  # log_softmax's row sum is sum(g): that pass reads no l
+      summed = lambda j: (None, load(chunk(g_gmem, row, j)))  # noqa: E731
 
     fold = partial(acc_of.bwd_fold, log=log)
-    acc = loop(0, nc - (ov > 0), lambda j, a: fold(a, *chunks(j)), acc_of.bwd_init())
+    acc = loop(0, nc - (ov > 0), lambda j, a: fold(a, *summed(j)), acc_of.bwd_init())
     if ov:
-      acc = fold(acc, *(skip_shared(v, 0.0) for v in chunks(nc - 1)))
+      acc = fold(acc, *(v if v is None else skip_shared(v, 0.0) for v in summed(nc - 1)))
     acc = acc_of.bwd_done(acc)
     flag = None
     if log:
