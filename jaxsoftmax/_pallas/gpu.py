@@ -482,13 +482,14 @@ class _Acc:
     (``_ew_reduce``)."""
     return cls(cfg.elementwise_stats and nc > 1, tuple(shape), layout, cfg.interpret)
 
-  def zeros(self, *values):
+  def filled(self, *values):
+    """Initial statistics: each of ``values``, a scalar or (elementwise) an array."""
     if self.elementwise:
       return tuple(_full(self.shape, v, self.layout, self.interpret) for v in values)
     return tuple(jnp.float32(v) for v in values)
 
   def fwd_init(self):
-    return self.zeros(-jnp.inf, 0.0)
+    return self.filled(-jnp.inf, 0.0)
 
   def fwd_fold(self, md, v):
     return _ew_online(md, v) if self.elementwise else _online_stats(*md, v)
@@ -497,7 +498,7 @@ class _Acc:
     return _ew_reduce(md) if self.elementwise else md
 
   def bwd_init(self):
-    return self.zeros(0.0)[0]
+    return self.filled(0.0)[0]
 
   def bwd_fold(self, acc, yc, gc, *, log: bool):
     t = _bwd_term(yc, gc, log=log)
@@ -723,9 +724,9 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     if acc.elementwise and cfg.held_two_pass:
       # The max, then the normaliser with it: no rescaling (Config.held_two_pass).
-      m = jnp.max(fold(jnp.maximum, *acc.zeros(-jnp.inf)))
+      m = jnp.max(fold(jnp.maximum, *acc.filled(-jnp.inf)))
       shift = _safe_shift(m)  # +inf: exp(inf - inf) makes d NaN, as the online form does
-      return m, jnp.sum(fold(lambda a, v: a + jnp.exp(v - shift), *acc.zeros(0.0)))
+      return m, jnp.sum(fold(lambda a, v: a + jnp.exp(v - shift), *acc.filled(0.0)))
     return acc.fwd_done(fold(acc.fwd_fold, acc.fwd_init()))
 
   def row_write(row, m, d):
