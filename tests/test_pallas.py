@@ -701,6 +701,13 @@ def _lowers(mod, platform, dtype, shapes):
       assert "tpu_custom_call" in text or "mosaic_gpu" in text, (name, shape)
 
 
+def _cuda_module(f, x) -> str:
+  """The module of ``jax.jit(f)(x)`` exported for ``cuda``, without its source
+  locations (which differ between any two traces anyway)."""
+  text = jax.export.export(jax.jit(f), platforms=["cuda"])(x).mlir_module()
+  return re.sub(r"loc\([^\n]*", "", text)
+
+
 def _gpu_kernels(**cfg):
   """The GPU module's two 2-D kernels under ``gpu.Config(**cfg)``."""
   cfg = gpu.Config(**cfg)
@@ -758,11 +765,7 @@ def test_gpu_row_statistics_and_approx_math_kernels_lower_for_cuda(dtype):
   k = _gpu_kernels(elementwise_stats=True, approx_math=True)
   _lowers(k, "cuda", dtype, shapes)
   x = jax.ShapeDtypeStruct((64, 16384), dtype)
-
-  def module(k):  # without the source locations, which differ anyway
-    f = jax.jit(lambda x: k.softmax_fwd_2d(x, log=False))
-    return re.sub(r"loc\([^\n]*", "", jax.export.export(f, platforms=["cuda"])(x).mlir_module())
-
+  module = lambda k: _cuda_module(lambda x: k.softmax_fwd_2d(x, log=False), x)  # noqa: E731
   assert module(k) != module(_gpu_kernels(elementwise_stats=True))  # approx_math reaches it
   _lowers(_gpu_kernels(elementwise_stats=True, split_bytes=64 * 1024), "cuda", dtype, shapes[1:2])
   persistent = dict(split_bytes=200 * 1024, bwd_split_bytes=200 * 1024, split_ctas=132)
@@ -790,8 +793,7 @@ def test_gpu_stream_cluster_kernels_lower_for_cuda(dtype):
       lambda x, k=k: k.softmax_fwd_2d(x, log=True)[0],
       lambda x, k=k: k.softmax_bwd_2d(x, x, log=False),
     ):
-      text = jax.export.export(jax.jit(f), platforms=["cuda"])(x).mlir_module()
-      assert "barrier.cluster.arrive.release" in text
+      assert "barrier.cluster.arrive.release" in _cuda_module(f, x)
   warpgroup = plgpu.LoweringSemantics.Warpgroup
   _lowers(_gpu_kernels(stream_cluster=4, semantics=warpgroup), "cuda", dtype, shapes[:1])
 
@@ -851,11 +853,8 @@ def test_gpu_read_only_drain_reaches_every_path():
   # Config.read_only_drain changes the final store waits of every path (rows,
   # blocks, streamed, split, ring; forward and backward), and they still lower.
   def module(f, shape, **cfg):
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
     k = _gpu_kernels(**cfg)
-    g = lambda x: f(k, x)  # noqa: E731
-    text = jax.export.export(jax.jit(g), platforms=["cuda"])(x).mlir_module()
-    return re.sub(r"loc\([^\n]*", "", text)  # the source locations, which differ anyway
+    return _cuda_module(lambda x: f(k, x), jax.ShapeDtypeStruct(shape, jnp.float32))
 
   fwd = lambda k, x: k.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
   bwd = lambda k, x: k.softmax_bwd_2d(x, x, log=False)  # noqa: E731

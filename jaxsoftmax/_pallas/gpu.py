@@ -793,6 +793,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     def body(num_ctas, x_gmem, o_gmem, *refs):
       lse, (bufs, outs, bars, *xch) = split_lse(refs)
+      xch = xch[0] if xch else None  # the swap's SMEM rows (``_xch_scratch``), if clustered
       part_of = cluster_part()
 
       def one_row(row):
@@ -908,10 +909,10 @@ def _add_sums(a, b):
 def _combine(stats, c: int, xch, merge):
   """The row's statistics from the ``held`` parts' ``stats`` of a CTA: merged in
   order if it holds every part (or the row is one part), else swapped with the
-  cluster's other CTAs (``_swap``)."""
+  cluster's other CTAs through the SMEM rows ``xch`` (``_swap``)."""
   if len(stats) == c:
     return functools.reduce(merge, stats)
-  return _swap(list(xch[0]), stats[0], c, merge)
+  return _swap(list(xch), stats[0], c, merge)
 
 
 def _cluster_rows(c: int, held: int, run):
@@ -973,7 +974,6 @@ def _split_rows(arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=
   def body(num_ctas, *refs):
     ins, outs = refs[: len(inputs)], refs[len(inputs) : len(inputs) + len(out_type)]
     *bufs, xch, row_smem, bars = refs[len(inputs) + len(out_type) :]
-    xch = list(xch)
     part = 0 if held == c else jax.lax.axis_index("cl")
     first = part * ncp  # the CTA's first chunk in a row
     cta = jax.lax.axis_index("cta")
@@ -988,9 +988,6 @@ def _split_rows(arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=
     def _():
       for j in range(nloc):
         fetch(cta, j)
-
-    if held < c:
-      _cluster_barrier(wait=False)  # the arrive that the first swap's wait closes
 
     def one_row(k, carry):
       row = cta + k * num_ctas
@@ -1010,11 +1007,7 @@ def _split_rows(arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=
 
         return done(jax.lax.fori_loop(0, ncp, step, init()))
 
-      parts = [part_stats(i) for i in range(held)]
-      if held == c:
-        stats = functools.reduce(merge, parts)
-      else:
-        stats = _swap(xch, parts[0], c, merge)
+      stats = _combine([part_stats(i) for i in range(held)], c, xch, merge)
       flag = None
       if live is not None:
         plgpu.barrier_wait(bars.at[flag_bar])
@@ -1054,14 +1047,12 @@ def _split_rows(arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=
 
       return carry
 
-    jax.lax.fori_loop(0, mine, one_row, 0)
-    if held < c:
-      _cluster_barrier(arrive=False)  # the peers have read this CTA's slot: it may exit
+    _cluster_rows(c, held, lambda: jax.lax.fori_loop(0, mine, one_row, 0))
     _drain(cfg)
 
   scratch = [plgpu.SMEM((nloc, p.kb, p.w), dtype) for _ in range(n_in)]
   scratch += [
-    [plgpu.SMEM((WARPGROUP,), F32) for _ in range(n_stats)],
+    _xch_scratch(n_stats),
     plgpu.SMEM((WARPGROUP,), F32),
     plgpu.Barrier(num_barriers=flag_bar + 1),
   ]
@@ -1195,23 +1186,22 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
         plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[row])
       else:
         outs, *xch, bars = rest
+        xch = xch[0] if xch else None  # the swap's SMEM rows (``_xch_scratch``), if clustered
         stream2 = partial(_stream, row, p, S, [(y_gmem, ybuf), (g_gmem, gbuf)], bars)
         # log_softmax's row sum is sum(g): that pass streams g alone, not l too.
-        g_only = partial(_stream, row, p, S, [(g_gmem, gbuf)], bars)
+        summed = [(g_gmem, gbuf)] if log else [(y_gmem, ybuf), (g_gmem, gbuf)]
+
+        def add_chunk(j, slot, a):
+          yc = None if log else load(ybuf.at[slot])
+          return chunk_sum(a, j, yc, load(gbuf.at[slot]))
 
         def part_sum(i):
-          if log:
-            fn = lambda j, slot, a: chunk_sum(a, j, None, load(gbuf.at[slot]))  # noqa: E731
-            acc = g_only(fn, acc_of.bwd_init(), part=part_of(i))
-          else:
-            acc = stream2(
-              lambda j, slot, a: chunk_sum(a, j, load(ybuf.at[slot]), load(gbuf.at[slot])),
-              acc_of.bwd_init(),
-              part=part_of(i),
-            )
+          init = acc_of.bwd_init()
+          acc = _stream(row, p, S, summed, bars, add_chunk, init, part=part_of(i))
           return (acc_of.bwd_done(acc),)
 
-        (acc,) = _combine([part_sum(i) for i in range(held)], size, xch, _add_sums)
+        parts = [part_sum(i) for i in range(held)]
+        (acc,) = _combine(parts, size, xch, _add_sums)
         flag = get_flag()
 
         def write(j, slot, c):
