@@ -176,23 +176,25 @@ def _rel(a, r):
   return float(num / den) if den else float(num)
 
 
-def check(sizes, dtypes) -> list[dict]:
+def check(sizes, dtypes, most_rows: int = CHECK_ROWS) -> list[dict]:
+  """Each size's first ``most_rows`` rows (at most) against float64."""
   rows = []
-  for (_, cols), dt in _progress([(s, d) for s in sizes for d in dtypes], "correctness"):
+  for (r, cols), dt in _progress([(s, d) for s in sizes for d in dtypes], "correctness"):
     dtype = jnp.dtype(dt)
     eps = float(jnp.finfo(dtype).eps)
     k = jax.random.split(jax.random.key(cols), 3)
-    x = np.array(3 * jax.random.normal(k[0], (CHECK_ROWS, cols), jnp.float32)).astype(dtype)
-    w = np.array(jax.random.bernoulli(k[1], 0.8, (CHECK_ROWS, cols)))
+    n = max(CHECK_ROWS, min(r, most_rows))
+    x = np.array(3 * jax.random.normal(k[0], (n, cols), jnp.float32)).astype(dtype)
+    w = np.array(jax.random.bernoulli(k[1], 0.8, (n, cols)))
     w[2] = False  # fully masked
     x[3] = -np.inf  # all -inf
     x[4, 5] = np.nan
     x[5, 7] = np.inf
-    g = np.array(jax.random.normal(k[2], (CHECK_ROWS, cols), jnp.float32)).astype(dtype)
+    g = np.array(jax.random.normal(k[2], (n, cols), jnp.float32)).astype(dtype)
     for log in (False, True):
       fn = jaxsoftmax.log_softmax if log else jaxsoftmax.softmax
       row = dict(op="log_softmax" if log else "softmax", cols=cols, dtype=dt,
-                 fwd_tol=4 * eps, bwd_tol=8 * eps)  # fmt: skip
+                 fwd_tol=4 * eps, bwd_tol=8 * eps, rows=n)  # fmt: skip
       try:
         ours = jax.jit(lambda x, w, fn=fn: fn(x, where=w, implementation="pallas"))
         y, vjp = jax.vjp(lambda v, w=w, ours=ours: ours(v, w), x)
@@ -731,11 +733,12 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
     lines += ["**The correctness check FAILED: the Pallas timings are of a wrong kernel.**", ""]
   lines.append(f"Measured copy bandwidth (`-x`, 1 GiB float32): **{copy_bw / 1e9:.0f} GB/s**.")
   lines += ["", "## Correctness vs float64 (first rows, with masks and non-finite rows)", ""]
-  lines.append("| op | cols | dtype | fwd err / tol | bwd err / tol | ok |")
-  lines.append("|---|---|---|---|---|---|")
+  lines.append("| op | rows | cols | dtype | fwd err / tol | bwd err / tol | ok |")
+  lines.append("|---|---|---|---|---|---|---|")
   for c in checks:
     lines.append(
-      f"| {c['op']} | {c['cols']} | {c['dtype']} | {c['fwd_rel_err']:.2e} / {c['fwd_tol']:.1e} "
+      f"| {c['op']} | {c.get('rows', CHECK_ROWS)} | {c['cols']} | {c['dtype']} "
+      f"| {c['fwd_rel_err']:.2e} / {c['fwd_tol']:.1e} "
       f"| {c['bwd_rel_err']:.2e} / {c['bwd_tol']:.1e} | {'yes' if c['ok'] else '**NO**'} |"
     )
   for op in [*OPS, WHERE]:
@@ -791,6 +794,17 @@ def main(argv=None) -> int:
     default=540,
     help="seconds for the whole script: the variants stop in time",
   )
+  p.add_argument(
+    "--sizes",
+    help="RxC,...: check and time these instead of SIZES and NEW_SIZES (no 'where' rows)",
+  )
+  p.add_argument("--check-cols", help="C,...: checked (8 rows) instead of NEW_CHECK_COLS")
+  p.add_argument(
+    "--check-rows",
+    type=int,
+    default=CHECK_ROWS,
+    help="rows of each timed size checked against float64 (persistent CTAs take several)",
+  )
   p.add_argument("--variants-only", metavar="DIR", help=argparse.SUPPRESS)  # the child
   p.add_argument("--dtypes", default=",".join(DTYPES), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -812,6 +826,12 @@ def main(argv=None) -> int:
     print(f"gpu_pallas.py: no GPU (default backend {platform!r}); see --allow-cpu", file=sys.stderr)
     return 2
   sizes, new_sizes, dtypes, where_sizes = SIZES, NEW_SIZES, DTYPES, WHERE_SIZES
+  if args.sizes:
+    sizes = [tuple(int(n) for n in rc.split("x")) for rc in args.sizes.split(",")]
+    new_sizes, where_sizes = [], []
+  check_cols = NEW_CHECK_COLS
+  if args.check_cols is not None:
+    check_cols = [int(c) for c in args.check_cols.split(",") if c]
   if platform != "gpu":  # smoke test: tiny sizes, no Pallas
     sizes, new_sizes, dtypes = [(64, 256)], [(8, 384)], ["float32"]
     where_sizes = sizes
@@ -853,7 +873,7 @@ def main(argv=None) -> int:
       stem.with_suffix(".md").write_text(md)
       print(md, flush=True)
 
-  result["checks"] = checks = check(sizes, dtypes) if pallas else []
+  result["checks"] = checks = check(sizes, dtypes, args.check_rows) if pallas else []
   ok = all(c["ok"] for c in checks)
   save()
   if not ok:
@@ -873,7 +893,7 @@ def main(argv=None) -> int:
   rows = timings(sizes, dtypes, pallas, args.calls, args.samples, on_cell, where_sizes)
   result["copy_bytes_per_s"] = copy_bandwidth(args.calls, args.samples, copy_n)
   save(markdown(meta, checks, rows, result["copy_bytes_per_s"]))
-  more = [*new_sizes, *[(CHECK_ROWS, c) for c in NEW_CHECK_COLS]] if platform == "gpu" else []
+  more = [*new_sizes, *[(CHECK_ROWS, c) for c in check_cols]] if platform == "gpu" else []
   checks += check(more, dtypes) if pallas else []
   ok = all(c["ok"] for c in checks)
   save()

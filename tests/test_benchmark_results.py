@@ -50,13 +50,14 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
 
   Config = gpu_pallas.gpu.Config
   assert all(isinstance(c(), Config) for c, _ in gpu_pallas.VARIANTS.values())
-  small = dict(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, bwd_split_bytes=0)
+  small = dict(interpret=True, chunk_elems=256, split_bytes=0, bwd_split_bytes=0)
+  small.update(row_bytes=256, bwd_row_bytes=256)  # rows stream, forward and backward
   monkeypatch.setattr(gpu_pallas, "BATCH_BYTES", 1)  # 2 buffers per timed program
   variants = {
     "default": (lambda: Config(**small), [(4, 1280), (4, 256)]),
     "row blocks": (lambda: Config(interpret=True, block_bytes=1 << 20), [(4, 1280), (4, 256)]),
     "split rows": (
-      lambda: Config(**{**small, "split_bytes": 2048, "bwd_split_bytes": 2048}),
+      lambda: Config(**{**small, "split_bytes": 2048, "bwd_split_bytes": 2048, "split_cluster": 8}),
       [(4, 2048)],
     ),
     "ring": (lambda: Config(interpret=True, ring_slots=2, block_bytes=2048), [(4, 256)]),

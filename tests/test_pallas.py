@@ -129,12 +129,25 @@ def test_tpu_kernels_interpret(cols, be, dtype):
 
 GPU_DEFAULT = ops.make(gpu, gpu.Config(interpret=True))
 # A tiny shared-memory budget, so that the rows stream through the online path
-# (the backward too: not split over a cluster).
-STREAM = dict(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=256, bwd_split_bytes=0)
+# (not split over a cluster), in the default form for streamed forward rows
+# (per-element statistics, approximate math, 6 stages in 16 bits).
+STREAM = dict(
+  interpret=True,
+  row_bytes=256,
+  chunk_elems=256,
+  bwd_row_bytes=256,
+  split_bytes=0,
+  bwd_split_bytes=0,
+)
 GPU_SMALL = ops.make(gpu, gpu.Config(**STREAM))
+# The forward's statistics reduced chunk by chunk, through 3 stages.
+GPU_SMALL_CHUNK_STATS = ops.make(
+  gpu, gpu.Config(**STREAM, elementwise_stats=False, approx_math=False, stages=3)
+)
 # Forward and backward on different paths: one streams, the other keeps rows whole.
 GPU_FWD_STREAMS = ops.make(
-  gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=1 << 20)
+  gpu,
+  gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, bwd_row_bytes=1 << 20, split_bytes=0),
 )
 # Several whole rows per CTA (6 rows: blocks of 2).
 GPU_BLOCKS = ops.make(gpu, gpu.Config(interpret=True, block_bytes=1 << 20))
@@ -142,7 +155,14 @@ GPU_BLOCKS = ops.make(gpu, gpu.Config(interpret=True, block_bytes=1 << 20))
 # 2 KiB: forward 4 parts (float32) or 2, backward 8 or 4. One CTA in interpret
 # mode holds every part of a row and merges the parts' statistics; it takes
 # every row, each loading as the one before is written, as persistent clusters do.
-GPU_SPLIT = ops.make(gpu, gpu.Config(**{**STREAM, "split_bytes": 2048, "bwd_split_bytes": 2048}))
+SPLIT = {**STREAM, "split_bytes": 2048, "bwd_split_bytes": 2048, "split_cluster": 8}
+GPU_SPLIT = ops.make(gpu, gpu.Config(**SPLIT))
+# The forward's default form, scaled down: parts of at most 4 KiB, clusters of at
+# most 2 (float32: 2 parts; 16 bits: whole rows), persistent (one CTA in
+# interpret mode takes every row, as above), per-element statistics.
+GPU_SPLIT_DEFAULT = ops.make(
+  gpu, gpu.Config(interpret=True, row_bytes=256, chunk_elems=256, split_bytes=4096)
+)
 # A budget that holds the whole row: one part, no cluster (persistent CTAs keep
 # long rows whole).
 GPU_SPLIT_WHOLE = ops.make(
@@ -170,9 +190,7 @@ GPU_OVERLAP_RING = ops.make(gpu, gpu.Config(**OVERLAP, ring_slots=4))
 ROW_STATS = dict(elementwise_stats=True)
 GPU_SMALL_ROW_STATS = ops.make(gpu, gpu.Config(**STREAM, **ROW_STATS))
 GPU_OVERLAP_ROW_STATS = ops.make(gpu, gpu.Config(**OVERLAP, **ROW_STATS))
-GPU_SPLIT_ROW_STATS = ops.make(
-  gpu, gpu.Config(**{**STREAM, "split_bytes": 2048, "bwd_split_bytes": 2048, **ROW_STATS})
-)
+GPU_SPLIT_ROW_STATS = ops.make(gpu, gpu.Config(**SPLIT, **ROW_STATS))
 GPU_ROW_STATS = ops.make(gpu, gpu.Config(interpret=True, **ROW_STATS))
 # Rows kept whole, the max and then the normaliser (Config.held_two_pass): with
 # an overlapping chunk, and 8 chunks of 256 in row blocks.
@@ -197,11 +215,13 @@ GPU_STREAM_CLUSTER_8 = ops.make(
   [
     (384, GPU_DEFAULT),
     (1280, GPU_SMALL),
+    (1280, GPU_SMALL_CHUNK_STATS),
     (1280, GPU_SMALL_FORWARD),
     (1280, GPU_FWD_STREAMS),
     (1280, GPU_BWD_STREAMS),
     (384, GPU_BLOCKS),
     (2048, GPU_SPLIT),
+    (2048, GPU_SPLIT_DEFAULT),
     (1280, GPU_SPLIT_WHOLE),
     (256, GPU_SPLIT_WHOLE),
     (384, GPU_RING),
@@ -232,11 +252,13 @@ GPU_STREAM_CLUSTER_8 = ops.make(
   ids=[
     "384-fits",
     "1280-online",
+    "1280-online-chunk-stats",
     "1280-online-forward-order",
     "1280-fwd-online",
     "1280-bwd-online",
     "384-row-blocks",
     "2048-split",
+    "2048-split-default-form",
     "1280-split-one-part",
     "256-split-one-chunk",
     "384-ring-2-slots",
@@ -401,7 +423,14 @@ def test_gpu_route():
   f32, bf16 = jnp.float32, jnp.bfloat16
   assert route(4096, 16384, f32) == ("rows", 1)  # 64 KiB <= 96 KiB
   assert route(4096, 16384, f32, True) == ("rows", 1)  # two 64 KiB rows <= 200 KiB
-  assert route(1024, 32768, f32) == ("streamed", 1)  # 128 KiB
+  # The forward splits rows past 96 KiB in parts of 200 KiB over clusters of up
+  # to 2 persistent CTAs (1024 x 65536: 0.79-0.81x the streamed time on an H100),
+  # else streams them.
+  assert route(1024, 32768, f32) == ("split", 1)  # 128 KiB, whole
+  assert route(1024, 65536, bf16) == ("split", 1)
+  assert route(1024, 65536, f32) == ("split", 2)
+  assert route(128, 262144, bf16) == ("streamed", 1)  # 4 parts
+  assert route(128, 262144, f32, split_cluster=8) == ("split", 8)
   assert route(1024, 32768, bf16, True) == ("rows", 1)
   # The backward splits pairs of rows past 200 KiB in parts of 64 KiB, up to 8
   # (what the H200 measured faster than streaming them), else streams them.
@@ -410,21 +439,22 @@ def test_gpu_route():
   assert route(1024, 32768, f32, True) == ("split", 4)
   assert route(128, 262144, bf16, True) == ("streamed", 1)  # 16 parts
   assert route(1024, 65536, f32, True, bwd_split_bytes=0) == ("streamed", 1)
-  assert route(1024, 65536, f32) == ("streamed", 1)  # the forward does not split
+  assert route(1024, 65536, f32, split_bytes=0) == ("streamed", 1)
   # Streamed rows shared by a cluster: a power of two up to 8 dividing the chunks.
   assert route(128, 262144, f32, stream_cluster=4) == ("streamed", 4)  # 64 chunks
   assert route(128, 262144, bf16, True, stream_cluster=16) == ("streamed", 8)
-  streams = dict(row_bytes=1024, stream_cluster=4)
+  streams = dict(row_bytes=1024, split_bytes=0, stream_cluster=4)
   assert route(8, 3 * 4096, f32, **streams) == ("streamed", 1)  # 3 chunks
   assert route(8, 6 * 4096, f32, **streams) == ("streamed", 2)
   assert route(1024, 65536, f32, True, stream_cluster=4) == ("split", 8)  # split first
   assert route(8, 70000, f32, stream_cluster=4) == ("streamed", 1)  # an overlapping chunk
   assert route(4096, 1024, f32, block_bytes=32 * 1024) == ("blocks", 8)
   assert route(4096, 1024, f32, True, block_bytes=32 * 1024) == ("blocks", 8)
-  assert route(1024, 65536, f32, split_bytes=64 * 1024) == ("split", 4)
+  assert route(1024, 65536, f32, split_bytes=64 * 1024, split_cluster=8) == ("split", 4)
+  assert route(1024, 65536, f32, split_bytes=64 * 1024) == ("streamed", 1)  # 4 > 2 parts
   assert route(1024, 65536, f32, True, bwd_split_bytes=128 * 1024) == ("split", 4)
   assert route(128, 262144, f32, split_bytes=64 * 1024) == ("streamed", 1)  # 16 parts
-  assert route(128, 262144, bf16, split_bytes=128 * 1024) == ("split", 4)
+  assert route(128, 262144, bf16, split_bytes=128 * 1024, split_cluster=4) == ("split", 4)
   assert route(1024, 32768, f32, split_bytes=200 * 1024) == ("split", 1)  # one part
   assert route(1024, 16384, f32, split_bytes=200 * 1024) == ("rows", 1)  # fits: not split
   # The ring: blocks within RING_BYTES for all its slots (rows and a 512-byte
@@ -438,7 +468,7 @@ def test_gpu_route():
   assert route(4096, 16384, f32, ring_slots=1) == ("rows", 1)  # a ring needs 2 slots
   assert route(4096, 1024, f32, True, ring_slots=10) == ("ring", 1)
   assert route(4096, 1024, f32, True, ring_slots=11) == ("rows", 1)  # 33 barriers
-  assert route(1024, 65536, f32, ring_slots=3) == ("streamed", 1)  # too long to keep whole
+  assert route(1024, 65536, f32, ring_slots=3) == ("split", 2)  # too long to keep whole
 
 
 def test_gpu_ring_sizes():
@@ -565,7 +595,7 @@ def test_gpu_plan_chunks():
   # Overlapping chunks never split over a cluster (each part takes whole chunks).
   p = gpu.plan(32000, jnp.float32)
   assert gpu.cluster_size(p, 32000 * 4, 64 * 1024) == 0
-  assert gpu.route(1024, p, jnp.float32, gpu.Config(split_bytes=64 * 1024)) == ("streamed", 1)
+  assert gpu.route(1024, p, jnp.float32, gpu.Config()) == ("streamed", 1)
 
 
 # ------------------------------------------------- the custom_vjp cores and any axes
@@ -753,6 +783,28 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
 
 
+def test_gpu_default_forms_by_path():
+  # Config's None defaults: per-element statistics and approximate math for the
+  # forward's rows past row_bytes (split or streamed; 6 stages in 16 bits), per
+  # chunk and accurate elsewhere (rows kept whole, the backward, ragged rows).
+  def module(shape, dtype, bwd=False, **cfg):
+    k = _gpu_kernels(**cfg)
+    if bwd:
+      f = lambda x: k.softmax_bwd_2d(x, x, log=False)  # noqa: E731
+    else:
+      f = lambda x: k.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
+    return _cuda_module(f, jax.ShapeDtypeStruct(shape, dtype))
+
+  off = dict(elementwise_stats=False, approx_math=False, stages=3)
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  for shape, dtype, stages in [((1024, 65536), f32, 3), ((8, 70000), bf16, 6)]:
+    on = dict(elementwise_stats=True, approx_math=True, stages=stages)
+    assert module(shape, dtype) == module(shape, dtype, **on) != module(shape, dtype, **off)
+  for shape, dtype, bwd in [((64, 16384), f32, False), ((1024, 65536), bf16, True)]:
+    assert module(shape, dtype, bwd) == module(shape, dtype, bwd, **off)
+  assert module((8, 4097), f32) == module((8, 4097), f32, **off)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_gpu_row_statistics_and_approx_math_kernels_lower_for_cuda(dtype):
   # Config.elementwise_stats (the statistics' loop carries are arrays in the
@@ -767,7 +819,8 @@ def test_gpu_row_statistics_and_approx_math_kernels_lower_for_cuda(dtype):
   x = jax.ShapeDtypeStruct((64, 16384), dtype)
   module = lambda k: _cuda_module(lambda x: k.softmax_fwd_2d(x, log=False), x)  # noqa: E731
   assert module(k) != module(_gpu_kernels(elementwise_stats=True))  # approx_math reaches it
-  _lowers(_gpu_kernels(elementwise_stats=True, split_bytes=64 * 1024), "cuda", dtype, shapes[1:2])
+  split = dict(split_bytes=64 * 1024, split_cluster=8)
+  _lowers(_gpu_kernels(elementwise_stats=True, **split), "cuda", dtype, shapes[1:2])
   persistent = dict(split_bytes=200 * 1024, bwd_split_bytes=200 * 1024, split_ctas=132)
   _lowers(_gpu_kernels(elementwise_stats=True, stages=6, **persistent), "cuda", dtype, shapes[1:2])
   _lowers(_gpu_kernels(elementwise_stats=True, block_bytes=32 * 1024), "cuda", dtype, [(64, 2048)])
@@ -818,7 +871,8 @@ def test_gpu_split_row_kernels_lower_for_cuda(dtype):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   def kernels(**cfg):
-    return _gpu_kernels(**{"split_bytes": 64 * 1024, "bwd_split_bytes": 64 * 1024, **cfg})
+    split = {"split_bytes": 64 * 1024, "bwd_split_bytes": 64 * 1024, "split_cluster": 8}
+    return _gpu_kernels(**{**split, "split_ctas": None, **cfg})
 
   # Clusters of 2 to 8 CTAs (and 128 x 262144 float32, past 8 parts, streamed).
   shapes = [(1024, 65536), (128, 262144), (1024, 32768)]
@@ -829,8 +883,10 @@ def test_gpu_split_row_kernels_lower_for_cuda(dtype):
   _lowers(kernels(), "cuda", dtype, shapes)
   _lowers(kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, shapes[1:2])
   # Persistent clusters (and rows of 128 KiB kept whole by persistent CTAs).
-  persistent = kernels(split_bytes=200 * 1024, bwd_split_bytes=200 * 1024, split_ctas=132)
-  _lowers(persistent, "cuda", dtype, shapes + [(100, 49152)])
+  persistent = dict(split_bytes=200 * 1024, bwd_split_bytes=200 * 1024, split_ctas=132)
+  _lowers(kernels(**persistent, bwd_split_ctas=132), "cuda", dtype, shapes + [(100, 49152)])
+  # The default: the forward's persistent clusters of up to 2, on one CTA per SM.
+  _lowers(_gpu_kernels(), "cuda", dtype, [(1024, 65536), (100, 49152)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -861,8 +917,9 @@ def test_gpu_read_only_drain_reaches_every_path():
   for shape, cfg in [
     ((4096, 1024), {}),
     ((4096, 1024), dict(block_bytes=32 * 1024)),
-    ((1024, 65536), dict(bwd_split_bytes=0)),  # streamed
-    ((1024, 65536), dict(split_bytes=64 * 1024)),  # split (the backward by default)
+    ((1024, 65536), dict(split_bytes=0, bwd_split_bytes=0)),  # streamed
+    ((1024, 65536), dict(split_bytes=64 * 1024, split_ctas=None, split_cluster=8)),  # split
+    ((1024, 65536), {}),  # split: forward persistent, backward a cluster a row
     ((4096, 1024), dict(ring_slots=3)),
   ]:
     for f in (fwd, bwd):

@@ -14,21 +14,23 @@ last one overlaps the one before it (``plan``, ``Plan.ov``).
   row, the statistics and then the output computed chunk by chunk from shared
   memory, the output written in place and stored with one TMA copy: one read
   and one write of HBM.
-* **online** (longer rows): a statistics pass streams the chunks through two
-  buffers, keeping a running max and normaliser in float32 (Milakov &
-  Gimelshein 2018); a second pass streams them again, last chunk first (those
-  are the likeliest to be still in L2), and writes. (Off by default,
-  ``Config.stream_cluster``: a cluster of CTAs shares each row, each streaming
-  its part of the chunks, swapping partial statistics as split rows do.)
+* **online** (longer rows that do not split): a statistics pass streams the
+  chunks through a few buffers (``Config.stages``), keeping a running max and
+  normaliser in float32 (Milakov & Gimelshein 2018); a second pass streams them
+  again, last chunk first (those are the likeliest to be still in L2), and
+  writes. (Off by default, ``Config.stream_cluster``: a cluster of CTAs shares
+  each row, each streaming its part of the chunks, swapping partial statistics
+  as split rows do.)
 * **ring** (rows that fit, off by default, ``Config.ring_slots``; no faster on
   the H200): persistent CTAs take blocks of whole rows through a ring of SMEM
   slots, loading the next blocks while one is computed and stored, rather than
   waiting for each load and store in turn.
-* **split** (longer rows; the backward's default, ``Config.bwd_split_bytes``,
-  the forward's off, ``Config.split_bytes``): a cluster of up to 8 CTAs shares
-  each row, each holding its part in SMEM; the CTAs swap their partial
-  statistics through distributed shared memory, then each writes its part: one
-  read and one write of HBM, and a few rows still fill the GPU.
+* **split** (longer rows, ``Config.split_bytes`` and ``bwd_split_bytes``): a
+  cluster of CTAs (up to 2 in the forward, 8 in the backward) shares each row,
+  each holding its part in SMEM; the CTAs swap their partial statistics through
+  distributed shared memory, then each writes its part: one read and one write
+  of HBM. The forward's clusters are persistent (``Config.split_ctas``): they
+  load the next row while they write this one.
 
 The backward (a row sum, then the write pass) keeps both rows (``s`` or ``l``,
 and ``g``) in shared memory when they fit, splits them over a cluster when
@@ -59,6 +61,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 F32 = jnp.float32
 WARPGROUP = 128
+PER_SM = "per SM"  # Config.split_ctas: one CTA per SM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +83,20 @@ class Config:
   # that prompted them was a cold GPU: timed interleaved, 10.2 us, jax.nn 9.0.)
   block_bytes: int = 0
   # Forward rows past ``row_bytes`` split over a cluster of C CTAs (C a power
-  # of two, at most 8), each holding its share of the row in SMEM, at most this
-  # many input bytes. The CTAs swap their partial statistics through distributed
-  # shared memory, so each row is read from HBM once, and a few long rows still
-  # fill every SM. A row of at most this many bytes is one part: kept whole, no
-  # cluster. 0 (the default) streams them: on the H200 (gpu_pallas-2026-11-26T0511Z
-  # and gpu_variants-2026-11-26T0518Z) 64 KiB parts ran 1024 x 65536 float32 at
-  # 0.91x the streamed time in both runs, but bfloat16 at 1.17-1.19x, and larger
-  # parts at 0.98-1.41x; 128 x 262144 gained nothing.
-  split_bytes: int = 0
+  # of two, at most ``split_cluster``), each holding its share of the row in
+  # SMEM, at most this many input bytes. The CTAs swap their partial statistics
+  # through distributed shared memory, so each row is read from HBM once. A row
+  # of at most this many bytes is one part: kept whole, no cluster. 0 streams
+  # them. With persistent CTAs (``split_ctas``), which load a row's parts while
+  # they write the row before, 200 KiB parts ran 1024 x 65536 at 0.81x
+  # (bfloat16: whole rows) and 0.79x (float32: clusters of 2) the streamed time,
+  # 76% and 87% of copy, on an H100 (gpu_pallas-2026-11-26T1329Z). One cluster a
+  # row did not pay on the H200 (gpu_pallas-2026-11-26T0511Z, 0.91-1.41x).
+  split_bytes: int = 200 * 1024
+  # The most CTAs a forward row is split over; longer rows stream. At 128 x
+  # 262144 bfloat16 (clusters of 4: 28 persistent clusters for 128 rows) the
+  # split took 0.94x the streamed time, streaming with 6 stages 0.81x (T1329Z).
+  split_cluster: int = 2
   # The same for the backward's pairs of rows past ``bwd_row_bytes`` (both rows'
   # shares within this). Measured on the H200 in the same two runs, 64 KiB parts
   # (1024 x 65536: clusters of 4 in bfloat16, 8 in float32) ran at 0.83x / 0.94x
@@ -96,9 +104,13 @@ class Config:
   # would need 16 CTAs). 0 streams them.
   bwd_split_bytes: int = 64 * 1024
   # Split rows: None runs a cluster per row; a number runs persistent clusters
-  # on about that many CTAs (``sm_count()``: one per SM), each loading its part
-  # of the next row while it stores the current one.
-  split_ctas: int | None = None
+  # on about that many CTAs, each loading its part of the next row while it
+  # stores the current one; PER_SM (the forward's default) one CTA per SM
+  # (``sm_count()``). ``bwd_split_ctas`` is the same for the backward, whose
+  # persistent 200 KiB parts took 0.87-1.02x the time of its default (one cluster
+  # a row, 64 KiB parts) on the H100 (T1329Z): not adopted.
+  split_ctas: int | str | None = PER_SM
+  bwd_split_ctas: int | str | None = None
   # Streamed rows (past ``row_bytes``, not split): a cluster of up to this many
   # CTAs per row (``stream_cluster``), each streaming its share of the chunks
   # twice and swapping its partial statistics with the others through
@@ -125,7 +137,11 @@ class Config:
   # {4096, 16384}, 1024 x 65536; 4096 x 1024 within its noise), so off.
   read_only_drain: bool = False
   chunk_elems: int = 4096  # elements per (kb, w) chunk
-  stages: int = 3  # SMEM buffers per streamed input (stages - 1 chunks in flight)
+  # SMEM buffers per streamed input (stages - 1 chunks in flight). None: 3, but
+  # the forward's streamed rows take as many as STREAM_BYTES of chunks, up to
+  # 6 (16-bit: 6 chunks of 8 KiB, where 3 took 1.23x the time at 128 x 262144
+  # bfloat16 on the H100, T1329Z; float32: 3 of 16 KiB, 6 overflow SMEM).
+  stages: int | None = None
   num_ctas: int | None = None  # None: one CTA per row (split rows: clusters, one per row)
   # Streamed rows: the second pass (the write) takes the chunks last to first, so
   # that it starts with those the first pass read last, the likeliest still in L2.
@@ -140,8 +156,11 @@ class Config:
   # shuffles and a warpgroup barrier, which nothing hides while one warpgroup
   # holds an SM (the long rows, 1024 x 65536 and 128 x 262144, at 36-65% of
   # copy). The forward's online update then takes one exp an element, as before
-  # (``_ew_online``). Off until timed on a GPU (benchmarks/gpu_pallas.py).
-  elementwise_stats: bool = False
+  # (``_ew_online``). None (the default): on for the forward's rows past
+  # ``row_bytes`` (split or streamed), where with ``approx_math`` it took
+  # 0.89-1.01x the time of per-chunk statistics on the H100 (T1329Z), and off
+  # elsewhere, where it has not been timed (the backward's took 0.99-1.00x).
+  elementwise_stats: bool | None = None
   # Rows kept whole in SMEM, with ``elementwise_stats``: the max in one pass over
   # the row's chunks, then the normaliser with that max in a second, rather than
   # the online update: fewer operations an element (no rescaling, no select),
@@ -149,9 +168,32 @@ class Config:
   held_two_pass: bool = False
   # Mosaic GPU's approximate math (``CompilerParams.approx_math``): exp as
   # ``ex2.approx`` of ``x * log2(e)``, log as ``lg2.approx``, rather than the
-  # accurate libdevice calls. Off until timed, and checked against float64.
-  approx_math: bool = False
+  # accurate libdevice calls. None: as ``elementwise_stats``. Checked against
+  # float64 on the H100 (4 eps forward, 8 backward) in every variant that used it.
+  approx_math: bool | None = None
   interpret: bool = False
+
+
+STREAM_BYTES = 48 * 1024  # Config.stages=None: chunks per streamed forward input
+MAX_STAGES = 6
+
+
+def _resolved(cfg: Config, long_fwd: bool, chunk_bytes: int) -> Config:
+  """``cfg`` with its per-path defaults (None) resolved for a call: ``long_fwd``,
+  the forward of rows past ``row_bytes`` (split or streamed)."""
+
+  def auto(v):
+    return long_fwd if v is None else v
+
+  stages = cfg.stages
+  if stages is None:
+    stages = min(MAX_STAGES, max(3, STREAM_BYTES // chunk_bytes)) if long_fwd else 3
+  return dataclasses.replace(
+    cfg,
+    elementwise_stats=auto(cfg.elementwise_stats),
+    approx_math=auto(cfg.approx_math),
+    stages=stages,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,9 +269,11 @@ MAX_CLUSTER = 8  # the portable cluster size
 MAX_BARRIERS = 32  # per barrier array in Mosaic GPU (its phases live in one i32)
 
 
-def cluster_size(p: Plan, row_bytes: int, budget: int, arrays: int = 1) -> int:
+def cluster_size(
+  p: Plan, row_bytes: int, budget: int, arrays: int = 1, most: int = MAX_CLUSTER
+) -> int:
   """CTAs per row for rows split over a cluster: the smallest power of two
-  ``C <= MAX_CLUSTER`` that divides the row's chunks, with ``row_bytes / C <=
+  ``C <= min(most, MAX_CLUSTER)`` that divides the row's chunks, with ``row_bytes / C <=
   budget`` and a barrier for each of the part's chunks of the ``arrays`` input
   rows (and one more) within ``MAX_BARRIERS``; 0 if there is none (or no budget,
   or the row's last chunk overlaps the one before it: ``Plan.ov``)."""
@@ -237,7 +281,7 @@ def cluster_size(p: Plan, row_bytes: int, budget: int, arrays: int = 1) -> int:
   if p.ov:
     return 0
   c = 1
-  while budget > 0 and c <= MAX_CLUSTER:
+  while budget > 0 and c <= min(most, MAX_CLUSTER):
     if nc % c == 0 and row_bytes <= c * budget and arrays * (nc // c) + 1 <= MAX_BARRIERS:
       return c
     c *= 2
@@ -290,7 +334,7 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
     budget = min(cfg.block_bytes, cfg.bwd_row_bytes // 2)
   else:
     fits = p.fits
-    c = cluster_size(p, row_bytes, cfg.split_bytes)
+    c = cluster_size(p, row_bytes, cfg.split_bytes, most=cfg.split_cluster)
     budget = cfg.block_bytes
   if not fits:
     return ("split", c) if c else ("streamed", stream_cluster(p, cfg))
@@ -671,8 +715,10 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   rows, cols = x.shape
   p = plan(cols, x.dtype, cfg)
   if isinstance(p, str):
-    return _ragged_fwd(x, log, cfg)
+    return _ragged_fwd(x, log, _resolved(cfg, False, 0))
   dtype = x.dtype
+  kind, size = route(rows, p, dtype, cfg)
+  cfg = _resolved(cfg, kind in ("split", "streamed"), p.kb * p.w * dtype.itemsize)
   S = cfg.stages
   lay = _strided((p.kb, p.w), dtype)
   x3 = x.reshape(rows, p.n1, p.w)
@@ -741,7 +787,6 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     _in_place(p, write, chunk, out)
 
-  kind, size = route(rows, p, dtype, cfg)
   if kind in ("ring", "blocks"):
     nb = rows // size
 
@@ -767,7 +812,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     finish = _lse if log else None  # softmax: no lse
     stats = (acc.fwd_init, fold, acc.fwd_done, _merge_stats)
-    out, *lse = _split_rows([x3], p, cfg, size, load, stats, emit, finish)
+    out, *lse = _split_rows([x3], p, cfg, size, load, stats, emit, finish, cfg.split_ctas)
     return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
   if kind == "rows":
@@ -926,7 +971,9 @@ def _cluster_rows(c: int, held: int, run):
     _cluster_barrier(arrive=False)
 
 
-def _split_rows(arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=None, live=None):
+def _split_rows(
+  arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=None, ctas=None, live=None
+):
   """Rows split over clusters of ``c`` CTAs (``cfg.split_bytes``, backward
   ``cfg.bwd_split_bytes``).
 
@@ -942,7 +989,8 @@ def _split_rows(arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=
   given, is a per-row float32 second output (log_softmax's lse), stored by CTA
   0; ``live``, a ``(rows, WARPGROUP)`` float32 row flag, is ``emit``'s ``flag``.
 
-  With ``cfg.split_ctas``, persistent clusters take rows q, q + Q, ...: once the
+  With ``ctas`` (``cfg.split_ctas`` or ``bwd_split_ctas``: a number, or PER_SM),
+  persistent clusters on about that many CTAs take rows q, q + Q, ...: once the
   store of chunk j has read it from SMEM (``LAG`` stores later), chunk j of the
   next row loads into its slot, and the last ``LAG`` follow after the row.
 
@@ -964,11 +1012,12 @@ def _split_rows(arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=
   nloc = held * ncp  # chunks held by a CTA
   flag_bar = n_in * nloc
   LAG = 2
-  if cfg.split_ctas:
+  if ctas:
+    ctas = sm_count() if ctas == PER_SM else ctas
     # A cluster runs within one GPC (14-18 SMs on an H100 or H200): at one CTA
     # per SM, clusters of 4 or 8 cannot use every SM, and a cluster that does not
     # fit would wait for a whole second wave. So clusters take 7/8 of the CTAs.
-    ctas = cfg.split_ctas if c == 1 else cfg.split_ctas * 7 // 8
+    ctas = ctas if c == 1 else ctas * 7 // 8
     cfg = dataclasses.replace(cfg, num_ctas=max(1, ctas // c))  # clusters
 
   def body(num_ctas, *refs):
@@ -1084,10 +1133,11 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   rows, cols = y.shape
   p = plan(cols, y.dtype, cfg)
   if isinstance(p, str):
-    return _ragged_bwd(y, g, live, log, cfg)
+    return _ragged_bwd(y, g, live, log, _resolved(cfg, False, 0))
   dtype = y.dtype
-  S = cfg.stages
   kind, size = route(rows, p, dtype, cfg, backward=True)
+  cfg = _resolved(cfg, False, 0)
+  S = cfg.stages
   fits = kind == "rows"  # (row blocks return first)
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
@@ -1149,7 +1199,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
     stats = (lambda: (acc_of.bwd_init(),), fold_part, lambda a: (acc_of.bwd_done(a[0]),), _add_sums)
     live2 = args[2] if log else None
-    (dx,) = _split_rows(args[:2], p, cfg, size, load, stats, emit, live=live2)
+    (dx,) = _split_rows(args[:2], p, cfg, size, load, stats, emit, None, cfg.bwd_split_ctas, live2)
     return dx.reshape(rows, cols)
 
   # Streamed: ``size`` CTAs a row, each streaming one part of its chunks (``_parts``).
