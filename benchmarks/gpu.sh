@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The benchmarks on a GPU machine, in one call. On an H200 the Pallas part took
-# 6.5 minutes (2026-11-26T0511Z: its variants cut at 240 s); now 38 variant
-# cells (about 320 s; a cell that hangs is killed after 60 s) in what is left of
-# its 540 s budget, so about 9 minutes in all (the last, short-row cells may be
-# cut; 4096 x 32000 and 50257, timed since, take their time from the variants).
-# The harness takes its --budget plus about a minute.
+# The benchmarks on a GPU machine, in one call. On an H100 the Pallas part took
+# 8.9 minutes (2026-11-26T1329Z): about 5 minutes of checks and timings, then
+# the variants in what is left of its 540 s budget, a cell (shape and dtype,
+# all its variants) a minute or so, the cells short of the targets first (a
+# cell that hangs is killed after 60 s). The harness takes its --budget plus
+# about a minute.
 # Keep timeout_s at 600:
 #
 #   OUT=/some/dir PYTHONPATH=. BENCH_COMMIT=<sha> bash benchmarks/gpu.sh [extra flags]

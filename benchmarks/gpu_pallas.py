@@ -32,9 +32,9 @@ In this order:
    (>= 85% of copy, faster than ``jax.nn.softmax``);
 4. tuning data for the next change: the Mosaic GPU kernels called directly
    with a few ``gpu.Config`` variants (``VARIANTS``: row statistics reduced
-   once a row, in one pass or two, approximate exp and log, more pipeline
-   stages, streamed rows shared by a cluster, whole long rows in persistent
-   CTAs), in child processes, within ``--variants-timeout`` seconds
+   once a row, in one pass or two, and approximate exp and log, on rows kept
+   whole; the backward's long rows split by persistent clusters; more stages
+   for float32 streamed rows), in child processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
    rest), each checked against float64 as in step 1 (softmax and log_softmax)
    before softmax is timed, in turn with the default of its cell within every
@@ -368,7 +368,6 @@ def timings(
   return rows
 
 
-SHORT = [(4096, 1024), (4096, 4096)]
 LONG = [(1024, 65536), (128, 262144)]
 
 # What the H200 runs settled (gpu_pallas-2026-11-26T0031Z and T0041Z): the write
@@ -386,63 +385,55 @@ LONG = [(1024, 65536), (128, 262144)]
 #   4096} in the second run (the first run's 0.72-0.80x at 4096 x 1024 did not
 #   repeat), 1.06-1.23x at 4096 x 16384; the read-only drain: within 1%. Those
 #   are no longer timed here.
-# What those runs suggest: the kernels are short of issue slots where one
-# warpgroup holds an SM (long rows: 36-65% of copy), and bfloat16 falls further
-# short than float32 at every size (twice the elements a byte). Timed next:
-# - row statistics reduced once a row rather than per chunk
-#   (``Config.elementwise_stats``), where rows have several chunks;
-# - approximate exp and log (``Config.approx_math``), checked against float64
-#   like every variant (4 eps forward, 8 backward);
-# - more chunks in flight (``Config.stages``) for rows streamed by one CTA an SM,
-#   or a cluster of CTAs sharing each streamed row (``Config.stream_cluster``);
-# the longest rows first, where the most is to gain.
-MID = [(4096, 16384)]
-
-
-def _split(kib, **cfg):
-  """Rows split in parts of ``kib`` KiB, forward and backward."""
-  return gpu.Config(split_bytes=kib * 1024, bwd_split_bytes=kib * 1024, **cfg)
+# Then on an H100 (T1329Z; the variants at 1024 x 65536 and 128 x 262144, in
+# that order, before the budget ran out):
+# - rows of up to 200 KiB held whole, or split in 200 KiB parts, by persistent
+#   clusters, with per-element statistics and approximate math: forward 0.81x
+#   (bfloat16) and 0.79x (float32) of the streamed time at 1024 x 65536, now the
+#   forward's default (``split_bytes``, ``split_cluster`` 2, ``split_ctas``);
+#   0.94x at 128 x 262144 bfloat16 (4 parts), where 6 stages took 0.81x: now the
+#   default for 16-bit streamed rows (``stages=None``, ``stream_bytes``). The
+#   same for the backward: 0.97-1.02x at 1024 x 65536, 0.87x at 128 x 262144
+#   bfloat16 (float32 not reached);
+# - per-element statistics and approximate math on streamed rows: 0.89-1.01x,
+#   now the default on the forward's long rows (``None``); the backward's
+#   0.99-1.00x;
+# - streamed rows shared by clusters of 4: 0.87-1.00x, behind the above.
+# Timed next, the cells short of the targets first: 8 KiB rows, 128 x 262144,
+# then 4096 x 16384 and 4096 x 1024.
+HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
 
 
 # name: (config, the shapes it is timed at)
 VARIANTS = {
-  "default": (lambda: gpu.Config(), LONG + MID + SHORT),
-  "row statistics": (lambda: gpu.Config(elementwise_stats=True), LONG + MID),
+  "default": (lambda: gpu.Config(), [HELD[0], LONG[1], *HELD[1:]]),
+  # Rows kept whole (and, at 128 x 262144, the backward; the forward's long
+  # rows have these by default): the statistics reduced once a row, and
+  # approximate exp and log.
   "row statistics, approx math": (
     lambda: gpu.Config(elementwise_stats=True, approx_math=True),
-    LONG + MID,
-  ),
-  # At 128 x 262144 one CTA streams each row on its SM with 2 chunks in flight
-  # (16 KiB in bfloat16): 6 stages gained 7% before, with the per-chunk
-  # reductions still in the way.
-  "row statistics, approx math, 6 stages": (
-    lambda: gpu.Config(elementwise_stats=True, approx_math=True, stages=6),
-    LONG[1:],  # (at 1024 x 65536, 6 stages would leave room for fewer CTAs an SM)
+    HELD[:2] + LONG[1:],
   ),
   # Rows kept whole: the max, then the normaliser, in two passes over SMEM
   # (``Config.held_two_pass``): fewer operations an element than the online form.
   "row statistics in two passes, approx math": (
     lambda: gpu.Config(elementwise_stats=True, held_two_pass=True, approx_math=True),
-    MID,
+    HELD[:2],
   ),
-  # Streamed rows shared by a cluster of 4 CTAs, each streaming a quarter of the
-  # chunks (``Config.stream_cluster``): 4 warpgroups an SM at 128 x 262144 rather
-  # than one (the forward at 1024 x 65536 too; its backward splits).
-  "row statistics, approx math, streamed by clusters of 4": (
-    lambda: gpu.Config(elementwise_stats=True, approx_math=True, stream_cluster=4),
-    LONG,
+  # Rows of one chunk, where the statistics are reduced once a row anyway.
+  "approx math": (lambda: gpu.Config(approx_math=True), HELD[2:]),
+  # The backward's streamed pairs of rows (128 x 262144: 16 parts of 64 KiB)
+  # split in 200 KiB parts by persistent clusters of 8: 0.87x in bfloat16.
+  "backward: 200 KiB parts, persistent": (
+    lambda: gpu.Config(bwd_split_bytes=200 * 1024, bwd_split_ctas=gpu.PER_SM),
+    LONG[1:],
   ),
-  # One read of each row: rows of up to 200 KiB kept whole (1024 x 65536
-  # bfloat16), longer ones split over a cluster, by persistent CTAs that load the
-  # next row while they write this one. At 46% of copy before (T0518Z; 128 x
-  # 262144, 30% and 46% in T0511Z), when one warpgroup an SM spent its time in
-  # per-chunk reductions.
-  "row statistics, approx math, 200 KiB parts, persistent": (
-    lambda: _split(200, split_ctas=gpu.sm_count(), elementwise_stats=True, approx_math=True),
-    LONG,
+  # The forward's streamed float32 rows with 6 stages (96 KiB of chunks; the
+  # 16-bit rows take 6 already).
+  "forward: 96 KiB of chunks in flight": (
+    lambda: gpu.Config(stream_bytes=96 * 1024),
+    LONG[1:],
   ),
-  # (Rows of one chunk, where the statistics are reduced once a row anyway.)
-  "approx math": (lambda: gpu.Config(approx_math=True), SHORT),
 }
 
 

@@ -13,6 +13,9 @@ with % of a copy bandwidth measured at the end, to gpu_variants-<date>.md.
 
 writes the table of an earlier run (the run of 2026-11-26T0518Z measured no
 copy bandwidth: it takes that of gpu_pallas-2026-11-26T0511Z, the same session).
+
+Its configurations are those of that run (``THEN``): ``gpu.Config``'s defaults
+have changed since (gpu_pallas-2026-11-26T1329Z).
 """
 
 import datetime
@@ -27,21 +30,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import gpu_pallas as gp  # noqa: E402
 from jaxsoftmax._pallas import gpu  # noqa: E402
 
-SHORT, LONG, MID = gp.SHORT, gp.LONG[:1], [(4096, 16384)]
+SHORT, LONG, MID = [(4096, 1024), (4096, 4096)], gp.LONG[:1], [(4096, 16384)]
+# The defaults of that run (gpu.Config's have changed since).
+THEN = dict(split_bytes=0, elementwise_stats=False, approx_math=False, stages=3)
+
+
+def _config(**cfg):
+  return gpu.Config(**{**THEN, **cfg})
+
+
+def _split(kib, **cfg):
+  """Rows split in parts of ``kib`` KiB, forward and backward, as that run split them."""
+  return _config(
+    **{"split_bytes": kib * 1024, "bwd_split_bytes": kib * 1024, "split_cluster": 8, **cfg}
+  )
+
+
 # Short rows first (the undecided ring cells), then the long rows' split
 # backward, then 4096 x 16384, which the first pass did not reach.
 gp.VARIANTS = {
-  "default": (lambda: gpu.Config(), SHORT + LONG + MID),
-  "ring of 3 slots": (lambda: gpu.Config(ring_slots=3), SHORT + MID),
-  "ring of 4 slots": (lambda: gpu.Config(ring_slots=4), SHORT),
+  "default": (_config, SHORT + LONG + MID),
+  "ring of 3 slots": (lambda: _config(ring_slots=3), SHORT + MID),
+  "ring of 4 slots": (lambda: _config(ring_slots=4), SHORT),
   "ring of 3 slots, read-only drain": (
-    lambda: gpu.Config(ring_slots=3, read_only_drain=True),
+    lambda: _config(ring_slots=3, read_only_drain=True),
     SHORT,
   ),
-  "read-only drain": (lambda: gpu.Config(read_only_drain=True), SHORT[1:] + MID),
-  "split rows, 64 KiB parts": (lambda: gp._split(64), LONG),
+  "read-only drain": (lambda: _config(read_only_drain=True), SHORT[1:] + MID),
+  "split rows, 64 KiB parts": (lambda: _split(64, split_ctas=None), LONG),
   "split rows, 200 KiB parts, persistent": (
-    lambda: gp._split(200, split_ctas=gpu.sm_count()),
+    lambda: _split(200, split_ctas=gpu.sm_count(), bwd_split_ctas=gpu.sm_count()),
     LONG,
   ),
 }

@@ -19,7 +19,8 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16
 # kernels are checked in interpret mode and by lowering alone, and the default
 # stays on the XLA path. An explicit implementation="pallas" runs them anyway.
 # "gpu": correct against float64 at every size of the GPU script on an H200, jax
-# 0.11.2 (benchmarks/results/gpu_pallas-2026-11-26T0031Z.md).
+# 0.11.2 (benchmarks/results/gpu_pallas-2026-11-26T0031Z.md), and on an H100
+# (T1329Z; T1348Z, the forward's persistent split rows on 512 rows).
 VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 
 
@@ -37,9 +38,12 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # measurement (the first GPU run timed single calls: host dispatch, not the
 # kernels), so they stay on XLA. Fewer rows leave SMs idle, since each CTA owns
 # whole rows (32 x 262144: twice jax.nn's time). Rows whose chunks overlap
-# (``gpu.Plan.ov``: 32000 or 50304 columns, say) and ragged rows (not a multiple
-# of 16 bytes: 50257) have not run on a GPU yet, so they stay on XLA too. An
-# explicit implementation="pallas" runs them anyway.
+# (``gpu.Plan.ov``) passed on an H100 at 1000, 4104, 32000, 50304 and 70000
+# columns, and at 4096 x 32000 took 0.48-0.68x jax.nn's forward time and
+# 0.63-0.87x its backward's (benchmarks/results/gpu_pallas-2026-11-26T1329Z.md,
+# T1348Z). Ragged rows (not a multiple of 16 bytes: 50257) passed there too, but
+# their backward took 1.05-1.13x jax.nn's time at 4096 x 50257 (the forward
+# 0.81-0.83x), so they stay on XLA. An explicit implementation="pallas" runs them.
 GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 8 * 1024}
 GPU_MIN_ROWS = 128
 
@@ -54,8 +58,8 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> bool:
   if masked:
     # The mask is applied around the kernel: a pass over x and the mask before
     # it, one over s and the mask after, and the same for g and dx, where XLA
-    # folds the mask into its own passes. Not yet timed on a GPU (the GPU
-    # script's "softmax, where" rows will say): XLA until then.
+    # folds the mask into its own passes: at 4096 x {4096, 16384} with a causal
+    # mask, 1.1-2.5x the time of jax.nn on an H100 (T1329Z). So XLA.
     return False
   cols = math.prod(shape[a] for a in axes)
   rows = math.prod(shape) // cols
@@ -63,8 +67,7 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> bool:
     return False
   from . import gpu
 
-  p = gpu.plan(cols, dtype)
-  return isinstance(p, gpu.Plan) and p.ov == 0
+  return isinstance(gpu.plan(cols, dtype), gpu.Plan)  # not ragged
 
 
 def _gpu_major() -> int | None:

@@ -138,10 +138,13 @@ class Config:
   read_only_drain: bool = False
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   # SMEM buffers per streamed input (stages - 1 chunks in flight). None: 3, but
-  # the forward's streamed rows take as many as STREAM_BYTES of chunks, up to
-  # 6 (16-bit: 6 chunks of 8 KiB, where 3 took 1.23x the time at 128 x 262144
-  # bfloat16 on the H100, T1329Z; float32: 3 of 16 KiB, 6 overflow SMEM).
+  # the forward's streamed rows take as many as ``stream_bytes`` of chunks hold,
+  # from 3 to 6: 6 of 8 KiB in 16 bits, where 3 took 1.10x the time at 128 x
+  # 262144 bfloat16 on the H100 (T1329Z); 3 of 16 KiB in float32, where more
+  # is untimed (``stages=6`` overflowed SMEM by 104 bytes in the backward, whose
+  # two streamed inputs take as many stages each).
   stages: int | None = None
+  stream_bytes: int = 48 * 1024
   num_ctas: int | None = None  # None: one CTA per row (split rows: clusters, one per row)
   # Streamed rows: the second pass (the write) takes the chunks last to first, so
   # that it starts with those the first pass read last, the likeliest still in L2.
@@ -174,8 +177,7 @@ class Config:
   interpret: bool = False
 
 
-STREAM_BYTES = 48 * 1024  # Config.stages=None: chunks per streamed forward input
-MAX_STAGES = 6
+MAX_STAGES = 6  # Config.stages=None, the forward's streamed rows
 
 
 def _resolved(cfg: Config, long_fwd: bool, chunk_bytes: int) -> Config:
@@ -187,7 +189,7 @@ def _resolved(cfg: Config, long_fwd: bool, chunk_bytes: int) -> Config:
 
   stages = cfg.stages
   if stages is None:
-    stages = min(MAX_STAGES, max(3, STREAM_BYTES // chunk_bytes)) if long_fwd else 3
+    stages = min(MAX_STAGES, max(3, cfg.stream_bytes // chunk_bytes)) if long_fwd else 3
   return dataclasses.replace(
     cfg,
     elementwise_stats=auto(cfg.elementwise_stats),
