@@ -2,12 +2,16 @@
 
 A backend is a module with ``softmax_fwd``, ``softmax_bwd``, ``log_softmax_fwd``
 and ``log_softmax_bwd`` (see ``_xla.py``). The custom_vjp cores receive the
-backend's name as a static argument and look the module up here.
+backend's name as a static argument and look the module up here. A name
+``"<forward>/<backward>"`` (``"pallas/xla"``) runs the forward functions of one
+and the backward functions of the other: they share what the forward saves
+(``s``; ``l`` and the per-slice ``live`` flag).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+import functools
+from types import ModuleType, SimpleNamespace
 
 import jax
 
@@ -46,18 +50,30 @@ def resolve(
     return "xla"  # the kernels are the default only where they have run on hardware
   reason = pallas_unsupported_reason(x, axes, axis_name)
   if reason is None:
-    masked = where is not None
-    if implementation is None and not _pallas.preferred(fn, x.shape, x.dtype, axes, masked):
-      return "xla"  # supported, but not measured faster than XLA for this call
+    if implementation is None:
+      # Supported; the kernels where they measured faster than XLA, forward and
+      # backward each (``_pallas.preferred``).
+      fwd, bwd = _pallas.preferred(fn, x.shape, x.dtype, axes, where is not None)
+      return "pallas" if fwd and bwd else "pallas/xla" if fwd else "xla"
     return "pallas"
   if implementation == "pallas":
     raise ValueError(f"{fn}: implementation='pallas' cannot run this call: {reason}.")
   return "xla"
 
 
-def get(name: str) -> ModuleType:
-  """The backend called ``name``: "xla", "pallas" (kernels for this platform), or a
-  test-only "pallas:<tpu|gpu>[:interpret]" naming the kernels and interpret mode."""
+@functools.cache
+def get(name: str) -> ModuleType | SimpleNamespace:
+  """The backend called ``name``: "xla", "pallas" (kernels for this platform), a
+  test-only "pallas:<tpu|gpu>[:interpret]" naming the kernels and interpret mode,
+  or "<forward>/<backward>", two of those."""
+  if "/" in name:
+    fwd, bwd = map(get, name.split("/", 1))
+    return SimpleNamespace(
+      softmax_fwd=fwd.softmax_fwd,
+      log_softmax_fwd=fwd.log_softmax_fwd,
+      softmax_bwd=bwd.softmax_bwd,
+      log_softmax_bwd=bwd.log_softmax_bwd,
+    )
   if name == "xla":
     return _xla
   if name == "pallas" or name.startswith("pallas:"):

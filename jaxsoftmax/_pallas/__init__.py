@@ -41,33 +41,37 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # (``gpu.Plan.ov``) passed on an H100 at 1000, 4104, 32000, 50304 and 70000
 # columns, and at 4096 x 32000 took 0.48-0.68x jax.nn's forward time and
 # 0.63-0.87x its backward's (benchmarks/results/gpu_pallas-2026-11-26T1329Z.md,
-# T1348Z). Ragged rows (not a multiple of 16 bytes: 50257) passed there too, but
-# their backward took 1.05-1.13x jax.nn's time at 4096 x 50257 (the forward
-# 0.81-0.83x), so they stay on XLA. An explicit implementation="pallas" runs them.
+# T1348Z). Ragged rows (not a multiple of 16 bytes: 50257) passed there too; at
+# 4096 x 50257 their forward took 0.81-0.83x jax.nn's time but their backward
+# 1.05-1.13x, so they take the kernel forward and XLA's backward ("pallas/xla":
+# softmax 492 + 699 us against jax.nn's 607 + 696 in bfloat16). An explicit
+# implementation="pallas" runs both directions on the kernels.
 GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 8 * 1024}
 GPU_MIN_ROWS = 128
 
 
-def preferred(op: str, shape, dtype, axes, masked: bool = False) -> bool:
+def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, bool]:
   """Whether ``implementation=None`` should take the (supported) kernels for
-  ``op`` ("softmax" or "log_softmax") here; ``masked``: the call has a ``where``."""
+  ``op`` ("softmax" or "log_softmax") here, ``(forward, backward)``; ``masked``:
+  the call has a ``where``. The backward takes them only with the forward."""
   if jax.default_backend() != "gpu":
-    return True
+    return True, True
   if _gpu_major() != 9:
-    return False  # verified on Hopper only; newer GPUs run them on request
+    return False, False  # verified on Hopper only; newer GPUs run them on request
   if masked:
     # The mask is applied around the kernel: a pass over x and the mask before
     # it, one over s and the mask after, and the same for g and dx, where XLA
     # folds the mask into its own passes: at 4096 x {4096, 16384} with a causal
     # mask, 1.1-2.5x the time of jax.nn on an H100 (T1329Z). So XLA.
-    return False
+    return False, False
   cols = math.prod(shape[a] for a in axes)
   rows = math.prod(shape) // cols
   if rows < GPU_MIN_ROWS or cols * jnp.dtype(dtype).itemsize < GPU_MIN_ROW_BYTES[op]:
-    return False
+    return False, False
   from . import gpu
 
-  return isinstance(gpu.plan(cols, dtype), gpu.Plan)  # not ragged
+  # Ragged rows: the forward's kernel, the backward on XLA.
+  return True, isinstance(gpu.plan(cols, dtype), gpu.Plan)
 
 
 def _gpu_major() -> int | None:

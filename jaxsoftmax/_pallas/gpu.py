@@ -107,8 +107,9 @@ class Config:
   # on about that many CTAs, each loading its part of the next row while it
   # stores the current one; PER_SM (the forward's default) one CTA per SM
   # (``sm_count()``). ``bwd_split_ctas`` is the same for the backward, whose
-  # persistent 200 KiB parts took 0.87-1.02x the time of its default (one cluster
-  # a row, 64 KiB parts) on the H100 (T1329Z): not adopted.
+  # persistent 200 KiB parts took 0.97-1.02x the time of its default (one cluster
+  # a row, 64 KiB parts) at 1024 x 65536 on the H100 (T1329Z): not adopted. (At
+  # 128 x 262144 bfloat16, where the backward streams, 0.87x: queued.)
   split_ctas: int | str | None = PER_SM
   bwd_split_ctas: int | str | None = None
   # Streamed rows (past ``row_bytes``, not split): a cluster of up to this many
