@@ -181,9 +181,10 @@ class Config:
 MAX_STAGES = 6  # Config.stages=None, the forward's streamed rows
 
 
-def _resolved(cfg: Config, long_fwd: bool, chunk_bytes: int) -> Config:
+def _resolved(cfg: Config, long_fwd: bool = False, chunk_bytes: int = 0) -> Config:
   """``cfg`` with its per-path defaults (None) resolved for a call: ``long_fwd``,
-  the forward of rows past ``row_bytes`` (split or streamed)."""
+  the forward of rows past ``row_bytes`` (split or streamed), in chunks of
+  ``chunk_bytes``; otherwise a row kept whole, a ragged row or the backward."""
 
   def auto(v):
     return long_fwd if v is None else v
@@ -718,7 +719,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   rows, cols = x.shape
   p = plan(cols, x.dtype, cfg)
   if isinstance(p, str):
-    return _ragged_fwd(x, log, _resolved(cfg, False, 0))
+    return _ragged_fwd(x, log, _resolved(cfg))
   dtype = x.dtype
   kind, size = route(rows, p, dtype, cfg)
   cfg = _resolved(cfg, kind in ("split", "streamed"), p.kb * p.w * dtype.itemsize)
@@ -1134,12 +1135,12 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   once; otherwise they stream twice (row sum, then write).
   """
   rows, cols = y.shape
+  cfg = _resolved(cfg)  # (the backward's defaults are the same on every path)
   p = plan(cols, y.dtype, cfg)
   if isinstance(p, str):
-    return _ragged_bwd(y, g, live, log, _resolved(cfg, False, 0))
+    return _ragged_bwd(y, g, live, log, cfg)
   dtype = y.dtype
   kind, size = route(rows, p, dtype, cfg, backward=True)
-  cfg = _resolved(cfg, False, 0)
   S = cfg.stages
   fits = kind == "rows"  # (row blocks return first)
   lay = _strided((p.kb, p.w), dtype)
