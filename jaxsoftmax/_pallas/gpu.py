@@ -52,7 +52,9 @@ import dataclasses
 import functools
 import inspect
 import math
+from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -468,6 +470,18 @@ def _online_stats(m, d, v):
   return m_new, d * alpha + jnp.sum(jnp.exp(v - shift))
 
 
+class _Stats(NamedTuple):
+  """How ``_split_rows`` reduces a row: ``fold(init(), chunks)`` over a part's
+  chunks, ``done`` the part's ``count`` float32 scalars, ``merge`` two parts'
+  scalars into one (in cluster order)."""
+
+  init: Callable
+  fold: Callable
+  done: Callable
+  merge: Callable
+  count: int  # the scalars a part swaps with its cluster (``_xch_scratch``)
+
+
 def _merge_stats(a, b):
   """The running max and normaliser of two parts of a row, from each part's."""
   (ma, da), (mb, db) = a, b
@@ -815,7 +829,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       return acc.fwd_fold(md, chunks[0])
 
     finish = _lse if log else None  # softmax: no lse
-    stats = (acc.fwd_init, fold, acc.fwd_done, _merge_stats)
+    stats = _Stats(acc.fwd_init, fold, acc.fwd_done, _merge_stats, count=2)  # max, normaliser
     out, *lse = _split_rows([x3], p, cfg, size, load, stats, emit, finish, cfg.split_ctas)
     return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
@@ -983,10 +997,8 @@ def _split_rows(
 
   CTA k of a row's cluster loads chunks ``[k * ncp, (k + 1) * ncp)`` of each of
   ``arrays`` (``(rows, n1, w)``) into SMEM, each chunk on its own barrier, and
-  folds them into partial statistics as they arrive: ``stats`` is ``(init,
-  fold, done, merge)``, ``fold(init(), chunks)`` with ``chunks`` the float32
-  chunk of each array, ``done`` the part's scalars (``_Acc``), ``merge`` two
-  parts' scalars into one. The CTAs swap their partial statistics through
+  folds them into partial statistics as they arrive: ``stats`` (``_Stats``)
+  folds the float32 chunk of each array. The CTAs swap their partial statistics through
   distributed shared memory (``_swap``). Then each writes
   ``emit(chunks, stats, flag)`` in place of its chunks of the last array and
   stores them: one HBM read and one write per element. ``finish(*stats)``, if
@@ -1005,8 +1017,7 @@ def _split_rows(
   rows = arrays[0].shape[0]
   dtype = arrays[0].dtype
   n_in = len(arrays)
-  init, fold, done, merge = stats
-  n_stats = 2 if merge is _merge_stats else 1  # the forward's max and normaliser, or a sum
+  init, fold, done, merge, n_stats = stats
   ncp = p.nc // c  # chunks per part (cluster_size: no overlapping last chunk)
   held = c if cfg.interpret else 1  # parts per CTA
   out_type = [jax.ShapeDtypeStruct(arrays[0].shape, dtype)]
@@ -1201,7 +1212,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     def emit(chunks, acc, flag):
       return grad(*chunks, acc[0], flag)
 
-    stats = (lambda: (acc_of.bwd_init(),), fold_part, lambda a: (acc_of.bwd_done(a[0]),), _add_sums)
+    init, done = lambda: (acc_of.bwd_init(),), lambda a: (acc_of.bwd_done(a[0]),)
+    stats = _Stats(init, fold_part, done, _add_sums, count=1)  # the row sum
     live2 = args[2] if log else None
     (dx,) = _split_rows(args[:2], p, cfg, size, load, stats, emit, None, cfg.bwd_split_ctas, live2)
     return dx.reshape(rows, cols)
