@@ -770,6 +770,16 @@ def _cuda_module(f, x) -> str:
   return re.sub(r"loc\([^\n]*", "", text)
 
 
+def _kernel_form(f, x) -> str:
+  """What Mosaic GPU lowers for ``jax.jit(f)(x)``: its jaxpr, with every kernel's
+  body, grid, cluster, scratch and compiler parameters, after checking that it
+  lowers for ``cuda``. Two calls compare by this rather than by their modules:
+  jax 0.11 stamps each module with a dump name that counts the kernels lowered
+  so far in the process (``anonymous_7``), so no two exports are identical."""
+  assert "mosaic_gpu" in _cuda_module(f, x)
+  return str(jax.make_jaxpr(f)(x))
+
+
 def _gpu_kernels(**cfg):
   """The GPU module's two 2-D kernels under ``gpu.Config(**cfg)``."""
   cfg = gpu.Config(**cfg)
@@ -825,7 +835,7 @@ def test_gpu_default_forms_by_path():
       f = lambda x: k.softmax_bwd_2d(x, x, log=False)  # noqa: E731
     else:
       f = lambda x: k.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
-    return _cuda_module(f, jax.ShapeDtypeStruct(shape, dtype))
+    return _kernel_form(f, jax.ShapeDtypeStruct(shape, dtype))
 
   off = dict(elementwise_stats=False, approx_math=False, stages=3)
   f32, bf16 = jnp.float32, jnp.bfloat16
@@ -849,7 +859,7 @@ def test_gpu_row_statistics_and_approx_math_kernels_lower_for_cuda(dtype):
   k = _gpu_kernels(elementwise_stats=True, approx_math=True)
   _lowers(k, "cuda", dtype, shapes)
   x = jax.ShapeDtypeStruct((64, 16384), dtype)
-  module = lambda k: _cuda_module(lambda x: k.softmax_fwd_2d(x, log=False), x)  # noqa: E731
+  module = lambda k: _kernel_form(lambda x: k.softmax_fwd_2d(x, log=False), x)  # noqa: E731
   assert module(k) != module(_gpu_kernels(elementwise_stats=True))  # approx_math reaches it
   split = dict(split_bytes=64 * 1024, split_cluster=8)
   _lowers(_gpu_kernels(elementwise_stats=True, **split), "cuda", dtype, shapes[1:2])
@@ -942,7 +952,7 @@ def test_gpu_read_only_drain_reaches_every_path():
   # blocks, streamed, split, ring; forward and backward), and they still lower.
   def module(f, shape, **cfg):
     k = _gpu_kernels(**cfg)
-    return _cuda_module(lambda x: f(k, x), jax.ShapeDtypeStruct(shape, jnp.float32))
+    return _kernel_form(lambda x: f(k, x), jax.ShapeDtypeStruct(shape, jnp.float32))
 
   fwd = lambda k, x: k.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
   bwd = lambda k, x: k.softmax_bwd_2d(x, x, log=False)  # noqa: E731
