@@ -825,6 +825,42 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
 
 
+def test_kernels_are_named_for_profilers():
+  # Profilers show each kernel as jaxsoftmax_<op>_<fwd|bwd>_<path>, not "anonymous".
+  def names(mod, platform, shape, log):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    live = jax.ShapeDtypeStruct((shape[0], 1), jnp.float32)
+    fwd = jax.export.export(jax.jit(partial(mod.softmax_fwd_2d, log=log)), platforms=[platform])
+    bwd = jax.export.export(
+      jax.jit(lambda y, g, live: mod.softmax_bwd_2d(y, g, live if log else None, log=log)),
+      platforms=[platform],
+    )
+    text = fwd(x).mlir_module() + bwd(x, x, live).mlir_module()
+    return sorted(set(re.findall(r"jaxsoftmax_[a-z_]*?_(?:fwd|bwd)_[a-z]+(?=_mosaic|\b)", text)))
+
+  expected = [
+    ((4096, 1024), False, ["softmax_bwd_rows", "softmax_fwd_rows"]),
+    ((1024, 65536), True, ["log_softmax_bwd_split", "log_softmax_fwd_split"]),
+    ((128, 262144), False, ["softmax_bwd_streamed", "softmax_fwd_streamed"]),
+    ((8, 4097), True, ["log_softmax_bwd_ragged", "log_softmax_fwd_ragged"]),
+  ]
+  for shape, log, want in expected:
+    assert names(gpu, "cuda", shape, log) == ["jaxsoftmax_" + n for n in want], shape
+  blocks = _gpu_kernels(block_bytes=32 * 1024)
+  assert names(blocks, "cuda", (4096, 1024), False) == [
+    "jaxsoftmax_softmax_bwd_blocks",
+    "jaxsoftmax_softmax_fwd_blocks",
+  ]
+  assert names(tpu, "tpu", (8, 1024), True) == [
+    "jaxsoftmax_log_softmax_bwd_row",
+    "jaxsoftmax_log_softmax_fwd_row",
+  ]
+  assert names(tpu, "tpu", (8, 70000), False) == [
+    "jaxsoftmax_softmax_bwd_online",
+    "jaxsoftmax_softmax_fwd_online",
+  ]
+
+
 def test_gpu_default_forms_by_path():
   # Config's None defaults: per-element statistics and approximate math for the
   # forward's rows past row_bytes (split or streamed; 6 stages in 16 bits), per

@@ -74,6 +74,12 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, 
   return True, isinstance(gpu.plan(cols, dtype), gpu.Plan)
 
 
+def kernel_name(log: bool, backward: bool, path: str) -> str:
+  """What profilers show for a kernel: ``jaxsoftmax_<op>_<fwd|bwd>_<path>``, as in
+  ``jaxsoftmax_log_softmax_bwd_split``."""
+  return f"jaxsoftmax_{'log_softmax' if log else 'softmax'}_{'bwd' if backward else 'fwd'}_{path}"
+
+
 def _gpu_major() -> int | None:
   """The major compute capability of the first GPU, None if it has none (not NVIDIA)."""
   cc = getattr(jax.devices()[0], "compute_capability", None)

@@ -61,6 +61,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from . import kernel_name as _name
+
 F32 = jnp.float32
 WARPGROUP = 128
 PER_SM = "per SM"  # Config.split_ctas: one CTA per SM
@@ -577,9 +579,11 @@ def _fwd_out(v, m, d, log):
   return jnp.exp(v - shift) * (1.0 / jnp.where(d == 0, 1.0, d))
 
 
-def _kernel(rows, cfg: Config, out_type, scratch, body, cluster: int = 1):
+def _kernel(name: str, rows, cfg: Config, out_type, scratch, body, cluster: int = 1):
   """``body(num_ctas, *refs)`` on ``num_ctas`` CTAs (axis ``"cta"``), or as many
-  clusters of ``cluster`` CTAs (axis ``"cl"``) if ``cluster > 1``."""
+  clusters of ``cluster`` CTAs (axis ``"cl"``) if ``cluster > 1``. ``name`` (``_name``,
+  with the path as ``route`` names it, or "ragged") is what profilers show for
+  the kernel, rather than "anonymous"."""
   num_ctas = rows if cfg.num_ctas is None else min(cfg.num_ctas, rows)
   interpret = False
   kwargs = {}
@@ -601,6 +605,7 @@ def _kernel(rows, cfg: Config, out_type, scratch, body, cluster: int = 1):
     grid=(num_ctas,),
     grid_names=("cta",),
     interpret=interpret,
+    kernel_name=name,
     **kwargs,
   )
 
@@ -639,7 +644,9 @@ def _stream(row, p: Plan, stages: int, sources, bars, fn, carry, reverse: bool =
   return jax.lax.fori_loop(0, nc, step, carry)
 
 
-def _row_blocks(inputs, out_from: int, cfg: Config, per_row, stat: bool = False, ring=True):
+def _row_blocks(
+  name: str, inputs, out_from: int, cfg: Config, per_row, stat: bool = False, ring=True
+):
   """Blocks of whole rows: through a ring of ``cfg.ring_slots`` SMEM slots, in
   persistent CTAs; or, if not ``ring`` (the "blocks" path), through one slot, one
   CTA per block (``cfg.num_ctas`` None) loading its block, computing and storing it.
@@ -720,7 +727,7 @@ def _row_blocks(inputs, out_from: int, cfg: Config, per_row, stat: bool = False,
     jax.lax.fori_loop(0, mine, step, 0)
     _drain(cfg)
 
-  return _kernel(nb, cfg, tuple(out_type), scratch, body)(*inputs)
+  return _kernel(name, nb, cfg, tuple(out_type), scratch, body)(*inputs)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -736,6 +743,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     return _ragged_fwd(x, log, _resolved(cfg))
   dtype = x.dtype
   kind, size = route(rows, p, dtype, cfg)
+  name = _name(log, False, kind)
   cfg = _resolved(cfg, kind in ("split", "streamed"), p.kb * p.w * dtype.itemsize)
   S = cfg.stages
   lay = _strided((p.kb, p.w), dtype)
@@ -816,7 +824,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
         st.at[r][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
 
     x4 = x.reshape(nb, size, p.n1, p.w)
-    res = _row_blocks([x4], 0, cfg, block_row, stat=log, ring=kind == "ring")
+    res = _row_blocks(name, [x4], 0, cfg, block_row, stat=log, ring=kind == "ring")
     lse = res[1].reshape(rows, WARPGROUP)[:, :1] if log else None
     return res[0].reshape(rows, cols), lse
 
@@ -830,7 +838,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     finish = _lse if log else None  # softmax: no lse
     stats = _Stats(acc.fwd_init, fold, acc.fwd_done, _merge_stats, count=2)  # max, normaliser
-    out, *lse = _split_rows([x3], p, cfg, size, load, stats, emit, finish, cfg.split_ctas)
+    out, *lse = _split_rows(name, [x3], p, cfg, size, load, stats, emit, finish, cfg.split_ctas)
     return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
   if kind == "rows":
@@ -893,7 +901,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     ]
     scratch += [_xch_scratch(2)] if size > 1 else []
   scratch += [plgpu.SMEM((WARPGROUP,), F32)] if log else []  # the lse's row (``split_lse``)
-  out, *lse = _kernel(rows, cfg, out_type, scratch, body, cluster=size)(x3)
+  out, *lse = _kernel(name, rows, cfg, out_type, scratch, body, cluster=size)(x3)
   return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
 
@@ -990,7 +998,17 @@ def _cluster_rows(c: int, held: int, run):
 
 
 def _split_rows(
-  arrays, p: Plan, cfg: Config, c: int, load, stats, emit, finish=None, ctas=None, live=None
+  name: str,
+  arrays,
+  p: Plan,
+  cfg: Config,
+  c: int,
+  load,
+  stats,
+  emit,
+  finish=None,
+  ctas=None,
+  live=None,
 ):
   """Rows split over clusters of ``c`` CTAs (``cfg.split_bytes``, backward
   ``cfg.bwd_split_bytes``).
@@ -1120,7 +1138,7 @@ def _split_rows(
     plgpu.SMEM((WARPGROUP,), F32),
     plgpu.Barrier(num_barriers=flag_bar + 1),
   ]
-  return _kernel(rows, cfg, tuple(out_type), scratch, body, cluster=c)(*inputs)
+  return _kernel(name, rows, cfg, tuple(out_type), scratch, body, cluster=c)(*inputs)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -1152,6 +1170,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     return _ragged_bwd(y, g, live, log, cfg)
   dtype = y.dtype
   kind, size = route(rows, p, dtype, cfg, backward=True)
+  name = _name(log, True, kind)
   S = cfg.stages
   fits = kind == "rows"  # (row blocks return first)
   lay = _strided((p.kb, p.w), dtype)
@@ -1201,7 +1220,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       whole_row_grad(views[0].at[r], views[1].at[r], get_flag)
 
     block_args = [a.reshape(nb, size, *a.shape[1:]) for a in args]
-    (dx,) = _row_blocks(block_args, 1, cfg, block_row, ring=kind == "ring")
+    (dx,) = _row_blocks(name, block_args, 1, cfg, block_row, ring=kind == "ring")
     return dx.reshape(rows, cols)
 
   if kind == "split":
@@ -1215,7 +1234,9 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     init, done = lambda: (acc_of.bwd_init(),), lambda a: (acc_of.bwd_done(a[0]),)
     stats = _Stats(init, fold_part, done, _add_sums, count=1)  # the row sum
     live2 = args[2] if log else None
-    (dx,) = _split_rows(args[:2], p, cfg, size, load, stats, emit, None, cfg.bwd_split_ctas, live2)
+    (dx,) = _split_rows(
+      name, args[:2], p, cfg, size, load, stats, emit, None, cfg.bwd_split_ctas, live2
+    )
     return dx.reshape(rows, cols)
 
   # Streamed: ``size`` CTAs a row, each streaming one part of its chunks (``_parts``).
@@ -1293,7 +1314,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     scratch += [plgpu.SMEM((S, p.kb, p.w), dtype)] * 2 + [plgpu.SMEM((2, p.kb, p.w), dtype)]
     scratch += [_xch_scratch(1)] if size > 1 else []
     scratch += [plgpu.Barrier(num_barriers=2 * S + flag_bars)]
-  dx = _kernel(rows, cfg, out_type, scratch, body, cluster=size)(*args)
+  dx = _kernel(name, rows, cfg, out_type, scratch, body, cluster=size)(*args)
   return dx.reshape(rows, cols)
 
 
@@ -1323,14 +1344,14 @@ def _unrolled(lo: int, hi: int, body, carry):
   return carry
 
 
-def _ragged(arrays, out_type, cfg: Config, body):
+def _ragged(name: str, arrays, out_type, cfg: Config, body):
   """``body(row, *refs)`` for each row, every ref in HBM: no SMEM, no TMA."""
   rows = arrays[0].shape[0]
 
   def kernel(num_ctas, *refs):
     _row_loop(rows, num_ctas, lambda row: body(row, *refs))
 
-  return _kernel(rows, cfg, out_type, [], kernel)(*arrays)
+  return _kernel(name, rows, cfg, out_type, [], kernel)(*arrays)
 
 
 def _ragged_chunks(cols: int, cfg: Config):
@@ -1381,7 +1402,7 @@ def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
     if log:
       lse[0].at[row][...] = jnp.broadcast_to(_lse(*md), (WARPGROUP,))
 
-  out = _ragged([x], out_type, cfg, body)
+  out = _ragged(_name(log, False, "ragged"), [x], out_type, cfg, body)
   return out[0], out[1][:, :1] if log else None
 
 
@@ -1424,4 +1445,6 @@ def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
 
     loop(0, nc, write, 0)
 
-  return _ragged(args, jax.ShapeDtypeStruct(y.shape, y.dtype), cfg, body)
+  return _ragged(
+    _name(log, True, "ragged"), args, jax.ShapeDtypeStruct(y.shape, y.dtype), cfg, body
+  )

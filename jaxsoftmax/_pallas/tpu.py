@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from . import kernel_name
+
 F32 = jnp.float32
 
 
@@ -142,7 +144,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=cfg.interpret,
-      name="softmax_fwd_row",
+      name=kernel_name(log, False, "row"),
     )(x)
   bc = cfg.block_cols
   return pl.pallas_call(
@@ -159,7 +161,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       dimension_semantics=("parallel", "arbitrary", "arbitrary")
     ),
     interpret=cfg.interpret,
-    name="softmax_fwd_online",
+    name=kernel_name(log, False, "online"),
   )(x)
 
 
@@ -231,7 +233,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=cfg.interpret,
-      name="softmax_bwd_row",
+      name=kernel_name(log, True, "row"),
     )(*args)
   bc = cfg.block_cols
   block = pl.BlockSpec((br, bc), lambda i, p, j: (i, j))
@@ -249,5 +251,5 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       dimension_semantics=("parallel", "arbitrary", "arbitrary")
     ),
     interpret=cfg.interpret,
-    name="softmax_bwd_online",
+    name=kernel_name(log, True, "online"),
   )(*args)
