@@ -49,7 +49,9 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   from benchmarks import gpu_pallas
 
   Config = gpu_pallas.gpu.Config
-  assert all(isinstance(c(), Config) for c, _ in gpu_pallas.VARIANTS.values())
+  for make, _ in gpu_pallas.VARIANTS.values():  # a Config, or a dict of them by dtype
+    cfg = make()
+    assert all(isinstance(c, Config) for c in (cfg.values() if isinstance(cfg, dict) else [cfg]))
   small = dict(interpret=True, chunk_elems=256, split_bytes=0, bwd_split_bytes=0)
   small.update(row_bytes=256, bwd_row_bytes=256)  # rows stream, forward and backward
   monkeypatch.setattr(gpu_pallas, "BATCH_BYTES", 1)  # 2 buffers per timed program
@@ -60,7 +62,12 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
       lambda: Config(**{**small, "split_bytes": 2048, "bwd_split_bytes": 2048, "split_cluster": 8}),
       [(4, 2048)],
     ),
-    "ring": (lambda: Config(interpret=True, ring_slots=2, block_bytes=2048), [(4, 256)]),
+    # Configs by dtype: a cell for float32 only, none for bfloat16 only.
+    "ring": (
+      lambda: {"float32": Config(interpret=True, ring_slots=2, block_bytes=2048)},
+      [(4, 256)],
+    ),
+    "bfloat16 only": (lambda: {"bfloat16": Config(**small)}, [(4, 256)]),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
   started = []
