@@ -1274,9 +1274,9 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       else:
         outs, *xch, bars = rest
         xch = xch[0] if xch else None  # the swap's SMEM rows (``_xch_scratch``), if clustered
-        stream2 = partial(_stream, row, p, S, [(y_gmem, ybuf), (g_gmem, gbuf)], bars)
+        both = [(y_gmem, ybuf), (g_gmem, gbuf)]
         # log_softmax's row sum is sum(g): that pass streams g alone, not l too.
-        summed = [(g_gmem, gbuf)] if log else [(y_gmem, ybuf), (g_gmem, gbuf)]
+        summed = both[1:] if log else both
 
         def add_chunk(j, slot, a):
           yc = None if log else load(ybuf.at[slot])
@@ -1287,8 +1287,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
           acc = _stream(row, p, S, summed, bars, add_chunk, init, part=part_of(i))
           return (acc_of.bwd_done(acc),)
 
-        parts = [part_sum(i) for i in range(held)]
-        (acc,) = _combine(parts, size, xch, _add_sums)
+        (acc,) = _combine([part_sum(i) for i in range(held)], size, xch, _add_sums)
         flag = get_flag()
 
         def write(j, slot, c):
@@ -1301,7 +1300,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
         rev = cfg.reverse_write  # (parts last to first too: the chunks alternate outs)
         for i in reversed(range(held)) if rev else range(held):
-          stream2(write, 0, reverse=rev, part=part_of(i))
+          _stream(row, p, S, both, bars, write, 0, reverse=rev, part=part_of(i))
       _drain(cfg)  # before the buffers are reused for the next row
 
     _cluster_rows(size, held, lambda: _row_loop(rows, num_ctas, one_row))
