@@ -1,7 +1,8 @@
 """Choosing the backend that runs an op: ``implementation=None | "xla" | "pallas"``.
 
 A backend is a module with ``softmax_fwd``, ``softmax_bwd``, ``log_softmax_fwd``
-and ``log_softmax_bwd`` (see ``_xla.py``). The custom_vjp cores receive the
+and ``log_softmax_bwd`` (see ``_xla.py``), and ``row_stats``, which the losses'
+forward reads. The custom_vjp cores receive the
 backend's name as a static argument and look the module up here. A name
 ``"<forward>/<backward>"`` (``"pallas/xla"``) runs the forward functions of one
 and the backward functions of the other: they share what the forward saves
@@ -39,9 +40,9 @@ def resolve(
   where: jax.Array | None = None,
 ) -> str:
   """The name of the backend to run: explicit, or the best one for this call.
-  ``fn`` is the public op ("softmax" or "log_softmax"): errors name it, and the
-  GPU's size rule depends on it and on whether there is a ``where``
-  (``_pallas.preferred``)."""
+  ``fn`` is the public op ("softmax", "log_softmax" or a loss): errors name it,
+  and the GPU's size rule depends on it and on whether there is a ``where``
+  (``_pallas.preferred``; the losses take the kernels on request only)."""
   from . import _pallas
 
   if implementation == "xla":
@@ -71,6 +72,7 @@ def get(name: str) -> ModuleType | SimpleNamespace:
     return SimpleNamespace(
       softmax_fwd=fwd.softmax_fwd,
       log_softmax_fwd=fwd.log_softmax_fwd,
+      row_stats=fwd.row_stats,
       softmax_bwd=bwd.softmax_bwd,
       log_softmax_bwd=bwd.log_softmax_bwd,
     )

@@ -21,10 +21,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from . import _backend
 from ._checks import (
   Axis,
   AxisName,
   check_axis_name,
+  check_implementation,
   check_where,
   compute_dtype,
   float_input,
@@ -49,6 +51,9 @@ class _Static(NamedTuple):
   axis_name: AxisName
   label_smoothing: float
   z_loss: float
+  # The backend whose ``row_stats`` the forward reads (``_backend.resolve``):
+  # "xla" computes the statistics inline, fused with the rest of the loss.
+  backend: str = "xla"
 
 
 # --- Argument checks ---------------------------------------------------------------
@@ -65,6 +70,12 @@ def _logits(fn: str, logits: ArrayLike) -> jax.Array:
     raise TypeError(f"{fn}: `logits` must be a floating array, got the int {logits!r}.")
   x = float_input(fn, "logits", logits)
   return x
+
+
+def _with_backend(fn, implementation, x, where, st: _Static) -> _Static:
+  """``st`` with the backend that ``implementation`` resolves to for this call."""
+  implementation = check_implementation(fn, implementation)
+  return st._replace(backend=_backend.resolve(fn, implementation, x, st.axes, st.axis_name, where))
 
 
 def _static(fn, x, axis, axis_name, label_smoothing, z_loss) -> _Static:
@@ -149,6 +160,8 @@ def _stats(x, where, st: _Static, cdt, select_free: bool = False):
   ``select_free`` takes ``log max(d, 1)`` for ``log d`` (the same, as ``d >= 1``
   in a live slice) rather than a select, for `_soft_unguarded_first`.
   """
+  if st.backend != "xla":
+    return _kernel_stats(x, where, st, cdt)
   if compute_dtype(x.dtype) != cdt:
     x = x.astype(cdt)
   xs, m, _, d, _ = slice_stats(x, where, st.axes, st.axis_name)
@@ -157,6 +170,18 @@ def _stats(x, where, st: _Static, cdt, select_free: bool = False):
   else:
     log_d = jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
   return xs, m, log_d, log_normalizer(m, d)
+
+
+def _kernel_stats(x, where, st: _Static, cdt):
+  """``_stats`` with ``m`` and ``d`` from the backend's ``row_stats``: a Pallas
+  kernel that reads the logits once, in their own dtype, and writes two float32
+  numbers per example. ``xs`` is then only built where the loss reads it again
+  (soft labels, label smoothing). An empty slice's max is -inf: its shift is 0."""
+  m, d = _backend.get(st.backend).row_stats(x, where, st.axes, st.axis_name)
+  shift = jnp.where(m == -jnp.inf, 0.0, m).astype(cdt)
+  d = d.astype(cdt)
+  log_d = jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
+  return masked(x.astype(cdt), where), shift, log_d, log_normalizer(shift, d)
 
 
 def _num_classes(where, shape, st: _Static, dtype):
@@ -213,6 +238,7 @@ def softmax_cross_entropy(
   label_smoothing: float = 0.0,
   z_loss: float = 0.0,
   axis_name: AxisName = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy against soft labels, with an analytic VJP for both arguments.
 
@@ -252,6 +278,13 @@ def softmax_cross_entropy(
     z_loss: :math:`z \ge 0`, a Python float.
     axis_name: mesh axis name(s) over which the class axis is split, inside
       ``shard_map``; the loss is then over the global class axis.
+    implementation: ``None`` (XLA, for now: see below), ``"xla"`` or
+      ``"pallas"``. With ``"pallas"`` each example's max and normaliser come
+      from a Pallas kernel that reads the logits once (GPU and TPU, float32,
+      bfloat16 and float16, no ``axis_name``; it raises ``ValueError`` where it
+      cannot run, saying why); the rest of the loss and the whole backward stay
+      on XLA. ``None`` keeps the losses on XLA until that kernel has been timed
+      on a GPU.
 
   Returns:
     The loss per example, shape ``logits.shape`` with ``axis`` removed, in
@@ -269,6 +302,7 @@ def softmax_cross_entropy(
   st = _static(fn, x, axis, axis_name, label_smoothing, z_loss)
   y = _soft_labels(fn, labels, x)
   where = _where(fn, where, x.shape, st.axes)
+  st = _with_backend(fn, implementation, x, where, st)
   return _soft_ce(x, y, where, st)
 
 
@@ -296,7 +330,8 @@ def _soft_target(y, where, st: _Static, shape, cdt):
 
 
 def _soft_forward(x, y, where, st: _Static):
-  if where is None and st.axis_name is None and not sums_in_pieces(x.shape, st.axes):
+  xla = st.backend == "xla"
+  if xla and where is None and st.axis_name is None and not sums_in_pieces(x.shape, st.axes):
     # On the CPU only (as for integer labels: a GPU runs a lax.cond by copying
     # its predicate to the host): the unguarded sum first. Not for rows that
     # sum_exp cuts in pieces: there it measured slower than the guarded sum.
@@ -399,6 +434,7 @@ def softmax_cross_entropy_with_integer_labels(
   label_smoothing: float = 0.0,
   z_loss: float = 0.0,
   axis_name: AxisName = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy against integer class labels, with an analytic VJP.
 
@@ -440,6 +476,8 @@ def softmax_cross_entropy_with_integer_labels(
     axis_name: mesh axis name(s) over which the (single) class axis is split,
       inside ``shard_map`` (vocabulary parallelism): device ``i`` holds classes
       ``[i * V, (i + 1) * V)``; labels are global class ids.
+    implementation: ``None``, ``"xla"`` or ``"pallas"``, as in
+      :func:`softmax_cross_entropy`.
 
   Returns:
     The loss per example, shape ``logits.shape`` with ``axis`` removed, in the
@@ -459,6 +497,7 @@ def softmax_cross_entropy_with_integer_labels(
   st = _static(fn, x, axis, axis_name, label_smoothing, z_loss)
   labels = _int_labels(fn, labels, x, st)
   where = _where(fn, where, x.shape, st.axes)
+  st = _with_backend(fn, implementation, x, where, st)
   return _int_ce(x, labels, where, st)
 
 
@@ -544,7 +583,7 @@ def _int_forward(x, labels, where, st: _Static):
       nll = nll - eps * sum_w / jnp.maximum(n, 1)
     return nll, (lse, _saved(m, log_d, lse))
 
-  if where is None and st.axis_name is None and len(st.axes) == 1:
+  if st.backend == "xla" and where is None and st.axis_name is None and len(st.axes) == 1:
     # On the CPU only: there it saves a pass over x (measured, see the README);
     # a GPU runs a lax.cond by copying its predicate to the host, a sync per call.
     nll, stats = lax.platform_dependent(

@@ -1,9 +1,9 @@
 """The XLA backend: softmax and log-softmax in plain jnp ops.
 
-Every backend offers the same four functions; ``_softmax.py`` calls them from
-its custom_vjp rules and does not care which backend runs. The backward
-functions are written in differentiable jnp ops, so that reverse-over-reverse
-differentiation works through them.
+Every backend offers the same four functions, and ``row_stats`` for the losses;
+``_softmax.py`` calls them from its custom_vjp rules and does not care which
+backend runs. The backward functions are written in differentiable jnp ops, so
+that reverse-over-reverse differentiation works through them.
 """
 
 from __future__ import annotations
@@ -75,6 +75,15 @@ def log_softmax_fwd(
   else:  # the two floats on the CPU only, where they were measured faster
     l = jax.lax.platform_dependent(xs, m, log_d, cpu=two_floats, default=shared)
   return masked(l, where).astype(x.dtype), live
+
+
+def row_stats(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: AxisName):
+  """``(m, d)`` of each slice (keepdims, compute dtype): the max (-inf for an empty
+  slice) and ``d = sum(exp(x - m))`` (0 for an empty slice). The losses' forward
+  reads these from a backend; on this one they compute them inline
+  (``_cross_entropy._stats``), where XLA fuses them with the rest of the loss."""
+  _, m, _, d, live = slice_stats(x, where, axes, axis_name)
+  return jnp.where(live, m, -jnp.inf), d
 
 
 # The XLA:CPU fusion threshold (jax 0.10): from this many slices the forward of a

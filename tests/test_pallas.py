@@ -856,6 +856,17 @@ def test_kernels_are_named_for_profilers():
     "jaxsoftmax_softmax_bwd_online",
     "jaxsoftmax_softmax_fwd_online",
   ]
+  # The losses' row statistics: jaxsoftmax_row_stats_<path>.
+  for mod, platform, shape, path in [
+    (gpu, "cuda", (4096, 32000), "streamed"),
+    (gpu, "cuda", (8, 4097), "ragged"),
+    (tpu, "tpu", (8, 1024), "row"),
+    (tpu, "tpu", (8, 70000), "online"),
+  ]:
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    text = jax.export.export(jax.jit(mod.row_stats_2d), platforms=[platform])(x).mlir_module()
+    found = set(re.findall(r"jaxsoftmax_row_stats_[a-z]+?(?=_mosaic|\b)", text))
+    assert found == {f"jaxsoftmax_row_stats_{path}"}, (platform, shape, found)
 
 
 def test_gpu_default_forms_by_path():
@@ -1101,3 +1112,187 @@ def test_lowering_checks_catch_layout_errors():
     jax.export.export(jax.jit(bad_gpu), platforms=["cuda"])(row)
   assert all(isinstance(gpu.plan(c, jnp.float32), gpu.Plan) for c in (1024, 65536, 262144))
   assert all(gpu.plan(c, jnp.float32).w <= 256 for c in (1024, 65536, 262144))
+
+
+# ------------------------------------- the losses' row statistics (``row_stats_2d``)
+
+
+def _check_row_stats(be, cols, dtype):
+  """A backend's ``row_stats`` on the six rows of ``_case`` against float64 closed
+  forms: the max of the kept entries, exactly (it is a value of the input), and
+  ``sum(exp(x - max))`` within 4 float32 eps."""
+  x, w, _ = _case(cols, dtype)
+  m, d = map(np.asarray, jax.jit(lambda x, w: be.row_stats(x, w, (1,), None))(x, w))
+  assert m.shape == d.shape == (6, 1) and m.dtype == d.dtype == np.float32
+  x64 = np.where(np.asarray(w), np.asarray(x.astype(jnp.float32), np.float64), -np.inf)
+  live = [ORDINARY, PARTLY_MASKED]
+  ref_m = x64[live].max(1, keepdims=True)
+  assert np.array_equal(m[live], ref_m), (cols, m[live], ref_m)
+  ref_d = np.exp(x64[live] - ref_m).sum(1, keepdims=True)
+  assert rel_err(d[live], ref_d) <= 4 * eps(jnp.float32), cols
+  for r in (FULLY_MASKED, ALL_NEG_INF):  # empty rows: max -inf, normaliser 0
+    assert m[r] == -np.inf and d[r] == 0.0, (cols, r, m[r], d[r])
+  for r in (HAS_NAN, HAS_POS_INF):  # and the loss of such a row is NaN
+    assert np.isnan(d[r]), (cols, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+  "cols, be",
+  [
+    (128, GPU_DEFAULT),  # one chunk
+    (1000, GPU_DEFAULT),  # 125 sub-rows of 8: 2 chunks of 64, the second from 61
+    (70000, GPU_DEFAULT),  # 18 chunks, the last overlapping; per-element statistics
+    (1280, GPU_SMALL_CHUNK_STATS),  # statistics reduced chunk by chunk
+    (2048, GPU_STREAM_CLUSTER),  # 4 parts of a row, merged in cluster order
+    (4097, GPU_DEFAULT),  # ragged: 3 chunks in registers, the last from 2049
+    (1, TPU_DEFAULT),
+    (127, TPU_DEFAULT),
+    (1024, TPU_SMALL),  # one block
+    (4097, TPU_SMALL),  # column blocks, a tail of one column
+    (127, _xla),
+  ],
+  ids=[
+    "gpu-128",
+    "gpu-1000-overlap",
+    "gpu-70000",
+    "gpu-1280-chunk-stats",
+    "gpu-2048-cluster-of-4",
+    "gpu-4097-ragged",
+    "tpu-1",
+    "tpu-127",
+    "tpu-1024-block",
+    "tpu-4097-online",
+    "xla-127",
+  ],
+)
+def test_row_stats_interpret(cols, be, dtype):
+  _check_row_stats(be, cols, dtype)
+
+
+def _loss_case(dtype):
+  """Logits (6 x 1000: 2 chunks that overlap on the GPU), integer labels, soft
+  labels and a mask: rows 0-1 ordinary, row 2 partly masked (its label kept), row 3
+  fully masked, row 4 with a NaN logit, row 5 ordinary."""
+  rng = np.random.default_rng(40)
+  x = 3.0 * rng.standard_normal((6, 1000))
+  x[4, 10] = np.nan
+  w = np.ones(x.shape, bool)
+  w[2] = rng.uniform(size=1000) < 0.6
+  w[3] = False
+  labels = rng.integers(0, 1000, 6)
+  w[2, labels[2]] = True
+  y = np.exp(rng.standard_normal(x.shape))
+  y /= y.sum(1, keepdims=True)
+  return jnp.asarray(x, dtype), jnp.asarray(labels), jnp.asarray(y, dtype), jnp.asarray(w)
+
+
+def _naive_loss(x, t, w, z_loss):
+  """float64 ``-sum(t * log_softmax_w(x)) + z * lse_w(x)**2``, literally, over kept entries."""
+  e = jnp.where(w, jnp.exp(x), 0.0)
+  lse = jnp.log(jnp.sum(e, 1, keepdims=True))
+  return -jnp.sum(jnp.where(w, t * (x - lse), 0.0), 1) + z_loss * lse[:, 0] ** 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("be", ["pallas:gpu:interpret", "pallas:tpu:interpret"])
+def test_losses_take_the_row_statistics_kernel(monkeypatch, be, dtype):
+  # implementation="pallas" through the public losses, with the kernels in interpret
+  # mode (the CPU has no "pallas" to resolve to), against the float64 definition.
+  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: be)
+  x, labels, y, w = _loss_case(dtype)
+  eps_, z = 0.1, 1e-3
+  x64, w64 = np.asarray(x.astype(jnp.float32), np.float64), np.asarray(w)
+  n = w64.sum(1, keepdims=True)
+  one_hot = np.eye(1000)[np.asarray(labels)]
+  y64 = np.asarray(y.astype(jnp.float32), np.float64)
+  g = jnp.asarray(np.random.default_rng(41).standard_normal(6), jnp.float32)
+  kw = dict(where=w, label_smoothing=eps_, z_loss=z, implementation="pallas")
+  for ours, t in [
+    (lambda x: jaxsoftmax.softmax_cross_entropy_with_integer_labels(x, labels, **kw), one_hot),
+    (lambda x: jaxsoftmax.softmax_cross_entropy(x, y, **kw), y64),
+  ]:
+    t = jnp.where(w64, (1 - eps_) * t + eps_ / np.maximum(n, 1), 0.0)
+
+    @jax.jit
+    def run(x, g):
+      loss, vjp = jax.vjp(ours, x)  # noqa: B023
+      return loss, vjp(g.astype(loss.dtype))[0]
+
+    assert "jaxsoftmax_row_stats_" in str(jax.make_jaxpr(run)(x, g))  # the kernel runs
+    loss, dx = map(np.asarray, run(x, g))
+    ref = lambda v: _naive_loss(v, t, w64, z)  # noqa: B023, E731
+    ref_loss, ref_vjp = jax.vjp(ref, jnp.asarray(x64))
+    ref_dx = np.asarray(ref_vjp(jnp.asarray(g, jnp.float64))[0])
+    ok = [0, 1, 2, 5]
+    assert rel_err(loss[ok], np.asarray(ref_loss)[ok]) <= 4 * eps(dtype)
+    assert rel_err(dx[ok], ref_dx[ok]) <= 8 * eps(dtype)
+    assert np.all(dx[2][~w64[2]] == 0.0)  # masked classes get no gradient
+    assert loss[3] == 0.0 and np.all(dx[3] == 0.0)  # a fully masked example
+    assert np.isnan(loss[4]) and np.all(np.isnan(dx[4]))  # NaN stays in its example
+
+
+def test_row_stats_kernels_lower():
+  # For cuda: TMA chunks (dividing the row, or overlapping), ragged rows, a cluster
+  # a row, statistics chunk by chunk, Warpgroup semantics; for tpu: whole rows and
+  # column blocks.
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  def lowers(f, platform, dtype, shapes):
+    for shape in shapes:
+      x = jax.ShapeDtypeStruct(shape, dtype)
+      text = jax.export.export(jax.jit(f), platforms=[platform])(x).mlir_module()
+      assert ("mosaic_gpu" if platform == "cuda" else "tpu_custom_call") in text, shape
+
+  shapes = [(4096, 32000), (4096, 128256), (128, 262144), (37, 384), *RAGGED_SHAPES[:2]]
+  for dtype in DTYPES:
+    lowers(gpu.row_stats_2d, "cuda", dtype, shapes + [(5, 1000), (3, 70000)])
+    for cfg in [
+      dict(stream_cluster=4),
+      dict(elementwise_stats=False, approx_math=False),
+      dict(semantics=plgpu.LoweringSemantics.Warpgroup),
+    ]:
+      lowers(partial(gpu.row_stats_2d, cfg=gpu.Config(**cfg)), "cuda", dtype, shapes[:3])
+    lowers(tpu.row_stats_2d, "tpu", dtype, LOWER_SHAPES + [(4096, 128256)])
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_losses_with_the_kernel_export_for_the_accelerators(monkeypatch, platform):
+  # The whole loss, forward and backward, with the (non-interpret) kernel, as a
+  # GPU or TPU would run it: integer labels on a ragged row too, soft labels.
+  be = "pallas:gpu" if platform == "cuda" else "pallas:tpu"
+  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: be)
+  labels = jnp.zeros(64, jnp.int32)
+  for cols in (32000, 50257):
+    x = jax.ShapeDtypeStruct((64, cols), jnp.bfloat16)
+    for loss in (
+      lambda x: jaxsoftmax.softmax_cross_entropy_with_integer_labels(x, labels).mean(),
+      lambda x: jaxsoftmax.softmax_cross_entropy(x, jnp.ones(x.shape, x.dtype) / cols).mean(),  # noqa: B023
+    ):
+      exported = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=[platform])(x)
+      assert "jaxsoftmax_row_stats_" in exported.mlir_module(), (platform, cols)
+
+
+def test_losses_dispatch(monkeypatch):
+  # The losses take the kernel on request only: implementation=None stays on XLA
+  # even where softmax would take the kernels, until the GPU script has timed it.
+  int_ce = "softmax_cross_entropy_with_integer_labels"
+  x = jnp.ones((4096, 32000), jnp.bfloat16)
+  with pytest.raises(ValueError, match=f"{int_ce}: implementation='pallas'.*GPU and TPU only"):
+    jaxsoftmax.softmax_cross_entropy_with_integer_labels(
+      x[:2], jnp.zeros(2, jnp.int32), implementation="pallas"
+    )
+  with pytest.raises(ValueError, match="softmax_cross_entropy: .implementation. must be one of"):
+    jaxsoftmax.softmax_cross_entropy(x[:2], x[:2], implementation="triton")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
+  monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
+  assert _backend.resolve("softmax", None, x, (1,), None) == "pallas"
+  for fn in (int_ce, "softmax_cross_entropy"):
+    assert _backend.resolve(fn, None, x, (1,), None) == "xla"
+    assert _backend.resolve(fn, "pallas", x, (1,), None) == "pallas"
+    with pytest.raises(ValueError, match=f"{fn}: .*axis_name"):
+      _backend.resolve(fn, "pallas", x, (1,), "model")
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  monkeypatch.setattr(_pallas, "VERIFIED_PLATFORMS", frozenset({"tpu", "gpu"}))
+  assert _backend.resolve(int_ce, None, x, (1,), None) == "xla"

@@ -52,8 +52,14 @@ GPU_MIN_ROWS = 128
 
 def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, bool]:
   """Whether ``implementation=None`` should take the (supported) kernels for
-  ``op`` ("softmax" or "log_softmax") here, ``(forward, backward)``; ``masked``:
-  the call has a ``where``. The backward takes them only with the forward."""
+  ``op`` ("softmax" or "log_softmax", or a loss's name) here, ``(forward,
+  backward)``; ``masked``: the call has a ``where``. The backward takes them only
+  with the forward."""
+  if op not in GPU_MIN_ROW_BYTES:
+    # The losses: their kernel (``row_stats_2d``) has not yet run on hardware
+    # (``benchmarks/gpu_pallas.py`` times it against XLA and optax), so they take
+    # it on request only.
+    return False, False
   if jax.default_backend() != "gpu":
     return True, True
   if _gpu_major() != 9:
@@ -78,6 +84,12 @@ def kernel_name(log: bool, backward: bool, path: str) -> str:
   """What profilers show for a kernel: ``jaxsoftmax_<op>_<fwd|bwd>_<path>``, as in
   ``jaxsoftmax_log_softmax_bwd_split``."""
   return f"jaxsoftmax_{'log_softmax' if log else 'softmax'}_{'bwd' if backward else 'fwd'}_{path}"
+
+
+def stats_kernel_name(path: str) -> str:
+  """The name of the row-statistics kernel (``row_stats_2d``, the losses'
+  forward): ``jaxsoftmax_row_stats_<path>``."""
+  return f"jaxsoftmax_row_stats_{path}"
 
 
 def _gpu_major() -> int | None:

@@ -62,6 +62,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import kernel_name as _name
+from . import stats_kernel_name
 
 F32 = jnp.float32
 WARPGROUP = 128
@@ -905,6 +906,75 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
 
+# ---------------------------------------------------------------- row statistics
+
+
+def row_stats_2d(x: jax.Array, *, cfg: Config = Config()):
+  """``(m, d)`` of each row of ``x``, each ``(rows, 1)`` float32: the row's max
+  (-inf for an empty row) and its normaliser ``d = sum(exp(x - shift))``,
+  ``shift`` the max (0 for an empty row, whose ``d`` is 0). A row holding NaN
+  or +inf has ``d`` NaN (its ``m`` may be any of its values then). What a loss
+  needs of its logits in the forward: each row is
+  read once, and nothing is written but these two numbers (a 512-byte row each).
+
+  Whatever its length, a row streams through ``cfg.stages`` buffers, as the
+  forward's first pass over a long row does (``stream_cluster`` CTAs a row);
+  ragged rows are read element by element (``_ragged_stats``)."""
+  rows, cols = x.shape
+  p = plan(cols, x.dtype, cfg)
+  if isinstance(p, str):
+    return _ragged_stats(x, _resolved(cfg))
+  size = stream_cluster(p, cfg)
+  cfg = _resolved(cfg, True, p.kb * p.w * x.dtype.itemsize)
+  S = cfg.stages
+  lay = _strided((p.kb, p.w), x.dtype)
+  load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
+  acc = _Acc.of(cfg, p.nc, (p.kb, p.w), lay)
+  held, cluster_part = _parts(p, size, cfg)
+
+  def body(num_ctas, x_gmem, m_gmem, d_gmem, bufs, bars, m_smem, d_smem, *xch):
+    xch = xch[0] if xch else None  # the swap's SMEM rows (``_xch_scratch``), if clustered
+    part_of = cluster_part()
+
+    def one_row(row):
+      def fold(j, slot, md):
+        v = _skip_shared(p, j, load(bufs.at[slot]), -jnp.inf, lay, cfg.interpret)
+        return acc.fwd_fold(md, v)
+
+      def part_stats(i):
+        md = _stream(row, p, S, [(x_gmem, bufs)], bars, fold, acc.fwd_init(), part=part_of(i))
+        return acc.fwd_done(md)
+
+      md = _combine([part_stats(i) for i in range(held)], size, xch, _merge_stats)
+
+      def store():
+        for v, smem in zip(md, (m_smem, d_smem), strict=True):
+          smem[...] = jnp.broadcast_to(v, (WARPGROUP,))
+        plgpu.commit_smem()
+        for smem, gmem in ((m_smem, m_gmem), (d_smem, d_gmem)):
+          plgpu.copy_smem_to_gmem(smem, gmem.at[row])
+
+      if held == size:
+        store()
+      else:
+        pl.when(jax.lax.axis_index("cl") == 0)(store)
+      _drain(cfg)  # (before the next row's statistics take the two SMEM rows)
+
+    _cluster_rows(size, held, lambda: _row_loop(rows, num_ctas, one_row))
+
+  scratch = [
+    plgpu.SMEM((S, p.kb, p.w), x.dtype),
+    plgpu.Barrier(num_barriers=S),
+    plgpu.SMEM((WARPGROUP,), F32),
+    plgpu.SMEM((WARPGROUP,), F32),
+  ]
+  scratch += [_xch_scratch(2)] if size > 1 else []
+  out_type = (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),) * 2
+  name = stats_kernel_name("streamed")
+  m, d = _kernel(name, rows, cfg, out_type, scratch, body, cluster=size)(x.reshape(rows, p.n1, p.w))
+  return m[:, :1], d[:, :1]
+
+
 def _cluster_barrier(arrive: bool = True, wait: bool = True):
   """The cluster barrier (``barrier.cluster``), or one half of it: a thread's
   shared-memory writes before its arrive are visible to every thread of the
@@ -1403,6 +1473,24 @@ def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
 
   out = _ragged(_name(log, False, "ragged"), [x], out_type, cfg, body)
   return out[0], out[1][:, :1] if log else None
+
+
+def _ragged_stats(x: jax.Array, cfg: Config):
+  """``row_stats_2d`` for ragged rows: each row read once, into registers."""
+  rows, cols = x.shape
+  nc, ov, chunk, load, skip_shared, acc = _ragged_chunks(cols, cfg)
+
+  def body(row, x_gmem, m_gmem, d_gmem):
+    get = lambda j: load(chunk(x_gmem, row, j))  # noqa: E731
+    md = jax.lax.fori_loop(0, nc - (ov > 0), lambda j, md: acc.fwd_fold(md, get(j)), acc.fwd_init())
+    if ov:
+      md = acc.fwd_fold(md, skip_shared(get(nc - 1), -jnp.inf))
+    for v, gmem in zip(acc.fwd_done(md), (m_gmem, d_gmem), strict=True):
+      gmem.at[row][...] = jnp.broadcast_to(v, (WARPGROUP,))
+
+  out_type = (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),) * 2
+  m, d = _ragged(stats_kernel_name("ragged"), [x], out_type, cfg, body)
+  return m[:, :1], d[:, :1]
 
 
 def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):

@@ -1,6 +1,6 @@
 """The Pallas backend: the four functions of ``_xla.py`` on top of 2-D kernels.
 
-The kernels (``tpu.py``, ``gpu.py``) reduce over the last axis of a
+The kernels (``tpu.py``, ``gpu.py``; ``row_stats_2d`` for the losses) reduce over the last axis of a
 ``(rows, cols)`` array. This adapter moves the softmax axes last and flattens
 them (a no-op for the usual trailing axis), applies ``where`` around the kernel
 exactly as the XLA path does (masked logits become -inf before, masked outputs
@@ -62,17 +62,26 @@ def _check_axis_name(axis_name: AxisName) -> None:
 class Backend:
   """The four backend functions (hashable, so that a backend can be a static argument)."""
 
-  def __init__(self, softmax_fwd, softmax_bwd, log_softmax_fwd, log_softmax_bwd):
+  def __init__(self, softmax_fwd, softmax_bwd, log_softmax_fwd, log_softmax_bwd, row_stats):
     self.softmax_fwd = softmax_fwd
     self.softmax_bwd = softmax_bwd
     self.log_softmax_fwd = log_softmax_fwd
     self.log_softmax_bwd = log_softmax_bwd
+    self.row_stats = row_stats
 
 
 def make(kernels, cfg) -> Backend:
-  """A backend namespace running ``kernels.softmax_fwd_2d``/``softmax_bwd_2d`` with ``cfg``."""
+  """A backend namespace running ``kernels.softmax_fwd_2d``/``softmax_bwd_2d`` (and
+  ``row_stats_2d``) with ``cfg``."""
   fwd_2d = partial(kernels.softmax_fwd_2d, cfg=cfg)
   bwd_2d = partial(kernels.softmax_bwd_2d, cfg=cfg)
+  stats_2d = partial(kernels.row_stats_2d, cfg=cfg)
+
+  def row_stats(x, where, axes: Axes, axis_name: AxisName):
+    # (m, d) of each slice, keepdims float32: the max (-inf if empty) and sum(exp(x - m))
+    _check_axis_name(axis_name)
+    m, d = stats_2d(_to_2d(masked(x, where), axes))
+    return _stat_from_2d(m, x.shape, axes), _stat_from_2d(d, x.shape, axes)
 
   def softmax_fwd(x, where, axes: Axes, axis_name: AxisName):
     _check_axis_name(axis_name)
@@ -131,4 +140,5 @@ def make(kernels, cfg) -> Backend:
     softmax_bwd=softmax_bwd,
     log_softmax_fwd=log_softmax_fwd,
     log_softmax_bwd=log_softmax_bwd,
+    row_stats=row_stats,
   )

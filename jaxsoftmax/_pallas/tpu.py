@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from . import kernel_name
+from . import kernel_name, stats_kernel_name
 
 F32 = jnp.float32
 
@@ -93,6 +93,18 @@ def _fwd_row_kernel(x_ref, o_ref, lse_ref, *, log):
   lse_ref[...] = _lse(m, d)
 
 
+def _online_update(m_ref, d_ref, x):
+  """Folds the float32 block ``x`` into the running max and normaliser in ``m_ref``
+  and ``d_ref`` (Milakov & Gimelshein 2018)."""
+  m_old = m_ref[...]
+  m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))  # NaN propagates
+  shift = _safe_shift(m_new)
+  # d is 0 while m_old is -inf: rescale by 0 rather than exp(-inf - -inf).
+  alpha = jnp.where(m_old == -jnp.inf, jnp.zeros_like(m_old), jnp.exp(m_old - shift))
+  d_ref[...] = d_ref[...] * alpha + jnp.sum(jnp.exp(x - shift), axis=1, keepdims=True)
+  m_ref[...] = m_new
+
+
 def _fwd_online_kernel(x_ref, o_ref, lse_ref, m_sc, d_sc, *, log, bc, cols):
   p, j = pl.program_id(1), pl.program_id(2)
   x = x_ref[...].astype(F32)
@@ -103,15 +115,7 @@ def _fwd_online_kernel(x_ref, o_ref, lse_ref, m_sc, d_sc, *, log, bc, cols):
     m_sc[...] = jnp.full_like(m_sc, -jnp.inf)
     d_sc[...] = jnp.zeros_like(d_sc)
 
-  @pl.when(p == 0)
-  def _():
-    m_old = m_sc[...]
-    m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))  # NaN propagates
-    shift = _safe_shift(m_new)
-    # d is 0 while m_old is -inf: rescale by 0 rather than exp(-inf - -inf).
-    alpha = jnp.where(m_old == -jnp.inf, jnp.zeros_like(m_old), jnp.exp(m_old - shift))
-    d_sc[...] = d_sc[...] * alpha + jnp.sum(jnp.exp(x - shift), axis=1, keepdims=True)
-    m_sc[...] = m_new
+  pl.when(p == 0)(lambda: _online_update(m_sc, d_sc, x))
 
   @pl.when(p == 1)
   def _():
@@ -162,6 +166,44 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     ),
     interpret=cfg.interpret,
     name=kernel_name(log, False, "online"),
+  )(x)
+
+
+# ---------------------------------------------------------------------- row statistics
+
+
+def _stats_kernel(x_ref, m_ref, d_ref, *, bc, cols):
+  # The outputs' block stays in VMEM along the column blocks (the last grid axis,
+  # "arbitrary"): it is the running statistics, written back once.
+  j = pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _():
+    m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+    d_ref[...] = jnp.zeros_like(d_ref)
+
+  x = x_ref[...].astype(F32)
+  _online_update(m_ref, d_ref, _where(_col_mask(x.shape, j, bc, cols), x, -jnp.inf))
+
+
+def row_stats_2d(x: jax.Array, *, cfg: Config = Config()):
+  """``(m, d)`` of each row, each ``(rows, 1)`` float32: the max (-inf for an empty
+  row) and ``d = sum(exp(x - shift))``, ``shift`` the max (0 for an empty row,
+  whose ``d`` is 0); NaN or +inf in a row make its ``d`` NaN. Each row is read
+  once, in one block if it fits (``max_row_cols``), else in column blocks."""
+  rows, cols = x.shape
+  bc = cols if cols <= cfg.max_row_cols else cfg.block_cols
+  br = _row_block(rows, bc, cfg)
+  stat = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
+  return pl.pallas_call(
+    functools.partial(_stats_kernel, bc=bc, cols=cols),
+    grid=(pl.cdiv(rows, br), pl.cdiv(cols, bc)),
+    in_specs=[pl.BlockSpec((br, bc), lambda i, j: (i, j))],
+    out_specs=[stat, stat],
+    out_shape=(jax.ShapeDtypeStruct((rows, 1), F32),) * 2,
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+    interpret=cfg.interpret,
+    name=stats_kernel_name("row" if bc == cols else "online"),
   )(x)
 
 
