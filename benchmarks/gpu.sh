@@ -18,6 +18,10 @@
 #
 # - pallas: benchmarks/gpu_pallas.py (issue 7), Pallas vs XLA. A failure there
 #   (a wrong or uncompilable kernel) is reported and the harness still runs.
+#   After the softmax timings and before the variants, its losses step checks
+#   and times the two cross-entropy losses (Pallas vs XLA vs optax, forward and
+#   forward + backward; perhaps 60 s on an H100, not yet measured, taken from
+#   the variants' share of its budget; gpu_pallas.py --no-losses skips it).
 # - harness: `python -m benchmarks` first checks every contender's value and VJP
 #   against the naive definition in float64 on the CPU, and times nothing (exit 1)
 #   if one is wrong. Then it times every suite (softmax and log_softmax first),

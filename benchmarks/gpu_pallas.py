@@ -3,7 +3,8 @@
 Run on a GPU machine (6.5 minutes on an H200 on 2026-11-26, T0511Z: 2.5 for
 steps 1-3, then the variants until their 240 s ran out, 34 of 50 cells; now 38
 cells, about 10 s each, within 360 s; the masked softmax adds perhaps 30 s to
-step 2, which the variants give back within ``--budget``):
+step 2, and the losses of step 4 perhaps 60 s on an H100 (an estimate: not
+yet run on a GPU), both of which the variants give back within ``--budget``):
 
     python benchmarks/gpu_pallas.py --out "$OUT"
 
@@ -30,7 +31,22 @@ In this order:
    achieved bandwidth is reported: forward moves 2 arrays (read x, write s),
    backward 3 (read s and g, write dx); then the issue's two targets per cell
    (>= 85% of copy, faster than ``jax.nn.softmax``);
-4. tuning data for the next change: the Mosaic GPU kernels called directly
+4. the losses (``--no-losses`` skips them; perhaps 60 s on an H100, mostly
+   compiling; cells that would start after 120 s or past ``--budget`` are
+   skipped and listed):
+   ``softmax_cross_entropy_with_integer_labels`` and ``softmax_cross_entropy``
+   with ``implementation="pallas"`` (the forward's row statistics from a
+   Pallas kernel) checked against float64 as in step 1 (the loss and the
+   gradient w.r.t. the logits, a ``where``-masked and a fully masked row among
+   them), then timed, interleaved as in step 2 but with 10 calls and 5 samples:
+   the jitted mean loss, forward alone and ``value_and_grad``, against
+   ``implementation="xla"`` and optax's (left out, with a note, if optax does
+   not import), at 4096 x {32000, 50257, 128256} (``--loss-sizes``) with integer
+   labels and 4096 x 32000 with soft labels. GB/s count the logits read once
+   (and the soft labels), plus the gradient written in forward + backward. A
+   failure here is recorded and the variants still run; a failed check makes
+   the exit status 1, as in step 1;
+5. tuning data for the next change: the Mosaic GPU kernels called directly
    with a few ``gpu.Config`` variants (``VARIANTS``: row statistics reduced
    once a row, in one pass or two, and approximate exp and log, on rows kept
    whole; the backward's long rows split by persistent clusters; more bytes in
@@ -44,9 +60,10 @@ In this order:
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step (the variants' rows as they come in). ``--budget`` (540 s) bounds the
 whole script: the variants get what is left of it, at most
-``--variants-timeout``. Steps 1-3 use the public API only; step 4 calls
-``gpu.py``. ``--allow-cpu`` runs the script on the CPU with the XLA contenders
-only (a smoke test of the script itself: no numbers to report).
+``--variants-timeout``. Steps 1-4 use the public API only; step 5 calls
+``gpu.py``. ``--allow-cpu`` runs the script on the CPU with the XLA (and optax)
+contenders only, the losses' check on the default implementation (a smoke test
+of the script itself: no numbers to report).
 """
 
 from __future__ import annotations
@@ -96,6 +113,18 @@ def _failed(what, e) -> str:
   traceback.print_exception(e, file=sys.stderr)
   sys.stderr.flush()
   return f"{type(e).__name__}: {e}"[:2000]
+
+
+def _value_and_vjp(f, x, g):
+  """``f(x)`` and its VJP at ``g``, as float32 NumPy arrays."""
+  y, vjp = jax.vjp(f, x)
+  (dx,) = vjp(g)
+  return np.asarray(y, np.float32), np.asarray(dx, np.float32)
+
+
+def _failed_check(row: dict, what: str, e) -> dict:
+  """A correctness row for a call that failed to compile or run (``_failed``)."""
+  return dict(row, fwd_rel_err=np.inf, bwd_rel_err=np.inf, ok=False, error=_failed(what, e))
 
 
 def _progress(it, desc):
@@ -198,12 +227,9 @@ def check(sizes, dtypes, most_rows: int = CHECK_ROWS) -> list[dict]:
                  fwd_tol=4 * eps, bwd_tol=8 * eps, rows=n)  # fmt: skip
       try:
         ours = jax.jit(lambda x, w, fn=fn: fn(x, where=w, implementation="pallas"))
-        y, vjp = jax.vjp(lambda v, w=w, ours=ours: ours(v, w), x)
-        (dx,) = vjp(g)
-        y, dx = np.asarray(y, np.float32), np.asarray(dx, np.float32)
+        y, dx = _value_and_vjp(lambda v, w=w, ours=ours: ours(v, w), x, g)
       except Exception as e:  # a kernel that fails to compile or run: record it, go on
-        err = _failed(f"check {row['op']} {cols} {dt}", e)
-        rows.append(dict(row, fwd_rel_err=np.inf, bwd_rel_err=np.inf, ok=False, error=err))
+        rows.append(_failed_check(row, f"check {row['op']} {cols} {dt}", e))
         continue
       ry, rdx = _ref64(np.asarray(x, np.float32), w, np.asarray(g, np.float32), log)
       ef, eb = _rel(y, ry), _rel(dx, rdx)
@@ -367,6 +393,250 @@ def timings(
         )
     on_cell(rows)
   return rows
+
+
+# ------------------------------------------------------------------------ losses
+
+# The losses' forward with ``implementation="pallas"``: each row's max and
+# normaliser from a stats-only kernel (the logits read once, 2 floats a row
+# written); the rest of the loss and the whole backward in XLA.
+# ``implementation=None`` keeps the losses on XLA until timed here. Integer
+# labels at LLaMA-2's vocabulary, GPT-2's (a ragged row) and LLaMA-3's (128256);
+# soft labels at LLaMA-2's only.
+LOSS_SIZES = [(4096, 32000), (4096, 50257), (4096, 128256)]
+SOFT_LOSS_SIZES = [(4096, 32000)]
+INTEGER, SOFT = "integer labels", "soft labels"
+# About 60 s on an H100, most of it compiling (6 programs a cell): fewer calls
+# and samples than the other steps, and cells that would start after LOSSES_S
+# seconds are skipped and listed.
+LOSS_CALLS, LOSS_SAMPLES = 10, 5
+LOSSES_S = 120
+
+
+def _loss(kind, impl):
+  """The per-example loss ``f(x, labels, where=None)`` of ``kind`` (``INTEGER`` or
+  ``SOFT``) with ``implementation=impl``; None passes no ``implementation``."""
+  fn = jaxsoftmax.softmax_cross_entropy
+  if kind == INTEGER:
+    fn = jaxsoftmax.softmax_cross_entropy_with_integer_labels
+  kw = {} if impl is None else dict(implementation=impl)
+  return lambda x, y, w=None: fn(x, y, where=w, **kw)
+
+
+def _optax():
+  """optax, or the reason it is not there (the optax contenders are then left out)."""
+  try:
+    import optax
+  except Exception as e:  # ImportError, or a warning turned into an error
+    return None, f"optax not timed: {type(e).__name__}: {e}"
+  return optax, None
+
+
+def _loss_contenders(kind, pallas):
+  """Name: per-example loss ``f(x, labels)``; and a note if optax is missing."""
+  out = {}
+  if pallas:
+    out["pallas"] = _loss(kind, "pallas")
+  out["jaxsoftmax-xla"] = _loss(kind, "xla")
+  optax, note = _optax()
+  if optax is not None:
+    ref = optax.softmax_cross_entropy_with_integer_labels
+    out["optax"] = ref if kind == INTEGER else optax.softmax_cross_entropy
+  return out, note
+
+
+def _loss_ref64(x, labels, w, g, kind):
+  """float64 NumPy loss per row and its gradient w.r.t. the logits under the
+  per-row cotangent ``g``, from the naive definition: ``lse(x) - x[label]`` and
+  ``(softmax(x) - onehot) * g``; ``-sum(y * log_softmax(x))`` and ``(softmax(x)
+  * sum(y) - y) * g``. Classes that ``w`` masks are left out (of the softmax and
+  of the sums); a fully masked row gives 0 and a zero gradient."""
+  x = np.where(w, x.astype(np.float64), -np.inf)
+  g = g.astype(np.float64)[:, None]
+  m = np.max(x, -1, keepdims=True)
+  live = m > -np.inf
+  m = np.where(live, m, 0.0)
+  e = np.exp(x - m)
+  d = np.sum(e, -1, keepdims=True)
+  lse = m + np.log(np.where(live, d, 1.0))
+  p = e / np.where(live, d, 1.0)
+  if kind == INTEGER:
+    onehot = np.arange(x.shape[1])[None, :] == labels[:, None]
+    loss = lse[:, 0] - np.where(onehot, np.where(w, x, 0.0), 0.0).sum(-1)
+    dx = (p - onehot) * g
+  else:
+    y = np.where(w, labels.astype(np.float64), 0.0)
+    loss = -np.sum(y * np.where(w, x - lse, 0.0), -1)
+    dx = (p * np.sum(y, -1, keepdims=True) - y) * g
+  return np.where(live[:, 0], loss, 0.0), np.where(live, dx, 0.0)
+
+
+def check_losses(sizes, dtypes, impls, most_rows=CHECK_ROWS) -> list[dict]:
+  """Both losses with each of ``impls`` (None: the default) on each size's first
+  ``most_rows`` rows (at most) against float64 (``_loss_ref64``), with the
+  tolerances of `check`: row 1 has a ``where`` mask, row 2 is fully masked,
+  row 3's soft labels sum to 1/2. (A few seconds a cell, mostly compiling: not
+  bounded by the step's deadline, which only the timings heed.)"""
+  rows = []
+  cells = [(s, d, k, i) for s in sizes for d in dtypes for k in (INTEGER, SOFT) for i in impls]
+  for (r, cols), dt, kind, impl in _progress(cells, "losses: correctness"):
+    dtype = jnp.dtype(dt)
+    eps = float(jnp.finfo(dtype).eps)
+    row = dict(loss=kind, implementation=impl or "default", cols=cols, dtype=dt,
+               fwd_tol=4 * eps, bwd_tol=8 * eps)  # fmt: skip
+    k = jax.random.split(jax.random.key(cols + 1), 5)
+    n = max(CHECK_ROWS, min(r, most_rows))
+    row["rows"] = n
+    x = np.array(3 * jax.random.normal(k[0], (n, cols), jnp.float32)).astype(dtype)
+    ints = np.array(jax.random.randint(k[1], (n,), 0, cols))
+    w = np.ones((n, cols), bool)
+    w[1] = np.array(jax.random.bernoulli(k[2], 0.8, (cols,)))
+    w[1, ints[1]] = True  # (a label at a masked class contributes its logit, as in optax)
+    w[2] = False  # fully masked
+    labels = ints
+    if kind == SOFT:
+      s = np.exp(2 * np.array(jax.random.normal(k[3], (n, cols), jnp.float32), np.float64))
+      s /= s.sum(-1, keepdims=True)
+      s[3] *= 0.5
+      labels = s.astype(dtype)
+    g = np.array(jax.random.normal(k[4], (n,), jnp.float32)).astype(dtype)
+    try:
+      ours = jax.jit(_loss(kind, impl))
+      loss, dx = _value_and_vjp(lambda v, y=labels, w=w, ours=ours: ours(v, y, w), x, g)
+    except Exception as e:  # a kernel that fails to compile or run: record it, go on
+      rows.append(_failed_check(row, f"check {kind} {impl} {cols} {dt}", e))
+      continue
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    labels = labels if kind == INTEGER else f32(labels)
+    r_loss, r_dx = _loss_ref64(f32(x), labels, w, f32(g), kind)
+    ef, eb = _rel(loss, r_loss), _rel(dx, r_dx)
+    rows.append(dict(row, fwd_rel_err=ef, bwd_rel_err=eb, ok=ef <= 4 * eps and eb <= 8 * eps))
+  return rows
+
+
+def _loss_labels(kind, shape, dt, count):
+  """``count`` label arrays for rotating logits: class ids, or distributions."""
+  keys = jax.random.split(jax.random.key(1), count)
+  if kind == INTEGER:
+    return [jax.random.randint(k, shape[:1], 0, shape[1]) for k in keys]
+  return [jax.nn.softmax(jax.random.normal(k, shape, jnp.float32)).astype(dt) for k in keys]
+
+
+def loss_timings(
+  cells, pallas, calls, samples, on_cell=lambda rows, notes: None, deadline=float("inf")
+) -> tuple[list[dict], list[str]]:
+  """Each ``(kind, shape, dtype)`` of ``cells``: the mean loss of every contender
+  (``_loss_contenders``) jitted, forward alone and ``value_and_grad`` w.r.t. the
+  logits, each direction's contenders in turn within every sample
+  (``_interleaved``), on rotating buffers. Bytes: the logits read once (and soft
+  labels), plus the gradient written in fwd+bwd. Returns the rows and notes
+  (optax missing, cells skipped after ``deadline``); ``on_cell(rows, notes)``
+  after each cell."""
+  rows, notes = [], []
+  for kind, shape, dt in _progress(cells, "losses: timing"):
+    if time.monotonic() > deadline:
+      notes.append(f"{kind} {shape[0]}x{shape[1]} {dt}: skipped, no time left")
+      continue
+    contenders, note = _loss_contenders(kind, pallas)
+    if note and note not in notes:
+      notes.append(note)
+    nbytes = int(np.prod(shape)) * jnp.dtype(dt).itemsize
+    read = 2 * nbytes if kind == SOFT else nbytes  # logits (and soft labels)
+    xs = _buffers(shape, dt, 3 if kind == SOFT else 2)
+    argsets = list(zip(xs, _loss_labels(kind, shape, dt, len(xs)), strict=True))
+    fwds, fwd_bwds = [], []
+    for f in contenders.values():
+      mean = lambda x, y, f=f: jnp.mean(f(x, y))  # noqa: E731
+      fwds.append((mean, argsets))
+      fwd_bwds.append((jax.value_and_grad(mean), argsets))
+    t_fwds = _interleaved(fwds, calls, samples)
+    t_fwd_bwds = _interleaved(fwd_bwds, calls, samples)
+    del fwds, fwd_bwds, argsets, xs
+    timed = {}
+    for name, t_f, t_fb in zip(contenders, t_fwds, t_fwd_bwds, strict=True):
+      cell = dict(loss=kind, contender=name, rows=shape[0], cols=shape[1], dtype=dt)
+      e = next((t for t in (t_f, t_fb) if isinstance(t, Exception)), None)
+      if e is not None:  # record a failing contender; the others are timed
+        rows.append(dict(cell, error=_failed(f"timing {kind} {name} {shape} {dt}", e)))
+        continue
+      timed[name] = cell = dict(cell, fwd_s=t_f, fwd_bwd_s=t_fb, fwd_bytes_per_s=read / t_f,
+                                fwd_bwd_bytes_per_s=(read + nbytes) / t_fb)  # fmt: skip
+      rows.append(cell)
+      print(
+        f"{kind} {name} {shape} {dt}: fwd {t_f * 1e6:.1f} us, fwd+bwd {t_fb * 1e6:.1f} us",
+        flush=True,
+      )
+    for name, cell in timed.items():  # time over xla's and optax's, where both ran
+      for ref in ("jaxsoftmax-xla", "optax"):
+        if ref in timed and ref != name:
+          for d in ("fwd", "fwd_bwd"):
+            cell[f"{d}_vs_{ref.removeprefix('jaxsoftmax-')}"] = (
+              cell[f"{d}_s"] / timed[ref][f"{d}_s"]
+            )
+    on_cell(rows, notes)
+  return rows, notes
+
+
+def losses_markdown(losses, copy_bw) -> list[str]:
+  """The "## Losses" section: the checks, the timings and Pallas's ratios."""
+  checks, rows = losses.get("checks", []), losses.get("timings", [])
+  lines = ["", "## Losses", ""]
+  if not all(c["ok"] for c in checks):
+    lines += ["**The losses' correctness check FAILED.**", ""]
+  lines += [f"- {n}" for n in losses.get("notes", [])]
+  lines += [""] if losses.get("notes") else []
+  if checks:
+    lines += [
+      "Correctness vs float64 (first rows; row 1 with a `where` mask, row 2 fully masked):",
+      "",
+      "| loss | implementation | rows | cols | dtype | fwd err / tol | bwd err / tol | ok |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+      ok = (
+        "yes"
+        if c["ok"]
+        else "**NO**" + (f" ({c['error'].splitlines()[0][:80]})" if "error" in c else "")
+      )
+      lines.append(
+        f"| {c['loss']} | {c['implementation']} | {c.get('rows', '-')} | {c['cols']} "
+        f"| {c['dtype']} "
+        f"| {c['fwd_rel_err']:.2e} / {c['fwd_tol']:.1e} "
+        f"| {c['bwd_rel_err']:.2e} / {c['bwd_tol']:.1e} | {ok} |"
+      )
+    lines.append("")
+  if not rows:
+    return lines
+  lines += [
+    "Median per call of the jitted mean loss: forward, and forward + backward "
+    "(`value_and_grad` w.r.t. the logits). GB/s count the logits read once (soft labels: "
+    "and the labels) and, in fwd+bwd, the gradient written; % copy is of the measured copy.",
+    "",
+    "| loss | shape | dtype | contender | fwd us | fwd GB/s | % copy | fwd+bwd us "
+    "| fwd+bwd GB/s | % copy |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    head = f"| {r['loss']} | {r['rows']}x{r['cols']} | {r['dtype']} | {r['contender']} "
+    if "error" in r:
+      lines.append(head + f"| failed: {r['error'].splitlines()[0][:80]} |")
+      continue
+    cells = []
+    for d in ("fwd", "fwd_bwd"):
+      bps = r[f"{d}_bytes_per_s"]
+      cells += [f"{r[f'{d}_s'] * 1e6:.1f}", f"{bps / 1e9:.0f}", f"{100 * bps / copy_bw:.0f}%"]
+    lines.append(head + "| " + " | ".join(cells) + " |")
+  ours = [r for r in rows if r["contender"] == "pallas" and "error" not in r]
+  if ours:
+    lines += ["", "Pallas's time over XLA's and optax's (below 1: Pallas is faster):", ""]
+    lines.append("| loss | shape | dtype | fwd: pallas / xla | pallas / optax "
+                 "| fwd+bwd: pallas / xla | pallas / optax |")  # fmt: skip
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in ours:
+      vs = [r.get(f"{d}_vs_{ref}") for d in ("fwd", "fwd_bwd") for ref in ("xla", "optax")]
+      vs = " | ".join("-" if v is None else f"{v:.2f}x" for v in vs)
+      lines.append(f"| {r['loss']} | {r['rows']}x{r['cols']} | {r['dtype']} | {vs} |")
+  return lines
 
 
 LONG = [(1024, 65536), (128, 262144)]
@@ -732,7 +1002,7 @@ def variant_table(variant_rows, copy_bw) -> list[str]:
   return lines
 
 
-def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
+def markdown(meta, checks, rows, copy_bw, variant_rows=(), losses=None) -> str:
   lines = [f"# Pallas softmax on {meta['device']} (jax {meta['jax']}, {meta['date']})", ""]
   if not all(c["ok"] for c in checks):
     lines += ["**The correctness check FAILED: the Pallas timings are of a wrong kernel.**", ""]
@@ -766,6 +1036,8 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=()) -> str:
     if op != WHERE:  # (the targets are without a mask)
       lines += ["", f"## {op} targets: Pallas >= 85% of copy, faster than jax.nn.{op}", ""]
       lines += targets(rows, copy_bw, op)
+  if losses is not None:
+    lines += losses_markdown(losses, copy_bw)
   if variant_rows:
     lines += ["", "## Mosaic GPU kernel variants (softmax, 2-D kernels called directly)", ""]
     lines.append(
@@ -792,6 +1064,11 @@ def main(argv=None) -> int:
   p.add_argument("--samples", type=int, default=7, help="samples per measurement (median)")
   p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on the CPU")
   p.add_argument("--no-variants", action="store_true", help="skip the kernel-variant timings")
+  p.add_argument("--no-losses", action="store_true", help="skip the cross-entropy step")
+  p.add_argument(
+    "--loss-sizes",
+    help="RxC,...: the losses at these sizes (soft labels at the first) instead of LOSS_SIZES",
+  )
   p.add_argument("--variants-timeout", type=int, default=360, help="seconds for all variants")
   p.add_argument(
     "--budget",
@@ -906,6 +1183,37 @@ def main(argv=None) -> int:
   copy_bw = copy_bandwidth(args.calls, args.samples, copy_n)
   result.update(copy_bytes_per_s=copy_bw, timings=rows)
   save(markdown(meta, checks, rows, copy_bw))
+  if not args.no_losses:
+    loss_sizes, soft_sizes = LOSS_SIZES, SOFT_LOSS_SIZES
+    if platform != "gpu":  # smoke test: a small ragged row
+      loss_sizes = soft_sizes = [(64, 1000)]
+    if args.loss_sizes:
+      loss_sizes = [tuple(int(n) for n in rc.split("x")) for rc in args.loss_sizes.split(",")]
+      soft_sizes = loss_sizes[:1]
+    # The timings within LOSSES_S, and within --budget (less the last save's 15 s).
+    deadline = min(time.monotonic() + LOSSES_S, started + args.budget - 15)
+    result["losses"] = losses = dict(calls=min(args.calls, LOSS_CALLS))
+    losses["samples"] = min(args.samples, LOSS_SAMPLES)
+    try:
+      # Pallas on a GPU; on the CPU the default (XLA), a smoke test of the check.
+      impls = ["pallas"] if pallas else [None]
+      losses["checks"] = check_losses(loss_sizes, dtypes, impls, args.check_rows)
+      ok = ok and all(c["ok"] for c in losses["checks"])
+      save()
+
+      def on_loss_cell(loss_rows, notes):
+        losses.update(timings=loss_rows, notes=notes)
+        save()
+
+      cells = [(INTEGER, z, dt) for z in loss_sizes for dt in dtypes]
+      cells += [(SOFT, z, dt) for z in soft_sizes for dt in dtypes]
+      losses["timings"], losses["notes"] = loss_timings(
+        cells, pallas, losses["calls"], losses["samples"], on_loss_cell, deadline
+      )
+    except Exception as e:  # not fatal: the variants still run
+      losses.setdefault("notes", []).append(f"the losses step failed: {_failed('losses', e)}")
+    save(markdown(meta, checks, rows, copy_bw, losses=losses))
+  losses = result.get("losses")
   left = args.budget - (time.monotonic() - started) - 15  # for the last save
   if pallas and not args.no_variants and left < 30:
     print(f"gpu_pallas.py: {left:.0f} s left of --budget: no variants", flush=True)
@@ -914,13 +1222,13 @@ def main(argv=None) -> int:
     def on_rows(vrows):  # as the variants come in, quietly
       result["variants"] = vrows
       stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-      stem.with_suffix(".md").write_text(markdown(meta, checks, rows, copy_bw, vrows))
+      stem.with_suffix(".md").write_text(markdown(meta, checks, rows, copy_bw, vrows, losses))
 
     timeout = int(min(args.variants_timeout, left))
     result["variants"] = variants_in_child(
       dtypes, args.calls, args.samples, timeout, on_rows=on_rows
     )
-    save(markdown(meta, checks, rows, copy_bw, result["variants"]))
+    save(markdown(meta, checks, rows, copy_bw, result["variants"], losses))
   return 0 if ok else 1
 
 

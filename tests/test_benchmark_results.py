@@ -204,6 +204,20 @@ def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
   assert text.index("| 64x256 | float32 | jax.nn.softmax |") < text.index(
     "| 8x384 | float32 | jax.nn.softmax |"
   )
+  # The losses (step 4): checked on the default implementation here, timed against optax.
+  losses = result["losses"]
+  assert {(c["loss"], c["implementation"]) for c in losses["checks"]} == {
+    ("integer labels", "default"),
+    ("soft labels", "default"),
+  }
+  assert all(c["ok"] for c in losses["checks"])
+  who = {(r["loss"], r["contender"]) for r in losses["timings"] if "error" not in r}
+  assert who == {
+    (k, c) for k in ("integer labels", "soft labels") for c in ("jaxsoftmax-xla", "optax")
+  }
+  assert all(r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 for r in losses["timings"])
+  assert text.index("## log_softmax targets") < text.index("## Losses")
+  assert "| integer labels | 64x1000 | float32 | optax |" in text
 
 
 def test_gpu_script_best_variants():
