@@ -839,7 +839,9 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
 
     finish = _lse if log else None  # softmax: no lse
     stats = _Stats(acc.fwd_init, fold, acc.fwd_done, _merge_stats, count=2)  # max, normaliser
-    out, *lse = _split_rows(name, [x3], p, cfg, size, load, stats, emit, finish, cfg.split_ctas)
+    out, *lse = _split_rows(
+      name, [x3], p, cfg, size, load, stats, emit, finish=finish, ctas=cfg.split_ctas
+    )
     return out.reshape(rows, cols), lse[0][:, :1] if log else None
 
   if kind == "rows":
@@ -1076,6 +1078,7 @@ def _split_rows(
   load,
   stats,
   emit,
+  *,
   finish=None,
   ctas=None,
   live=None,
@@ -1305,7 +1308,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     stats = _Stats(init, fold_part, done, _add_sums, count=1)  # the row sum
     live2 = args[2] if log else None
     (dx,) = _split_rows(
-      name, args[:2], p, cfg, size, load, stats, emit, None, cfg.bwd_split_ctas, live2
+      name, args[:2], p, cfg, size, load, stats, emit, ctas=cfg.bwd_split_ctas, live=live2
     )
     return dx.reshape(rows, cols)
 
