@@ -72,9 +72,19 @@ def _logits(fn: str, logits: ArrayLike) -> jax.Array:
   return x
 
 
-def _with_backend(fn, implementation, x, where, st: _Static) -> _Static:
-  """``st`` with the backend that ``implementation`` resolves to for this call."""
+def _with_backend(fn, implementation, x, where, st: _Static, cdt) -> _Static:
+  """``st`` with the backend that ``implementation`` resolves to for this call,
+  which computes in ``cdt``. The kernels' statistics are float32: a float64
+  loss (float32 logits, float64 soft labels) takes XLA, or raises for "pallas"."""
   implementation = check_implementation(fn, implementation)
+  if cdt != compute_dtype(x.dtype):
+    if implementation == "pallas":
+      raise ValueError(
+        f"{fn}: implementation='pallas' cannot run this call: the kernel computes the "
+        f"statistics in {compute_dtype(x.dtype)}, and `labels` make the loss {cdt}; "
+        "pass labels in the logits' dtype, or implementation='xla'."
+      )
+    return st
   return st._replace(backend=_backend.resolve(fn, implementation, x, st.axes, st.axis_name, where))
 
 
@@ -174,9 +184,11 @@ def _stats(x, where, st: _Static, cdt, select_free: bool = False):
 
 def _kernel_stats(x, where, st: _Static, cdt):
   """``_stats`` with ``m`` and ``d`` from the backend's ``row_stats``: a Pallas
-  kernel that reads the logits once, in their own dtype, and writes two float32
-  numbers per example. ``xs`` is then only built where the loss reads it again
-  (soft labels, label smoothing). An empty slice's max is -inf: its shift is 0."""
+  kernel that reads the logits once, in their own dtype (after a pass that
+  applies ``where`` or moves the class axes last, if needed), and writes the two
+  float32 statistics per example. ``xs`` is then only built where the loss
+  reads it again (soft labels, label smoothing). An empty slice's max is -inf:
+  its shift is 0."""
   m, d = _backend.get(st.backend).row_stats(x, where, st.axes, st.axis_name)
   shift = jnp.where(m == -jnp.inf, 0.0, m).astype(cdt)
   d = d.astype(cdt)
@@ -281,10 +293,11 @@ def softmax_cross_entropy(
     implementation: ``None`` (XLA, for now: see below), ``"xla"`` or
       ``"pallas"``. With ``"pallas"`` each example's max and normaliser come
       from a Pallas kernel that reads the logits once (GPU and TPU, float32,
-      bfloat16 and float16, no ``axis_name``; it raises ``ValueError`` where it
-      cannot run, saying why); the rest of the loss and the whole backward stay
-      on XLA. ``None`` keeps the losses on XLA until that kernel has been timed
-      on a GPU.
+      bfloat16 and float16, no ``axis_name``, not a float64 loss; it raises
+      ``ValueError`` where it cannot run, saying why; a ``where`` or class axes
+      other than the last cost an XLA pass before it); the rest of the loss and
+      the whole backward stay on XLA. ``None`` keeps the losses on XLA until
+      that kernel has been timed on a GPU.
 
   Returns:
     The loss per example, shape ``logits.shape`` with ``axis`` removed, in
@@ -302,7 +315,7 @@ def softmax_cross_entropy(
   st = _static(fn, x, axis, axis_name, label_smoothing, z_loss)
   y = _soft_labels(fn, labels, x)
   where = _where(fn, where, x.shape, st.axes)
-  st = _with_backend(fn, implementation, x, where, st)
+  st = _with_backend(fn, implementation, x, where, st, compute_dtype(jnp.result_type(x, y)))
   return _soft_ce(x, y, where, st)
 
 
@@ -497,7 +510,7 @@ def softmax_cross_entropy_with_integer_labels(
   st = _static(fn, x, axis, axis_name, label_smoothing, z_loss)
   labels = _int_labels(fn, labels, x, st)
   where = _where(fn, where, x.shape, st.axes)
-  st = _with_backend(fn, implementation, x, where, st)
+  st = _with_backend(fn, implementation, x, where, st, compute_dtype(x.dtype))
   return _int_ce(x, labels, where, st)
 
 

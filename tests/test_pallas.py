@@ -1232,6 +1232,50 @@ def test_losses_take_the_row_statistics_kernel(monkeypatch, be, dtype):
     assert np.isnan(loss[4]) and np.all(np.isnan(dx[4]))  # NaN stays in its example
 
 
+@pytest.mark.parametrize("be", ["pallas:gpu:interpret", "pallas:tpu:interpret"])
+def test_losses_with_the_kernel_reverse_over_reverse(monkeypatch, be):
+  # The statistics are residuals of the losses' custom_vjp, so a second
+  # derivative differentiates the kernel's call too (as the XLA backend's
+  # row_stats): against jax.grad of jax.grad of the float64 definition.
+  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: be)
+  rng = np.random.default_rng(44)
+  x = jnp.asarray(3.0 * rng.standard_normal((4, 256)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 256, 4))
+  y = jax.nn.softmax(jnp.asarray(rng.standard_normal((4, 256))))
+  w = jnp.asarray(rng.standard_normal((4, 256)))  # weights the first gradient
+  z = 0.1
+
+  def naive(x, t):
+    lse = jnp.log(jnp.sum(jnp.exp(x), -1))
+    return jnp.sum(lse - jnp.sum(t * x, -1) + z * lse**2)
+
+  for loss, t in [
+    (lambda x: jaxsoftmax.softmax_cross_entropy_with_integer_labels(x, labels, z_loss=z), None),
+    (lambda x: jaxsoftmax.softmax_cross_entropy(x, y.astype(jnp.float32), z_loss=z), y),
+  ]:
+    t = jax.nn.one_hot(labels, 256, dtype=jnp.float64) if t is None else t
+    ours = jax.jit(jax.grad(lambda x: jnp.sum(w * jax.grad(lambda v: loss(v).sum())(x))))  # noqa: B023
+    ref = jax.grad(lambda x: jnp.sum(w * jax.grad(naive)(x, t)))(x.astype(jnp.float64))  # noqa: B023
+    assert "jaxsoftmax_row_stats_" in str(ours.trace(x).jaxpr)
+    assert rel_err(ours(x), ref) <= 16 * eps(jnp.float32)
+
+
+def test_a_float64_loss_keeps_to_xla(monkeypatch):
+  # float32 logits with float64 soft labels make a float64 loss; the kernel's
+  # statistics are float32, so "pallas" raises and None takes XLA.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
+  monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
+  monkeypatch.setattr(_pallas, "preferred", lambda *a, **k: (True, True))  # were it timed
+  x = jnp.ones((4, 256), jnp.float32)
+  with pytest.raises(ValueError, match="softmax_cross_entropy: .*labels. make the loss float64"):
+    jaxsoftmax.softmax_cross_entropy(x, jnp.ones((4, 256), jnp.float64), implementation="pallas")
+  jaxpr = jax.make_jaxpr(lambda x: jaxsoftmax.softmax_cross_entropy(x, x.astype(jnp.float64)))
+  assert "jaxsoftmax_row_stats_" not in str(jaxpr(x))  # the statistics inline, on XLA
+  jaxpr = jax.make_jaxpr(lambda x: jaxsoftmax.softmax_cross_entropy(x, x))
+  assert "jaxsoftmax_row_stats_" in str(jaxpr(x))  # float32 labels: the kernel
+
+
 def test_losses_with_the_kernel_under_vmap(monkeypatch):
   # Per-example losses and gradients under vmap (the kernel's batching rule),
   # against the float64 closed form lse(x) - x[label]; and for cuda, one launch.

@@ -77,11 +77,24 @@ def make(kernels, cfg) -> Backend:
   bwd_2d = partial(kernels.softmax_bwd_2d, cfg=cfg)
   stats_2d = partial(kernels.row_stats_2d, cfg=cfg)
 
+  @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
   def row_stats(x, where, axes: Axes, axis_name: AxisName):
     # (m, d) of each slice, keepdims float32: the max (-inf if empty) and sum(exp(x - m))
     _check_axis_name(axis_name)
     m, d = stats_2d(_to_2d(masked(x, where), axes))
     return _stat_from_2d(m, x.shape, axes), _stat_from_2d(d, x.shape, axes)
+
+  # Differentiated (a loss's reverse over reverse: the statistics are residuals
+  # of its custom_vjp) as the XLA backend's row_stats, which computes the same.
+  def row_stats_fwd(x, where, axes, axis_name):
+    return row_stats(x, where, axes, axis_name), (x, where)
+
+  def row_stats_bwd(axes, axis_name, res, ct):
+    x, where = res
+    _, vjp = jax.vjp(lambda x: _xla.row_stats(x, where, axes, axis_name), x)
+    return vjp(ct)[0], None
+
+  row_stats.defvjp(row_stats_fwd, row_stats_bwd)
 
   def softmax_fwd(x, where, axes: Axes, axis_name: AxisName):
     _check_axis_name(axis_name)
