@@ -185,10 +185,10 @@ def _stats(x, where, st: _Static, cdt, select_free: bool = False):
 def _kernel_stats(x, where, st: _Static, cdt):
   """``_stats`` with ``m`` and ``d`` from the backend's ``row_stats``: a Pallas
   kernel that reads the logits once, in their own dtype (after a pass that
-  applies ``where`` or moves the class axes last, if needed), and writes the two
-  float32 statistics per example. ``xs`` is then only built where the loss
-  reads it again (soft labels, label smoothing). An empty slice's max is -inf:
-  its shift is 0."""
+  applies a ``where`` over the classes or moves the class axes last, if
+  needed), and writes the two float32 statistics per example. ``xs`` is then
+  only built where the loss reads it again (soft labels, label smoothing). An
+  empty slice's max is -inf: its shift is 0."""
   m, d = _backend.get(st.backend).row_stats(x, where, st.axes, st.axis_name)
   shift = jnp.where(m == -jnp.inf, 0.0, m).astype(cdt)
   d = d.astype(cdt)
@@ -294,10 +294,10 @@ def softmax_cross_entropy(
       ``"pallas"``. With ``"pallas"`` each example's max and normaliser come
       from a Pallas kernel that reads the logits once (GPU and TPU, float32,
       bfloat16 and float16, no ``axis_name``, not a float64 loss; it raises
-      ``ValueError`` where it cannot run, saying why; a ``where`` or class axes
-      other than the last cost an XLA pass before it); the rest of the loss and
-      the whole backward stay on XLA. ``None`` keeps the losses on XLA until
-      that kernel has been timed on a GPU.
+      ``ValueError`` where it cannot run, saying why; a ``where`` over the
+      classes, or class axes other than the last, cost an XLA pass before
+      it); the rest of the loss and the whole backward stay on XLA. ``None``
+      keeps the losses on XLA until that kernel has been timed on a GPU.
 
   Returns:
     The loss per example, shape ``logits.shape`` with ``axis`` removed, in

@@ -1117,11 +1117,15 @@ def test_lowering_checks_catch_layout_errors():
 # ------------------------------------- the losses' row statistics (``row_stats_2d``)
 
 
-def _check_row_stats(be, cols, dtype):
+def _check_row_stats(be, cols, dtype, per_row: bool = False):
   """A backend's ``row_stats`` on the six rows of ``_case`` against float64 closed
   forms: the max of the kept entries, exactly (it is a value of the input), and
-  ``sum(exp(x - max))`` within 4 float32 eps."""
+  ``sum(exp(x - max))`` within 4 float32 eps. ``per_row``: the mask is one flag
+  a row (a loss's padding), False on the fully masked row only, whose x is NaN."""
   x, w, _ = _case(cols, dtype)
+  if per_row:
+    w = jnp.arange(6)[:, None] != FULLY_MASKED
+    x = x.at[FULLY_MASKED].set(jnp.nan)  # masked: never read
   m, d = map(np.asarray, jax.jit(lambda x, w: be.row_stats(x, w, (1,), None))(x, w))
   assert m.shape == d.shape == (6, 1) and m.dtype == d.dtype == np.float32
   x64 = np.where(np.asarray(w), np.asarray(x.astype(jnp.float32), np.float64), -np.inf)
@@ -1168,6 +1172,11 @@ def _check_row_stats(be, cols, dtype):
 )
 def test_row_stats_interpret(cols, be, dtype):
   _check_row_stats(be, cols, dtype)
+
+
+@pytest.mark.parametrize("be", [GPU_DEFAULT, TPU_SMALL, _xla], ids=["gpu", "tpu", "xla"])
+def test_row_stats_with_a_flag_per_row(be):
+  _check_row_stats(be, 1000, jnp.float32, per_row=True)
 
 
 def _loss_case(dtype):
@@ -1230,6 +1239,31 @@ def test_losses_take_the_row_statistics_kernel(monkeypatch, be, dtype):
     assert np.all(dx[2][~w64[2]] == 0.0)  # masked classes get no gradient
     assert loss[3] == 0.0 and np.all(dx[3] == 0.0)  # a fully masked example
     assert np.isnan(loss[4]) and np.all(np.isnan(dx[4]))  # NaN stays in its example
+
+
+@pytest.mark.parametrize("be", ["pallas:gpu:interpret", "pallas:tpu:interpret"])
+def test_losses_with_the_kernel_and_a_flag_per_example(monkeypatch, be):
+  # A padding mask of one flag per example (the kernel reads the unmasked logits):
+  # the masked example, whose logits are NaN, gives 0 and no gradient.
+  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: be)
+  x, labels, _, _ = _loss_case(jnp.float32)
+  x = x.at[4].set(jnp.nan)
+  keep = jnp.arange(6) != 4
+
+  def loss(x):
+    return jaxsoftmax.softmax_cross_entropy_with_integer_labels(
+      x, labels, where=keep, implementation="pallas"
+    )
+
+  loss, vjp = jax.vjp(loss, x)
+  loss, dx = np.asarray(loss), np.asarray(vjp(jnp.ones_like(loss))[0])
+  assert loss[4] == 0.0 and np.all(dx[4] == 0.0)
+  x64 = np.asarray(x, np.float64)[keep]
+  lse = np.log(np.exp(x64).sum(1))
+  at_label = x64[np.arange(5), np.asarray(labels)[keep]]
+  assert rel_err(loss[keep], lse - at_label) <= 4 * eps(jnp.float32)
+  ref_dx = np.exp(x64 - lse[:, None]) - np.eye(1000)[np.asarray(labels)[keep]]
+  assert rel_err(dx[keep], ref_dx) <= 8 * eps(jnp.float32)
 
 
 @pytest.mark.parametrize("be", ["pallas:gpu:interpret", "pallas:tpu:interpret"])

@@ -81,8 +81,14 @@ def make(kernels, cfg) -> Backend:
   def row_stats(x, where, axes: Axes, axis_name: AxisName):
     # (m, d) of each slice, keepdims float32: the max (-inf if empty) and sum(exp(x - m))
     _check_axis_name(axis_name)
-    m, d = stats_2d(_to_2d(masked(x, where), axes))
-    return _stat_from_2d(m, x.shape, axes), _stat_from_2d(d, x.shape, axes)
+    per_slice = where is not None and all(where.shape[a] == 1 for a in axes)
+    # A mask of one flag per slice (a loss's padding) empties the slices it drops
+    # after the kernel, on their statistics, rather than in a pass over x before.
+    m, d = stats_2d(_to_2d(x if per_slice else masked(x, where), axes))
+    m, d = _stat_from_2d(m, x.shape, axes), _stat_from_2d(d, x.shape, axes)
+    if per_slice:
+      m, d = masked(m, where), masked(d, where, 0.0)
+    return m, d
 
   # Differentiated (a loss's reverse over reverse: the statistics are residuals
   # of its custom_vjp) as the XLA backend's row_stats, which computes the same.
