@@ -42,11 +42,13 @@ In this order:
    but with 10 calls and 5 samples: the jitted mean loss, forward alone and
    ``value_and_grad``, against ``implementation="xla"`` and optax's (left
    out, with a note, if optax does not import), at 4096 x {32000, 50257,
-   128256} (``--loss-sizes``) with integer labels and 4096 x 32000 with soft
-   labels. GB/s count the logits (and soft labels) read once forward, and in
-   forward + backward twice (the backward reads them again) plus the gradient
-   written. A failure here is recorded and the variants still run; a failed
-   check makes the exit status 1, as in step 1;
+   128256} (``--loss-sizes``) with integer labels, 4096 x 32000 with soft
+   labels, and the first size in the first dtype with integer labels and a
+   padding mask (one flag per example). GB/s count the logits (and soft
+   labels) read once forward, and in forward + backward twice (the backward
+   reads them again) plus the gradient written. A failure here is recorded
+   and the variants still run; a failed check makes the exit status 1, as in
+   step 1;
 5. tuning data for the next change: the Mosaic GPU kernels called directly
    with a few ``gpu.Config`` variants (``VARIANTS``: row statistics reduced
    once a row, in one pass or two, and approximate exp and log, on rows kept
@@ -407,6 +409,10 @@ def timings(
 LOSS_SIZES = [(4096, 32000), (4096, 50257), (4096, 128256)]
 SOFT_LOSS_SIZES = [(4096, 32000)]
 INTEGER, SOFT = "integer labels", "soft labels"
+# Integer labels with a padding mask, one flag per example (1 in 32 False), as
+# `where=labels != -100` gives: the Pallas path empties those examples'
+# statistics after its kernel rather than masking the logits before it.
+PADDED = "integer labels, padding mask"
 # About 60 s on an H100, most of it compiling (6 programs a cell): fewer calls
 # and samples than the other steps, and cells that would start after LOSSES_S
 # seconds are skipped and listed.
@@ -421,7 +427,7 @@ def _loss(kind, impl):
   if kind == INTEGER:
     fn = jaxsoftmax.softmax_cross_entropy_with_integer_labels
   kw = {} if impl is None else dict(implementation=impl)
-  return lambda x, y, w=None: fn(x, y, where=w, **kw)
+  return lambda x, y, where=None: fn(x, y, where=where, **kw)
 
 
 def _optax():
@@ -506,7 +512,7 @@ def check_losses(sizes, dtypes, impls, most_rows=CHECK_ROWS) -> list[dict]:
     g = np.array(jax.random.normal(k[4], (n,), jnp.float32)).astype(dtype)
     try:
       ours = jax.jit(_loss(kind, impl))
-      loss, dx = _value_and_vjp(lambda v, y=labels, w=w, ours=ours: ours(v, y, w), x, g)
+      loss, dx = _value_and_vjp(lambda v, y=labels, w=w, ours=ours: ours(v, y, where=w), x, g)
     except Exception as e:  # a kernel that fails to compile or run: record it, go on
       rows.append(_failed_check(row, f"check {kind} {impl} {cols} {dt}", e))
       continue
@@ -547,16 +553,23 @@ def loss_timings(
     if time.monotonic() > deadline:
       notes.append(f"{kind} {shape[0]}x{shape[1]} {dt}: skipped, no time left")
       continue
-    contenders, note = _loss_contenders(kind, pallas)
+    base = INTEGER if kind == PADDED else kind
+    contenders, note = _loss_contenders(base, pallas)
     if note and note not in notes:
       notes.append(note)
     nbytes = int(np.prod(shape)) * jnp.dtype(dt).itemsize
     read = 2 * nbytes if kind == SOFT else nbytes  # logits (and soft labels)
     xs = _buffers(shape, dt, 3 if kind == SOFT else 2)
-    argsets = list(zip(xs, _loss_labels(kind, shape, dt, len(xs)), strict=True))
+    labels = _loss_labels(base, shape, dt, len(xs))
+    # (The padding mask is an argument, made outside the timed programs.)
+    masks = [y % 32 != 0 if kind == PADDED else None for y in labels]
+    argsets = list(zip(xs, labels, masks, strict=True))
     fwds, fwd_bwds = [], []
     for f in contenders.values():
-      mean = lambda x, y, f=f: jnp.mean(f(x, y))  # noqa: E731
+
+      def mean(x, y, w, f=f):
+        return jnp.mean(f(x, y) if w is None else f(x, y, where=w))
+
       fwds.append((mean, argsets))
       fwd_bwds.append((jax.value_and_grad(mean), argsets))
     t_fwds = _interleaved(fwds, calls, samples)
@@ -1221,6 +1234,7 @@ def main(argv=None) -> int:
 
       cells = [(INTEGER, z, dt) for z in loss_sizes for dt in dtypes]
       cells += [(SOFT, z, dt) for z in soft_sizes for dt in dtypes]
+      cells += [(PADDED, loss_sizes[0], dtypes[0])]
       losses["timings"], losses["notes"] = loss_timings(
         cells, pallas, losses["calls"], losses["samples"], on_loss_cell, deadline
       )
