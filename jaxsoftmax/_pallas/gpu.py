@@ -42,6 +42,10 @@ their parts do, and streams them twice otherwise.
   then write; once for rows of a few chunks, held in registers), and stores the
   output the same way.
 
+The losses' kernel, ``row_stats_2d``, is the streamed forward's statistics pass
+alone, for rows of any length (ragged rows: read once into registers): each row
+read once, its max and normaliser written.
+
 Rows shorter than 128 elements (one element per thread of the warpgroup) are
 reported by ``unsupported_reason`` and run on XLA.
 """

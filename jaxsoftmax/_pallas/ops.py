@@ -1,10 +1,11 @@
-"""The Pallas backend: the four functions of ``_xla.py`` on top of 2-D kernels.
+"""The Pallas backend: the functions of ``_xla.py`` on top of 2-D kernels.
 
-The kernels (``tpu.py``, ``gpu.py``; ``row_stats_2d`` for the losses) reduce over the last axis of a
-``(rows, cols)`` array. This adapter moves the softmax axes last and flattens
-them (a no-op for the usual trailing axis), applies ``where`` around the kernel
-exactly as the XLA path does (masked logits become -inf before, masked outputs
-are zeroed after), and brings the result back to the input's layout.
+The kernels (``tpu.py``, ``gpu.py``; ``row_stats_2d`` for the losses) reduce
+over the last axis of a ``(rows, cols)`` array. This adapter moves the softmax
+axes last and flattens them (a no-op for the usual trailing axis), applies
+``where`` around the kernel exactly as the XLA path does (masked logits become
+-inf before, masked outputs are zeroed after), and brings the result back to
+the input's layout.
 
 The backward functions are ``custom_vjp``s themselves: the kernel runs for the
 gradient, and differentiating the gradient (reverse over reverse) falls back to
@@ -60,7 +61,8 @@ def _check_axis_name(axis_name: AxisName) -> None:
 
 
 class Backend:
-  """The four backend functions (hashable, so that a backend can be a static argument)."""
+  """The backend functions: softmax and log_softmax forward and backward, and the
+  losses' ``row_stats`` (hashable, so that a backend can be a static argument)."""
 
   def __init__(self, softmax_fwd, softmax_bwd, log_softmax_fwd, log_softmax_bwd, row_stats):
     self.softmax_fwd = softmax_fwd

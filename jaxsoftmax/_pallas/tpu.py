@@ -14,6 +14,10 @@ Two shapes of grid:
   index stays at column block 0, so nothing is written back to HBM until phase
   1 has filled it.
 
+The losses' kernel, ``row_stats_2d``, has grid ``(row_blocks, col_blocks)``
+(one column block for a row that fits) and keeps the running statistics in its
+output block, which stays in VMEM along the column blocks.
+
 Statistics are float32 whatever the input dtype. A ragged last column block is
 masked in the kernel (its out-of-bounds lanes hold garbage on hardware).
 """
