@@ -33,6 +33,7 @@ from ._checks import (
   normalize_axes,
 )
 from ._stats import (
+  finite_shift,
   log_normalizer,
   masked,
   read_apart,
@@ -171,10 +172,11 @@ def _stats(x, where, st: _Static, cdt, select_free: bool = False):
   in a live slice) rather than a select, for `_soft_unguarded_first`.
   """
   if st.backend != "xla":
-    return _kernel_stats(x, where, st, cdt)
-  if compute_dtype(x.dtype) != cdt:
-    x = x.astype(cdt)
-  xs, m, _, d, _ = slice_stats(x, where, st.axes, st.axis_name)
+    xs, m, d = _kernel_stats(x, where, st, cdt)
+  else:
+    if compute_dtype(x.dtype) != cdt:
+      x = x.astype(cdt)
+    xs, m, _, d, _ = slice_stats(x, where, st.axes, st.axis_name)
   if select_free:
     log_d = jnp.log(jnp.maximum(d, 1.0))
   else:
@@ -183,17 +185,14 @@ def _stats(x, where, st: _Static, cdt, select_free: bool = False):
 
 
 def _kernel_stats(x, where, st: _Static, cdt):
-  """``_stats`` with ``m`` and ``d`` from the backend's ``row_stats``: a Pallas
-  kernel that reads the logits once, in their own dtype (after a pass that
-  applies a ``where`` over the classes or moves the class axes last, if
-  needed), and writes the two float32 statistics per example. ``xs`` is then
-  only built where the loss reads it again (soft labels, label smoothing). An
-  empty slice's max is -inf: its shift is 0."""
+  """``(xs, m, d)`` as ``_stats`` takes them from ``slice_stats``, with ``m`` and ``d``
+  from the backend's ``row_stats``: a Pallas kernel that reads the logits once,
+  in their own dtype (after a pass that applies a ``where`` over the classes or
+  moves the class axes last, if needed), and writes the two float32 statistics
+  per example. ``xs`` is then only built where the loss reads it again (soft
+  labels, label smoothing). An empty slice's max is -inf: its shift is 0."""
   m, d = _backend.get(st.backend).row_stats(x, where, st.axes, st.axis_name)
-  shift = jnp.where(m == -jnp.inf, 0.0, m).astype(cdt)
-  d = d.astype(cdt)
-  log_d = jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
-  return masked(x.astype(cdt), where), shift, log_d, log_normalizer(shift, d)
+  return masked(x.astype(cdt), where), finite_shift(m).astype(cdt), d.astype(cdt)
 
 
 def _num_classes(where, shape, st: _Static, dtype):

@@ -72,7 +72,7 @@ def slice_stats(
   xs = xm.astype(compute_dtype(x.dtype))
   if axis_name is not None:
     m_local = jnp.max(xs, axes, keepdims=True)
-    e = jnp.exp(xs - _finite_shift(m_local))
+    e = jnp.exp(xs - finite_shift(m_local))
     m, d, rescale = _combine_across(m_local, jnp.sum(e, axes, keepdims=True), axis_name)
     return xs, m, e * rescale, d, d != 0
   xr = read_apart(xm) if apart else xm
@@ -149,7 +149,7 @@ def _slice_max(xm: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return lax.expand_dims(lax.reduce(xm, init, lax.max, axes), axes)
 
 
-def _finite_shift(m: jax.Array) -> jax.Array:
+def finite_shift(m: jax.Array) -> jax.Array:
   """The max ``m`` as a shift: 0 for a slice with no finite entry (m == -inf)."""
   return jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
 
@@ -188,7 +188,7 @@ def _combine_across(
   """
   gathered = _all_gather(jnp.stack([m_local, d_local]), axis_name)
   m_all, d_all = gathered[:, 0], gathered[:, 1]
-  m = _finite_shift(jnp.max(m_all, axis=0))
+  m = finite_shift(jnp.max(m_all, axis=0))
   d = jnp.sum(d_all * jnp.exp(m_all - m), axis=0)
   return m, d, jnp.exp(m_local - m)
 

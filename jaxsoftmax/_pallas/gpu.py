@@ -649,6 +649,24 @@ def _stream(row, p: Plan, stages: int, sources, bars, fn, carry, reverse: bool =
   return jax.lax.fori_loop(0, nc, step, carry)
 
 
+def _streamed_stats(row, p: Plan, stages: int, source, bars, acc: _Acc, chunk, parts):
+  """The running max and normaliser of a streamed row (the forward's first pass,
+  and all of ``row_stats_2d``): each of the CTA's parts streamed from ``source``
+  (``(gmem, bufs)``) through ``stages`` buffers, ``chunk(j, slot)`` the float32
+  chunk j to fold (``acc``); then merged with the cluster's other parts.
+  ``parts`` is ``(part_of, held, size, xch)`` (``_parts``, ``_combine``)."""
+  part_of, held, size, xch = parts
+
+  def fold(j, slot, md):
+    return acc.fwd_fold(md, chunk(j, slot))
+
+  def part_stats(i):
+    part = part_of(i)
+    return acc.fwd_done(_stream(row, p, stages, [source], bars, fold, acc.fwd_init(), part=part))
+
+  return _combine([part_stats(i) for i in range(held)], size, xch, _merge_stats)
+
+
 def _row_blocks(
   name: str, inputs, out_from: int, cfg: Config, per_row, stat: bool = False, ring=True
 ):
@@ -875,16 +893,9 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       part_of = cluster_part()
 
       def one_row(row):
-        def stats(j, slot, md):
-          return acc.fwd_fold(md, fresh(j, load(bufs.at[slot])))
-
-        def part_stats(i):
-          part = part_of(i)
-          return acc.fwd_done(
-            _stream(row, p, S, [(x_gmem, bufs)], bars, stats, acc.fwd_init(), part=part)
-          )
-
-        m, d = _combine([part_stats(i) for i in range(held)], size, xch, _merge_stats)
+        chunk = lambda j, slot: fresh(j, load(bufs.at[slot]))  # noqa: E731
+        parts = (part_of, held, size, xch)
+        m, d = _streamed_stats(row, p, S, (x_gmem, bufs), bars, acc, chunk, parts)
 
         def write(j, slot, c):
           # Consecutive chunks alternate between outs[0] and outs[1] in either order.
@@ -943,15 +954,11 @@ def row_stats_2d(x: jax.Array, *, cfg: Config = Config()):
     part_of = cluster_part()
 
     def one_row(row):
-      def fold(j, slot, md):
-        v = _skip_shared(p, j, load(bufs.at[slot]), -jnp.inf, lay, cfg.interpret)
-        return acc.fwd_fold(md, v)
+      def chunk(j, slot):
+        return _skip_shared(p, j, load(bufs.at[slot]), -jnp.inf, lay, cfg.interpret)
 
-      def part_stats(i):
-        md = _stream(row, p, S, [(x_gmem, bufs)], bars, fold, acc.fwd_init(), part=part_of(i))
-        return acc.fwd_done(md)
-
-      md = _combine([part_stats(i) for i in range(held)], size, xch, _merge_stats)
+      parts = (part_of, held, size, xch)
+      md = _streamed_stats(row, p, S, (x_gmem, bufs), bars, acc, chunk, parts)
 
       def store():
         for v, smem in zip(md, (m_smem, d_smem), strict=True):
@@ -1449,6 +1456,16 @@ def _ragged_chunks(cols: int, cfg: Config):
   return p.nc, p.ov, chunk, load, skip_shared, _Acc.of(cfg, p.nc, (p.kb,), lay)
 
 
+def _ragged_row_stats(get, loop, nc: int, ov: int, skip_shared, acc: _Acc):
+  """The max and normaliser of a ragged row from its ``nc`` float32 chunks
+  ``get(j)``, folded by ``loop`` (``fori_loop``, or ``_unrolled`` for chunks held in
+  registers); the last chunk's first ``ov`` elements are the one before's."""
+  md = loop(0, nc - (ov > 0), lambda j, md: acc.fwd_fold(md, get(j)), acc.fwd_init())
+  if ov:
+    md = acc.fwd_fold(md, skip_shared(get(nc - 1), -jnp.inf))
+  return acc.fwd_done(md)
+
+
 def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
   """``softmax_fwd_2d`` for ragged rows: each row read twice (once if it is held,
   ``RAGGED_HELD_CHUNKS``), written once."""
@@ -1464,10 +1481,7 @@ def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
       held = [get(j) for j in range(nc)]
       get, loop = held.__getitem__, _unrolled
 
-    md = loop(0, nc - (ov > 0), lambda j, md: acc.fwd_fold(md, get(j)), acc.fwd_init())
-    if ov:
-      md = acc.fwd_fold(md, skip_shared(get(nc - 1), -jnp.inf))
-    md = acc.fwd_done(md)
+    md = _ragged_row_stats(get, loop, nc, ov, skip_shared, acc)
 
     def write(j, c):
       out = _fwd_out(get(j), *md, log)
@@ -1489,10 +1503,8 @@ def _ragged_stats(x: jax.Array, cfg: Config):
 
   def body(row, x_gmem, m_gmem, d_gmem):
     get = lambda j: load(chunk(x_gmem, row, j))  # noqa: E731
-    md = jax.lax.fori_loop(0, nc - (ov > 0), lambda j, md: acc.fwd_fold(md, get(j)), acc.fwd_init())
-    if ov:
-      md = acc.fwd_fold(md, skip_shared(get(nc - 1), -jnp.inf))
-    for v, gmem in zip(acc.fwd_done(md), (m_gmem, d_gmem), strict=True):
+    md = _ragged_row_stats(get, jax.lax.fori_loop, nc, ov, skip_shared, acc)
+    for v, gmem in zip(md, (m_gmem, d_gmem), strict=True):
       gmem.at[row][...] = jnp.broadcast_to(v, (WARPGROUP,))
 
   out_type = (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),) * 2
