@@ -54,10 +54,18 @@ def _reference(x, w, g, log: bool):
 def _run(be, x, w, g, log: bool):
   """Forward and backward through a backend's four functions, as the custom_vjp calls them."""
   if log:
-    y, live = be.log_softmax_fwd(x, w, (1,), None)
+    y, live = be.log_softmax_fwd(x, w, (1,), None, for_grad=True)
     return y, be.log_softmax_bwd(y, live, w, g, (1,), None)
   y = be.softmax_fwd(x, w, (1,), None)
   return y, be.softmax_bwd(y, w, g, (1,), None)
+
+
+@partial(jax.jit, static_argnums=0)
+def _log_softmax_alone(be, x, w):
+  """log_softmax's forward and live flag when not differentiated (no lse written),
+  and the flag of the forward that is (from the kernel's lse)."""
+  alone = be.log_softmax_fwd(x, w, (1,), None)
+  return *alone, be.log_softmax_fwd(x, w, (1,), None, for_grad=True)[1]
 
 
 def _assert_close(actual, expected, tol, info):
@@ -74,6 +82,28 @@ def _run_jit(be, x, w, g, log):
   return _run(be, x, w, g, log)
 
 
+# The live flag of the six rows of `_case`: False on the two empty ones.
+LIVE = np.array([True, True, False, False, True, True])
+
+
+def _check_forward(y, ref_y, w, log: bool, info):
+  """The forward of `_case`'s rows (float64 ``y``) against float64 ``ref_y`` (the
+  first two) and the masking table (the rest)."""
+  finite = np.isfinite(ref_y)
+  # Ordinary rows within 4 eps.
+  assert np.array_equal(np.isfinite(y[:2]), finite)
+  _assert_close(y[:2][finite], ref_y[finite], 4 * eps(info[1]), info)
+  # Masked entries: 0 (softmax) or -inf (log_softmax).
+  assert np.all(y[:2][~np.asarray(w[:2])] == (-np.inf if log else 0.0))
+  # Empty rows (fully masked, or all -inf): 0 or -inf.
+  for r in (FULLY_MASKED, ALL_NEG_INF):
+    assert np.all(y[r] == (-np.inf if log else 0.0)), (*info, r)
+  # +inf or NaN: the whole row is NaN, and only that row.
+  for r in (HAS_NAN, HAS_POS_INF):
+    assert np.all(np.isnan(y[r])), (*info, r)
+  assert not np.any(np.isnan(y[:4]))
+
+
 def _check(be, cols, dtype):
   x, w, g = _case(cols, dtype)
   for log in (False, True):
@@ -81,23 +111,16 @@ def _check(be, cols, dtype):
     assert y.dtype == dx.dtype == jnp.dtype(dtype)
     y, dx = y.astype(np.float64), dx.astype(np.float64)
     ref_y, ref_dx = map(np.asarray, _reference(x, w, g, log))
-    finite = np.isfinite(ref_y)
-    # Ordinary rows: the forward within 4 eps and the backward within 8 eps.
-    assert np.array_equal(np.isfinite(y[:2]), finite)
-    _assert_close(y[:2][finite], ref_y[finite], 4 * eps(dtype), (cols, log))
+    _check_forward(y, ref_y, w, log, (cols, dtype, log))
+    # The backward: ordinary rows within 8 eps, 0 at masked entries and on empty
+    # rows, NaN on the rows holding +inf or NaN.
     _assert_close(dx[:2], ref_dx, 8 * eps(dtype), (cols, log))
-    # Masked entries: 0 (softmax) or -inf (log_softmax), and a zero gradient.
-    masked = ~np.asarray(w[:2])
-    assert np.all(y[:2][masked] == (-np.inf if log else 0.0))
-    assert np.all(dx[:2][masked] == 0.0)
-    # Empty rows (fully masked, or all -inf): 0 or -inf, zero gradient.
+    assert np.all(dx[:2][~np.asarray(w[:2])] == 0.0)
     for r in (FULLY_MASKED, ALL_NEG_INF):
-      assert np.all(y[r] == (-np.inf if log else 0.0)), (cols, log, r)
       assert np.all(dx[r] == 0.0), (cols, log, r)
-    # +inf or NaN: the whole row is NaN, values and gradient, and only that row.
     for r in (HAS_NAN, HAS_POS_INF):
-      assert np.all(np.isnan(y[r])) and np.all(np.isnan(dx[r])), (cols, log, r)
-    assert not np.any(np.isnan(y[:4])) and not np.any(np.isnan(dx[:4]))
+      assert np.all(np.isnan(dx[r])), (cols, log, r)
+    assert not np.any(np.isnan(dx[:4]))
 
 
 # --------------------------------------------------------- TPU kernels, interpret mode
@@ -204,6 +227,16 @@ GPU_BLOCKS_TWO_PASS = ops.make(
 # merges their statistics in cluster order); 8 parts of 1 with per-element
 # statistics, written first to last.
 GPU_STREAM_CLUSTER = ops.make(gpu, gpu.Config(**STREAM, stream_cluster=4))
+# Rows whose last chunk overlaps the one before it, split (Config.split_overlap):
+# 1000 columns are 4 chunks of 32 sub-rows of 8, the last from sub-row 93. In
+# float32 the forward takes 2 parts of 2 chunks (the overlap within the last
+# part), the backward 4 of 1 (across parts); in 16 bits, 1 part and 2; 4104
+# columns in 3 chunks of 176 sub-rows, one part, persistent (the default form).
+SPLIT_OVERLAP = {**SPLIT, "split_overlap": True}
+GPU_SPLIT_OVERLAP = ops.make(gpu, gpu.Config(**SPLIT_OVERLAP))
+GPU_SPLIT_OVERLAP_WHOLE = ops.make(
+  gpu, gpu.Config(interpret=True, row_bytes=256, split_overlap=True)
+)
 GPU_STREAM_CLUSTER_8 = ops.make(
   gpu, gpu.Config(**STREAM, **ROW_STATS, stream_cluster=8, reverse_write=False)
 )
@@ -248,6 +281,8 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     (2048, GPU_STREAM_CLUSTER_8),
     (1152, GPU_OVERLAP_TWO_PASS),
     (2048, GPU_BLOCKS_TWO_PASS),
+    (1000, GPU_SPLIT_OVERLAP),
+    (4104, GPU_SPLIT_OVERLAP_WHOLE),
   ],
   ids=[
     "384-fits",
@@ -283,6 +318,8 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     "2048-online-cluster-of-8-row-stats",
     "1152-overlap-fits-two-pass",
     "2048-row-blocks-two-pass",
+    "1000-overlap-split",
+    "4104-overlap-split-one-part",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -592,10 +629,13 @@ def test_gpu_plan_chunks():
   assert chunks(4104) == (513, 8, 176, 3, 15)
   assert chunks(1000) == (125, 8, 64, 2, 3)  # 112 sub-rows wanted, as 2 chunks of 64
   assert chunks(1280, chunk_elems=1024) == (5, 256, 3, 2, 1)
-  # Overlapping chunks never split over a cluster (each part takes whole chunks).
+  # Overlapping chunks split over a cluster only with Config.split_overlap.
   p = gpu.plan(32000, jnp.float32)
   assert gpu.cluster_size(p, 32000 * 4, 64 * 1024) == 0
+  assert gpu.cluster_size(p, 32000 * 4, 64 * 1024, overlap=True) == 2
   assert gpu.route(1024, p, jnp.float32, gpu.Config()) == ("streamed", 1)
+  both = [gpu.route(1024, p, jnp.float32, gpu.Config(split_overlap=True), b) for b in (0, 1)]
+  assert both == [("split", 1), ("split", 4)]  # 125 KiB rows whole, 250 KiB pairs in 4
 
 
 # ------------------------------------------------- the custom_vjp cores and any axes
@@ -746,6 +786,8 @@ def _kernels(mod):
   return {
     "softmax_fwd": (partial(mod.softmax_fwd_2d, log=False), lambda x: (x,)),
     "log_softmax_fwd": (partial(mod.softmax_fwd_2d, log=True), lambda x: (x,)),
+    # Not differentiated: no lse.
+    "log_softmax_fwd_alone": (partial(mod.softmax_fwd_2d, log=True, lse=False), lambda x: (x,)),
     "softmax_bwd": (partial(mod.softmax_bwd_2d, log=False), lambda x: (x, x)),
     "log_softmax_bwd": (
       lambda l, live, g: mod.softmax_bwd_2d(l, g, live, log=True),
@@ -814,6 +856,22 @@ def test_gpu_overlapping_chunk_kernels_lower_for_cuda(dtype):
   _lowers(_gpu_kernels(chunk_elems=1024, ring_slots=3), "cuda", dtype, [(64, 1152)])
   warpgroup = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
   _lowers(warpgroup, "cuda", dtype, [(16, 32000), (3, 70000)])
+  # Split (Config.split_overlap, clusters of up to 4): 32000 (float32: whole
+  # rows; pairs in 4 parts), 128256 (forward in 2 parts, float32 4; 16-bit pairs
+  # in 8), 1000 in clusters of 4 (parts of one chunk).
+  _lowers(_gpu_kernels(split_overlap=True, split_cluster=4), "cuda", dtype, [(64, 32000)])
+  _lowers(_gpu_kernels(split_overlap=True, split_cluster=4), "cuda", dtype, [(64, 128256)])
+  small = dict(chunk_elems=256, row_bytes=256, bwd_row_bytes=256, split_bytes=1024)
+  small.update(bwd_split_bytes=2048, split_cluster=4, split_overlap=True)
+  _lowers(_gpu_kernels(**small), "cuda", dtype, [(64, 1000)])
+  cases = [(128256, {}), (1000, small)]
+  if jnp.dtype(dtype) == jnp.float32:
+    cases.append((32000, {}))  # (16 bits: kept whole)
+  for cols, cfg in cases:
+    cfg = gpu.Config(**{"split_overlap": True, "split_cluster": 4, **cfg})
+    p = gpu.plan(cols, dtype, cfg)
+    paths = [gpu.route(64, p, dtype, cfg, b)[0] for b in (False, True)]
+    assert p.ov and "split" in paths, (cols, paths)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -823,6 +881,80 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   assert all(isinstance(gpu.plan(c, dtype), str) for _, c in RAGGED_SHAPES)
   _lowers(gpu, "cuda", dtype, RAGGED_SHAPES)
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
+
+
+def _pallas_outputs(jaxpr) -> list[int]:
+  """How many arrays each kernel in ``jaxpr`` (and the jaxprs within) returns: a
+  ``pallas_call`` (Mosaic TPU), or the ``mpmd_map`` of a Mosaic GPU kernel."""
+  counts = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("pallas_call", "mpmd_map"):
+      counts.append(len(eqn.outvars))
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          counts += _pallas_outputs(sub)
+  return counts
+
+
+@pytest.mark.parametrize(
+  "backend, cols",
+  [
+    ("pallas:gpu:interpret", 384),  # rows kept whole
+    ("pallas:gpu:interpret", 70000),  # streamed
+    ("pallas:gpu:interpret", 4097),  # ragged
+    ("pallas:tpu:interpret", 384),  # one block
+    ("pallas:tpu:interpret", 70000),  # online
+  ],
+)
+def test_log_softmax_writes_its_lse_only_for_the_backward(backend, cols):
+  # The lse is what the backward's live flag comes from: a call that is not
+  # differentiated writes none (the GPU kernel's lse is a 512-byte row each).
+  x = jax.ShapeDtypeStruct((8, cols), jnp.float32)
+  f = lambda x: core._log_softmax(x, None, (1,), None, backend)[0]  # noqa: E731
+  assert _pallas_outputs(jax.make_jaxpr(f)(x).jaxpr) == [1]  # l
+  grad = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(f(x) * x)))(x)
+  assert _pallas_outputs(grad.jaxpr) == [2, 1]  # l and the lse, then dx
+  softmax = lambda x: core._softmax(x, None, (1,), None, backend)  # noqa: E731
+  assert _pallas_outputs(jax.make_jaxpr(softmax)(x).jaxpr) == [1]  # s: no lse either
+
+
+@pytest.mark.parametrize(
+  "cols, be",
+  [
+    (384, GPU_DEFAULT),
+    (384, GPU_BLOCKS),
+    (384, GPU_RING),
+    (2048, GPU_SPLIT),
+    (1000, GPU_SPLIT_OVERLAP),
+    (1280, GPU_SMALL),
+    (4097, GPU_DEFAULT),
+    (384, TPU_DEFAULT),
+    (2048, TPU_SMALL),
+  ],
+  ids=[
+    "rows",
+    "blocks",
+    "ring",
+    "split",
+    "split-overlap",
+    "streamed",
+    "ragged",
+    "tpu",
+    "tpu-online",
+  ],
+)
+def test_log_softmax_without_its_lse(cols, be):
+  # log_softmax not differentiated writes no lse (each path's forward without
+  # it): its output against float64 and the masking table, and its live flag,
+  # from l, and that of the forward which writes the lse, against the table.
+  x, w, _ = _case(cols, jnp.float32)
+  y, live, live_from_lse = map(np.asarray, _log_softmax_alone(be, x, w))
+  ref_y = np.asarray(_reference(x, w, x, True)[0])
+  _check_forward(y.astype(np.float64), ref_y, w, True, (cols, jnp.float32))
+  assert np.array_equal(live[:, 0], LIVE) and np.array_equal(live_from_lse[:, 0], LIVE)
 
 
 def test_kernels_are_named_for_profilers():

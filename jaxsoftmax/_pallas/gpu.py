@@ -179,6 +179,12 @@ class Config:
   # the online update: fewer operations an element (no rescaling, no select),
   # one more read of SMEM. Off until timed.
   held_two_pass: bool = False
+  # Rows whose last chunk overlaps the one before it (``Plan.ov``: 32000 or
+  # 128256 columns) split over clusters too (``split_bytes``, ``bwd_split_bytes``),
+  # the shared sub-rows counted once and written twice, alike. False: they
+  # stream (4096 x 32000 float32 at 73-76% of copy on the H100, T1348Z). Off
+  # until timed.
+  split_overlap: bool = False
   # Mosaic GPU's approximate math (``CompilerParams.approx_math``): exp as
   # ``ex2.approx`` of ``x * log2(e)``, log as ``lg2.approx``, rather than the
   # accurate libdevice calls. None: as ``elementwise_stats``. Checked against
@@ -283,15 +289,21 @@ MAX_BARRIERS = 32  # per barrier array in Mosaic GPU (its phases live in one i32
 
 
 def cluster_size(
-  p: Plan, row_bytes: int, budget: int, arrays: int = 1, most: int = MAX_CLUSTER
+  p: Plan,
+  row_bytes: int,
+  budget: int,
+  arrays: int = 1,
+  most: int = MAX_CLUSTER,
+  overlap: bool = False,
 ) -> int:
   """CTAs per row for rows split over a cluster: the smallest power of two
   ``C <= min(most, MAX_CLUSTER)`` that divides the row's chunks, with ``row_bytes / C <=
   budget`` and a barrier for each of the part's chunks of the ``arrays`` input
   rows (and one more) within ``MAX_BARRIERS``; 0 if there is none (or no budget,
-  or the row's last chunk overlaps the one before it: ``Plan.ov``)."""
+  or the row's last chunk overlaps the one before it, ``Plan.ov``, and not
+  ``overlap``: ``Config.split_overlap``)."""
   nc = p.nc
-  if p.ov:
+  if p.ov and not overlap:
     return 0
   c = 1
   while budget > 0 and c <= min(most, MAX_CLUSTER):
@@ -343,11 +355,13 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
   row_bytes = p.n1 * p.w * jnp.dtype(dtype).itemsize
   if backward:
     fits = _whole_copy(p.n1, row_bytes) and 2 * row_bytes <= cfg.bwd_row_bytes
-    c = cluster_size(p, 2 * row_bytes, cfg.bwd_split_bytes, arrays=2)
+    c = cluster_size(p, 2 * row_bytes, cfg.bwd_split_bytes, arrays=2, overlap=cfg.split_overlap)
     budget = min(cfg.block_bytes, cfg.bwd_row_bytes // 2)
   else:
     fits = p.fits
-    c = cluster_size(p, row_bytes, cfg.split_bytes, most=cfg.split_cluster)
+    c = cluster_size(
+      p, row_bytes, cfg.split_bytes, most=cfg.split_cluster, overlap=cfg.split_overlap
+    )
     budget = cfg.block_bytes
   if not fits:
     return ("split", c) if c else ("streamed", stream_cluster(p, cfg))
@@ -478,9 +492,11 @@ def _online_stats(m, d, v):
 
 
 class _Stats(NamedTuple):
-  """How ``_split_rows`` reduces a row: ``fold(init(), chunks)`` over a part's
-  chunks, ``done`` the part's ``count`` float32 scalars, ``merge`` two parts'
-  scalars into one (in cluster order)."""
+  """How ``_split_rows`` reduces a row: ``fold(init(), chunks, j)`` over a part's
+  chunks (``j`` the chunk's index in the row for ``_skip_shared``, or None if
+  the row's chunks do not overlap), ``done``
+  the part's ``count`` float32 scalars, ``merge`` two parts' scalars into one
+  (in cluster order)."""
 
   init: Callable
   fold: Callable
@@ -756,14 +772,18 @@ def _row_blocks(
 # ----------------------------------------------------------------------------- forward
 
 
-def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
-  """``(softmax or log_softmax of x over axis 1, lse as (rows, 1) float32)``; the
-  lse is None for softmax, which does not write what nobody reads (512 bytes a
-  row: a quarter of a 2 KiB row's output)."""
+def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool | None = None):
+  """``(softmax or log_softmax of x over axis 1, lse as (rows, 1) float32)``.
+
+  ``lse`` says whether the kernel writes the lse (default: for log_softmax,
+  whose backward takes its live flag from it); otherwise the second result is
+  None. A kernel does not write what nobody reads: 512 bytes a row, a quarter
+  of a 2 KiB row's output."""
   rows, cols = x.shape
+  stat = log if lse is None else lse
   p = plan(cols, x.dtype, cfg)
   if isinstance(p, str):
-    return _ragged_fwd(x, log, _resolved(cfg))
+    return _ragged_fwd(x, log, stat, _resolved(cfg))
   dtype = x.dtype
   kind, size = route(rows, p, dtype, cfg)
   name = _name(log, False, kind)
@@ -772,7 +792,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   lay = _strided((p.kb, p.w), dtype)
   x3 = x.reshape(rows, p.n1, p.w)
   out_type = (jax.ShapeDtypeStruct(x3.shape, dtype),)
-  if log:
+  if stat:
     out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
 
   load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
@@ -782,10 +802,10 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
     return _skip_shared(p, j, v, -jnp.inf, lay, cfg.interpret)
 
   def finish_row(lse, row, m, d, store=True):
-    """Stores the row's lse (log_softmax; ``lse`` is its ``(gmem, smem)`` refs;
+    """Stores the row's lse (if ``stat``; ``lse`` is its ``(gmem, smem)`` refs;
     if not ``store``, only the first CTA of its cluster does), then waits for the
     row's stores, before its buffers take the next row."""
-    if log:
+    if stat:
       lse_gmem, lse_smem = lse
 
       def store_lse():
@@ -802,7 +822,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
   def split_lse(refs):
     """The refs after x and the output: ``((lse gmem, lse smem) or None, scratch)``;
     the lse's SMEM row is the last scratch buffer."""
-    if log:
+    if stat:
       return (refs[0], refs[-1]), refs[1:-1]
     return None, refs
 
@@ -847,24 +867,23 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
         st.at[r][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
 
     x4 = x.reshape(nb, size, p.n1, p.w)
-    res = _row_blocks(name, [x4], 0, cfg, block_row, stat=log, ring=kind == "ring")
-    lse = res[1].reshape(rows, WARPGROUP)[:, :1] if log else None
-    return res[0].reshape(rows, cols), lse
+    res = _row_blocks(name, [x4], 0, cfg, block_row, stat=stat, ring=kind == "ring")
+    return res[0].reshape(rows, cols), res[1].reshape(rows, WARPGROUP)[:, :1] if stat else None
 
   if kind == "split":
 
     def emit(chunks, md, flag):
       return _fwd_out(chunks[0], *md, log)
 
-    def fold(md, chunks):
-      return acc.fwd_fold(md, chunks[0])
+    def fold(md, chunks, j):
+      return acc.fwd_fold(md, fresh(j, chunks[0]))
 
-    finish = _lse if log else None  # softmax: no lse
+    finish = _lse if stat else None
     stats = _Stats(acc.fwd_init, fold, acc.fwd_done, _merge_stats, count=2)  # max, normaliser
     out, *lse = _split_rows(
       name, [x3], p, cfg, size, load, stats, emit, finish=finish, ctas=cfg.split_ctas
     )
-    return out.reshape(rows, cols), lse[0][:, :1] if log else None
+    return out.reshape(rows, cols), lse[0][:, :1] if stat else None
 
   if kind == "rows":
 
@@ -918,9 +937,9 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
       plgpu.Barrier(num_barriers=S),
     ]
     scratch += [_xch_scratch(2)] if size > 1 else []
-  scratch += [plgpu.SMEM((WARPGROUP,), F32)] if log else []  # the lse's row (``split_lse``)
+  scratch += [plgpu.SMEM((WARPGROUP,), F32)] if stat else []  # the lse's row (``split_lse``)
   out, *lse = _kernel(name, rows, cfg, out_type, scratch, body, cluster=size)(x3)
-  return out.reshape(rows, cols), lse[0][:, :1] if log else None
+  return out.reshape(rows, cols), lse[0][:, :1] if stat else None
 
 
 # ---------------------------------------------------------------- row statistics
@@ -1120,7 +1139,7 @@ def _split_rows(
   dtype = arrays[0].dtype
   n_in = len(arrays)
   init, fold, done, merge, n_stats = stats
-  ncp = p.nc // c  # chunks per part (cluster_size: no overlapping last chunk)
+  ncp = p.nc // c  # chunks per part
   held = c if cfg.interpret else 1  # parts per CTA
   out_type = [jax.ShapeDtypeStruct(arrays[0].shape, dtype)]
   if finish is not None:
@@ -1147,7 +1166,7 @@ def _split_rows(
 
     def fetch(row, j):
       for a in range(n_in):
-        src = ins[a].at[row, pl.ds((first + j) * p.kb, p.kb)]
+        src = ins[a].at[row, pl.ds(_start(p, first + j), p.kb)]
         plgpu.copy_gmem_to_smem(src, bufs[a].at[j], bars.at[n_in * j + a])
 
     @pl.when(mine > 0)
@@ -1169,7 +1188,10 @@ def _split_rows(
         def step(j, st):
           for a in range(n_in):
             plgpu.barrier_wait(bars.at[n_in * (i * ncp + j) + a])
-          return fold(st, chunks(i * ncp + j))
+          # (The chunk's index in the row, which only an overlapping last chunk
+          # needs: None otherwise, so that the loop does not carry it.)
+          at = first + i * ncp + j if p.ov else None
+          return fold(st, chunks(i * ncp + j), at)
 
         return done(jax.lax.fori_loop(0, ncp, step, init()))
 
@@ -1183,7 +1205,9 @@ def _split_rows(
         out = bufs[-1].at[j]
         out[...] = emit(chunks(j), stats, flag).astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out, outs[0].at[row, pl.ds((first + j) * p.kb, p.kb)])
+        # (An overlapping last chunk stores the sub-rows it shares with the one
+        # before it again: the same values, from the same inputs and statistics.)
+        plgpu.copy_smem_to_gmem(out, outs[0].at[row, pl.ds(_start(p, first + j), p.kb)])
 
         @pl.when(jnp.logical_and(j >= LAG, has_next))
         def _():
@@ -1309,8 +1333,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
   if kind == "split":
 
-    def fold_part(acc, chunks):
-      return (fold(acc[0], *chunks),)
+    def fold_part(acc, chunks, j):
+      return (chunk_sum(acc[0], j, *chunks),)
 
     def emit(chunks, acc, flag):
       return grad(*chunks, acc[0], flag)
@@ -1466,13 +1490,13 @@ def _ragged_row_stats(get, loop, nc: int, ov: int, skip_shared, acc: _Acc):
   return acc.fwd_done(md)
 
 
-def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
+def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
   """``softmax_fwd_2d`` for ragged rows: each row read twice (once if it is held,
-  ``RAGGED_HELD_CHUNKS``), written once."""
+  ``RAGGED_HELD_CHUNKS``), written once; the lse too if ``stat``."""
   rows, cols = x.shape
   nc, ov, chunk, load, skip_shared, acc = _ragged_chunks(cols, cfg)
   out_type = (jax.ShapeDtypeStruct(x.shape, x.dtype),)
-  if log:
+  if stat:
     out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
 
   def body(row, x_gmem, o_gmem, *lse):
@@ -1489,11 +1513,11 @@ def _ragged_fwd(x: jax.Array, log: bool, cfg: Config):
       return c
 
     loop(0, nc, write, 0)
-    if log:
+    if stat:
       lse[0].at[row][...] = jnp.broadcast_to(_lse(*md), (WARPGROUP,))
 
   out = _ragged(_name(log, False, "ragged"), [x], out_type, cfg, body)
-  return out[0], out[1][:, :1] if log else None
+  return out[0], out[1][:, :1] if stat else None
 
 
 def _ragged_stats(x: jax.Array, cfg: Config):

@@ -110,12 +110,17 @@ def make(kernels, cfg) -> Backend:
     return masked(_from_2d(s, x.shape, axes), where, 0.0)
 
   def log_softmax_fwd(x, where, axes: Axes, axis_name: AxisName, *, for_grad=False):
-    del for_grad  # one kernel either way
     _check_axis_name(axis_name)
-    l, lse = fwd_2d(_to_2d(masked(x, where), axes), log=True)
-    # lse is -inf exactly on empty slices (and NaN on NaN slices, which are live).
-    live = _stat_from_2d(lse != -jnp.inf, x.shape, axes)
-    return masked(_from_2d(l, x.shape, axes), where), live
+    # Only the backward reads the kernel's lse (the live flag): a call that is
+    # not differentiated writes none, and its `live`, from l, is dead code.
+    l2, lse = fwd_2d(_to_2d(masked(x, where), axes), log=True, lse=for_grad)
+    l = masked(_from_2d(l2, x.shape, axes), where)
+    if for_grad:
+      # lse is -inf exactly on empty slices (and NaN on NaN slices, which are live).
+      return l, _stat_from_2d(lse != -jnp.inf, x.shape, axes)
+    # An empty slice's l is all -inf; a live one's max is -log(sum(exp(x - max))),
+    # finite, or NaN.
+    return l, jnp.any(l != -jnp.inf, axis=axes, keepdims=True)
 
   @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
   def softmax_bwd(s, where, g, axes: Axes, axis_name: AxisName):

@@ -89,12 +89,13 @@ def _lse(m, d):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_row_kernel(x_ref, o_ref, lse_ref, *, log):
+def _fwd_row_kernel(x_ref, o_ref, *lse_ref, log):
   x = x_ref[...].astype(F32)
   m = jnp.max(x, axis=1, keepdims=True)
   d = jnp.sum(jnp.exp(x - _safe_shift(m)), axis=1, keepdims=True)
   o_ref[...] = _finish_fwd(x, m, d, log).astype(o_ref.dtype)
-  lse_ref[...] = _lse(m, d)
+  for ref in lse_ref:  # (if the caller wants the lse)
+    ref[...] = _lse(m, d)
 
 
 def _online_update(m_ref, d_ref, x):
@@ -109,7 +110,8 @@ def _online_update(m_ref, d_ref, x):
   m_ref[...] = m_new
 
 
-def _fwd_online_kernel(x_ref, o_ref, lse_ref, m_sc, d_sc, *, log, bc, cols):
+def _fwd_online_kernel(x_ref, o_ref, *refs, log, bc, cols):
+  *lse_ref, m_sc, d_sc = refs
   p, j = pl.program_id(1), pl.program_id(2)
   x = x_ref[...].astype(F32)
   x = _where(_col_mask(x.shape, j, bc, cols), x, -jnp.inf)
@@ -125,52 +127,51 @@ def _fwd_online_kernel(x_ref, o_ref, lse_ref, m_sc, d_sc, *, log, bc, cols):
   def _():
     m, d = m_sc[...], d_sc[...]
     o_ref[...] = _finish_fwd(x, m, d, log).astype(o_ref.dtype)
-    lse_ref[...] = _lse(m, d)
+    for ref in lse_ref:
+      ref[...] = _lse(m, d)
 
 
-def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config()):
+def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool | None = None):
   """``(softmax or log_softmax of x over axis 1, lse as (rows, 1) float32)``.
 
   ``lse`` is -inf exactly for an empty row (every entry -inf) and NaN for a row
-  holding NaN or +inf.
+  holding NaN or +inf. The ``lse`` argument says whether to write it (default:
+  for log_softmax); otherwise the second result is None.
   """
   rows, cols = x.shape
+  stat = log if lse is None else lse
   br = _row_block(rows, min(cols, cfg.block_cols if cols > cfg.max_row_cols else cols), cfg)
-  out_shape = (
-    jax.ShapeDtypeStruct(x.shape, x.dtype),
-    jax.ShapeDtypeStruct((rows, 1), F32),
-  )
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+  out_shape += [jax.ShapeDtypeStruct((rows, 1), F32)] if stat else []
   if cols <= cfg.max_row_cols:
-    return pl.pallas_call(
+    out = pl.pallas_call(
       functools.partial(_fwd_row_kernel, log=log),
       grid=(pl.cdiv(rows, br),),
       in_specs=[pl.BlockSpec((br, cols), lambda i: (i, 0))],
-      out_specs=[
-        pl.BlockSpec((br, cols), lambda i: (i, 0)),
-        pl.BlockSpec((br, 1), lambda i: (i, 0)),
-      ],
+      out_specs=[pl.BlockSpec((br, cols), lambda i: (i, 0))]
+      + ([pl.BlockSpec((br, 1), lambda i: (i, 0))] if stat else []),
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=cfg.interpret,
       name=kernel_name(log, False, "row"),
     )(x)
-  bc = cfg.block_cols
-  return pl.pallas_call(
-    functools.partial(_fwd_online_kernel, log=log, bc=bc, cols=cols),
-    grid=(pl.cdiv(rows, br), 2, pl.cdiv(cols, bc)),
-    in_specs=[pl.BlockSpec((br, bc), lambda i, p, j: (i, j))],
-    out_specs=[
-      pl.BlockSpec((br, bc), lambda i, p, j: (i, j * p)),
-      pl.BlockSpec((br, 1), lambda i, p, j: (i, 0)),
-    ],
-    out_shape=out_shape,
-    scratch_shapes=[pltpu.VMEM((br, 1), F32), pltpu.VMEM((br, 1), F32)],
-    compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel", "arbitrary", "arbitrary")
-    ),
-    interpret=cfg.interpret,
-    name=kernel_name(log, False, "online"),
-  )(x)
+  else:
+    bc = cfg.block_cols
+    out = pl.pallas_call(
+      functools.partial(_fwd_online_kernel, log=log, bc=bc, cols=cols),
+      grid=(pl.cdiv(rows, br), 2, pl.cdiv(cols, bc)),
+      in_specs=[pl.BlockSpec((br, bc), lambda i, p, j: (i, j))],
+      out_specs=[pl.BlockSpec((br, bc), lambda i, p, j: (i, j * p))]
+      + ([pl.BlockSpec((br, 1), lambda i, p, j: (i, 0))] if stat else []),
+      out_shape=out_shape,
+      scratch_shapes=[pltpu.VMEM((br, 1), F32), pltpu.VMEM((br, 1), F32)],
+      compiler_params=pltpu.CompilerParams(
+        dimension_semantics=("parallel", "arbitrary", "arbitrary")
+      ),
+      interpret=cfg.interpret,
+      name=kernel_name(log, False, "online"),
+    )(x)
+  return out[0], out[1] if stat else None
 
 
 # ---------------------------------------------------------------------- row statistics
