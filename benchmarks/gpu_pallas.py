@@ -50,15 +50,17 @@ In this order:
    and the variants still run; a failed check makes the exit status 1, as in
    step 1;
 5. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (``VARIANTS``: row statistics reduced
-   once a row, in one pass or two, and approximate exp and log, on rows kept
-   whole; the backward's long rows split by persistent clusters; more bytes in
-   flight for streamed rows: 6 stages in float32, chunks of 16 KiB in
-   bfloat16), in child processes, within ``--variants-timeout`` seconds
+   with a few ``gpu.Config`` variants (``VARIANTS``: 4096 x 32000 float32 rows
+   split rather than streamed; row statistics reduced once a row, in one pass
+   or two, and approximate exp and log, on rows kept whole; the backward's long
+   rows split by persistent clusters; more bytes in flight for streamed rows:
+   6 stages in float32, chunks of 16 KiB in bfloat16; log_softmax's live flag
+   taken from l), in child processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
-   rest), each checked against float64 as in step 1 (softmax and log_softmax)
-   before softmax is timed, in turn with the default of its cell within every
-   sample (``--no-variants`` skips this part).
+   rest), each checked against float64 as in step 1 (softmax and log_softmax,
+   whose first row is then all -inf) before softmax (log_softmax, for a
+   variant named ``LOG ...``) is timed, in turn with the default of its cell
+   within every sample (``--no-variants`` skips this part).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step (the variants' rows as they come in). ``--budget`` (540 s) bounds the
@@ -700,6 +702,7 @@ LONG = [(1024, 65536), (128, 262144)]
 # 262144, then 4096 x 16384 and 4096 x 1024.
 HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
 VOCAB = (4096, 32000)
+LOG = "log_softmax: "  # a variant timed on log_softmax rather than softmax
 
 
 # name: (config, the shapes it is timed at); the config may be a dict of them
@@ -711,6 +714,12 @@ VARIANTS = {
   # by persistent CTAs (read once, where streaming reads them twice), and pairs
   # of rows in 4 parts. (16-bit rows of 32000 are kept whole already.)
   "overlapping rows split": (lambda: {"float32": gpu.Config(split_overlap=True)}, [VOCAB]),
+  # log_softmax (a name starting LOG), timed with the default's log_softmax: the
+  # backward of whole rows takes the live flag from l (``Config.live_from_l``),
+  # and the forward writes no lse: 512 bytes a row each way, and the XLA pass
+  # that broadcasts the flag. The forward is timed as a differentiated call runs
+  # it (with the lse where the backward reads the flag).
+  LOG + "live flag from l": (lambda: gpu.Config(live_from_l=True), [HELD[2], HELD[0]]),
   # Rows kept whole (and, at 128 x 262144, the backward; the forward's long
   # rows have these by default): the statistics reduced once a row, and
   # approximate exp and log.
@@ -749,19 +758,54 @@ VARIANTS = {
 }
 
 
+def _programs(cfg, log: bool, shape, dtype):
+  """The 2-D kernels under ``cfg``, jitted: ``fwd(x)`` and ``bwd(out, g)``, ``out``
+  what ``fwd`` returned. softmax: ``out`` is s. log_softmax, as a differentiated
+  call runs it: ``out`` is l and the live flag from the forward's lse (None
+  where the backward does not read it, ``gpu.bwd_reads_live``)."""
+  if not log:
+    fwd = lambda x: gpu.softmax_fwd_2d(x, log=False, cfg=cfg)[0]  # noqa: E731
+    return jax.jit(fwd), jax.jit(lambda s, g: gpu.softmax_bwd_2d(s, g, log=False, cfg=cfg))
+  need = gpu.bwd_reads_live(*shape, jnp.dtype(dtype), cfg)
+
+  def fwd(x):
+    l, lse = gpu.softmax_fwd_2d(x, log=True, cfg=cfg, lse=need)
+    return l, (lse != -jnp.inf) if need else None
+
+  def bwd(out, g):
+    return gpu.softmax_bwd_2d(out[0], g, out[1], log=True, cfg=cfg)
+
+  return jax.jit(fwd), jax.jit(bwd)
+
+
+def _built(cfg, log: bool, xs, gs) -> list:
+  """``_build`` of the forward and of the backward (``_programs``) over the
+  arrays ``xs`` and cotangents ``gs``."""
+  fwd, bwd = _programs(cfg, log, xs[0].shape, xs[0].dtype)
+  outs = [fwd(x) for x in xs]
+  return [_build(fwd, [(x,) for x in xs]), _build(bwd, list(zip(outs, gs, strict=True)))]
+
+
 def _variant_check(cfg, x, g, log, eps, ref) -> str | None:
   """None if the 2-D kernels under ``cfg`` match float64 (the tolerances of
   `check`) for softmax or log_softmax on ``x`` and ``g``, else what is off.
-  ``ref(log)`` is the float64 reference."""
-  fwd = jax.jit(lambda x: gpu.softmax_fwd_2d(x, log=log, cfg=cfg))
-  y, lse = fwd(x)
-  live = jnp.ones((x.shape[0], 1), jnp.float32)
-  dx = jax.jit(lambda y, g: gpu.softmax_bwd_2d(y, g, live, log=log, cfg=cfg))(y, g)
+  ``ref(log)`` is the float64 reference. log_softmax's row 0 is made all -inf,
+  where it must be all -inf and its gradient 0 (the live flag)."""
+  fwd, bwd = _programs(cfg, log, x.shape, x.dtype)
+  if log:
+    x = x.at[0].set(-jnp.inf)
+  out = fwd(x)
+  y, dx = (out[0] if log else out), bwd(out, g)
   ry, rdx = ref(log)
-  err_f, err_b = _rel(np.asarray(y, np.float32), ry), _rel(np.asarray(dx, np.float32), rdx)
-  if err_f <= 4 * eps and err_b <= 8 * eps:
+  y, dx, k = np.asarray(y, np.float32), np.asarray(dx, np.float32), int(log)
+  err_f, err_b = _rel(y[k:], ry[k:]), _rel(dx[k:], rdx[k:])
+  empty_ok = not log or (np.all(y[0] == -np.inf) and np.all(dx[0] == 0.0))
+  if err_f <= 4 * eps and err_b <= 8 * eps and empty_ok:
     return None
-  return f"wrong: {'log_softmax' if log else 'softmax'} fwd err {err_f:.2e}, bwd err {err_b:.2e}"
+  op = "log_softmax" if log else "softmax"
+  return f"wrong: {op} fwd err {err_f:.2e}, bwd err {err_b:.2e}" + (
+    "" if empty_ok else ", empty row"
+  )
 
 
 def _paths(shape, dtype, cfg) -> str:
@@ -809,7 +853,10 @@ def variants(
         np.asarray(x, np.float32), np.ones(x.shape, bool), np.asarray(g, np.float32), log
       )
 
-    default = None  # the default's built programs at this cell, timed with each variant
+    # The default's built programs at this cell, timed with each variant: softmax's
+    # if the "default" variant ran; log_softmax's (under the "default" variant's
+    # config) built when a LOG variant asks.
+    defaults = {False: None, True: None}
     for name, (make_cfg, at) in VARIANTS.items():
       if shape not in at or cell_key(name, *shape, dt) in skip:
         continue
@@ -820,7 +867,10 @@ def variants(
         cfg = cfg[dt]
       on_start(cell_key(name, *shape, dt))
       start = time.perf_counter()
-      cell = dict(variant=name, rows=shape[0], cols=shape[1], dtype=dt)
+      log = name.startswith(LOG)
+      cell = dict(variant=name, op="log_softmax" if log else "softmax")
+      cell.update(rows=shape[0], cols=shape[1], dtype=dt)
+
       try:
         cell["path"] = _paths(shape, dt, cfg)
         wrong = _variant_check(cfg, xs[0], gs[0], False, eps, ref)
@@ -828,11 +878,10 @@ def variants(
         if wrong:
           add(dict(cell, error=wrong))
           continue
-        fwd = jax.jit(lambda x, cfg=cfg: gpu.softmax_fwd_2d(x, log=False, cfg=cfg)[0])
-        bwd = jax.jit(lambda s, g, cfg=cfg: gpu.softmax_bwd_2d(s, g, log=False, cfg=cfg))
-        ss = [fwd(x) for x in xs]
-        built = [_build(fwd, [(x,) for x in xs]), _build(bwd, list(zip(ss, gs, strict=True)))]
-        pair = default if name != "default" else None
+        built = _built(cfg, log, xs, gs)
+        if log and defaults[True] is None:
+          defaults[True] = _built(VARIANTS["default"][0](), True, xs, gs)
+        pair = defaults[log] if name != "default" else None
         # Forward, then backward; each in turn with the default's within every
         # sample, so that their ratio compares the two under the same clocks.
         times = [
@@ -845,8 +894,8 @@ def variants(
         if pair and not any(isinstance(t, Exception) for t in d_fwd + d_bwd):
           cell.update(fwd_vs_default=t_fwd / d_fwd[0], bwd_vs_default=t_bwd / d_bwd[0])
         if name == "default":
-          default = built  # timed: the later variants of this cell pair with it
-        del ss, built
+          defaults[False] = built  # timed: the later variants of this cell pair with it
+        del built
       except Exception as e:  # e.g. a variant over the shared-memory limit
         add(dict(cell, error=_failed(f"variant {name} {shape} {dt}", e)))
         continue
@@ -974,24 +1023,24 @@ def targets(rows, copy_bw, op="softmax") -> list[str]:
 
 
 def best_variants(variant_rows, rows, copy_bw) -> list[str]:
-  """Per (shape, dtype): the fastest correct variant forward and backward, its
-  share of copy and its time over ``jax.nn.softmax``'s (from ``rows``), and
-  whether the two together meet the targets: what a new default would give."""
+  """Per op, shape and dtype: the fastest correct variant forward and backward,
+  its share of copy and its time over ``jax.nn``'s (from ``rows``), and whether
+  the two together meet the targets: what a new default would give."""
   nn = {
-    (r["rows"], r["cols"], r["dtype"]): r
+    (r.get("op", "softmax"), r["rows"], r["cols"], r["dtype"]): r
     for r in rows
-    if "error" not in r and r.get("contender") == "jax.nn.softmax"
+    if "error" not in r and r.get("contender") == f"jax.nn.{r.get('op', 'softmax')}"
   }
   cells = {}
   for r in variant_rows:
     if "error" not in r:
-      cells.setdefault((r["rows"], r["cols"], r["dtype"]), []).append(r)
-  out = ["| shape | dtype | fastest fwd | fwd % copy, / jax.nn | fastest bwd "]
+      cells.setdefault((r.get("op", "softmax"), r["rows"], r["cols"], r["dtype"]), []).append(r)
+  out = ["| op | shape | dtype | fastest fwd | fwd % copy, / jax.nn | fastest bwd "]
   out[0] += "| bwd % copy, / jax.nn | met |"
-  out.append("|---|---|---|---|---|---|---|")
-  for (n, c, dt), rs in cells.items():
-    ref = nn.get((n, c, dt))
-    line, ok = f"| {n}x{c} | {dt} ", ref is not None
+  out.append("|---|---|---|---|---|---|---|---|")
+  for (op, n, c, dt), rs in cells.items():
+    ref = nn.get((op, n, c, dt))
+    line, ok = f"| {op} | {n}x{c} | {dt} ", ref is not None
     for d in ("fwd", "bwd"):
       best = min(rs, key=lambda r: r[f"{d}_s"])
       frac = best[f"{d}_bytes_per_s"] / copy_bw
@@ -1078,7 +1127,7 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=(), losses=None) -> str:
     )
     lines.append("")
     lines += variant_table(variant_rows, copy_bw)
-    lines += ["", "## The fastest correct variant per cell (softmax), and the targets", ""]
+    lines += ["", "## The fastest correct variant per cell, and the targets", ""]
     lines.append(
       "Each variant's own times (its child process) against jax.nn's from the table above "
       "(an earlier time); forward and backward may be different variants. The `/ default` "

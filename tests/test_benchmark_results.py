@@ -2,6 +2,9 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import report
@@ -68,6 +71,8 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
       [(4, 256)],
     ),
     "bfloat16 only": (lambda: {"bfloat16": Config(**small)}, [(4, 256)]),
+    # log_softmax's, paired with the default's log_softmax (built for it).
+    gpu_pallas.LOG + "live from l": (lambda: Config(interpret=True, live_from_l=True), [(4, 256)]),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
   started = []
@@ -78,13 +83,16 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     ("default", 256),
     ("row blocks", 256),
     ("ring", 256),
+    ("log_softmax: live from l", 256),
     ("split rows", 2048),
   ]
+  assert [r["op"] for r in rows] == ["softmax"] * 4 + ["log_softmax", "softmax"]
   assert started == [
     "default 4x1280 float32",
     "default 4x256 float32",
     "row blocks 4x256 float32",
     "ring 4x256 float32",
+    "log_softmax: live from l 4x256 float32",
     "split rows 4x2048 float32",
   ]
   assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
@@ -94,6 +102,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     "streamed / streamed",
     "blocks 4 / blocks 4",
     "ring 2 / ring 2",
+    "rows / rows",
     "split 4 / split 8",
   ]
   md = gpu_pallas.markdown(dict(device="d", jax="j", date="t"), [], [], 1e9, rows)
@@ -101,8 +110,8 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   # Paired with the default: the variants at 4 x 256, not the default itself
   # nor the split rows, whose cell has no default.
   paired = [r["variant"] for r in rows if r.get("fwd_vs_default", 0) > 0 < r["bwd_vs_default"]]
-  assert paired == ["row blocks", "ring"]
-  assert md.count("x / ") == 2 and md.count("| - |") == 3
+  assert paired == ["row blocks", "ring", "log_softmax: live from l"]
+  assert md.count("x / ") == 3 and md.count("| - |") == 3
   assert "## The fastest correct variant per cell" in md
 
   # A kernel off by a factor is reported as wrong and not timed.
@@ -113,6 +122,27 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   )
   rows = gpu_pallas.variants(["float32"], calls=1, samples=1)
   assert [r["error"][:26] for r in rows] == ["wrong: softmax fwd err 1.0"] * 2, rows
+
+
+def test_gpu_script_variant_check_catches_a_wrong_live_flag(monkeypatch):
+  # A log_softmax variant is checked with an all -inf row, whose gradient must
+  # be 0: a backward that gives it g is caught.
+  from benchmarks import gpu_pallas
+
+  gpu = gpu_pallas.gpu
+  kx, kg = jax.random.split(jax.random.key(0))
+  x, g = jax.random.normal(kx, (4, 256)), jax.random.normal(kg, (4, 256))
+  eps = float(jnp.finfo(jnp.float32).eps)
+
+  def ref(log):
+    return gpu_pallas._ref64(np.asarray(x), np.ones(x.shape, bool), np.asarray(g), log)
+
+  cfg = gpu.Config(interpret=True, live_from_l=True)
+  assert gpu_pallas._variant_check(cfg, x, g, True, eps, ref) is None
+  real = gpu.softmax_bwd_2d
+  wrong = lambda y, g, live=None, **kw: real(y, g, live, **kw).at[0].set(g[0])  # noqa: E731
+  monkeypatch.setattr(gpu, "softmax_bwd_2d", wrong)
+  assert gpu_pallas._variant_check(cfg, x, g, True, eps, ref).endswith(", empty row")
 
 
 def test_gpu_script_targets():
@@ -229,16 +259,22 @@ def test_gpu_script_best_variants():
                 fwd_bytes_per_s=200 / fwd_s, bwd_bytes_per_s=300 / bwd_s, **kw)  # fmt: skip
 
   nn = [cell(0.4, 0.4, contender="jax.nn.softmax"), cell(0.4, 0.4, contender="pallas")]
+  nn.append(cell(0.2, 0.5, op="log_softmax", contender="jax.nn.log_softmax"))
   variants = [
     cell(0.25, 0.33, variant="a"),
     cell(0.22, 0.5, variant="b"),
     dict(rows=1, cols=25, dtype="float32", variant="c", error="wrong: ..."),
     cell(0.1, 0.1, rows=2, variant="a"),  # a cell with no jax.nn time
+    # log_softmax's: against jax.nn.log_softmax, whose forward (at copy
+    # bandwidth: no faster one needed) is faster than jax.nn.softmax's here
+    cell(0.22, 0.33, op="log_softmax", variant="log_softmax: d"),
   ]
   table = best_variants(variants, nn, 1000.0)
-  assert table[2] == "| 1x25 | float32 | b | 91%, 0.55x | a | 91%, 0.82x | yes |"
-  assert table[3] == "| 2x25 | float32 | a | 200% | a | 300% | **no** |"
-  assert len(table) == 4
+  assert table[2] == "| softmax | 1x25 | float32 | b | 91%, 0.55x | a | 91%, 0.82x | yes |"
+  assert table[3] == "| softmax | 2x25 | float32 | a | 200% | a | 300% | **no** |"
+  log = "| log_softmax | 1x25 | float32 | log_softmax: d | 91%, 1.10x "
+  assert table[4] == log + "| log_softmax: d | 91%, 0.66x | yes |"
+  assert len(table) == 5
   slow = best_variants([cell(0.25, 0.33, variant="a")], nn, 1000.0)
   assert slow[2].endswith("| a | 80%, 0.62x | a | 91%, 0.82x | **no** |")
 

@@ -234,6 +234,15 @@ GPU_STREAM_CLUSTER = ops.make(gpu, gpu.Config(**STREAM, stream_cluster=4))
 # columns in 3 chunks of 176 sub-rows, one part, persistent (the default form).
 SPLIT_OVERLAP = {**SPLIT, "split_overlap": True}
 GPU_SPLIT_OVERLAP = ops.make(gpu, gpu.Config(**SPLIT_OVERLAP))
+# log_softmax's backward taking each whole row's live flag from l
+# (Config.live_from_l), the forward writing no lse: rows, row blocks, a ring,
+# overlapping chunks; streamed rows still read the flag.
+LIVE_FROM_L = dict(interpret=True, live_from_l=True)
+GPU_LIVE_FROM_L = ops.make(gpu, gpu.Config(**LIVE_FROM_L))
+GPU_BLOCKS_LIVE_FROM_L = ops.make(gpu, gpu.Config(**LIVE_FROM_L, block_bytes=1 << 20))
+GPU_RING_LIVE_FROM_L = ops.make(gpu, gpu.Config(**LIVE_FROM_L, ring_slots=2, block_bytes=3072))
+GPU_OVERLAP_LIVE_FROM_L = ops.make(gpu, gpu.Config(**OVERLAP, live_from_l=True))
+GPU_SMALL_LIVE_FROM_L = ops.make(gpu, gpu.Config(**STREAM, live_from_l=True))
 GPU_SPLIT_OVERLAP_WHOLE = ops.make(
   gpu, gpu.Config(interpret=True, row_bytes=256, split_overlap=True)
 )
@@ -283,6 +292,11 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     (2048, GPU_BLOCKS_TWO_PASS),
     (1000, GPU_SPLIT_OVERLAP),
     (4104, GPU_SPLIT_OVERLAP_WHOLE),
+    (384, GPU_LIVE_FROM_L),
+    (384, GPU_BLOCKS_LIVE_FROM_L),
+    (384, GPU_RING_LIVE_FROM_L),
+    (1152, GPU_OVERLAP_LIVE_FROM_L),
+    (1280, GPU_SMALL_LIVE_FROM_L),
   ],
   ids=[
     "384-fits",
@@ -320,6 +334,11 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     "2048-row-blocks-two-pass",
     "1000-overlap-split",
     "4104-overlap-split-one-part",
+    "384-fits-live-from-l",
+    "384-row-blocks-live-from-l",
+    "384-ring-live-from-l",
+    "1152-overlap-fits-live-from-l",
+    "1280-online-live-from-l",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -875,6 +894,25 @@ def test_gpu_overlapping_chunk_kernels_lower_for_cuda(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gpu_live_from_l_kernels_lower_for_cuda(dtype):
+  # Config.live_from_l: rows kept whole (and overlapping, 32000 in 16 bits), in
+  # row blocks, in a ring, and with Warpgroup semantics; streamed rows read it.
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  _lowers(_gpu_kernels(live_from_l=True), "cuda", dtype, [(4096, 1024), (16, 32000), (8, 70000)])
+  blocks = _gpu_kernels(live_from_l=True, block_bytes=32 * 1024)
+  _lowers(blocks, "cuda", dtype, [(4096, 1024)])
+  _lowers(
+    _gpu_kernels(live_from_l=True, ring_slots=3, block_bytes=16 * 1024),
+    "cuda",
+    dtype,
+    [(4096, 1024)],
+  )
+  wg = _gpu_kernels(live_from_l=True, semantics=plgpu.LoweringSemantics.Warpgroup)
+  _lowers(wg, "cuda", dtype, [(4096, 1024)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -883,20 +921,25 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
 
 
-def _pallas_outputs(jaxpr) -> list[int]:
-  """How many arrays each kernel in ``jaxpr`` (and the jaxprs within) returns: a
-  ``pallas_call`` (Mosaic TPU), or the ``mpmd_map`` of a Mosaic GPU kernel."""
+def _kernel_arity(jaxpr) -> list[tuple[int, int]]:
+  """How many arrays each kernel in ``jaxpr`` (and the jaxprs within) takes and
+  returns: a ``pallas_call`` (Mosaic TPU), or the ``mpmd_map`` of a Mosaic GPU
+  kernel."""
   counts = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in ("pallas_call", "mpmd_map"):
-      counts.append(len(eqn.outvars))
+      counts.append((len(eqn.invars), len(eqn.outvars)))
       continue
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
         if hasattr(sub, "eqns"):
-          counts += _pallas_outputs(sub)
+          counts += _kernel_arity(sub)
   return counts
+
+
+def _pallas_outputs(jaxpr) -> list[int]:
+  return [n_out for _, n_out in _kernel_arity(jaxpr)]
 
 
 @pytest.mark.parametrize(
@@ -955,6 +998,28 @@ def test_log_softmax_without_its_lse(cols, be):
   ref_y = np.asarray(_reference(x, w, x, True)[0])
   _check_forward(y.astype(np.float64), ref_y, w, True, (cols, jnp.float32))
   assert np.array_equal(live[:, 0], LIVE) and np.array_equal(live_from_lse[:, 0], LIVE)
+
+
+@pytest.mark.parametrize(
+  "be, cols, reads",
+  [
+    (GPU_LIVE_FROM_L, 384, False),
+    (GPU_BLOCKS_LIVE_FROM_L, 384, False),
+    (GPU_RING_LIVE_FROM_L, 384, False),
+    (GPU_SMALL_LIVE_FROM_L, 1280, True),  # streamed: the flag is read
+    (GPU_DEFAULT, 384, True),
+  ],
+  ids=["rows", "blocks", "ring", "streamed", "default"],
+)
+def test_log_softmax_live_from_l_needs_no_lse(be, cols, reads):
+  # Config.live_from_l: the backward of rows kept whole takes the live flag from
+  # l, so the forward of a differentiated call writes no lse either.
+  x = jax.ShapeDtypeStruct((6, cols), jnp.float32)
+  fwd = jax.make_jaxpr(lambda x: be.log_softmax_fwd(x, None, (1,), None, for_grad=True))(x)
+  assert _kernel_arity(fwd.jaxpr) == [(1, 2 if reads else 1)]
+  live = jax.ShapeDtypeStruct((6, 1), bool)
+  bwd = jax.make_jaxpr(lambda l, live, g: be.log_softmax_bwd(l, live, None, g, (1,), None))
+  assert _kernel_arity(bwd(x, live, x).jaxpr) == [(3 if reads else 2, 1)]
 
 
 def test_kernels_are_named_for_profilers():

@@ -185,6 +185,14 @@ class Config:
   # stream (4096 x 32000 float32 at 73-76% of copy on the H100, T1348Z). Off
   # until timed.
   split_overlap: bool = False
+  # log_softmax's backward on rows kept whole (the rows, blocks and ring paths):
+  # each row's live flag (0 on an empty row) taken from l in SMEM (0 if every
+  # entry is -inf), rather than read from a (rows, WARPGROUP) float32 input that
+  # XLA broadcasts from the forward's lse. The forward then writes no lse for
+  # them (``bwd_reads_live``): 512 bytes a row less each way, and one XLA pass
+  # less, on rows of 2-8 KiB (4096 x 1024 float32 log_softmax: 53% of copy,
+  # softmax 73%, on the H100, T1329Z). Off until timed.
+  live_from_l: bool = False
   # Mosaic GPU's approximate math (``CompilerParams.approx_math``): exp as
   # ``ex2.approx`` of ``x * log2(e)``, log as ``lg2.approx``, rather than the
   # accurate libdevice calls. None: as ``elementwise_stats``. Checked against
@@ -1264,10 +1272,24 @@ def _bwd_grad(yc, gc, acc, flag, *, log: bool):
   return yc * (gc - acc)
 
 
+def bwd_reads_live(rows: int, cols: int, dtype, cfg: Config = Config()) -> bool:
+  """Whether log_softmax's backward kernel reads the ``live`` flag (and so its
+  forward must write the lse), rather than take it from l
+  (``Config.live_from_l``, rows kept whole)."""
+  p = plan(cols, dtype, cfg)
+  if isinstance(p, str) or not cfg.live_from_l:
+    return True
+  return route(rows, p, dtype, cfg, backward=True)[0] not in HELD_PATHS
+
+
+HELD_PATHS = ("rows", "blocks", "ring")  # ``route``'s paths that keep whole rows in SMEM
+
+
 def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Config = Config()):
   """The VJP over axis 1: ``y`` is ``s`` (softmax) or ``l`` (log_softmax).
 
-  For log_softmax, ``live`` is a ``(rows, 1)`` float32 flag, 0 on empty rows.
+  For log_softmax, ``live`` is a ``(rows, 1)`` float32 flag, 0 on empty rows
+  (ignored, and may be None, where ``bwd_reads_live`` says no).
   When both rows (``y`` and ``g``) fit ``cfg.bwd_row_bytes`` they are read
   once; otherwise they stream twice (row sum, then write).
   """
@@ -1283,7 +1305,10 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   fits = kind == "rows"  # (row blocks return first)
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
-  if log:
+  # log_softmax: the live flag read from an input, or taken from l in SMEM.
+  from_l = log and cfg.live_from_l and kind in HELD_PATHS
+  reads_live = log and not from_l
+  if reads_live:
     args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
   out_type = jax.ShapeDtypeStruct(args[0].shape, dtype)
 
@@ -1296,6 +1321,17 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     return fold(a, yc if log else fresh(yc), fresh(gc))
 
   grad = partial(_bwd_grad, log=log)
+
+  def live_of(ybuf):
+    """A whole row's live flag from l in SMEM: 0 if every entry is -inf, else 1
+    (NaN too). (An overlapping last chunk counts its shared part twice: a max.)"""
+    chunk = lambda j: load(ybuf.at[pl.ds(_start(p, j), p.kb)])  # noqa: E731
+
+    def fold(j, flag):
+      v = chunk(j)
+      return jnp.maximum(flag, jnp.max(jnp.where(v == -jnp.inf, jnp.zeros_like(v), 1.0)))
+
+    return jax.lax.fori_loop(0, p.nc, fold, jnp.zeros((), F32))
 
   def whole_row_grad(ybuf, gbuf, get_flag):
     """dx of a whole (n1, w) row in SMEM, written in place of g; ``get_flag()``
@@ -1324,7 +1360,11 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     nb = rows // size
 
     def block_row(views, st, r):
-      get_flag = (lambda: jnp.max(views[2].at[r][...])) if log else lambda: None
+      get_flag = lambda: None  # noqa: E731
+      if from_l:
+        get_flag = lambda: live_of(views[0].at[r])  # noqa: E731
+      elif log:
+        get_flag = lambda: jnp.max(views[2].at[r][...])  # noqa: E731
       whole_row_grad(views[0].at[r], views[1].at[r], get_flag)
 
     block_args = [a.reshape(nb, size, *a.shape[1:]) for a in args]
@@ -1351,7 +1391,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   held, cluster_part = _parts(p, size, cfg)
 
   def body(num_ctas, *refs):
-    if log:
+    if reads_live:
       y_gmem, g_gmem, live_gmem, o_gmem, live_smem, ybuf, gbuf, *rest = refs
     else:
       y_gmem, g_gmem, o_gmem, ybuf, gbuf, *rest = refs
@@ -1362,7 +1402,9 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       # while the rows load and are summed, and is waited for only before the
       # write, rather than ahead of everything (a memory latency per row).
       get_flag = lambda: None  # noqa: E731
-      if log:
+      if from_l:
+        get_flag = lambda: live_of(ybuf)  # noqa: E731
+      elif log:
         flag_bar = rest[-1].at[2 if fits else 2 * S]
         plgpu.copy_gmem_to_smem(live_gmem.at[row], live_smem, flag_bar)
 
@@ -1413,8 +1455,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
 
     _cluster_rows(size, held, lambda: _row_loop(rows, num_ctas, one_row))
 
-  scratch = [plgpu.SMEM((WARPGROUP,), F32)] if log else []
-  flag_bars = 1 if log else 0
+  scratch = [plgpu.SMEM((WARPGROUP,), F32)] if reads_live else []
+  flag_bars = 1 if reads_live else 0
   if fits:
     scratch += [plgpu.SMEM((p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=2 + flag_bars)]
   else:

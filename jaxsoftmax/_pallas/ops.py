@@ -111,11 +111,14 @@ def make(kernels, cfg) -> Backend:
 
   def log_softmax_fwd(x, where, axes: Axes, axis_name: AxisName, *, for_grad=False):
     _check_axis_name(axis_name)
-    # Only the backward reads the kernel's lse (the live flag): a call that is
-    # not differentiated writes none, and its `live`, from l, is dead code.
-    l2, lse = fwd_2d(_to_2d(masked(x, where), axes), log=True, lse=for_grad)
+    x2 = _to_2d(masked(x, where), axes)
+    # Only the backward reads the kernel's lse (for the live flag), and not every
+    # backward kernel (``bwd_reads_live``): otherwise none is written, and `live`,
+    # from l, is dead code under jit.
+    need = for_grad and kernels.bwd_reads_live(*x2.shape, x2.dtype, cfg)
+    l2, lse = fwd_2d(x2, log=True, lse=need)
     l = masked(_from_2d(l2, x.shape, axes), where)
-    if for_grad:
+    if need:
       # lse is -inf exactly on empty slices (and NaN on NaN slices, which are live).
       return l, _stat_from_2d(lse != -jnp.inf, x.shape, axes)
     # An empty slice's l is all -inf; a live one's max is -log(sum(exp(x - max))),

@@ -259,6 +259,12 @@ def _bwd_online_kernel(*refs, log, bc, cols):
     o_ref[...] = dx.astype(o_ref.dtype)
 
 
+def bwd_reads_live(rows: int, cols: int, dtype, cfg: Config = Config()) -> bool:
+  """Whether log_softmax's backward kernel reads the ``live`` flag, which the
+  forward's lse gives: always, here."""
+  return True
+
+
 def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Config = Config()):
   """The VJP over axis 1: ``y`` is ``s`` (softmax) or ``l`` (log_softmax).
 
