@@ -502,9 +502,8 @@ def _online_stats(m, d, v):
 class _Stats(NamedTuple):
   """How ``_split_rows`` reduces a row: ``fold(init(), chunks, j)`` over a part's
   chunks (``j`` the chunk's index in the row for ``_skip_shared``, or None if
-  the row's chunks do not overlap), ``done``
-  the part's ``count`` float32 scalars, ``merge`` two parts' scalars into one
-  (in cluster order)."""
+  the row's chunks do not overlap), ``done`` the part's ``count`` float32
+  scalars, ``merge`` two parts' scalars into one (in cluster order)."""
 
   init: Callable
   fold: Callable
@@ -1272,6 +1271,9 @@ def _bwd_grad(yc, gc, acc, flag, *, log: bool):
   return yc * (gc - acc)
 
 
+HELD_PATHS = ("rows", "blocks", "ring")  # ``route``'s paths that keep whole rows in SMEM
+
+
 def bwd_reads_live(rows: int, cols: int, dtype, cfg: Config = Config()) -> bool:
   """Whether log_softmax's backward kernel reads the ``live`` flag (and so its
   forward must write the lse), rather than take it from l
@@ -1280,9 +1282,6 @@ def bwd_reads_live(rows: int, cols: int, dtype, cfg: Config = Config()) -> bool:
   if isinstance(p, str) or not cfg.live_from_l:
     return True
   return route(rows, p, dtype, cfg, backward=True)[0] not in HELD_PATHS
-
-
-HELD_PATHS = ("rows", "blocks", "ring")  # ``route``'s paths that keep whole rows in SMEM
 
 
 def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Config = Config()):
