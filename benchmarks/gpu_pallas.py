@@ -12,7 +12,9 @@ In this order:
 
 1. correctness: softmax and log_softmax with ``implementation="pallas"``,
    values and VJPs, against float64 NumPy on the CPU (forward within 4 eps,
-   backward within 8 eps of the input dtype, ``||err|| / ||ref||``), on the
+   backward within 8 eps of the input dtype, ``||err|| / ||ref||``; the
+   forward both as a differentiated call and as one that is not, whose
+   log_softmax writes no lse), on the
    first rows of every size, with a ``where`` mask and non-finite rows checked
    against the masking table. A failed check is reported, the timings still
    run (to say whether a kernel is worth mending), and the exit status is 1;
@@ -54,8 +56,9 @@ In this order:
    split rather than streamed; row statistics reduced once a row, in one pass
    or two, and approximate exp and log, on rows kept whole; the backward's long
    rows split by persistent clusters; more bytes in flight for streamed rows:
-   6 stages in float32, chunks of 16 KiB in bfloat16; log_softmax's live flag
-   taken from l), in child processes, within ``--variants-timeout`` seconds
+   6 stages in float32, chunks of 16 KiB in bfloat16; the forward's long rows
+   split in 64 KiB parts on two CTAs an SM; log_softmax's live flag taken
+   from l), in child processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
    rest), each checked against float64 as in step 1 (softmax and log_softmax,
    whose first row is then all -inf) before softmax (log_softmax, for a
@@ -233,11 +236,13 @@ def check(sizes, dtypes, most_rows: int = CHECK_ROWS) -> list[dict]:
       try:
         ours = jax.jit(lambda x, w, fn=fn: fn(x, where=w, implementation="pallas"))
         y, dx = _value_and_vjp(lambda v, w=w, ours=ours: ours(v, w), x, g)
+        # A call that is not differentiated: log_softmax's forward without the lse.
+        y_alone = np.asarray(ours(x, w), np.float32)
       except Exception as e:  # a kernel that fails to compile or run: record it, go on
         rows.append(_failed_check(row, f"check {row['op']} {cols} {dt}", e))
         continue
       ry, rdx = _ref64(np.asarray(x, np.float32), w, np.asarray(g, np.float32), log)
-      ef, eb = _rel(y, ry), _rel(dx, rdx)
+      ef, eb = max(_rel(y, ry), _rel(y_alone, ry)), _rel(dx, rdx)
       rows.append(dict(row, fwd_rel_err=ef, bwd_rel_err=eb, ok=ef <= 4 * eps and eb <= 8 * eps))
   return rows
 
@@ -705,6 +710,10 @@ VOCAB = (4096, 32000)
 LOG = "log_softmax: "  # a variant timed on log_softmax rather than softmax
 
 
+def _split_64k():
+  return gpu.Config(split_bytes=64 * 1024, split_cluster=8, split_ctas=2 * gpu.sm_count())
+
+
 # name: (config, the shapes it is timed at); the config may be a dict of them
 # by dtype name, when the variant suits only those dtypes.
 VARIANTS = {
@@ -747,9 +756,11 @@ VARIANTS = {
   # one CTA an SM (the default, 200 KiB parts) loads a row's next part only as
   # it stores the last (1024 x 65536 bfloat16 at 77% of copy, 128 x 262144 at
   # 57-62%, on the H100, T1348Z).
-  "forward: 64 KiB parts, persistent, 2 CTAs an SM": (
-    lambda: gpu.Config(split_bytes=64 * 1024, split_cluster=8, split_ctas=2 * gpu.sm_count()),
-    LONG,
+  "forward: 64 KiB parts, persistent, 2 CTAs an SM": (lambda: _split_64k(), LONG[:1]),
+  # (128 x 262144 float32 would stream all the same: 16 parts.)
+  "16-bit forward: 64 KiB parts, persistent, 2 CTAs an SM": (
+    lambda: {"bfloat16": _split_64k()},
+    LONG[1:],
   ),
   # The forward's streamed float32 rows with 6 stages (96 KiB of chunks; the
   # 16-bit rows take 6 already).
@@ -837,7 +848,8 @@ def variants(
   dtypes, calls, samples, on_cell=lambda rows: None, skip=(), on_start=lambda key: None
 ) -> list[dict]:
   """The 2-D kernels under each of ``VARIANTS`` at its shapes: softmax and
-  log_softmax checked against float64, softmax forward and backward timed.
+  log_softmax checked against float64, softmax forward and backward timed
+  (log_softmax's for a variant named ``LOG ...``).
   Cells named in ``skip`` (``cell_key``) are left out; ``on_start(key)`` before
   each cell, ``on_cell(rows)`` after each."""
   rows = []
@@ -867,6 +879,7 @@ def variants(
     # if the "default" variant ran; log_softmax's (under the "default" variant's
     # config) built when a LOG variant asks.
     defaults = {False: None, True: None}
+    logged_default = False  # the default's log_softmax has a row of its own
     for name, (make_cfg, at) in VARIANTS.items():
       if shape not in at or cell_key(name, *shape, dt) in skip:
         continue
@@ -902,6 +915,12 @@ def variants(
           if isinstance(t, Exception):
             raise t
         if pair and not any(isinstance(t, Exception) for t in d_fwd + d_bwd):
+          if log and not logged_default:
+            # The default's log_softmax, as timed with this variant: a row of its
+            # own (no wall time: not a cell), so that the tables compare with it.
+            logged_default = True
+            base = dict(cell, variant="default", path=_paths(shape, dt, VARIANTS["default"][0]()))
+            add(_timed(base, d_fwd[0], d_bwd[0], nbytes))
           cell.update(fwd_vs_default=t_fwd / d_fwd[0], bwd_vs_default=t_bwd / d_bwd[0])
         if name == "default":
           defaults[False] = built  # timed: the later variants of this cell pair with it
@@ -1130,7 +1149,7 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=(), losses=None) -> str:
   if losses is not None:
     lines += losses_markdown(losses, copy_bw)
   if variant_rows:
-    lines += ["", "## Mosaic GPU kernel variants (softmax, 2-D kernels called directly)", ""]
+    lines += ["", "## Mosaic GPU kernel variants (2-D kernels called directly)", ""]
     lines.append(
       "Each variant is timed in turn with the default of its cell (same samples): "
       "`/ default` is their ratio of times, fwd / bwd."

@@ -989,14 +989,15 @@ def test_log_softmax_writes_its_lse_only_for_the_backward(backend, cols):
     "tpu-online",
   ],
 )
-def test_log_softmax_without_its_lse(cols, be):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_log_softmax_without_its_lse(cols, be, dtype):
   # log_softmax not differentiated writes no lse (each path's forward without
   # it): its output against float64 and the masking table, and its live flag,
   # from l, and that of the forward which writes the lse, against the table.
-  x, w, _ = _case(cols, jnp.float32)
+  x, w, _ = _case(cols, dtype)
   y, live, live_from_lse = map(np.asarray, _log_softmax_alone(be, x, w))
   ref_y = np.asarray(_reference(x, w, x, True)[0])
-  _check_forward(y.astype(np.float64), ref_y, w, True, (cols, jnp.float32))
+  _check_forward(y.astype(np.float64), ref_y, w, True, (cols, dtype))
   assert np.array_equal(live[:, 0], LIVE) and np.array_equal(live_from_lse[:, 0], LIVE)
 
 

@@ -113,8 +113,10 @@ def make(kernels, cfg) -> Backend:
     _check_axis_name(axis_name)
     x2 = _to_2d(masked(x, where), axes)
     # Only the backward reads the kernel's lse (for the live flag), and not every
-    # backward kernel (``bwd_reads_live``): otherwise none is written, and `live`,
-    # from l, is dead code under jit.
+    # backward kernel (``bwd_reads_live``): otherwise none is written, and `live`
+    # comes from l. Under jit that is dead code when nothing reads it (a call
+    # not differentiated, or a backward kernel that takes the flag from l); an
+    # eager call, or XLA's backward, pays a read of l for it.
     need = for_grad and kernels.bwd_reads_live(*x2.shape, x2.dtype, cfg)
     l2, lse = fwd_2d(x2, log=True, lse=need)
     l = masked(_from_2d(l2, x.shape, axes), where)
