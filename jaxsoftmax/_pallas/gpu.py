@@ -425,6 +425,11 @@ def _start(p: Plan, j):
   return jnp.minimum(j * p.kb, p.n1 - p.kb)
 
 
+def _chunk(p: Plan, row, j):
+  """Chunk ``j`` (``(kb, w)``, from ``_start``) of a whole ``(n1, w)`` row ref."""
+  return row.at[pl.ds(_start(p, j), p.kb)]
+
+
 def _skip_shared(p: Plan, j, v, fill, layout, interpret: bool):
   """The float32 chunk ``v`` of chunk ``j`` for a row statistic: if ``j`` is the
   last chunk and overlaps the one before it, its first ``p.ov`` sub-rows (already
@@ -837,7 +842,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool
     """Running max and normaliser of a whole (n1, w) row in SMEM."""
 
     def chunk(j):
-      return fresh(j, load(row.at[pl.ds(_start(p, j), p.kb)]))
+      return fresh(j, load(_chunk(p, row, j)))
 
     def fold(f, init):  # f over the row's chunks
       plain = p.nc - (p.ov > 0)  # an overlapping last chunk is masked, after the loop
@@ -854,7 +859,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool
   def row_write(row, m, d):
     """The output, in place of the row."""
     out = lambda ref: _fwd_out(load(ref), m, d, log).astype(dtype)  # noqa: E731
-    chunk = lambda j: row.at[pl.ds(_start(p, j), p.kb)]  # noqa: E731
+    chunk = partial(_chunk, p, row)
 
     def write(j, c):
       ref = chunk(j)
@@ -1324,10 +1329,9 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   def live_of(ybuf):
     """A whole row's live flag from l in SMEM: 0 if every entry is -inf, else 1
     (NaN too). (An overlapping last chunk counts its shared part twice: a max.)"""
-    chunk = lambda j: load(ybuf.at[pl.ds(_start(p, j), p.kb)])  # noqa: E731
 
     def fold(j, flag):
-      v = chunk(j)
+      v = load(_chunk(p, ybuf, j))
       return jnp.maximum(flag, jnp.max(jnp.where(v == -jnp.inf, jnp.zeros_like(v), 1.0)))
 
     return jax.lax.fori_loop(0, p.nc, fold, jnp.zeros((), F32))
@@ -1335,7 +1339,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   def whole_row_grad(ybuf, gbuf, get_flag):
     """dx of a whole (n1, w) row in SMEM, written in place of g; ``get_flag()``
     (log_softmax) reads the row's live flag, once the row sum is taken."""
-    chunk = lambda ref, j: ref.at[pl.ds(_start(p, j), p.kb)]  # noqa: E731
+    chunk = partial(_chunk, p)  # chunk(ref, j)
 
     def rowsum(j, a):
       return chunk_sum(a, j, load(chunk(ybuf, j)), load(chunk(gbuf, j)))
