@@ -854,19 +854,23 @@ def variants(
   each cell, ``on_cell(rows)`` after each."""
   rows = []
 
-  def runs(name, z, dt) -> bool:  # whether VARIANTS[name] has a cell left at (z, dt)
+  def config(name, z, dt):
+    """VARIANTS[name]'s config at (z, dt), or None if it has no cell left there.
+    (A config by dtype is not a variant of the others.)"""
     make_cfg, zs = VARIANTS[name]
     if z not in zs or cell_key(name, *z, dt) in skip:
-      return False
+      return None
     cfg = make_cfg()
-    return not isinstance(cfg, dict) or dt in cfg
+    return cfg.get(dt) if isinstance(cfg, dict) else cfg
 
   # (shape, dtype) pairs where a variant other than the default has a cell left
   # to run (the default alone measures nothing that step 2 does not), shapes in
   # order of first use.
   shapes = dict.fromkeys(z for _, zs in VARIANTS.values() for z in zs)
   others = [name for name in VARIANTS if name != "default"]
-  pairs = [(z, dt) for z in shapes for dt in dtypes if any(runs(n, z, dt) for n in others)]
+  pairs = [
+    (z, dt) for z in shapes for dt in dtypes if any(config(n, z, dt) is not None for n in others)
+  ]
 
   def add(row):
     rows.append(row)
@@ -886,12 +890,10 @@ def variants(
     # config) built when a LOG variant asks.
     defaults = {False: None, True: None}
     logged_default = False  # the default's log_softmax has a row of its own
-    for name, (make_cfg, _) in VARIANTS.items():
-      if not runs(name, shape, dt):
+    for name in VARIANTS:
+      cfg = config(name, shape, dt)
+      if cfg is None:
         continue
-      cfg = make_cfg()
-      if isinstance(cfg, dict):  # a config per dtype: not a variant of the others
-        cfg = cfg[dt]
       on_start(cell_key(name, *shape, dt))
       start = time.perf_counter()
       log = name.startswith(LOG)
