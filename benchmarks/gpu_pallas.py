@@ -52,13 +52,12 @@ In this order:
    and the variants still run; a failed check makes the exit status 1, as in
    step 1;
 5. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (``VARIANTS``: 4096 x 32000 float32 rows
-   split rather than streamed; row statistics reduced once a row, in one pass
-   or two, and approximate exp and log, on rows kept whole; the backward's long
-   rows split by persistent clusters; more bytes in flight for streamed rows:
-   6 stages in float32, chunks of 16 KiB in bfloat16; the forward's long rows
-   split in 64 KiB parts on two CTAs an SM; log_softmax's live flag taken
-   from l), in child processes, within ``--variants-timeout`` seconds
+   with a few ``gpu.Config`` variants (``VARIANTS``: row statistics reduced
+   once a row, in one pass or two, and approximate exp and log, on rows kept
+   whole; more bytes in flight for streamed 16-bit rows, in chunks of 16 KiB;
+   the forward's long rows split in 64 KiB parts on two CTAs an SM; the
+   harness also times variants of log_softmax, named ``LOG ...``), in child
+   processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
    rest), each checked against float64 as in step 1 (softmax and log_softmax,
    whose first row is then all -inf) before softmax (log_softmax, for a
@@ -702,11 +701,26 @@ LONG = [(1024, 65536), (128, 262144)]
 #   now the default on the forward's long rows (``None``); the backward's
 #   0.99-1.00x;
 # - streamed rows shared by clusters of 4: 0.87-1.00x, behind the above.
-# Timed next, the cells short of the targets first: LLaMA's 4096 x 32000 (whose
-# float32 rows stream, at 73-76% of copy on the H100, T1348Z), 8 KiB rows, 128 x
-# 262144, then 4096 x 16384 and 4096 x 1024.
+# Then on an H200 (T2049Z, and T2058Z with 4096 x 1024 alone before the
+# variants; 1024 x 65536 and the rest not reached):
+# - overlapping rows split (``split_overlap``): 0.86x / 0.81-0.84x of the
+#   streamed time at 4096 x 32000 float32, 86-89% of copy: now the default;
+# - log_softmax's live flag from l (``live_from_l``): the differentiated
+#   forward 0.85-0.91x, the backward 0.92-0.96x at 4096 x 4096: now the default;
+# - 16-bit forward rows in 64 KiB parts on two CTAs an SM: 1.15-1.17x at 128 x
+#   262144 bfloat16; dropped there;
+# - 16-bit chunks of 16 KiB (96 KiB in flight): 0.91-0.94x forward, 0.97-0.98x
+#   backward at 128 x 262144 bfloat16. Not adopted: ``chunk_elems`` sets the
+#   chunks of every path, timed at that one cell;
+# - per-element row statistics and approximate math on rows kept whole: 0.85x and
+#   0.91x forward at 4096 x 4096 bfloat16, 1.00-1.01x in float32; in two passes
+#   0.83x and 1.00x (the runs disagree); the backwards 0.96-1.01x;
+# - the backward's 200 KiB persistent parts at 128 x 262144: 1.04-1.07x in
+#   bfloat16 (0.87x on the H100), 1.00x in float32; the float32 forward's 96 KiB
+#   in flight: 0.99-1.00x. Those two are no longer timed here.
+# Timed next: the cells not reached, 1024 x 65536, 4096 x 16384 and 4096 x 1024,
+# then 4096 x 4096 and 128 x 262144.
 HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
-VOCAB = (4096, 32000)
 LOG = "log_softmax: "  # a variant timed on log_softmax rather than softmax
 
 
@@ -717,24 +731,13 @@ def _split_64k():
 # name: (config, the shapes it is timed at); the config may be a dict of them
 # by dtype name, when the variant suits only those dtypes.
 VARIANTS = {
-  "default": (lambda: gpu.Config(), [VOCAB, HELD[0], LONG[1], LONG[0], *HELD[1:]]),
-  # Rows whose last chunk overlaps the one before it, split rather than streamed
-  # (``Config.split_overlap``): at 32000 float32 columns, 125 KiB rows kept whole
-  # by persistent CTAs (read once, where streaming reads them twice), and pairs
-  # of rows in 4 parts. (16-bit rows of 32000 are kept whole already.)
-  "overlapping rows split": (lambda: {"float32": gpu.Config(split_overlap=True)}, [VOCAB]),
-  # log_softmax (a name starting LOG), timed with the default's log_softmax: the
-  # backward of whole rows takes the live flag from l (``Config.live_from_l``),
-  # and the forward writes no lse: 512 bytes a row each way, and the XLA pass
-  # that broadcasts the flag. The forward is timed as a differentiated call runs
-  # it (with the lse where the backward reads the flag).
-  LOG + "live flag from l": (lambda: gpu.Config(live_from_l=True), [HELD[2], HELD[0]]),
+  "default": (lambda: gpu.Config(), [LONG[0], *HELD[1:], HELD[0], LONG[1]]),
   # Rows kept whole (and, at 128 x 262144, the backward; the forward's long
   # rows have these by default): the statistics reduced once a row, and
   # approximate exp and log.
   "row statistics, approx math": (
     lambda: gpu.Config(elementwise_stats=True, approx_math=True),
-    HELD[:2] + LONG[1:],
+    HELD + LONG[1:],
   ),
   # Rows kept whole: the max, then the normaliser, in two passes over SMEM
   # (``Config.held_two_pass``): fewer operations an element than the online form.
@@ -744,12 +747,6 @@ VARIANTS = {
   ),
   # Rows of one chunk, where the statistics are reduced once a row anyway.
   "approx math": (lambda: gpu.Config(approx_math=True), HELD[2:]),
-  # The backward's streamed pairs of rows (128 x 262144: 16 parts of 64 KiB)
-  # split in 200 KiB parts by persistent clusters of 8: 0.87x in bfloat16.
-  "backward: 200 KiB parts, persistent": (
-    lambda: gpu.Config(bwd_split_bytes=200 * 1024, bwd_split_ctas=gpu.PER_SM),
-    LONG[1:],
-  ),
   # The forward's long rows split in parts of 64 KiB (1024 x 65536: 2 parts in
   # 16 bits, 4 in float32; 128 x 262144 bfloat16: 8) by persistent clusters on
   # two CTAs an SM, so that one CTA loads while the other computes and stores:
@@ -757,17 +754,6 @@ VARIANTS = {
   # it stores the last (1024 x 65536 bfloat16 at 77% of copy, 128 x 262144 at
   # 57-62%, on the H100, T1348Z).
   "forward: 64 KiB parts, persistent, 2 CTAs an SM": (lambda: _split_64k(), LONG[:1]),
-  # (128 x 262144 float32 would stream all the same: 16 parts.)
-  "16-bit forward: 64 KiB parts, persistent, 2 CTAs an SM": (
-    lambda: {"bfloat16": _split_64k()},
-    LONG[1:],
-  ),
-  # The forward's streamed float32 rows with 6 stages (96 KiB of chunks; the
-  # 16-bit rows take 6 already).
-  "forward: 96 KiB of chunks in flight": (
-    lambda: gpu.Config(stream_bytes=96 * 1024),
-    LONG[1:],
-  ),
   # The same for 16-bit rows, in chunks of 16 KiB rather than 8 (6 stages, the
   # most): whether the bytes in flight of one CTA a row are what holds 128 x
   # 262144 bfloat16 at 57% of copy. Not float32: the backward's chunks of 32 KiB

@@ -42,7 +42,7 @@ def resolve(
   """The name of the backend to run: explicit, or the best one for this call.
   ``fn`` is the public op ("softmax", "log_softmax" or a loss): errors name it,
   and the GPU's size rule depends on it and on whether there is a ``where``
-  (``_pallas.preferred``; the losses take the kernels on request only)."""
+  (``_pallas.preferred``)."""
   from . import _pallas
 
   if implementation == "xla":

@@ -86,6 +86,10 @@ def _with_backend(fn, implementation, x, where, st: _Static, cdt) -> _Static:
         "pass labels in the logits' dtype, or implementation='xla'."
       )
     return st
+  # A mask of one flag per example empties its statistics after the kernel
+  # (``ops.row_stats``): only a mask over the classes costs a pass before it.
+  if where is not None and all(where.shape[a] == 1 for a in st.axes):
+    where = None
   return st._replace(backend=_backend.resolve(fn, implementation, x, st.axes, st.axis_name, where))
 
 
@@ -289,14 +293,16 @@ def softmax_cross_entropy(
     z_loss: :math:`z \ge 0`, a Python float.
     axis_name: mesh axis name(s) over which the class axis is split, inside
       ``shard_map``; the loss is then over the global class axis.
-    implementation: ``None`` (XLA, for now: see below), ``"xla"`` or
-      ``"pallas"``. With ``"pallas"`` each example's max and normaliser come
-      from a Pallas kernel that reads the logits once (GPU and TPU, float32,
-      bfloat16 and float16, no ``axis_name``, not a float64 loss; it raises
-      ``ValueError`` where it cannot run, saying why; a ``where`` over the
-      classes, or class axes other than the last, cost an XLA pass before
-      it); the rest of the loss and the whole backward stay on XLA. ``None``
-      keeps the losses on XLA until that kernel has been timed on a GPU.
+    implementation: ``None``, ``"xla"`` or ``"pallas"``. With ``"pallas"``
+      each example's max and normaliser come from a Pallas kernel that reads
+      the logits once (GPU and TPU, float32, bfloat16 and float16, no
+      ``axis_name``, not a float64 loss; it raises ``ValueError`` where it
+      cannot run, saying why; a ``where`` over the classes, or class axes
+      other than the last, cost an XLA pass before it); the rest of the loss
+      and the whole backward stay on XLA. ``None`` takes the kernel on a
+      Hopper GPU for at least 128 examples of at least 64000 bytes of logits
+      (32000 bfloat16 classes), class axes last, and no mask over the classes
+      (where it measured faster than XLA and optax); XLA otherwise.
 
   Returns:
     The loss per example, shape ``logits.shape`` with ``axis`` removed, in

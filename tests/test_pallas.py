@@ -227,25 +227,22 @@ GPU_BLOCKS_TWO_PASS = ops.make(
 # merges their statistics in cluster order); 8 parts of 1 with per-element
 # statistics, written first to last.
 GPU_STREAM_CLUSTER = ops.make(gpu, gpu.Config(**STREAM, stream_cluster=4))
-# Rows whose last chunk overlaps the one before it, split (Config.split_overlap):
-# 1000 columns are 4 chunks of 32 sub-rows of 8, the last from sub-row 93. In
-# float32 the forward takes 2 parts of 2 chunks (the overlap within the last
-# part), the backward 4 of 1 (across parts); in 16 bits, 1 part and 2; 4104
-# columns in 3 chunks of 176 sub-rows, one part, persistent (the default form).
-SPLIT_OVERLAP = {**SPLIT, "split_overlap": True}
-GPU_SPLIT_OVERLAP = ops.make(gpu, gpu.Config(**SPLIT_OVERLAP))
-# log_softmax's backward taking each whole row's live flag from l
-# (Config.live_from_l), the forward writing no lse: rows, row blocks, a ring,
-# overlapping chunks; streamed rows still read the flag.
-LIVE_FROM_L = dict(interpret=True, live_from_l=True)
-GPU_LIVE_FROM_L = ops.make(gpu, gpu.Config(**LIVE_FROM_L))
-GPU_BLOCKS_LIVE_FROM_L = ops.make(gpu, gpu.Config(**LIVE_FROM_L, block_bytes=1 << 20))
-GPU_RING_LIVE_FROM_L = ops.make(gpu, gpu.Config(**LIVE_FROM_L, ring_slots=2, block_bytes=3072))
-GPU_OVERLAP_LIVE_FROM_L = ops.make(gpu, gpu.Config(**OVERLAP, live_from_l=True))
-GPU_SMALL_LIVE_FROM_L = ops.make(gpu, gpu.Config(**STREAM, live_from_l=True))
-GPU_SPLIT_OVERLAP_WHOLE = ops.make(
-  gpu, gpu.Config(interpret=True, row_bytes=256, split_overlap=True)
-)
+# Rows whose last chunk overlaps the one before it, split (Config.split_overlap,
+# the default): 1000 columns are 4 chunks of 32 sub-rows of 8, the last from
+# sub-row 93. In float32 the forward takes 2 parts of 2 chunks (the overlap within
+# the last part), the backward 4 of 1 (across parts); in 16 bits, 1 part and 2;
+# 4104 columns in 3 chunks of 176 sub-rows, one part, persistent (the default
+# form). (Without split_overlap they stream: GPU_SMALL, whose split_bytes is 0.)
+GPU_SPLIT_OVERLAP = GPU_SPLIT
+GPU_SPLIT_OVERLAP_WHOLE = ops.make(gpu, gpu.Config(interpret=True, row_bytes=256))
+# log_softmax's backward of whole rows reading each row's live flag from an input
+# that XLA broadcasts from the forward's lse (Config.live_from_l False), rather
+# than taking it from l (the default): rows, row blocks, a ring, overlapping chunks.
+LIVE_FLAG = dict(interpret=True, live_from_l=False)
+GPU_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG))
+GPU_BLOCKS_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG, block_bytes=1 << 20))
+GPU_RING_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG, ring_slots=2, block_bytes=3072))
+GPU_OVERLAP_LIVE_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_from_l=False))
 GPU_STREAM_CLUSTER_8 = ops.make(
   gpu, gpu.Config(**STREAM, **ROW_STATS, stream_cluster=8, reverse_write=False)
 )
@@ -274,10 +271,13 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     (1000, GPU_SMALL),  # streamed, 4 chunks of 32: the last from 93
     (1152, GPU_OVERLAP_BLOCKS),
     (1152, GPU_OVERLAP_RING),
-    (1000, GPU_DEFAULT),  # 4000 bytes: not whole TMA copies of 128 bytes, so streamed
+    # 4000 bytes: not whole TMA copies of 128 bytes, so split: one part, persistent
+    (1000, GPU_DEFAULT),
     (1280, GPU_OVERLAP),  # (wide sub-rows)
-    (4104, GPU_DEFAULT),  # 513 sub-rows of 8 (streamed: more than 256), chunks of 176
-    (70000, GPU_DEFAULT),  # 4375 sub-rows of 16, 18 chunks of 248: the last from 4127
+    (4104, GPU_DEFAULT),  # 513 sub-rows of 8 (split: more than 256), chunks of 176
+    # 4375 sub-rows of 16, 18 chunks of 248, the last from 4127: the forward in 2
+    # parts (float32) or one, the backward's pairs streamed
+    (70000, GPU_DEFAULT),
     # Ragged rows (not a multiple of 16 bytes): chunks of 2048 elements in registers.
     (129, GPU_DEFAULT),  # 2 chunks of 128: the second from 1
     (4097, GPU_DEFAULT),  # 3 chunks: the last from 2049
@@ -292,11 +292,10 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     (2048, GPU_BLOCKS_TWO_PASS),
     (1000, GPU_SPLIT_OVERLAP),
     (4104, GPU_SPLIT_OVERLAP_WHOLE),
-    (384, GPU_LIVE_FROM_L),
-    (384, GPU_BLOCKS_LIVE_FROM_L),
-    (384, GPU_RING_LIVE_FROM_L),
-    (1152, GPU_OVERLAP_LIVE_FROM_L),
-    (1280, GPU_SMALL_LIVE_FROM_L),
+    (384, GPU_LIVE_FLAG),
+    (384, GPU_BLOCKS_LIVE_FLAG),
+    (384, GPU_RING_LIVE_FLAG),
+    (1152, GPU_OVERLAP_LIVE_FLAG),
   ],
   ids=[
     "384-fits",
@@ -317,10 +316,10 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     "1000-overlap-online",
     "1152-overlap-row-blocks",
     "1152-overlap-ring",
-    "1000-overlap-online-default",
+    "1000-overlap-split-default",
     "1280-overlap-wide",
-    "4104-overlap-online",
-    "70000-overlap-online",
+    "4104-overlap-split-default",
+    "70000-overlap-split-default",
     "129-ragged",
     "4097-ragged",
     "20001-ragged",
@@ -334,11 +333,10 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     "2048-row-blocks-two-pass",
     "1000-overlap-split",
     "4104-overlap-split-one-part",
-    "384-fits-live-from-l",
-    "384-row-blocks-live-from-l",
-    "384-ring-live-from-l",
-    "1152-overlap-fits-live-from-l",
-    "1280-online-live-from-l",
+    "384-fits-live-flag",
+    "384-row-blocks-live-flag",
+    "384-ring-live-flag",
+    "1152-overlap-fits-live-flag",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -503,7 +501,9 @@ def test_gpu_route():
   assert route(8, 3 * 4096, f32, **streams) == ("streamed", 1)  # 3 chunks
   assert route(8, 6 * 4096, f32, **streams) == ("streamed", 2)
   assert route(1024, 65536, f32, True, stream_cluster=4) == ("split", 8)  # split first
-  assert route(8, 70000, f32, stream_cluster=4) == ("streamed", 1)  # an overlapping chunk
+  # An overlapping chunk: split by default (``split_overlap``), else one CTA a row.
+  assert route(8, 70000, f32, stream_cluster=4) == ("split", 2)
+  assert route(8, 70000, f32, stream_cluster=4, split_overlap=False) == ("streamed", 1)
   assert route(4096, 1024, f32, block_bytes=32 * 1024) == ("blocks", 8)
   assert route(4096, 1024, f32, True, block_bytes=32 * 1024) == ("blocks", 8)
   assert route(1024, 65536, f32, split_bytes=64 * 1024, split_cluster=8) == ("split", 4)
@@ -648,12 +648,13 @@ def test_gpu_plan_chunks():
   assert chunks(4104) == (513, 8, 176, 3, 15)
   assert chunks(1000) == (125, 8, 64, 2, 3)  # 112 sub-rows wanted, as 2 chunks of 64
   assert chunks(1280, chunk_elems=1024) == (5, 256, 3, 2, 1)
-  # Overlapping chunks split over a cluster only with Config.split_overlap.
+  # Overlapping chunks split over a cluster only with Config.split_overlap (the default).
   p = gpu.plan(32000, jnp.float32)
   assert gpu.cluster_size(p, 32000 * 4, 64 * 1024) == 0
   assert gpu.cluster_size(p, 32000 * 4, 64 * 1024, overlap=True) == 2
-  assert gpu.route(1024, p, jnp.float32, gpu.Config()) == ("streamed", 1)
-  both = [gpu.route(1024, p, jnp.float32, gpu.Config(split_overlap=True), b) for b in (0, 1)]
+  off = gpu.Config(split_overlap=False)
+  assert [gpu.route(1024, p, jnp.float32, off, b) for b in (0, 1)] == [("streamed", 1)] * 2
+  both = [gpu.route(1024, p, jnp.float32, gpu.Config(), b) for b in (0, 1)]
   assert both == [("split", 1), ("split", 4)]  # 125 KiB rows whole, 250 KiB pairs in 4
 
 
@@ -875,19 +876,21 @@ def test_gpu_overlapping_chunk_kernels_lower_for_cuda(dtype):
   _lowers(_gpu_kernels(chunk_elems=1024, ring_slots=3), "cuda", dtype, [(64, 1152)])
   warpgroup = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
   _lowers(warpgroup, "cuda", dtype, [(16, 32000), (3, 70000)])
+  # Streamed (Config.split_overlap off).
+  _lowers(_gpu_kernels(split_overlap=False), "cuda", dtype, [(16, 32000), (3, 70000)])
   # Split (Config.split_overlap, clusters of up to 4): 32000 (float32: whole
   # rows; pairs in 4 parts), 128256 (forward in 2 parts, float32 4; 16-bit pairs
   # in 8), 1000 in clusters of 4 (parts of one chunk).
-  _lowers(_gpu_kernels(split_overlap=True, split_cluster=4), "cuda", dtype, [(64, 32000)])
-  _lowers(_gpu_kernels(split_overlap=True, split_cluster=4), "cuda", dtype, [(64, 128256)])
+  _lowers(_gpu_kernels(split_cluster=4), "cuda", dtype, [(64, 32000)])
+  _lowers(_gpu_kernels(split_cluster=4), "cuda", dtype, [(64, 128256)])
   small = dict(chunk_elems=256, row_bytes=256, bwd_row_bytes=256, split_bytes=1024)
-  small.update(bwd_split_bytes=2048, split_cluster=4, split_overlap=True)
+  small.update(bwd_split_bytes=2048, split_cluster=4)
   _lowers(_gpu_kernels(**small), "cuda", dtype, [(64, 1000)])
   cases = [(128256, {}), (1000, small)]
   if jnp.dtype(dtype) == jnp.float32:
     cases.append((32000, {}))  # (16 bits: kept whole)
   for cols, cfg in cases:
-    cfg = gpu.Config(**{"split_overlap": True, "split_cluster": 4, **cfg})
+    cfg = gpu.Config(**{"split_cluster": 4, **cfg})
     p = gpu.plan(cols, dtype, cfg)
     paths = [gpu.route(64, p, dtype, cfg, b)[0] for b in (False, True)]
     assert p.ov and "split" in paths, (cols, paths)
@@ -895,21 +898,19 @@ def test_gpu_overlapping_chunk_kernels_lower_for_cuda(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_gpu_live_from_l_kernels_lower_for_cuda(dtype):
-  # Config.live_from_l: rows kept whole (and overlapping, 32000 in 16 bits), in
-  # row blocks, in a ring, and with Warpgroup semantics; streamed rows read it.
+  # Config.live_from_l (the default; the kernels above lower it on whole rows):
+  # in row blocks, in a ring, and with Warpgroup semantics; and without it, the
+  # backward reading the flag: rows kept whole (and overlapping, 32000 in 16
+  # bits) and row blocks.
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  _lowers(_gpu_kernels(live_from_l=True), "cuda", dtype, [(4096, 1024), (16, 32000), (8, 70000)])
-  blocks = _gpu_kernels(live_from_l=True, block_bytes=32 * 1024)
-  _lowers(blocks, "cuda", dtype, [(4096, 1024)])
-  _lowers(
-    _gpu_kernels(live_from_l=True, ring_slots=3, block_bytes=16 * 1024),
-    "cuda",
-    dtype,
-    [(4096, 1024)],
-  )
-  wg = _gpu_kernels(live_from_l=True, semantics=plgpu.LoweringSemantics.Warpgroup)
+  _lowers(_gpu_kernels(block_bytes=32 * 1024), "cuda", dtype, [(4096, 1024)])
+  _lowers(_gpu_kernels(ring_slots=3, block_bytes=16 * 1024), "cuda", dtype, [(4096, 1024)])
+  wg = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
   _lowers(wg, "cuda", dtype, [(4096, 1024)])
+  flag = _gpu_kernels(live_from_l=False)
+  _lowers(flag, "cuda", dtype, [(4096, 1024), (16, 32000)])
+  _lowers(_gpu_kernels(live_from_l=False, block_bytes=32 * 1024), "cuda", dtype, [(4096, 1024)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -943,23 +944,24 @@ def _pallas_outputs(jaxpr) -> list[int]:
 
 
 @pytest.mark.parametrize(
-  "backend, cols",
+  "backend, cols, lse",
   [
-    ("pallas:gpu:interpret", 384),  # rows kept whole
-    ("pallas:gpu:interpret", 70000),  # streamed
-    ("pallas:gpu:interpret", 4097),  # ragged
-    ("pallas:tpu:interpret", 384),  # one block
-    ("pallas:tpu:interpret", 70000),  # online
+    ("pallas:gpu:interpret", 384, False),  # rows kept whole: the flag from l
+    ("pallas:gpu:interpret", 70000, True),  # the backward streams
+    ("pallas:gpu:interpret", 4097, True),  # ragged
+    ("pallas:tpu:interpret", 384, True),  # one block
+    ("pallas:tpu:interpret", 70000, True),  # online
   ],
 )
-def test_log_softmax_writes_its_lse_only_for_the_backward(backend, cols):
+def test_log_softmax_writes_its_lse_only_for_the_backward(backend, cols, lse):
   # The lse is what the backward's live flag comes from: a call that is not
-  # differentiated writes none (the GPU kernel's lse is a 512-byte row each).
+  # differentiated writes none (the GPU kernel's lse is a 512-byte row each),
+  # nor does one whose backward takes the flag from l (GPU rows kept whole).
   x = jax.ShapeDtypeStruct((8, cols), jnp.float32)
   f = lambda x: core._log_softmax(x, None, (1,), None, backend)[0]  # noqa: E731
   assert _pallas_outputs(jax.make_jaxpr(f)(x).jaxpr) == [1]  # l
   grad = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(f(x) * x)))(x)
-  assert _pallas_outputs(grad.jaxpr) == [2, 1]  # l and the lse, then dx
+  assert _pallas_outputs(grad.jaxpr) == [2 if lse else 1, 1]  # l (and the lse), then dx
   softmax = lambda x: core._softmax(x, None, (1,), None, backend)  # noqa: E731
   assert _pallas_outputs(jax.make_jaxpr(softmax)(x).jaxpr) == [1]  # s: no lse either
 
@@ -1004,17 +1006,17 @@ def test_log_softmax_without_its_lse(cols, be, dtype):
 @pytest.mark.parametrize(
   "be, cols, reads",
   [
-    (GPU_LIVE_FROM_L, 384, False),
-    (GPU_BLOCKS_LIVE_FROM_L, 384, False),
-    (GPU_RING_LIVE_FROM_L, 384, False),
-    (GPU_SMALL_LIVE_FROM_L, 1280, True),  # streamed: the flag is read
-    (GPU_DEFAULT, 384, True),
+    (GPU_DEFAULT, 384, False),
+    (GPU_BLOCKS, 384, False),
+    (GPU_RING, 384, False),
+    (GPU_SMALL, 1280, True),  # streamed: the flag is read
+    (GPU_LIVE_FLAG, 384, True),
   ],
-  ids=["rows", "blocks", "ring", "streamed", "default"],
+  ids=["rows", "blocks", "ring", "streamed", "live-flag"],
 )
 def test_log_softmax_live_from_l_needs_no_lse(be, cols, reads):
-  # Config.live_from_l: the backward of rows kept whole takes the live flag from
-  # l, so the forward of a differentiated call writes no lse either.
+  # Config.live_from_l (the default): the backward of rows kept whole takes the
+  # live flag from l, so the forward of a differentiated call writes no lse either.
   x = jax.ShapeDtypeStruct((6, cols), jnp.float32)
   fwd = jax.make_jaxpr(lambda x: be.log_softmax_fwd(x, None, (1,), None, for_grad=True))(x)
   assert _kernel_arity(fwd.jaxpr) == [(1, 2 if reads else 1)]
@@ -1253,6 +1255,9 @@ def test_accelerator_dispatch(monkeypatch):
     ((4096, 512), jnp.bfloat16, "xla", "xla"),  # 1 KiB rows
     ((4096, 256), jnp.float32, "xla", "xla"),  # 1 KiB rows
     ((127, 262144), jnp.float32, "xla", "xla"),  # too few rows
+    # log_softmax's backward streams there: XLA's backward, as fast or faster
+    ((128, 262144), jnp.bfloat16, "pallas", "pallas/xla"),
+    ((128, 65536), jnp.float32, "pallas", "pallas"),  # its backward splits in 8 parts
     ((128, 32000), jnp.bfloat16, "pallas", "pallas"),  # overlapping chunks: faster on an H100
     ((128, 50257), jnp.bfloat16, "pallas/xla", "pallas/xla"),  # ragged: XLA's backward
   ]:
@@ -1576,8 +1581,10 @@ def test_losses_with_the_kernel_export_for_the_accelerators(monkeypatch, platfor
 
 
 def test_losses_dispatch(monkeypatch):
-  # The losses take the kernel on request only: implementation=None stays on XLA
-  # even where softmax would take the kernels, until the GPU script has timed it.
+  # implementation=None takes the losses' kernel on a Hopper GPU where the GPU
+  # script timed it faster than XLA and optax: >= 128 examples of >= 64000
+  # bytes, class axes last, no mask over the classes (one flag per example is
+  # fine); XLA elsewhere, and on any other platform.
   int_ce = "softmax_cross_entropy_with_integer_labels"
   x = jnp.ones((4096, 32000), jnp.bfloat16)
   with pytest.raises(ValueError, match=f"{int_ce}: implementation='pallas'.*GPU and TPU only"):
@@ -1591,10 +1598,40 @@ def test_losses_dispatch(monkeypatch):
   monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
   assert _backend.resolve("softmax", None, x, (1,), None) == "pallas"
   for fn in (int_ce, "softmax_cross_entropy"):
-    assert _backend.resolve(fn, None, x, (1,), None) == "xla"
-    assert _backend.resolve(fn, "pallas", x, (1,), None) == "pallas"
+    for shape, dtype, axes, want in [
+      ((4096, 32000), jnp.bfloat16, (1,), "pallas"),  # 64000-byte rows
+      ((8, 16, 50257), jnp.float32, (2,), "pallas"),  # 128 examples, ragged rows
+      ((4096, 16000), jnp.float32, (1,), "pallas"),  # 64000 bytes
+      ((4096, 16000), jnp.bfloat16, (1,), "xla"),  # 32000 bytes: untimed
+      ((127, 32000), jnp.bfloat16, (1,), "xla"),  # too few examples
+      ((32000, 4096), jnp.bfloat16, (0,), "xla"),  # classes not last: a transpose first
+      ((4096, 8, 4000), jnp.bfloat16, (1, 2), "pallas"),  # two class axes, last
+    ]:
+      x = jnp.ones(shape, dtype)
+      assert _backend.resolve(fn, None, x, axes, None) == want, (fn, shape, dtype)
+      assert _backend.resolve(fn, "pallas", x, axes, None) == "pallas"
     with pytest.raises(ValueError, match=f"{fn}: .*axis_name"):
       _backend.resolve(fn, "pallas", x, (1,), "model")
+  # Through the public losses: a mask of one flag per example keeps the kernel,
+  # one over the classes (a pass over the logits before it) does not.
+  x = jax.ShapeDtypeStruct((4096, 32000), jnp.bfloat16)
+  labels = jax.ShapeDtypeStruct((4096,), jnp.int32)
+  for where, kernel in [
+    (None, True),
+    (jax.ShapeDtypeStruct((4096,), bool), True),
+    (jax.ShapeDtypeStruct((4096, 1), bool), True),
+    (jax.ShapeDtypeStruct((4096, 32000), bool), False),
+  ]:
+    for loss, y in [
+      (jaxsoftmax.softmax_cross_entropy_with_integer_labels, labels),
+      (jaxsoftmax.softmax_cross_entropy, x),
+    ]:
+      jaxpr = jax.make_jaxpr(lambda x, y, w: loss(x, y, where=w))(x, y, where)  # noqa: B023
+      assert ("jaxsoftmax_row_stats_" in str(jaxpr)) == kernel, (loss, where)
+  x = jnp.ones((4096, 32000), jnp.bfloat16)
+  monkeypatch.setattr(_pallas, "_gpu_major", lambda: 10)  # verified on Hopper only
+  assert _backend.resolve(int_ce, None, x, (1,), None) == "xla"
+  monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   monkeypatch.setattr(_pallas, "VERIFIED_PLATFORMS", frozenset({"tpu", "gpu"}))
   assert _backend.resolve(int_ce, None, x, (1,), None) == "xla"

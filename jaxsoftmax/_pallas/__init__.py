@@ -49,19 +49,35 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 8 * 1024}
 GPU_MIN_ROWS = 128
 
+# The losses: their forward's row statistics from the kernel (``row_stats_2d``,
+# one read of the logits), the rest of the loss and its backward on XLA. On an
+# H200 (benchmarks/results/gpu_pallas-2026-11-26T2049Z.md), at 4096 x {32000,
+# 50257, 128256} in bfloat16 and float32 with integer labels, soft labels at
+# 4096 x 32000, and integer labels with a padding mask (one flag per example)
+# at 4096 x 32000 bfloat16, the jitted mean loss took 0.51-0.75x the time of
+# XLA's (ours and optax's) forward, and 0.74-0.88x of their forward and backward.
+# So implementation=None takes the kernel on Hopper from 128 rows of at least
+# 64000 bytes (32000 bfloat16 columns, the shortest timed) whose class axes are
+# the last (others are moved last by an XLA pass first), with no mask over the
+# classes (applied in an XLA pass before the kernel). Untimed: shorter rows.
+LOSSES = ("softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels")
+GPU_LOSS_MIN_ROW_BYTES = 64000
+
 
 def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, bool]:
   """Whether ``implementation=None`` should take the (supported) kernels for
-  ``op`` ("softmax" or "log_softmax", or a loss's name) here, ``(forward,
-  backward)``; ``masked``: the call has a ``where``. The backward takes them only
-  with the forward."""
-  if op not in GPU_MIN_ROW_BYTES:
-    # The losses: their kernel (``row_stats_2d``) has not yet run on hardware
-    # (``benchmarks/gpu_pallas.py`` times it against XLA and optax), so they take
-    # it on request only.
-    return False, False
+  ``op`` ("softmax" or "log_softmax", or a loss's name, ``LOSSES``) here,
+  ``(forward, backward)``; ``masked``: the call has a ``where`` that the kernel's
+  input takes (for a loss, one over the classes: a mask of one flag per example
+  empties its statistics after the kernel). The backward takes them only with
+  the forward."""
+  loss = op in LOSSES
+  if not loss and op not in GPU_MIN_ROW_BYTES:
+    raise ValueError(f"no kernels for {op!r}")
   if jax.default_backend() != "gpu":
-    return True, True
+    # (Reached only on a platform in VERIFIED_PLATFORMS.) The losses' kernel has
+    # been timed on a GPU only.
+    return (False, False) if loss else (True, True)
   if _gpu_major() != 9:
     return False, False  # verified on Hopper only; newer GPUs run them on request
   if masked:
@@ -72,12 +88,26 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, 
     return False, False
   cols = math.prod(shape[a] for a in axes)
   rows = math.prod(shape) // cols
-  if rows < GPU_MIN_ROWS or cols * jnp.dtype(dtype).itemsize < GPU_MIN_ROW_BYTES[op]:
+  row_bytes = cols * jnp.dtype(dtype).itemsize
+  if loss:
+    last = tuple(sorted(axes)) == tuple(range(len(shape) - len(axes), len(shape)))
+    take = last and rows >= GPU_MIN_ROWS and row_bytes >= GPU_LOSS_MIN_ROW_BYTES
+    return take, take
+  if rows < GPU_MIN_ROWS or row_bytes < GPU_MIN_ROW_BYTES[op]:
     return False, False
   from . import gpu
 
-  # Ragged rows: the forward's kernel, the backward on XLA.
-  return True, isinstance(gpu.plan(cols, dtype), gpu.Plan)
+  p = gpu.plan(cols, dtype)
+  if not isinstance(p, gpu.Plan):
+    return True, False  # ragged rows: the forward's kernel, the backward on XLA
+  streams = gpu.route(rows, p, dtype, gpu.Config(), backward=True)[0] == "streamed"
+  if op == "log_softmax" and streams:
+    # log_softmax's backward on pairs of rows too long to split (past 8 parts of
+    # 64 KiB: 128 x 262144) streams g twice, the bytes XLA moves, and took
+    # 1.03-1.06x jax.nn's time on the H100 (T1329Z) and 1.03-1.17x on the H200
+    # (T2049Z), where softmax's was level (0.99-1.00x): XLA's backward.
+    return True, False
+  return True, True
 
 
 def kernel_name(log: bool, backward: bool, path: str) -> str:

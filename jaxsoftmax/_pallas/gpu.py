@@ -182,17 +182,21 @@ class Config:
   # Rows whose last chunk overlaps the one before it (``Plan.ov``: 32000 or
   # 128256 columns) split over clusters too (``split_bytes``, ``bwd_split_bytes``),
   # the shared sub-rows counted once and written twice, alike. False: they
-  # stream (4096 x 32000 float32 at 73-76% of copy on the H100, T1348Z). Off
-  # until timed.
-  split_overlap: bool = False
+  # stream, reading each row twice (4096 x 32000 float32 at 73-76% of copy on the
+  # H100, T1348Z). On an H200 (gpu_pallas-2026-11-26T2049Z, T2058Z) split rows
+  # took 0.86x / 0.81-0.84x the streamed time there (forward: whole rows,
+  # persistent; backward: 4 parts), at 86-89% of copy, and matched float64 with
+  # an empty row.
+  split_overlap: bool = True
   # log_softmax's backward on rows kept whole (the rows, blocks and ring paths):
   # each row's live flag (0 on an empty row) taken from l in SMEM (0 if every
   # entry is -inf), rather than read from a (rows, WARPGROUP) float32 input that
   # XLA broadcasts from the forward's lse. The forward then writes no lse for
   # them (``bwd_reads_live``): 512 bytes a row less each way, and one XLA pass
-  # less, on rows of 2-8 KiB (4096 x 1024 float32 log_softmax: 53% of copy,
-  # softmax 73%, on the H100, T1329Z). Off until timed.
-  live_from_l: bool = False
+  # less. At 4096 x 4096 on an H200 (gpu_pallas-2026-11-26T2049Z, T2058Z) the
+  # differentiated forward took 0.85-0.91x the time of the one that writes the
+  # lse, the backward 0.92-0.96x; an all -inf row came back -inf, gradient 0.
+  live_from_l: bool = True
   # Mosaic GPU's approximate math (``CompilerParams.approx_math``): exp as
   # ``ex2.approx`` of ``x * log2(e)``, log as ``lg2.approx``, rather than the
   # accurate libdevice calls. None: as ``elementwise_stats``. Checked against
