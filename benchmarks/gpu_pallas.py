@@ -97,16 +97,16 @@ from benchmarks.report import _git_commit
 from jaxsoftmax._pallas import gpu
 
 SIZES = [(4096, 1024), (4096, 4096), (4096, 16384), (1024, 65536), (128, 262144)]
-# Checked and timed after SIZES (kernels that have not yet run on a GPU: were one
-# to bring the process down, what SIZES measured is saved already), both left on
-# XLA by `implementation=None` until timed here: LLaMA-2's vocabulary, 32000
-# columns, 125 sub-rows of 256 in chunks of 16, the last overlapping the one
-# before (gpu.Plan.ov; kept whole in 16 bits, streamed in float32); and GPT-2's,
-# 50257, a ragged row (no TMA: read into registers element by element).
+# Checked and timed after SIZES (the paths added last: were one to bring the
+# process down, what SIZES measured is saved already): LLaMA-2's vocabulary,
+# 32000 columns, 125 sub-rows of 256 in chunks of 16, the last overlapping the
+# one before (gpu.Plan.ov; kept whole in 16 bits, split in float32); and
+# GPT-2's, 50257, a ragged row (no TMA: read into registers element by element).
 NEW_SIZES = [(4096, 32000), (4096, 50257)]
-# Checked only, with NEW_SIZES: the other paths of overlapping chunks (streamed
-# rows of 125 sub-rows of 8, 513 of 8, 393 of 128 and 4375 of 16), and ragged
-# rows of 129 and 4097.
+# Checked only, with NEW_SIZES: the other paths of overlapping chunks (125
+# sub-rows of 8 and 513 of 8, split in one part; 393 of 128 and 4375 of 16,
+# split forward in 1 or 2 parts, streamed backward), and ragged rows of 129 and
+# 4097.
 NEW_CHECK_COLS = [1000, 4104, 50304, 70000, 129, 4097]
 DTYPES = ["bfloat16", "float32"]
 BATCH_BYTES = 256 << 20  # moved per timed program; > 4x the L2 of an H100 or H200
@@ -717,8 +717,9 @@ LONG = [(1024, 65536), (128, 262144)]
 #   0.91x forward at 4096 x 4096 bfloat16, 1.00-1.01x in float32; in two passes
 #   0.83x and 1.00x (the runs disagree); the backwards 0.96-1.01x;
 # - the backward's 200 KiB persistent parts at 128 x 262144: 1.04-1.07x in
-#   bfloat16 (0.87x on the H100), 1.00x in float32; the float32 forward's 96 KiB
-#   in flight: 0.99-1.00x. Those two are no longer timed here.
+#   bfloat16 (on the H100, with per-element statistics and approximate math,
+#   0.87x); in float32 its pairs still stream (no change). The float32
+#   forward's 96 KiB in flight: 0.99x (T2058Z). Those two are no longer timed.
 # Timed next: the cells not reached, 1024 x 65536, 4096 x 16384 and 4096 x 1024,
 # then 4096 x 4096, 4096 x 32000 and 128 x 262144.
 HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]

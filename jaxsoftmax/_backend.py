@@ -55,7 +55,8 @@ def resolve(
       # Supported; the kernels where they measured faster than XLA, forward and
       # backward each (``_pallas.preferred``).
       fwd, bwd = _pallas.preferred(fn, x.shape, x.dtype, axes, where is not None)
-      return "pallas" if fwd and bwd else "pallas/xla" if fwd else "xla"
+      names = {(True, True): "pallas", (True, False): "pallas/xla", (False, True): "xla/pallas"}
+      return names.get((fwd, bwd), "xla")
     return "pallas"
   if implementation == "pallas":
     raise ValueError(f"{fn}: implementation='pallas' cannot run this call: {reason}.")

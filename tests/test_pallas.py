@@ -232,9 +232,10 @@ GPU_STREAM_CLUSTER = ops.make(gpu, gpu.Config(**STREAM, stream_cluster=4))
 # sub-row 93. In float32 the forward takes 2 parts of 2 chunks (the overlap within
 # the last part), the backward 4 of 1 (across parts); in 16 bits, 1 part and 2;
 # 4104 columns in 3 chunks of 176 sub-rows, one part, persistent (the default
-# form). (Without split_overlap they stream: GPU_SMALL, whose split_bytes is 0.)
+# form); without split_overlap, streamed.
 GPU_SPLIT_OVERLAP = GPU_SPLIT
 GPU_SPLIT_OVERLAP_WHOLE = ops.make(gpu, gpu.Config(interpret=True, row_bytes=256))
+GPU_NO_SPLIT_OVERLAP = ops.make(gpu, gpu.Config(interpret=True, split_overlap=False))
 # log_softmax's backward of whole rows reading each row's live flag from an input
 # that XLA broadcasts from the forward's lse (Config.live_from_l False), rather
 # than taking it from l (the default): rows, row blocks, a ring, overlapping chunks.
@@ -296,6 +297,7 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     (384, GPU_BLOCKS_LIVE_FLAG),
     (384, GPU_RING_LIVE_FLAG),
     (1152, GPU_OVERLAP_LIVE_FLAG),
+    (1000, GPU_NO_SPLIT_OVERLAP),
   ],
   ids=[
     "384-fits",
@@ -337,6 +339,7 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     "384-row-blocks-live-flag",
     "384-ring-live-flag",
     "1152-overlap-fits-live-flag",
+    "1000-overlap-online-no-split-overlap",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -684,17 +687,22 @@ def test_custom_vjp_cores_run_the_kernels_for_any_axes():
       assert rel_err(dx, rdx) <= 8 * eps(jnp.float32), (axes, log)
 
 
-def test_forward_kernel_with_xla_backward():
+@pytest.mark.parametrize("kernel_forward, cols", [(True, 129), (False, 256)])
+def test_kernels_one_way_xla_the_other(kernel_forward, cols):
   # "pallas/xla" (what implementation=None takes for ragged rows on a GPU): the
-  # kernel's forward, XLA's backward on what it saved (s; l and the live flag),
-  # against float64 jax.nn, with a mask, an empty row and an all -inf row.
-  name = "pallas:gpu:interpret/xla"
-  mixed, kernels = _backend.get(name), _backend.get("pallas:gpu:interpret")
-  assert mixed.softmax_fwd is kernels.softmax_fwd
-  assert mixed.log_softmax_fwd is kernels.log_softmax_fwd
-  assert mixed.softmax_bwd is _xla.softmax_bwd
-  assert mixed.log_softmax_bwd is _xla.log_softmax_bwd
-  x = 3.0 * jax.random.normal(jax.random.key(21), (6, 129), jnp.float32)
+  # kernel's forward, XLA's backward on what it saved (s; l and the live flag);
+  # "xla/pallas" (short rows): XLA's forward, the kernel's backward (on whole
+  # rows, taking log_softmax's live flag from l). Against float64 jax.nn, with
+  # a mask, an empty row and an all -inf row.
+  kernels = _backend.get("pallas:gpu:interpret")
+  name = "pallas:gpu:interpret/xla" if kernel_forward else "xla/pallas:gpu:interpret"
+  mixed = _backend.get(name)
+  fwd, bwd = (kernels, _xla) if kernel_forward else (_xla, kernels)
+  assert mixed.softmax_fwd is fwd.softmax_fwd
+  assert mixed.log_softmax_fwd is fwd.log_softmax_fwd
+  assert mixed.softmax_bwd is bwd.softmax_bwd
+  assert mixed.log_softmax_bwd is bwd.log_softmax_bwd
+  x = 3.0 * jax.random.normal(jax.random.key(21), (6, cols), jnp.float32)
   x = x.at[4].set(-jnp.inf)
   w = jax.random.bernoulli(jax.random.key(22), 0.8, x.shape).at[1].set(False)
   g = jax.random.normal(jax.random.key(23), x.shape, jnp.float32)
@@ -1247,10 +1255,13 @@ def test_accelerator_dispatch(monkeypatch):
   monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
   monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
   # implementation=None: the kernels only for >= 128 rows of >= 4 KiB (softmax)
-  # or >= 8 KiB (log_softmax).
+  # or >= 8 KiB (log_softmax); below 16 KiB, XLA's forward, the kernel's backward.
   for shape, dtype, want_softmax, want_log in [
-    ((128, 4096), jnp.bfloat16, "pallas", "pallas"),  # 8 KiB rows
-    ((4, 32, 1024), jnp.float32, "pallas", "xla"),  # 128 rows of 4 KiB
+    ((128, 4096), jnp.float32, "pallas", "pallas"),  # 16 KiB rows
+    ((128, 4096), jnp.bfloat16, "xla/pallas", "xla/pallas"),  # 8 KiB rows
+    ((4, 32, 1024), jnp.float32, "xla/pallas", "xla"),  # 128 rows of 4 KiB
+    ((128, 4097), jnp.bfloat16, "xla", "xla"),  # ragged 8 KiB rows: XLA both ways
+    ((128, 4097), jnp.float32, "pallas/xla", "pallas/xla"),  # ragged 16 KiB rows
     ((128, 1024), jnp.bfloat16, "xla", "xla"),  # 2 KiB rows
     ((4096, 512), jnp.bfloat16, "xla", "xla"),  # 1 KiB rows
     ((4096, 256), jnp.float32, "xla", "xla"),  # 1 KiB rows
@@ -1268,7 +1279,7 @@ def test_accelerator_dispatch(monkeypatch):
     for op in ("softmax", "log_softmax"):
       assert _backend.resolve(op, "pallas", x, (-1,), None) == "pallas"
   # With a `where` mask, applied around the kernel in extra passes: XLA unless asked.
-  x, w = jnp.ones((128, 4096), jnp.bfloat16), jnp.ones((128, 4096), bool)
+  x, w = jnp.ones((128, 8192), jnp.bfloat16), jnp.ones((128, 8192), bool)
   for op in ("softmax", "log_softmax"):
     assert _backend.resolve(op, None, x, (-1,), None) == "pallas"
     assert _backend.resolve(op, None, x, (-1,), None, w) == "xla"

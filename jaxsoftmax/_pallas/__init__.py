@@ -48,6 +48,17 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # implementation="pallas" runs both directions on the kernels.
 GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 8 * 1024}
 GPU_MIN_ROWS = 128
+# Rows shorter than this take XLA's forward before the kernel's backward
+# ("xla/pallas"). At 4096 x 1024 (both dtypes) and 4096 x 4096 bfloat16, 2-8
+# KiB rows, our XLA forward beat the kernel's in every GPU run, on the H200
+# (T0511Z, T2049Z, T2058Z) and the H100 (T1329Z): the kernel took 1.02-1.22x
+# its time for softmax, 1.05-1.29x for log_softmax (whose XLA forward took
+# jax.nn's form after T0511Z). The kernel's backward took 0.67-0.87x XLA's at
+# 4-8 KiB (softmax; log_softmax at 8 KiB 0.83-0.86x, and 1.05x in T2049Z, whose
+# bfloat16 log_softmax timings ran slow for every contender). At 16 KiB (4096 x
+# 4096 float32) the kernel's forward took 0.94-1.04x XLA's: the kernels from
+# there. (A call that is not differentiated runs the forward alone: XLA's.)
+GPU_FWD_MIN_ROW_BYTES = 16 * 1024
 
 # The losses: their forward's row statistics from the kernel (``row_stats_2d``,
 # one read of the logits), the rest of the loss and its backward on XLA. On an
@@ -67,10 +78,9 @@ GPU_LOSS_MIN_ROW_BYTES = 64000
 def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, bool]:
   """Whether ``implementation=None`` should take the (supported) kernels for
   ``op`` ("softmax" or "log_softmax", or a loss's name, ``LOSSES``) here,
-  ``(forward, backward)``; ``masked``: the call has a ``where`` that the kernel's
-  input takes (for a loss, one over the classes: a mask of one flag per example
-  empties its statistics after the kernel). The backward takes them only with
-  the forward."""
+  ``(forward, backward)``, each on its own; ``masked``: the call has a ``where``
+  that the kernel's input takes (for a loss, one over the classes: a mask of
+  one flag per example empties its statistics after the kernel)."""
   loss = op in LOSSES
   if not loss and op not in GPU_MIN_ROW_BYTES:
     raise ValueError(f"no kernels for {op!r}")
@@ -95,19 +105,23 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, 
     return take, take
   if rows < GPU_MIN_ROWS or row_bytes < GPU_MIN_ROW_BYTES[op]:
     return False, False
+  fwd = row_bytes >= GPU_FWD_MIN_ROW_BYTES
   from . import gpu
 
   p = gpu.plan(cols, dtype)
   if not isinstance(p, gpu.Plan):
-    return True, False  # ragged rows: the forward's kernel, the backward on XLA
+    return fwd, False  # ragged rows: the forward's kernel, the backward on XLA
   streams = gpu.route(rows, p, dtype, gpu.Config(), backward=True)[0] == "streamed"
   if op == "log_softmax" and streams:
     # log_softmax's backward on pairs of rows too long to split (past 8 parts of
-    # 64 KiB: 128 x 262144) streams g twice, the bytes XLA moves, and took
-    # 1.03-1.06x jax.nn's time on the H100 (T1329Z) and 1.03-1.17x on the H200
-    # (T2049Z), where softmax's was level (0.99-1.00x): XLA's backward.
-    return True, False
-  return True, True
+    # 64 KiB: 128 x 262144; also 70000 columns, whose 18 chunks split in
+    # neither 4 nor 8) streams g twice, the bytes XLA moves, and took 1.03-1.06x
+    # jax.nn's time on the H100 (T1329Z) and 1.03-1.17x on the H200 (T2049Z),
+    # where softmax's was level (0.99-1.00x): XLA's backward. (Split, at 1024 x
+    # 65536, the two GPUs disagree, 0.83-0.91x on the H100 and 1.05-1.11x on
+    # the H200: the kernel's backward stays there.)
+    return fwd, False
+  return fwd, True
 
 
 def kernel_name(log: bool, backward: bool, path: str) -> str:

@@ -117,8 +117,10 @@ class Config:
   # stores the current one; PER_SM (the forward's default) one CTA per SM
   # (``sm_count()``). ``bwd_split_ctas`` is the same for the backward, whose
   # persistent 200 KiB parts took 0.97-1.02x the time of its default (one cluster
-  # a row, 64 KiB parts) at 1024 x 65536 on the H100 (T1329Z): not adopted. (At
-  # 128 x 262144 bfloat16, where the backward streams, 0.87x: queued.)
+  # a row, 64 KiB parts) at 1024 x 65536 on the H100 (T1329Z): not adopted. At
+  # 128 x 262144 bfloat16, where the backward streams, 0.87x there (with
+  # per-element statistics and approximate math) but 1.04-1.07x on the H200
+  # (gpu_pallas-2026-11-26T2049Z, T2058Z).
   split_ctas: int | str | None = PER_SM
   bwd_split_ctas: int | str | None = None
   # Streamed rows (past ``row_bytes``, not split): a cluster of up to this many
@@ -177,7 +179,9 @@ class Config:
   # Rows kept whole in SMEM, with ``elementwise_stats``: the max in one pass over
   # the row's chunks, then the normaliser with that max in a second, rather than
   # the online update: fewer operations an element (no rescaling, no select),
-  # one more read of SMEM. Off until timed.
+  # one more read of SMEM. Off: at 4096 x 4096 bfloat16 on the H200 it took
+  # 0.83x the default's forward time in one run and 1.00x in the next (T2049Z,
+  # T2058Z), and 1.00-1.02x in float32.
   held_two_pass: bool = False
   # Rows whose last chunk overlaps the one before it (``Plan.ov``: 32000 or
   # 128256 columns) split over clusters too (``split_bytes``, ``bwd_split_bytes``),
