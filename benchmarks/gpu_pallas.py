@@ -32,7 +32,11 @@ In this order:
 3. the measured copy bandwidth (``-x`` over a 1 GiB buffer), against which the
    achieved bandwidth is reported: forward moves 2 arrays (read x, write s),
    backward 3 (read s and g, write dx); then the issue's two targets per cell
-   (>= 85% of copy, faster than ``jax.nn.softmax``);
+   (>= 85% of copy, faster than ``jax.nn.softmax``), and what
+   ``implementation=None`` runs in each cell (``defaults``: the backend it
+   resolves to, and its time over the fastest pairing of the kernels' and our
+   XLA path's forward and backward, which says whether ``_pallas.preferred``
+   chose well);
 4. the losses (``--no-losses`` skips them; perhaps 60 s on an H100, mostly
    compiling; cells that would start after 120 s or past ``--budget`` are
    skipped and listed):
@@ -94,6 +98,7 @@ import numpy as np
 
 import jaxsoftmax
 from benchmarks.report import _git_commit
+from jaxsoftmax import _backend
 from jaxsoftmax._pallas import gpu
 
 SIZES = [(4096, 1024), (4096, 4096), (4096, 16384), (1024, 65536), (128, 262144)]
@@ -395,6 +400,8 @@ def timings(
         if e is not None:  # record a failing contender; the others are timed
           rows.append(dict(cell, error=_failed(f"timing {op} {name} {shape} {dt}", e)))
           continue
+        if name == "pallas" and op != WHERE:  # what implementation=None picks here
+          cell["default"] = _backend.resolve(op, None, xs[0], (1,), None)
         rows.append(_timed(cell, t_fwd, t_bwd, nbytes))
         print(
           f"{op} {name} {shape} {dt}: fwd {t_fwd * 1e6:.1f} us, bwd {t_bwd * 1e6:.1f} us",
@@ -1053,6 +1060,41 @@ def targets(rows, copy_bw, op="softmax") -> list[str]:
   return out
 
 
+# The contender that times each half of a backend name ``"<forward>/<backward>"``.
+_HALF = {"pallas": "pallas", "xla": "jaxsoftmax-xla"}
+
+
+def defaults(rows, op="softmax") -> list[str]:
+  """Per cell of ``op``: the backend ``implementation=None`` picked there (the
+  Pallas row's ``default``), its forward and backward times, taken from the
+  contenders that ran each half, over jax.nn's, and over the fastest of the
+  four pairings of Pallas's and our XLA path's halves: 1.00x when
+  ``_pallas.preferred`` chose the fastest."""
+  by = {
+    (r["rows"], r["cols"], r["dtype"], r["contender"]): r
+    for r in rows
+    if "error" not in r and r.get("op", "softmax") == op
+  }
+  out = [
+    "| shape | dtype | `None` runs | fwd us | bwd us | fwd+bwd / jax.nn | / fastest pairing |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for (n, c, dt, who), r in by.items():
+    halves = [by.get((n, c, dt, _HALF[h])) for h in ("pallas", "xla")]
+    ref = by.get((n, c, dt, f"jax.nn.{op}"))
+    if who != "pallas" or "default" not in r or ref is None or None in halves:
+      continue
+    fwd_name, _, bwd_name = r["default"].partition("/")
+    fwd = by[(n, c, dt, _HALF[fwd_name])]["fwd_s"]
+    bwd = by[(n, c, dt, _HALF[bwd_name or fwd_name])]["bwd_s"]
+    fastest = min(f["fwd_s"] for f in halves) + min(b["bwd_s"] for b in halves)
+    out.append(
+      f"| {n}x{c} | {dt} | {r['default']} | {fwd * 1e6:.1f} | {bwd * 1e6:.1f} "
+      f"| {(fwd + bwd) / (ref['fwd_s'] + ref['bwd_s']):.2f}x | {(fwd + bwd) / fastest:.2f}x |"
+    )
+  return out
+
+
 def best_variants(variant_rows, rows, copy_bw) -> list[str]:
   """Per op, shape and dtype: the fastest correct variant forward and backward,
   its share of copy and its time over ``jax.nn``'s (from ``rows``), and whether
@@ -1148,6 +1190,9 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=(), losses=None) -> str:
     if op != WHERE:  # (the targets are without a mask)
       lines += ["", f"## {op} targets: Pallas >= 85% of copy, faster than jax.nn.{op}", ""]
       lines += targets(rows, copy_bw, op)
+      if any("default" in r for r in of_op):
+        lines += ["", f"## {op}: what `implementation=None` runs", ""]
+        lines += defaults(rows, op)
   if losses is not None:
     lines += losses_markdown(losses, copy_bw)
   if variant_rows:

@@ -321,6 +321,58 @@ def test_gpu_script_targets_per_op():
   ]
 
 
+def test_gpu_script_records_what_none_picks(monkeypatch):
+  # The timing step records, on the Pallas row of each cell, the backend that
+  # implementation=None resolves to for that input (and only there).
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import gpu_pallas
+
+  monkeypatch.setattr(gpu_pallas, "WARM_S", 0.0)
+  asked = []
+
+  def resolve(fn, implementation, x, axes, axis_name, where=None):
+    asked.append((fn, implementation, x.shape, axes, where))
+    return "xla/pallas"
+
+  monkeypatch.setattr(gpu_pallas._backend, "resolve", resolve)
+  fake = {"pallas": jax.nn.softmax, "jaxsoftmax-xla": jax.nn.softmax, "jax.nn.softmax": jnp.exp}
+  monkeypatch.setattr(gpu_pallas, "_contenders", lambda pallas, op="softmax": fake)
+  rows = gpu_pallas.timings([(8, 128)], ["float32"], True, calls=1, samples=1, where_sizes=())
+  picked = {(r["op"], r["contender"]): r.get("default") for r in rows}
+  for op in gpu_pallas.OPS:
+    assert picked[(op, "pallas")] == "xla/pallas"
+    assert picked[(op, "jaxsoftmax-xla")] is None and picked[(op, "jax.nn.softmax")] is None
+  assert sorted(asked) == sorted((op, None, (8, 128), (1,), None) for op in gpu_pallas.OPS)
+
+
+def test_gpu_script_defaults_table():
+  # What implementation=None ran: each half's time from the contender that ran
+  # it, against jax.nn's and against the fastest pairing of the two paths' halves.
+  def cell(who, fwd_s, bwd_s, **kw):
+    return dict(op="softmax", rows=4, cols=256, dtype="float32", contender=who, fwd_s=fwd_s,
+                bwd_s=bwd_s, fwd_bytes_per_s=1.0, bwd_bytes_per_s=1.0, **kw)  # fmt: skip
+
+  from benchmarks.gpu_pallas import defaults
+
+  def table(default):
+    return defaults([
+      cell("pallas", 4e-6, 2e-6, default=default),
+      cell("jaxsoftmax-xla", 3e-6, 5e-6),
+      cell("jax.nn.softmax", 3e-6, 7e-6),
+    ])[2:]  # fmt: skip
+
+  # fastest pairing: XLA's forward (3) + the kernel's backward (2) = 5 us; jax.nn 10 us
+  assert table("xla/pallas") == ["| 4x256 | float32 | xla/pallas | 3.0 | 2.0 | 0.50x | 1.00x |"]
+  assert table("pallas") == ["| 4x256 | float32 | pallas | 4.0 | 2.0 | 0.60x | 1.20x |"]
+  assert table("pallas/xla") == ["| 4x256 | float32 | pallas/xla | 4.0 | 5.0 | 0.90x | 1.80x |"]
+  assert table("xla") == ["| 4x256 | float32 | xla | 3.0 | 5.0 | 0.80x | 1.60x |"]
+  # No row without the Pallas row's `default` (a CPU run), or another op's cells.
+  assert defaults([cell("pallas", 4e-6, 2e-6), cell("jaxsoftmax-xla", 3e-6, 5e-6)])[2:] == []
+  assert defaults([cell("pallas", 4e-6, 2e-6, default="xla")], "log_softmax")[2:] == []
+
+
 def test_batched_programs_run_the_op_on_every_buffer():
   # On accelerators one timed program runs the op once per rotating buffer (one
   # dispatch for all): its outputs must be the single program's, buffer by buffer.

@@ -26,7 +26,8 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 
 # On a GPU, implementation=None takes the kernels only on Hopper (compute
 # capability 9.x, where they were verified) and for the shapes where the H200
-# measured them faster than our XLA path, forward and backward together
+# measured them faster than our XLA path, forward and backward together (and,
+# below, each on its own: GPU_FWD_MIN_ROW_BYTES)
 # (benchmarks/results/gpu_pallas-2026-11-26T0511Z.md, the contenders timed in
 # turn after a warm-up, one dispatch per 2-16 calls): at least 128 rows, each of
 # at least GPU_MIN_ROW_BYTES[op]. softmax: at 4096 x 1024, Pallas over XLA took
