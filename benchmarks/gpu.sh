@@ -4,7 +4,11 @@
 # the variants in what is left of its 540 s budget, a cell (shape and dtype,
 # all its variants) a minute or so, the cells short of the targets first (a
 # cell that hangs is killed after 60 s). The harness takes its --budget plus
-# about a minute.
+# about a minute. On an H200 (T2049Z), PALLAS_BUDGET=530 PARTS=pallas took
+# 522 s; with the machine's start, 552 s of a 900 s device budget, which left
+# a second call of 258 s on the warm machine (it goes back after 30 s idle,
+# so have that call ready): gpu_pallas.py --sizes 4096x1024 --check-cols ""
+# --no-losses --budget 270 --variants-timeout 230, for more variants.
 # Keep timeout_s at 600:
 #
 #   OUT=/some/dir PYTHONPATH=. BENCH_COMMIT=<sha> bash benchmarks/gpu.sh [extra flags]
