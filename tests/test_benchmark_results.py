@@ -73,8 +73,9 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
       [(4, 256)],
     ),
     "bfloat16 only": (lambda: {"bfloat16": Config(**small)}, [(4, 256)]),
-    # log_softmax's, paired with the default's log_softmax (built for it).
-    gpu_pallas.LOG + "live from l": (lambda: Config(interpret=True, live_from_l=True), [(4, 256)]),
+    # log_softmax's, paired with the default's log_softmax (built for it): the
+    # backward of whole rows reading the live flag rather than taking it from l.
+    gpu_pallas.LOG + "live flag": (lambda: Config(interpret=True, live_from_l=False), [(4, 256)]),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
   started = []
@@ -85,7 +86,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     ("row blocks", 256),
     ("ring", 256),
     ("default", 256),  # log_softmax's, as timed with the variant below
-    ("log_softmax: live from l", 256),
+    ("log_softmax: live flag", 256),
     ("split rows", 2048),
   ]
   assert [r["op"] for r in rows] == ["softmax"] * 3 + ["log_softmax"] * 2 + ["softmax"]
@@ -93,7 +94,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     "default 4x256 float32",
     "row blocks 4x256 float32",
     "ring 4x256 float32",
-    "log_softmax: live from l 4x256 float32",
+    "log_softmax: live flag 4x256 float32",
     "split rows 4x2048 float32",
   ]
   assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
@@ -113,7 +114,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   # Paired with the default: the variants at 4 x 256, not the default itself
   # nor the split rows, whose cell has no default.
   paired = [r["variant"] for r in rows if r.get("fwd_vs_default", 0) > 0 < r["bwd_vs_default"]]
-  assert paired == ["row blocks", "ring", "log_softmax: live from l"]
+  assert paired == ["row blocks", "ring", "log_softmax: live flag"]
   assert md.count("x / ") == 3 and md.count("| - |") == 3
   assert "## The fastest correct variant per cell" in md
 

@@ -232,9 +232,8 @@ GPU_STREAM_CLUSTER = ops.make(gpu, gpu.Config(**STREAM, stream_cluster=4))
 # sub-row 93. In float32 the forward takes 2 parts of 2 chunks (the overlap within
 # the last part), the backward 4 of 1 (across parts); in 16 bits, 1 part and 2;
 # 4104 columns in 3 chunks of 176 sub-rows, one part, persistent (the default
-# form); without split_overlap, streamed.
+# form: GPU_DEFAULT below); without split_overlap, streamed.
 GPU_SPLIT_OVERLAP = GPU_SPLIT
-GPU_SPLIT_OVERLAP_WHOLE = ops.make(gpu, gpu.Config(interpret=True, row_bytes=256))
 GPU_NO_SPLIT_OVERLAP = ops.make(gpu, gpu.Config(interpret=True, split_overlap=False))
 # log_softmax's backward of whole rows reading each row's live flag from an input
 # that XLA broadcasts from the forward's lse (Config.live_from_l False), rather
@@ -292,7 +291,6 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     (1152, GPU_OVERLAP_TWO_PASS),
     (2048, GPU_BLOCKS_TWO_PASS),
     (1000, GPU_SPLIT_OVERLAP),
-    (4104, GPU_SPLIT_OVERLAP_WHOLE),
     (384, GPU_LIVE_FLAG),
     (384, GPU_BLOCKS_LIVE_FLAG),
     (384, GPU_RING_LIVE_FLAG),
@@ -334,7 +332,6 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     "1152-overlap-fits-two-pass",
     "2048-row-blocks-two-pass",
     "1000-overlap-split",
-    "4104-overlap-split-one-part",
     "384-fits-live-flag",
     "384-row-blocks-live-flag",
     "384-ring-live-flag",
@@ -885,7 +882,7 @@ def test_gpu_overlapping_chunk_kernels_lower_for_cuda(dtype):
   warpgroup = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
   _lowers(warpgroup, "cuda", dtype, [(16, 32000), (3, 70000)])
   # Streamed (Config.split_overlap off).
-  _lowers(_gpu_kernels(split_overlap=False), "cuda", dtype, [(16, 32000), (3, 70000)])
+  _lowers(_gpu_kernels(split_overlap=False), "cuda", dtype, [(16, 32000)])
   # Split (Config.split_overlap, clusters of up to 4): 32000 (float32: whole
   # rows; pairs in 4 parts), 128256 (forward in 2 parts, float32 4; 16-bit pairs
   # in 8), 1000 in clusters of 4 (parts of one chunk).
