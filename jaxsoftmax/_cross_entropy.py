@@ -36,6 +36,7 @@ from ._stats import (
   finite_shift,
   log_normalizer,
   masked,
+  per_slice,
   read_apart,
   slice_stats,
   slice_sum,
@@ -88,7 +89,7 @@ def _with_backend(fn, implementation, x, where, st: _Static, cdt) -> _Static:
     return st
   # A mask of one flag per example empties its statistics after the kernel
   # (``ops.row_stats``): only a mask over the classes costs a pass before it.
-  if where is not None and all(where.shape[a] == 1 for a in st.axes):
+  if per_slice(where, st.axes):
     where = None
   return st._replace(backend=_backend.resolve(fn, implementation, x, st.axes, st.axis_name, where))
 

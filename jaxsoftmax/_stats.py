@@ -35,6 +35,11 @@ def masked(x: jax.Array, where: jax.Array | None, fill: float = -jnp.inf) -> jax
   return x if where is None else jnp.where(where, x, fill)
 
 
+def per_slice(where: jax.Array | None, axes: tuple[int, ...]) -> bool:
+  """Whether ``where`` (full rank) is one flag per slice: of extent 1 on ``axes``."""
+  return where is not None and all(where.shape[a] == 1 for a in axes)
+
+
 def slice_sum(v: jax.Array, axes: tuple[int, ...], axis_name: AxisName) -> jax.Array:
   """Sum over ``axes`` (keepdims), and over the devices of ``axis_name``."""
   total = jnp.sum(v, axes, keepdims=True)

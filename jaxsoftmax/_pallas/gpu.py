@@ -1292,9 +1292,13 @@ def bwd_reads_live(rows: int, cols: int, dtype, cfg: Config = Config()) -> bool:
   forward must write the lse), rather than take it from l
   (``Config.live_from_l``, rows kept whole)."""
   p = plan(cols, dtype, cfg)
-  if isinstance(p, str) or not cfg.live_from_l:
-    return True
-  return route(rows, p, dtype, cfg, backward=True)[0] not in HELD_PATHS
+  return isinstance(p, str) or not _live_from_l(cfg, route(rows, p, dtype, cfg, backward=True)[0])
+
+
+def _live_from_l(cfg: Config, kind: str) -> bool:
+  """Whether log_softmax's backward on ``route``'s path ``kind`` takes each row's
+  live flag from l in SMEM (``Config.live_from_l``: rows kept whole)."""
+  return cfg.live_from_l and kind in HELD_PATHS
 
 
 def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Config = Config()):
@@ -1318,7 +1322,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
   # log_softmax: the live flag read from an input, or taken from l in SMEM.
-  from_l = log and cfg.live_from_l and kind in HELD_PATHS
+  from_l = log and _live_from_l(cfg, kind)
   reads_live = log and not from_l
   if reads_live:
     args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))

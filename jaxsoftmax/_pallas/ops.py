@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from .. import _xla
 from .._checks import AxisName
-from .._stats import masked
+from .._stats import masked, per_slice
 
 Axes = tuple[int, ...]
 
@@ -83,12 +83,12 @@ def make(kernels, cfg) -> Backend:
   def row_stats(x, where, axes: Axes, axis_name: AxisName):
     # (m, d) of each slice, keepdims float32: the max (-inf if empty) and sum(exp(x - m))
     _check_axis_name(axis_name)
-    per_slice = where is not None and all(where.shape[a] == 1 for a in axes)
     # A mask of one flag per slice (a loss's padding) empties the slices it drops
     # after the kernel, on their statistics, rather than in a pass over x before.
-    m, d = stats_2d(_to_2d(x if per_slice else masked(x, where), axes))
+    after = per_slice(where, axes)
+    m, d = stats_2d(_to_2d(x if after else masked(x, where), axes))
     m, d = _stat_from_2d(m, x.shape, axes), _stat_from_2d(d, x.shape, axes)
-    if per_slice:
+    if after:
       m, d = masked(m, where), masked(d, where, 0.0)
     return m, d
 
