@@ -1031,16 +1031,21 @@ def _against(r, ref, d, copy_bw):
   return frac, ratio, frac >= TARGET and (ratio <= 1.0 or at_ceiling)
 
 
+def _by_cell(rows, op) -> dict:
+  """The timing rows of ``op`` that did not fail, by (rows, cols, dtype, contender)."""
+  return {
+    (r["rows"], r["cols"], r["dtype"], r["contender"]): r
+    for r in rows
+    if "error" not in r and r.get("op", "softmax") == op
+  }
+
+
 def targets(rows, copy_bw, op="softmax") -> list[str]:
   """The issue's targets per cell of ``op``: Pallas at >= ``TARGET`` of copy, and
   faster than jax.nn except where jax.nn already runs at the bandwidth ceiling.
   The last column, for reference only: Pallas's share of the cell's ``ELEMENTWISE``
   (its time over Pallas's), forward / backward."""
-  by = {
-    (r["rows"], r["cols"], r["dtype"], r["contender"]): r
-    for r in rows
-    if "error" not in r and r.get("op", "softmax") == op
-  }
+  by = _by_cell(rows, op)
   head = "| shape | dtype | fwd % copy | bwd % copy | fwd / jax.nn | bwd / jax.nn | met "
   out = [head + "| % of elementwise |", "|---|---|---|---|---|---|---|---|"]
   for (n, c, dt, who), r in by.items():
@@ -1070,11 +1075,7 @@ def defaults(rows, op="softmax") -> list[str]:
   contenders that ran each half, over jax.nn's, and over the fastest of the
   four pairings of Pallas's and our XLA path's halves: 1.00x when
   ``_pallas.preferred`` chose the fastest."""
-  by = {
-    (r["rows"], r["cols"], r["dtype"], r["contender"]): r
-    for r in rows
-    if "error" not in r and r.get("op", "softmax") == op
-  }
+  by = _by_cell(rows, op)
   out = [
     "| shape | dtype | `None` runs | fwd us | bwd us | fwd+bwd / jax.nn | / fastest pairing |",
     "|---|---|---|---|---|---|---|",
