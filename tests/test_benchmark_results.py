@@ -325,9 +325,6 @@ def test_gpu_script_targets_per_op():
 def test_gpu_script_records_what_none_picks(monkeypatch):
   # The timing step records, on the Pallas row of each cell, the backend that
   # implementation=None resolves to for that input (and only there).
-  import jax
-  import jax.numpy as jnp
-
   from benchmarks import gpu_pallas
 
   monkeypatch.setattr(gpu_pallas, "WARM_S", 0.0)
