@@ -173,15 +173,21 @@ class Config:
   # copy). The forward's online update then takes one exp an element, as before
   # (``_ew_online``). None (the default): on for the forward's rows past
   # ``row_bytes`` (split or streamed), where with ``approx_math`` it took
-  # 0.89-1.01x the time of per-chunk statistics on the H100 (T1329Z), and off
-  # elsewhere, where it has not been timed (the backward's took 0.99-1.00x).
+  # 0.89-1.01x the time of per-chunk statistics on the H100 (T1329Z); on for the
+  # forward of 16-bit rows kept whole, where with ``approx_math`` it took
+  # 0.85-0.91x the time at 4096 x 4096 bfloat16 in three H200 runs, 0.95x at 4096
+  # x 16384 in two, 0.87x and 1.00x at 4096 x 1024 (gpu_pallas-2026-11-26T2049Z,
+  # T2058Z, T2249Z, T2258Z); off elsewhere: float32 rows kept whole took
+  # 0.97-1.01x there, the backward 0.96-1.02x.
   elementwise_stats: bool | None = None
   # Rows kept whole in SMEM, with ``elementwise_stats``: the max in one pass over
   # the row's chunks, then the normaliser with that max in a second, rather than
   # the online update: fewer operations an element (no rescaling, no select),
   # one more read of SMEM. Off: at 4096 x 4096 bfloat16 on the H200 it took
-  # 0.83x the default's forward time in one run and 1.00x in the next (T2049Z,
-  # T2058Z), and 1.00-1.02x in float32.
+  # 0.83x the (then) default's forward time in one run and 1.00x in the next
+  # (T2049Z, T2058Z), 0.81x in a third (T2258Z, where the one-pass form now
+  # adopted took 0.91x), 0.96x at 4096 x 16384 (one pass 0.95x); 1.00-1.02x in
+  # float32.
   held_two_pass: bool = False
   # Rows whose last chunk overlaps the one before it (``Plan.ov``: 32000 or
   # 128256 columns) split over clusters too (``split_bytes``, ``bwd_split_bytes``),
@@ -212,13 +218,16 @@ class Config:
 MAX_STAGES = 6  # Config.stages=None, the forward's streamed rows
 
 
-def _resolved(cfg: Config, long_fwd: bool = False, chunk_bytes: int = 0) -> Config:
+def _resolved(
+  cfg: Config, long_fwd: bool = False, chunk_bytes: int = 0, whole_16bit: bool = False
+) -> Config:
   """``cfg`` with its per-path defaults (None) resolved for a call: ``long_fwd``,
   the forward of rows past ``row_bytes`` (split or streamed), in chunks of
-  ``chunk_bytes``; otherwise a row kept whole, a ragged row or the backward."""
+  ``chunk_bytes``; ``whole_16bit``, the forward of 16-bit rows kept whole;
+  neither, a float32 row kept whole, a ragged row or the backward."""
 
   def auto(v):
-    return long_fwd if v is None else v
+    return (long_fwd or whole_16bit) if v is None else v
 
   stages = cfg.stages
   if stages is None:
@@ -807,7 +816,9 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool
   dtype = x.dtype
   kind, size = route(rows, p, dtype, cfg)
   name = _name(log, False, kind)
-  cfg = _resolved(cfg, kind in ("split", "streamed"), p.kb * p.w * dtype.itemsize)
+  long_fwd = kind in ("split", "streamed")
+  whole_16bit = not long_fwd and dtype.itemsize == 2
+  cfg = _resolved(cfg, long_fwd, p.kb * p.w * dtype.itemsize, whole_16bit)
   S = cfg.stages
   lay = _strided((p.kb, p.w), dtype)
   x3 = x.reshape(rows, p.n1, p.w)
