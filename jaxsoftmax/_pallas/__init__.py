@@ -30,24 +30,26 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # below, each on its own: GPU_FWD_MIN_ROW_BYTES)
 # (benchmarks/results/gpu_pallas-2026-11-26T0511Z.md, the contenders timed in
 # turn after a warm-up, one dispatch per 2-16 calls): at least 128 rows, each of
-# at least GPU_MIN_ROW_BYTES[op]. softmax: at 4096 x 1024, Pallas over XLA took
-# 26.4 / 23.5 us in bfloat16 (2 KiB rows) and 29.8 / 38.1 us in float32 (4 KiB).
-# log_softmax keeps 8 KiB: that run's XLA forward, 1.2-2.0x jax.nn's time, has
-# since taken jax.nn's form; were it level with jax.nn, XLA would beat Pallas by
-# 7-9% at 4096 x 1024 (jax.nn 8.5 + our backward 12.6 us against 9.1 + 13.6 in
-# bfloat16) and lose from 8 KiB rows. Shorter rows have no trustworthy
-# measurement (the first GPU run timed single calls: host dispatch, not the
-# kernels), so they stay on XLA. Fewer rows leave SMs idle, since each CTA owns
-# whole rows (32 x 262144: twice jax.nn's time). Rows whose chunks overlap
-# (``gpu.Plan.ov``) passed on an H100 at 1000, 4104, 32000, 50304 and 70000
-# columns, and at 4096 x 32000 took 0.48-0.68x jax.nn's forward time and
-# 0.63-0.87x its backward's (benchmarks/results/gpu_pallas-2026-11-26T1329Z.md,
-# T1348Z). Ragged rows (not a multiple of 16 bytes: 50257) passed there too; at
-# 4096 x 50257 their forward took 0.81-0.83x jax.nn's time but their backward
-# 1.05-1.13x, so they take the kernel forward and XLA's backward ("pallas/xla":
-# softmax 492 + 699 us against jax.nn's 607 + 696 in bfloat16). An explicit
-# implementation="pallas" runs both directions on the kernels.
-GPU_MIN_ROW_BYTES = {"softmax": 4 * 1024, "log_softmax": 8 * 1024}
+# at least GPU_MIN_ROW_BYTES, 2 KiB (4096 x 1024 bfloat16, the shortest rows
+# timed), where below GPU_FWD_MIN_ROW_BYTES only the backward takes the kernel.
+# There the kernel's softmax backward took 0.72-0.99x the time of our XLA one
+# at 2 KiB rows in the last five runs (H100 T1329Z; H200 T2049Z, T2058Z, T2249Z, T2258Z), and
+# log_softmax's, since it takes its live flag from l (``gpu.Config.live_from_l``),
+# 0.82-0.87x at 4096 x 1024 in both dtypes (T2249Z, T2258Z; before, 1.00-1.08x).
+# Shorter rows have no trustworthy measurement (the first GPU run timed single
+# calls: host dispatch, not the kernels), so they stay on XLA. Fewer rows leave
+# SMs idle, since each CTA owns whole rows (32 x 262144: twice jax.nn's time).
+# Rows whose chunks overlap (``gpu.Plan.ov``) passed on an H100 at 1000, 4104,
+# 32000, 50304 and 70000 columns (and on an H200, T2249Z), and at 4096 x 32000
+# took 0.48-0.68x jax.nn's forward time and 0.63-0.87x its backward's
+# (benchmarks/results/gpu_pallas-2026-11-26T1329Z.md, T1348Z). Ragged rows (not
+# a multiple of 16 bytes: 50257) passed there too; at 4096 x 50257 their forward
+# took 0.81-0.83x jax.nn's time but their backward 1.05-1.13x, so they take the
+# kernel forward and XLA's backward ("pallas/xla": softmax 492 + 699 us against
+# jax.nn's 607 + 696 in bfloat16). An explicit implementation="pallas" runs both
+# directions on the kernels.
+OPS = ("softmax", "log_softmax")
+GPU_MIN_ROW_BYTES = 2 * 1024
 GPU_MIN_ROWS = 128
 # Rows shorter than this take XLA's forward before the kernel's backward
 # ("xla/pallas"). At 4096 x 1024 (both dtypes) and 4096 x 4096 bfloat16, 2-8
@@ -60,6 +62,15 @@ GPU_MIN_ROWS = 128
 # 4096 float32) the kernel's forward took 0.94-1.04x XLA's: the kernels from
 # there. (A call that is not differentiated runs the forward alone: XLA's.)
 GPU_FWD_MIN_ROW_BYTES = 16 * 1024
+# log_softmax's backward on an H200 takes XLA's from this many columns, by
+# itemsize (an H100 keeps the kernel's). There the kernel's backward took
+# 1.04-1.11x jax.nn's time at 1024 x 65536 (both dtypes, split; T2049Z and
+# T2249Z) and 1.03-1.19x at 4096 x 32000 bfloat16 (rows kept whole), where XLA's
+# log_softmax backward, one elementwise pass and a row sum, runs at 67-77% of
+# the H200's copy bandwidth; on the H100 the kernel's took 0.83-0.95x at both
+# (T1329Z, T1348Z). The H200's kernel kept its lead at 4096 x 32000 float32
+# (0.91-0.92x) and at 16384 columns in both dtypes (0.78-0.86x).
+H200_LOG_BWD_XLA_COLS = {2: 32000, 4: 65536}
 
 # The losses: their forward's row statistics from the kernel (``row_stats_2d``,
 # one read of the logits), the rest of the loss and its backward on XLA. On an
@@ -83,7 +94,7 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, 
   that the kernel's input takes (for a loss, one over the classes: a mask of
   one flag per example empties its statistics after the kernel)."""
   loss = op in LOSSES
-  if not loss and op not in GPU_MIN_ROW_BYTES:
+  if not loss and op not in OPS:
     raise ValueError(f"no kernels for {op!r}")
   if jax.default_backend() != "gpu":
     # (Reached only on a platform in VERIFIED_PLATFORMS.) The losses' kernel has
@@ -104,7 +115,7 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, 
     last = tuple(sorted(axes)) == tuple(range(len(shape) - len(axes), len(shape)))
     take = last and rows >= GPU_MIN_ROWS and row_bytes >= GPU_LOSS_MIN_ROW_BYTES
     return take, take
-  if rows < GPU_MIN_ROWS or row_bytes < GPU_MIN_ROW_BYTES[op]:
+  if rows < GPU_MIN_ROWS or row_bytes < GPU_MIN_ROW_BYTES:
     return False, False
   fwd = row_bytes >= GPU_FWD_MIN_ROW_BYTES
   from . import gpu
@@ -120,8 +131,11 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, 
     # jax.nn's time on the H100 (T1329Z) and 1.03-1.17x on the H200 (T2049Z),
     # where softmax's was level (0.99-1.00x): XLA's backward. (Split, at 1024 x
     # 65536, the two GPUs disagree, 0.83-0.91x on the H100 and 1.05-1.11x on
-    # the H200: the kernel's backward stays there.)
+    # the H200: see H200_LOG_BWD_XLA_COLS.)
     return fwd, False
+  if op == "log_softmax" and "H200" in _gpu_kind():
+    # (A GH200's name matches too: untimed.)
+    return fwd, cols < H200_LOG_BWD_XLA_COLS[jnp.dtype(dtype).itemsize]
   return fwd, True
 
 
@@ -141,6 +155,11 @@ def _gpu_major() -> int | None:
   """The major compute capability of the first GPU, None if it has none (not NVIDIA)."""
   cc = getattr(jax.devices()[0], "compute_capability", None)
   return None if cc is None else int(str(cc).split(".")[0])
+
+
+def _gpu_kind() -> str:
+  """The first device's name, as in "NVIDIA H200"."""
+  return str(jax.devices()[0].device_kind)
 
 
 def _gpu_reason() -> str | None:
