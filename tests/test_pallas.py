@@ -1076,8 +1076,9 @@ def test_kernels_are_named_for_profilers():
 
 def test_gpu_default_forms_by_path():
   # Config's None defaults: per-element statistics and approximate math for the
-  # forward's rows past row_bytes (split or streamed; 6 stages in 16 bits), per
-  # chunk and accurate elsewhere (rows kept whole, the backward, ragged rows).
+  # forward's rows past row_bytes (split or streamed; 6 stages in 16 bits) and
+  # for the forward of 16-bit rows kept whole (3 stages), per chunk and accurate
+  # elsewhere (float32 rows kept whole, the backward, ragged rows).
   def module(shape, dtype, bwd=False, **cfg):
     k = _gpu_kernels(**cfg)
     if bwd:
@@ -1088,12 +1089,23 @@ def test_gpu_default_forms_by_path():
 
   off = dict(elementwise_stats=False, approx_math=False, stages=3)
   f32, bf16 = jnp.float32, jnp.bfloat16
-  for shape, dtype, stages in [((1024, 65536), f32, 3), ((8, 70000), bf16, 6)]:
+  f16 = jnp.float16
+  for shape, dtype, stages in [
+    ((1024, 65536), f32, 3),
+    ((8, 70000), bf16, 6),
+    ((64, 16384), bf16, 3),
+    ((64, 1024), f16, 3),
+  ]:
     on = dict(elementwise_stats=True, approx_math=True, stages=stages)
     assert module(shape, dtype) == module(shape, dtype, **on) != module(shape, dtype, **off)
-  for shape, dtype, bwd in [((64, 16384), f32, False), ((1024, 65536), bf16, True)]:
+  for shape, dtype, bwd in [
+    ((64, 16384), f32, False),
+    ((1024, 65536), bf16, True),
+    ((64, 16384), bf16, True),
+  ]:
     assert module(shape, dtype, bwd) == module(shape, dtype, bwd, **off)
-  assert module((8, 4097), f32) == module((8, 4097), f32, **off)
+  for dtype in (f32, bf16):
+    assert module((8, 4097), dtype) == module((8, 4097), dtype, **off)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -1109,7 +1121,8 @@ def test_gpu_row_statistics_and_approx_math_kernels_lower_for_cuda(dtype):
   _lowers(k, "cuda", dtype, shapes)
   x = jax.ShapeDtypeStruct((64, 16384), dtype)
   module = lambda k: _kernel_form(lambda x: k.softmax_fwd_2d(x, log=False), x)  # noqa: E731
-  assert module(k) != module(_gpu_kernels(elementwise_stats=True))  # approx_math reaches it
+  accurate = _gpu_kernels(elementwise_stats=True, approx_math=False)
+  assert module(k) != module(accurate)  # approx_math reaches it
   split = dict(split_bytes=64 * 1024, split_cluster=8)
   _lowers(_gpu_kernels(elementwise_stats=True, **split), "cuda", dtype, shapes[1:2])
   persistent = dict(split_bytes=200 * 1024, bwd_split_bytes=200 * 1024, split_ctas=132)
@@ -1251,15 +1264,17 @@ def test_accelerator_dispatch(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
   monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
-  # implementation=None: the kernels only for >= 128 rows of >= 4 KiB (softmax)
-  # or >= 8 KiB (log_softmax); below 16 KiB, XLA's forward, the kernel's backward.
+  # implementation=None: the kernels only for >= 128 rows of >= 2 KiB; below
+  # 16 KiB, XLA's forward, the kernel's backward.
+  monkeypatch.setattr(_pallas, "_gpu_kind", lambda: "NVIDIA H100 80GB HBM3")
   for shape, dtype, want_softmax, want_log in [
     ((128, 4096), jnp.float32, "pallas", "pallas"),  # 16 KiB rows
     ((128, 4096), jnp.bfloat16, "xla/pallas", "xla/pallas"),  # 8 KiB rows
-    ((4, 32, 1024), jnp.float32, "xla/pallas", "xla"),  # 128 rows of 4 KiB
+    ((4, 32, 1024), jnp.float32, "xla/pallas", "xla/pallas"),  # 128 rows of 4 KiB
     ((128, 4097), jnp.bfloat16, "xla", "xla"),  # ragged 8 KiB rows: XLA both ways
     ((128, 4097), jnp.float32, "pallas/xla", "pallas/xla"),  # ragged 16 KiB rows
-    ((128, 1024), jnp.bfloat16, "xla", "xla"),  # 2 KiB rows
+    ((128, 1024), jnp.bfloat16, "xla/pallas", "xla/pallas"),  # 2 KiB rows
+    ((128, 1016), jnp.bfloat16, "xla", "xla"),  # just short of 2 KiB
     ((4096, 512), jnp.bfloat16, "xla", "xla"),  # 1 KiB rows
     ((4096, 256), jnp.float32, "xla", "xla"),  # 1 KiB rows
     ((127, 262144), jnp.float32, "xla", "xla"),  # too few rows
@@ -1275,6 +1290,21 @@ def test_accelerator_dispatch(monkeypatch):
     # An explicit request runs them anyway.
     for op in ("softmax", "log_softmax"):
       assert _backend.resolve(op, "pallas", x, (-1,), None) == "pallas"
+  # On an H200, log_softmax's backward is XLA's from 32000 16-bit or 65536
+  # float32 columns; softmax's, and the forwards, stay on the kernels.
+  monkeypatch.setattr(_pallas, "_gpu_kind", lambda: "NVIDIA H200")
+  for shape, dtype, want_log in [
+    ((128, 65536), jnp.float32, "pallas/xla"),
+    ((128, 64640), jnp.float32, "pallas"),  # (split, as 65536)
+    ((128, 32000), jnp.bfloat16, "pallas/xla"),
+    ((128, 31744), jnp.float16, "pallas"),
+    ((128, 32000), jnp.float32, "pallas"),
+    ((128, 262144), jnp.float32, "pallas/xla"),
+    ((128, 4096), jnp.bfloat16, "xla/pallas"),
+  ]:
+    x = jnp.ones(shape, dtype)
+    assert _backend.resolve("log_softmax", None, x, (-1,), None) == want_log, shape
+    assert _backend.resolve("softmax", None, x, (-1,), None) != "pallas/xla", shape
   # With a `where` mask, applied around the kernel in extra passes: XLA unless asked.
   x, w = jnp.ones((128, 8192), jnp.bfloat16), jnp.ones((128, 8192), bool)
   for op in ("softmax", "log_softmax"):
