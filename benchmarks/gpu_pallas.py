@@ -56,11 +56,11 @@ In this order:
    and the variants still run; a failed check makes the exit status 1, as in
    step 1;
 5. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (``VARIANTS``: row statistics reduced
-   once a row, in one pass or two, and approximate exp and log, on rows kept
-   whole; more bytes in flight for streamed 16-bit rows, in chunks of 16 KiB;
-   the forward's long rows split in 64 KiB parts on two CTAs an SM;
-   log_softmax with approximate exp and log), in child
+   with a few ``gpu.Config`` variants (``VARIANTS``: row statistics in two
+   passes on 16-bit rows kept whole; per-element statistics and approximate
+   math in the backward of streamed rows; more bytes in flight for streamed
+   16-bit rows, in chunks of 16 KiB; log_softmax with approximate exp and
+   log), in child
    processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
    rest), each checked against float64 as in step 1 (softmax and log_softmax,
@@ -727,50 +727,48 @@ LONG = [(1024, 65536), (128, 262144)]
 #   bfloat16 (on the H100, with per-element statistics and approximate math,
 #   0.87x); in float32 its pairs still stream (no change). The float32
 #   forward's 96 KiB in flight: 0.99x (T2058Z). Those two are no longer timed.
-# Timed next: the cells not reached, 1024 x 65536, 4096 x 16384 and 4096 x 1024,
-# then 4096 x 4096, 4096 x 32000 and 128 x 262144.
+# Then on the H200 again (T2249Z, T2258Z; 4096 x 32000 and 128 x 262144 not reached):
+# - per-element row statistics and approximate math on 16-bit rows kept whole:
+#   forward 0.95x at 4096 x 16384 bfloat16 (both runs), 0.91x at 4096 x 4096,
+#   0.87x and 1.00x at 4096 x 1024: now the default there (``elementwise_stats``
+#   None); in float32 0.97-1.01x, and approximate math alone 1.00-1.05x: those
+#   two are no longer timed. In two passes, 0.81x and 0.96x (one-pass 0.91x and
+#   0.95x in the same samples): still timed;
+# - log_softmax with approximate math at 1024 x 65536: backward 0.95x
+#   (bfloat16), 0.98-0.99x (float32); forward 1.00x;
+# - the forward's 64 KiB parts on two CTAs an SM at 1024 x 65536: 1.04x and
+#   1.07x (both runs): dropped.
+# Timed next: 4096 x 32000 and 128 x 262144, then 4096 x 4096, 4096 x 16384,
+# 1024 x 65536.
 HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
 VOCAB = (4096, 32000)
 LOG = "log_softmax: "  # a variant timed on log_softmax rather than softmax
 
 
-def _split_64k():
-  return gpu.Config(split_bytes=64 * 1024, split_cluster=8, split_ctas=2 * gpu.sm_count())
-
-
 # name: (config, the shapes it is timed at); the config may be a dict of them
 # by dtype name, when the variant suits only those dtypes.
 VARIANTS = {
-  "default": (lambda: gpu.Config(), [LONG[0], *HELD[1:], HELD[0], VOCAB, LONG[1]]),
+  "default": (lambda: gpu.Config(), [VOCAB, LONG[1], HELD[0], HELD[1], LONG[0]]),
   # log_softmax (a name starting LOG, timed with the default's log_softmax) with
   # approximate exp and log: its backward takes exp(l) an element, where
   # softmax's takes none, and lags it on the H200 (T2049Z): 68% of copy against
   # 83% at 4096 x 32000 bfloat16 (rows kept whole), 1.05-1.11x jax.nn's time
   # against 0.79x at 1024 x 65536 (split). (The forward of rows kept whole
   # takes approximate math too.)
-  LOG + "approx math": (lambda: gpu.Config(approx_math=True), [LONG[0], HELD[0], VOCAB]),
-  # Rows kept whole (and, at 128 x 262144, the backward; the forward's long
-  # rows have these by default): the statistics reduced once a row, and
-  # approximate exp and log.
+  LOG + "approx math": (lambda: gpu.Config(approx_math=True), [VOCAB, LONG[0]]),
+  # The backward at 128 x 262144 (the forward's long rows have these by
+  # default): the statistics reduced once a row, and approximate exp and log.
   "row statistics, approx math": (
     lambda: gpu.Config(elementwise_stats=True, approx_math=True),
-    HELD + LONG[1:],
+    LONG[1:],
   ),
-  # Rows kept whole: the max, then the normaliser, in two passes over SMEM
-  # (``Config.held_two_pass``): fewer operations an element than the online form.
-  "row statistics in two passes, approx math": (
-    lambda: gpu.Config(elementwise_stats=True, held_two_pass=True, approx_math=True),
+  # 16-bit rows kept whole: the max, then the normaliser, in two passes over
+  # SMEM (``Config.held_two_pass``): fewer operations an element than the
+  # default's online form.
+  "row statistics in two passes": (
+    lambda: {"bfloat16": gpu.Config(held_two_pass=True)},
     HELD[:2],
   ),
-  # Rows of one chunk, where the statistics are reduced once a row anyway.
-  "approx math": (lambda: gpu.Config(approx_math=True), HELD[2:]),
-  # The forward's long rows split in parts of 64 KiB (1024 x 65536: 2 parts in
-  # 16 bits, 4 in float32; 128 x 262144 bfloat16: 8) by persistent clusters on
-  # two CTAs an SM, so that one CTA loads while the other computes and stores:
-  # one CTA an SM (the default, 200 KiB parts) loads a row's next part only as
-  # it stores the last (1024 x 65536 bfloat16 at 77% of copy, 128 x 262144 at
-  # 57-62%, on the H100, T1348Z).
-  "forward: 64 KiB parts, persistent, 2 CTAs an SM": (lambda: _split_64k(), LONG[:1]),
   # The same for 16-bit rows, in chunks of 16 KiB rather than 8 (6 stages, the
   # most): whether the bytes in flight of one CTA a row are what holds 128 x
   # 262144 bfloat16 at 57% of copy. Not float32: the backward's chunks of 32 KiB
