@@ -60,7 +60,8 @@ In this order:
    passes on 16-bit rows kept whole; per-element statistics and approximate
    math in the backward of streamed rows; more bytes in flight for streamed
    16-bit rows, in chunks of 16 KiB; log_softmax with approximate exp and
-   log; the backward's pairs of rows past 64 KiB split in two), in child
+   log; the backward's pairs of rows past 64 KiB split in two; log_softmax's
+   live flag gathered in the row sum), in child
    processes, within ``--variants-timeout`` seconds
    (a cell that hangs is killed after 60 s and a new child goes on with the
    rest), each checked against float64 as in step 1 (softmax and log_softmax,
@@ -784,6 +785,13 @@ VARIANTS = {
   "backward: bfloat16 pairs past 64 KiB split": (_pairs_split("bfloat16"), [VOCAB]),
   LOG + "backward: float32 pairs past 64 KiB split": (_pairs_split("float32"), [HELD[1]]),
   "backward: float32 pairs past 64 KiB split": (_pairs_split("float32"), [HELD[1]]),
+  # log_softmax's backward of rows kept whole with the live flag gathered in
+  # the row sum's loop (``Config.live_in_rowsum``) rather than in a pass of its
+  # own over l: the other answer to the same lag.
+  LOG + "backward: live flag in the row sum": (
+    lambda: gpu.Config(live_in_rowsum=True),
+    [VOCAB, HELD[1]],
+  ),
   # 16-bit rows kept whole: the max, then the normaliser, in two passes over
   # SMEM (``Config.held_two_pass``): fewer operations an element than the
   # default's online form.
@@ -792,9 +800,10 @@ VARIANTS = {
     HELD[:2],
   ),
   # 16-bit streamed rows (the forward's, and the backward's) in chunks of 16 KiB
-  # rather than 8 (6 stages, the most): whether the bytes in flight of one CTA a row are what holds 128 x
-  # 262144 bfloat16 at 57% of copy. Not float32: the backward's chunks of 32 KiB
-  # (2 inputs x 3 stages, and 2 output buffers) would overflow SMEM.
+  # rather than 8 (6 stages, the most): whether the bytes in flight of one CTA a
+  # row are what holds 128 x 262144 bfloat16 at 57% of copy. Not float32: the
+  # backward's chunks of 32 KiB (2 inputs x 3 stages, and 2 output buffers)
+  # would overflow SMEM.
   "16-bit: chunks of 16 KiB, 96 KiB in flight": (
     lambda: {"bfloat16": gpu.Config(chunk_elems=8192, stream_bytes=96 * 1024)},
     LONG[1:],

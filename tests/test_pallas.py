@@ -31,6 +31,9 @@ def _case(cols: int, dtype, seed: int = 0):
   x = np.array(3.0 * jax.random.normal(kx, (6, cols), jnp.float32))
   w = np.ones((6, cols), bool)
   w[PARTLY_MASKED] = np.array(jax.random.bernoulli(kw, 0.6, (cols,)))
+  # Its first half all masked (the leading chunks of a live row all -inf: what
+  # a running max starts from, what a live flag must look past).
+  w[PARTLY_MASKED, : cols // 2] = False
   w[PARTLY_MASKED, -1] = True  # keep the row live
   if cols > 1:
     x[PARTLY_MASKED, 0] = -np.inf
@@ -243,6 +246,13 @@ GPU_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG))
 GPU_BLOCKS_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG, block_bytes=1 << 20))
 GPU_RING_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG, ring_slots=2, block_bytes=3072))
 GPU_OVERLAP_LIVE_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_from_l=False))
+# The flag from l gathered during the row sum (Config.live_in_rowsum): rows and
+# row blocks of 8 chunks of 256 (the partly masked row's first 4 all -inf),
+# overlapping chunks (the shared part counted twice).
+ROWSUM_FLAG = dict(interpret=True, chunk_elems=256, live_in_rowsum=True)
+GPU_ROWSUM_FLAG = ops.make(gpu, gpu.Config(**ROWSUM_FLAG))
+GPU_BLOCKS_ROWSUM_FLAG = ops.make(gpu, gpu.Config(**ROWSUM_FLAG, block_bytes=1 << 20))
+GPU_OVERLAP_ROWSUM_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_in_rowsum=True))
 GPU_STREAM_CLUSTER_8 = ops.make(
   gpu, gpu.Config(**STREAM, **ROW_STATS, stream_cluster=8, reverse_write=False)
 )
@@ -296,6 +306,9 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     (384, GPU_RING_LIVE_FLAG),
     (1152, GPU_OVERLAP_LIVE_FLAG),
     (1000, GPU_NO_SPLIT_OVERLAP),
+    (2048, GPU_ROWSUM_FLAG),
+    (2048, GPU_BLOCKS_ROWSUM_FLAG),
+    (1152, GPU_OVERLAP_ROWSUM_FLAG),
   ],
   ids=[
     "384-fits",
@@ -337,6 +350,9 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     "384-ring-live-flag",
     "1152-overlap-fits-live-flag",
     "1000-overlap-online-no-split-overlap",
+    "2048-fits-rowsum-flag",
+    "2048-row-blocks-rowsum-flag",
+    "1152-overlap-fits-rowsum-flag",
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
@@ -916,6 +932,15 @@ def test_gpu_live_from_l_kernels_lower_for_cuda(dtype):
   flag = _gpu_kernels(live_from_l=False)
   _lowers(flag, "cuda", dtype, [(4096, 1024), (16, 32000)])
   _lowers(_gpu_kernels(live_from_l=False, block_bytes=32 * 1024), "cuda", dtype, [(4096, 1024)])
+  # The flag gathered during the row sum (Config.live_in_rowsum): rows, overlapping
+  # (32000 in 16 bits), row blocks; it reaches the log_softmax backward.
+  in_sum = _gpu_kernels(live_in_rowsum=True)
+  _lowers(in_sum, "cuda", dtype, [(4096, 1024), (16, 32000)])
+  blocks = _gpu_kernels(live_in_rowsum=True, block_bytes=32 * 1024)
+  _lowers(blocks, "cuda", dtype, [(4096, 1024)])
+  x = jax.ShapeDtypeStruct((64, 4096), dtype)
+  bwd = lambda k: _kernel_form(lambda l: k.softmax_bwd_2d(l, l, log=True), x)  # noqa: E731
+  assert bwd(in_sum) != bwd(_gpu_kernels())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)

@@ -207,6 +207,14 @@ class Config:
   # differentiated forward took 0.85-0.91x the time of the one that writes the
   # lse, the backward 0.92-0.96x; an all -inf row came back -inf, gradient 0.
   live_from_l: bool = True
+  # With ``live_from_l``: the flag kept per element (1 where l is not -inf) as
+  # the row sum goes over the chunks, and reduced once a row, rather than in a
+  # pass of its own over l in SMEM with a reduction a chunk. Where a pair of
+  # rows holds an SM with one warpgroup (4096 x 32000 bfloat16) the backward of
+  # log_softmax took 1.41x softmax's time on the H200 (T2249Z), where with three
+  # CTAs an SM (4096 x 16384 bfloat16) 1.00x: work a row that nothing hides. Off
+  # until timed.
+  live_in_rowsum: bool = False
   # Mosaic GPU's approximate math (``CompilerParams.approx_math``): exp as
   # ``ex2.approx`` of ``x * log2(e)``, log as ``lg2.approx``, rather than the
   # accurate libdevice calls. None: as ``elementwise_stats``. Checked against
@@ -1295,6 +1303,12 @@ def _bwd_grad(yc, gc, acc, flag, *, log: bool):
   return yc * (gc - acc)
 
 
+def _live_mark(lc):
+  """1 where the chunk of l is not -inf (NaN too), else 0: a row whose max of
+  these is 0 is empty, and its log_softmax gradient 0."""
+  return jnp.where(lc == -jnp.inf, jnp.zeros_like(lc), 1.0)
+
+
 HELD_PATHS = ("rows", "blocks", "ring")  # ``route``'s paths that keep whole rows in SMEM
 
 
@@ -1354,23 +1368,36 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     (NaN too). (An overlapping last chunk counts its shared part twice: a max.)"""
 
     def fold(j, flag):
-      v = load(_chunk(p, ybuf, j))
-      return jnp.maximum(flag, jnp.max(jnp.where(v == -jnp.inf, jnp.zeros_like(v), 1.0)))
+      return jnp.maximum(flag, jnp.max(_live_mark(load(_chunk(p, ybuf, j)))))
 
     return jax.lax.fori_loop(0, p.nc, fold, jnp.zeros((), F32))
 
+  # log_softmax, rows kept whole: the live flag gathered during the row sum.
+  flag_in_sum = from_l and cfg.live_in_rowsum
+
   def whole_row_grad(ybuf, gbuf, get_flag):
     """dx of a whole (n1, w) row in SMEM, written in place of g; ``get_flag()``
-    (log_softmax) reads the row's live flag, once the row sum is taken."""
+    (log_softmax) reads the row's live flag, once the row sum is taken (unless
+    ``flag_in_sum``: then the sum's loop gathers it)."""
     chunk = partial(_chunk, p)  # chunk(ref, j)
 
     def rowsum(j, a):
-      return chunk_sum(a, j, load(chunk(ybuf, j)), load(chunk(gbuf, j)))
+      yc, gc = load(chunk(ybuf, j)), load(chunk(gbuf, j))
+      if not flag_in_sum:
+        return chunk_sum(a, j, yc, gc)
+      # (An overlapping last chunk counts its shared part twice: a max.)
+      return chunk_sum(a[0], j, yc, gc), jnp.maximum(a[1], _live_mark(yc))
 
+    init = acc_of.bwd_init()
+    if flag_in_sum:
+      init = (init, _full((p.kb, p.w), 0.0, lay, cfg.interpret))
     plain = p.nc - (p.ov > 0)  # an overlapping last chunk is masked, after the loop
-    acc = jax.lax.fori_loop(0, plain, rowsum, acc_of.bwd_init())
-    acc = acc_of.bwd_done(rowsum(p.nc - 1, acc) if p.ov else acc)
-    flag = get_flag()
+    acc = jax.lax.fori_loop(0, plain, rowsum, init)
+    acc = rowsum(p.nc - 1, acc) if p.ov else acc
+    if flag_in_sum:
+      acc, flag = acc_of.bwd_done(acc[0]), jnp.max(acc[1])
+    else:
+      acc, flag = acc_of.bwd_done(acc), get_flag()
 
     def write(j, c):
       dx = grad(load(chunk(ybuf, j)), load(chunk(gbuf, j)), acc, flag)
