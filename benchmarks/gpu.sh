@@ -8,7 +8,9 @@
 # 522 s; with the machine's start, 552 s of a 900 s device budget, which left
 # a second call of 258 s on the warm machine (it goes back after 30 s idle,
 # so have that call ready): gpu_pallas.py --sizes 4096x1024 --check-cols ""
-# --no-losses --budget 270 --variants-timeout 230, for more variants.
+# --no-losses --budget 270 --variants-timeout 230, for more variants; with
+# --variant-shapes (RxC,...) it starts where the first call's variants stopped
+# rather than at the first of VARIANTS' shapes again.
 # Keep timeout_s at 600:
 #
 #   OUT=/some/dir PYTHONPATH=. BENCH_COMMIT=<sha> bash benchmarks/gpu.sh [extra flags]

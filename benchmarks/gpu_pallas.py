@@ -67,7 +67,8 @@ In this order:
    rest), each checked against float64 as in step 1 (softmax and log_softmax,
    whose first row is then all -inf) before softmax (log_softmax, for a
    variant named ``LOG ...``) is timed, in turn with the default of its cell
-   within every sample (``--no-variants`` skips this part).
+   within every sample (``--no-variants`` skips this part; ``--variant-shapes``
+   takes some of the variants' shapes, in a given order).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step (the variants' rows as they come in). ``--budget`` (540 s) bounds the
@@ -877,13 +878,20 @@ def cell_key(variant, rows, cols, dtype) -> str:
 
 
 def variants(
-  dtypes, calls, samples, on_cell=lambda rows: None, skip=(), on_start=lambda key: None
+  dtypes,
+  calls,
+  samples,
+  on_cell=lambda rows: None,
+  skip=(),
+  on_start=lambda key: None,
+  shapes=None,
 ) -> list[dict]:
   """The 2-D kernels under each of ``VARIANTS`` at its shapes: softmax and
   log_softmax checked against float64, softmax forward and backward timed
   (log_softmax's for a variant named ``LOG ...``).
   Cells named in ``skip`` (``cell_key``) are left out; ``on_start(key)`` before
-  each cell, ``on_cell(rows)`` after each."""
+  each cell, ``on_cell(rows)`` after each. ``shapes``: only these, in this order
+  (default: every shape of ``VARIANTS``, in order of first use)."""
   rows = []
 
   def config(name, z, dt):
@@ -898,7 +906,8 @@ def variants(
   # (shape, dtype) pairs where a variant other than the default has a cell left
   # to run (the default alone measures nothing that step 2 does not), shapes in
   # order of first use.
-  shapes = dict.fromkeys(z for _, zs in VARIANTS.values() for z in zs)
+  listed = dict.fromkeys(z for _, zs in VARIANTS.values() for z in zs)
+  shapes = listed if shapes is None else [tuple(z) for z in shapes if tuple(z) in listed]
   others = [name for name in VARIANTS if name != "default"]
   pairs = [
     (z, dt) for z in shapes for dt in dtypes if any(config(n, z, dt) is not None for n in others)
@@ -976,7 +985,14 @@ CELL_TIMEOUT = 60  # s: a variant cell (compile, check, time) past this is taken
 
 
 def variants_in_child(
-  dtypes, calls, samples, timeout_s, cell_timeout_s=CELL_TIMEOUT, child=None, on_rows=None
+  dtypes,
+  calls,
+  samples,
+  timeout_s,
+  cell_timeout_s=CELL_TIMEOUT,
+  child=None,
+  on_rows=None,
+  shapes=None,
 ) -> list[dict]:
   """``variants`` in child processes, all within ``timeout_s``. A variant kernel
   that hangs on the GPU (a barrier that never completes) cannot be stopped from
@@ -987,9 +1003,11 @@ def variants_in_child(
   ``--variants-only``) reads the cells to skip from ``skip.json``, names the cell
   it starts in ``current.json`` and writes its rows to ``rows.json`` after each.
   ``on_rows(rows)`` gets the rows so far whenever a child has written more, so
-  that a call killed from outside keeps them."""
+  that a call killed from outside keeps them. ``shapes``: as for ``variants``."""
   child = child or [sys.executable, __file__, "--variants-only"]
   opts = ["--calls", str(calls), "--samples", str(samples), "--dtypes", ",".join(dtypes)]
+  if shapes is not None:
+    opts += ["--variant-shapes", ",".join(f"{r}x{c}" for r, c in shapes)]
   root = str(Path(__file__).resolve().parent.parent)  # for `import benchmarks`
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
   # This process holds JAX's preallocated 75% of the GPU's memory: the child
@@ -1274,10 +1292,17 @@ def main(argv=None) -> int:
     default=CHECK_ROWS,
     help="rows of each timed size checked against float64 (persistent CTAs take several)",
   )
+  p.add_argument(
+    "--variant-shapes",
+    help="RxC,...: the variants at these of their shapes only, in this order",
+  )
   p.add_argument("--variants-only", metavar="DIR", help=argparse.SUPPRESS)  # the child
   p.add_argument("--dtypes", default=",".join(DTYPES), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   started = time.monotonic()
+  vshapes = None
+  if args.variant_shapes:
+    vshapes = [tuple(int(n) for n in rc.split("x")) for rc in args.variant_shapes.split(",")]
   if args.variants_only:  # the child of variants_in_child
     tmp = Path(args.variants_only)
     skip = set(json.loads((tmp / "skip.json").read_text()))
@@ -1287,7 +1312,8 @@ def main(argv=None) -> int:
       os.replace(tmp / "rows.part", tmp / "rows.json")
 
     on_start = lambda key: (tmp / "current.json").write_text(key)  # noqa: E731
-    save_rows(variants(args.dtypes.split(","), args.calls, args.samples, save_rows, skip, on_start))
+    dts = args.dtypes.split(",")
+    save_rows(variants(dts, args.calls, args.samples, save_rows, skip, on_start, vshapes))
     return 0
 
   platform = jax.default_backend()
@@ -1416,7 +1442,7 @@ def main(argv=None) -> int:
 
     timeout = int(min(args.variants_timeout, left))
     result["variants"] = variants_in_child(
-      dtypes, args.calls, args.samples, timeout, on_rows=on_rows
+      dtypes, args.calls, args.samples, timeout, on_rows=on_rows, shapes=vshapes
     )
     save(markdown(meta, checks, rows, copy_bw, result["variants"], losses))
   return 0 if ok else 1

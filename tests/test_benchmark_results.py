@@ -117,6 +117,10 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   assert paired == ["row blocks", "ring", "log_softmax: live flag"]
   assert md.count("x / ") == 3 and md.count("| - |") == 3
   assert "## The fastest correct variant per cell" in md
+  # --variant-shapes: only the cells at these of the variants' shapes, in this
+  # order (4 x 999 is none of theirs).
+  rows = gpu_pallas.variants(["float32"], 1, 1, skip=skip, shapes=[(4, 2048), (4, 999)])
+  assert [(r["variant"], r["cols"]) for r in rows] == [("split rows", 2048)]
 
   # A kernel off by a factor is reported as wrong and not timed.
   monkeypatch.setattr(gpu_pallas, "VARIANTS", {k: variants[k] for k in ("default", "row blocks")})
@@ -402,6 +406,28 @@ def test_gpu_script_variants_child_is_killed_after_its_timeout():
   assert rows[-1]["error"].startswith("timed out after 1 s"), rows
   md = gpu_pallas.markdown(dict(device="d", jax="j", date="t"), [], [], 1.0, rows)
   assert "| (child process) | failed: timed out after 1 s" in md
+
+
+def test_gpu_script_variants_child_gets_the_shapes(tmp_path):
+  # The parent passes --variant-shapes (and its calls, samples and dtypes) on to
+  # each child; this child reports its arguments as a row.
+  import sys
+
+  from benchmarks import gpu_pallas
+
+  child = tmp_path / "child.py"
+  child.write_text(
+    "import json, pathlib, sys\n"
+    "tmp = pathlib.Path(sys.argv[1])\n"
+    "row = dict(variant=' '.join(sys.argv[2:]), rows=1, cols=1, dtype='float32')\n"
+    "(tmp / 'rows.json').write_text(json.dumps([row]))\n"
+  )
+  kw = dict(timeout_s=30, child=[sys.executable, str(child)])
+  rows = gpu_pallas.variants_in_child(["float32"], 3, 2, shapes=[(4, 2048), (8, 256)], **kw)
+  args = "--calls 3 --samples 2 --dtypes float32 --variant-shapes 4x2048,8x256"
+  assert rows[0]["variant"] == args, rows
+  rows = gpu_pallas.variants_in_child(["float32"], 3, 2, **kw)
+  assert rows[0]["variant"] == "--calls 3 --samples 2 --dtypes float32", rows
 
 
 HANGING_CHILD = """
