@@ -246,12 +246,11 @@ GPU_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG))
 GPU_BLOCKS_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG, block_bytes=1 << 20))
 GPU_RING_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG, ring_slots=2, block_bytes=3072))
 GPU_OVERLAP_LIVE_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_from_l=False))
-# The flag from l gathered during the row sum (Config.live_in_rowsum): rows and
-# row blocks of 8 chunks of 256 (the partly masked row's first 4 all -inf),
-# overlapping chunks (the shared part counted twice).
-ROWSUM_FLAG = dict(interpret=True, chunk_elems=256, live_in_rowsum=True)
-GPU_ROWSUM_FLAG = ops.make(gpu, gpu.Config(**ROWSUM_FLAG))
-GPU_BLOCKS_ROWSUM_FLAG = ops.make(gpu, gpu.Config(**ROWSUM_FLAG, block_bytes=1 << 20))
+# The flag from l gathered during the row sum (Config.live_in_rowsum): rows of 8
+# chunks of 256 (the partly masked row's first 4 all -inf), and overlapping
+# chunks (the shared part counted twice). (Row blocks share the code; they are
+# lowered below.)
+GPU_ROWSUM_FLAG = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=True))
 GPU_OVERLAP_ROWSUM_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_in_rowsum=True))
 GPU_STREAM_CLUSTER_8 = ops.make(
   gpu, gpu.Config(**STREAM, **ROW_STATS, stream_cluster=8, reverse_write=False)
@@ -307,7 +306,6 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     (1152, GPU_OVERLAP_LIVE_FLAG),
     (1000, GPU_NO_SPLIT_OVERLAP),
     (2048, GPU_ROWSUM_FLAG),
-    (2048, GPU_BLOCKS_ROWSUM_FLAG),
     (1152, GPU_OVERLAP_ROWSUM_FLAG),
   ],
   ids=[
@@ -351,7 +349,6 @@ GPU_STREAM_CLUSTER_8 = ops.make(
     "1152-overlap-fits-live-flag",
     "1000-overlap-online-no-split-overlap",
     "2048-fits-rowsum-flag",
-    "2048-row-blocks-rowsum-flag",
     "1152-overlap-fits-rowsum-flag",
   ],
 )
