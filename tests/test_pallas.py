@@ -257,99 +257,86 @@ GPU_STREAM_CLUSTER_8 = ops.make(
 )
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize(
-  "cols, be",
-  [
-    (384, GPU_DEFAULT),
-    (1280, GPU_SMALL),
-    (1280, GPU_SMALL_CHUNK_STATS),
-    (1280, GPU_SMALL_FORWARD),
-    (1280, GPU_FWD_STREAMS),
-    (1280, GPU_BWD_STREAMS),
-    (384, GPU_BLOCKS),
-    (2048, GPU_SPLIT),
-    (2048, GPU_SPLIT_DEFAULT),
-    (1280, GPU_SPLIT_WHOLE),
-    (256, GPU_SPLIT_WHOLE),
-    (384, GPU_RING),
-    (384, GPU_RING_4),
-    (256, GPU_RING_8),
-    # Chunks that overlap (Plan.ov); 1000 columns are 125 sub-rows of 8.
-    (1152, GPU_OVERLAP),
-    (1000, GPU_SMALL),  # streamed, 4 chunks of 32: the last from 93
-    (1152, GPU_OVERLAP_BLOCKS),
-    (1152, GPU_OVERLAP_RING),
-    # 4000 bytes: not whole TMA copies of 128 bytes, so split: one part, persistent
-    (1000, GPU_DEFAULT),
-    (1280, GPU_OVERLAP),  # (wide sub-rows)
-    (4104, GPU_DEFAULT),  # 513 sub-rows of 8 (split: more than 256), chunks of 176
-    # 4375 sub-rows of 16, 18 chunks of 248, the last from 4127: the forward in 2
-    # parts (float32) or one, the backward's pairs streamed
-    (70000, GPU_DEFAULT),
-    # Ragged rows (not a multiple of 16 bytes): chunks of 2048 elements in registers.
-    (129, GPU_DEFAULT),  # 2 chunks of 128: the second from 1
-    (4097, GPU_DEFAULT),  # 3 chunks: the last from 2049
-    (20001, GPU_DEFAULT),  # 10 chunks: the last from 17953
-    (1280, GPU_SMALL_ROW_STATS),
-    (1152, GPU_OVERLAP_ROW_STATS),
-    (2048, GPU_SPLIT_ROW_STATS),
-    (4097, GPU_ROW_STATS),
-    (2048, GPU_STREAM_CLUSTER),
-    (2048, GPU_STREAM_CLUSTER_8),
-    (1152, GPU_OVERLAP_TWO_PASS),
-    (2048, GPU_BLOCKS_TWO_PASS),
-    (1000, GPU_SPLIT_OVERLAP),
-    (384, GPU_LIVE_FLAG),
-    (384, GPU_BLOCKS_LIVE_FLAG),
-    (384, GPU_RING_LIVE_FLAG),
-    (1152, GPU_OVERLAP_LIVE_FLAG),
-    (1000, GPU_NO_SPLIT_OVERLAP),
-    (2048, GPU_ROWSUM_FLAG),
-    (1152, GPU_OVERLAP_ROWSUM_FLAG),
-  ],
-  ids=[
-    "384-fits",
-    "1280-online",
-    "1280-online-chunk-stats",
-    "1280-online-forward-order",
-    "1280-fwd-online",
-    "1280-bwd-online",
-    "384-row-blocks",
-    "2048-split",
-    "2048-split-default-form",
-    "1280-split-one-part",
-    "256-split-one-chunk",
-    "384-ring-2-slots",
-    "384-ring-4-slots",
-    "256-ring-8-slots",
-    "1152-overlap-fits",
-    "1000-overlap-online",
-    "1152-overlap-row-blocks",
-    "1152-overlap-ring",
-    "1000-overlap-split-default",
-    "1280-overlap-wide",
+# (cols, backend, id): each in float32 and bfloat16; float16 too where its id
+# is in F16_CASES.
+GPU_CASES = [
+  (384, GPU_DEFAULT, "384-fits"),
+  (1280, GPU_SMALL, "1280-online"),
+  (1280, GPU_SMALL_CHUNK_STATS, "1280-online-chunk-stats"),
+  (1280, GPU_SMALL_FORWARD, "1280-online-forward-order"),
+  (1280, GPU_FWD_STREAMS, "1280-fwd-online"),
+  (1280, GPU_BWD_STREAMS, "1280-bwd-online"),
+  (384, GPU_BLOCKS, "384-row-blocks"),
+  (2048, GPU_SPLIT, "2048-split"),
+  (2048, GPU_SPLIT_DEFAULT, "2048-split-default-form"),
+  (1280, GPU_SPLIT_WHOLE, "1280-split-one-part"),
+  (256, GPU_SPLIT_WHOLE, "256-split-one-chunk"),
+  (384, GPU_RING, "384-ring-2-slots"),
+  (384, GPU_RING_4, "384-ring-4-slots"),
+  (256, GPU_RING_8, "256-ring-8-slots"),
+  # Chunks that overlap (Plan.ov); 1000 columns are 125 sub-rows of 8.
+  (1152, GPU_OVERLAP, "1152-overlap-fits"),
+  (1000, GPU_SMALL, "1000-overlap-online"),  # streamed, 4 chunks of 32: the last from 93
+  (1152, GPU_OVERLAP_BLOCKS, "1152-overlap-row-blocks"),
+  (1152, GPU_OVERLAP_RING, "1152-overlap-ring"),
+  # 4000 bytes: not whole TMA copies of 128 bytes, so split: one part, persistent
+  (1000, GPU_DEFAULT, "1000-overlap-split-default"),
+  (1280, GPU_OVERLAP, "1280-overlap-wide"),  # (wide sub-rows)
+  (
+    4104,
+    GPU_DEFAULT,
     "4104-overlap-split-default",
-    "70000-overlap-split-default",
-    "129-ragged",
-    "4097-ragged",
-    "20001-ragged",
-    "1280-online-row-stats",
-    "1152-overlap-fits-row-stats",
-    "2048-split-row-stats",
-    "4097-ragged-row-stats",
-    "2048-online-cluster-of-4",
-    "2048-online-cluster-of-8-row-stats",
-    "1152-overlap-fits-two-pass",
-    "2048-row-blocks-two-pass",
-    "1000-overlap-split",
-    "384-fits-live-flag",
-    "384-row-blocks-live-flag",
-    "384-ring-live-flag",
-    "1152-overlap-fits-live-flag",
-    "1000-overlap-online-no-split-overlap",
-    "2048-fits-rowsum-flag",
-    "1152-overlap-fits-rowsum-flag",
+  ),  # 513 sub-rows of 8 (split: more than 256), chunks of 176
+  # 4375 sub-rows of 16, 18 chunks of 248, the last from 4127: the forward in 2
+  # parts (float32) or one, the backward's pairs streamed
+  (70000, GPU_DEFAULT, "70000-overlap-split-default"),
+  # Ragged rows (not a multiple of 16 bytes): chunks of 2048 elements in registers.
+  (129, GPU_DEFAULT, "129-ragged"),  # 2 chunks of 128: the second from 1
+  (4097, GPU_DEFAULT, "4097-ragged"),  # 3 chunks: the last from 2049
+  (20001, GPU_DEFAULT, "20001-ragged"),  # 10 chunks: the last from 17953
+  (1280, GPU_SMALL_ROW_STATS, "1280-online-row-stats"),
+  (1152, GPU_OVERLAP_ROW_STATS, "1152-overlap-fits-row-stats"),
+  (2048, GPU_SPLIT_ROW_STATS, "2048-split-row-stats"),
+  (4097, GPU_ROW_STATS, "4097-ragged-row-stats"),
+  (2048, GPU_STREAM_CLUSTER, "2048-online-cluster-of-4"),
+  (2048, GPU_STREAM_CLUSTER_8, "2048-online-cluster-of-8-row-stats"),
+  (1152, GPU_OVERLAP_TWO_PASS, "1152-overlap-fits-two-pass"),
+  (2048, GPU_BLOCKS_TWO_PASS, "2048-row-blocks-two-pass"),
+  (1000, GPU_SPLIT_OVERLAP, "1000-overlap-split"),
+  (384, GPU_LIVE_FLAG, "384-fits-live-flag"),
+  (384, GPU_BLOCKS_LIVE_FLAG, "384-row-blocks-live-flag"),
+  (384, GPU_RING_LIVE_FLAG, "384-ring-live-flag"),
+  (1152, GPU_OVERLAP_LIVE_FLAG, "1152-overlap-fits-live-flag"),
+  (1000, GPU_NO_SPLIT_OVERLAP, "1000-overlap-online-no-split-overlap"),
+  (2048, GPU_ROWSUM_FLAG, "2048-fits-rowsum-flag"),
+  (1152, GPU_OVERLAP_ROWSUM_FLAG, "1152-overlap-fits-rowsum-flag"),
+]
+# float16 on the paths the defaults take, and the split and streamed forms; the
+# forms that are off by default run in float32 and bfloat16 only, whose 16-bit
+# code float16 shares (it is lowered for cuda in every form below).
+F16_CASES = {
+  "384-fits",
+  "1280-online",
+  "2048-split",
+  "2048-split-default-form",
+  "1152-overlap-fits",
+  "1000-overlap-split-default",
+  "4104-overlap-split-default",
+  "70000-overlap-split-default",
+  "129-ragged",
+  "4097-ragged",
+  "20001-ragged",
+}
+assert F16_CASES <= {case for _, _, case in GPU_CASES}
+
+
+@pytest.mark.parametrize(
+  "cols, be, dtype",
+  [
+    pytest.param(cols, be, dt, id=f"{case}-{jnp.dtype(dt).name}")
+    for cols, be, case in GPU_CASES
+    for dt in DTYPES
+    if dt != jnp.float16 or case in F16_CASES
   ],
 )
 def test_gpu_kernels_interpret(cols, be, dtype):
