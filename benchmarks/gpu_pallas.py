@@ -1262,6 +1262,11 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=(), losses=None) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+  """``"RxC,RxC,..."`` (a command-line flag) as a list of ``(R, C)``."""
+  return [tuple(int(n) for n in rc.split("x")) for rc in text.split(",")]
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default="benchmarks/results", help="directory for JSON and Markdown")
@@ -1300,9 +1305,7 @@ def main(argv=None) -> int:
   p.add_argument("--dtypes", default=",".join(DTYPES), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   started = time.monotonic()
-  vshapes = None
-  if args.variant_shapes:
-    vshapes = [tuple(int(n) for n in rc.split("x")) for rc in args.variant_shapes.split(",")]
+  vshapes = _shapes(args.variant_shapes) if args.variant_shapes else None
   if args.variants_only:  # the child of variants_in_child
     tmp = Path(args.variants_only)
     skip = set(json.loads((tmp / "skip.json").read_text()))
@@ -1322,7 +1325,7 @@ def main(argv=None) -> int:
     return 2
   sizes, new_sizes, dtypes, where_sizes = SIZES, NEW_SIZES, DTYPES, WHERE_SIZES
   if args.sizes:
-    sizes = [tuple(int(n) for n in rc.split("x")) for rc in args.sizes.split(",")]
+    sizes = _shapes(args.sizes)
     new_sizes, where_sizes = [], []
   check_cols = NEW_CHECK_COLS
   if args.check_cols is not None:
@@ -1403,7 +1406,7 @@ def main(argv=None) -> int:
     if platform != "gpu":  # smoke test: a small ragged row
       loss_sizes = soft_sizes = [(64, 1000)]
     if args.loss_sizes:
-      loss_sizes = [tuple(int(n) for n in rc.split("x")) for rc in args.loss_sizes.split(",")]
+      loss_sizes = _shapes(args.loss_sizes)
       soft_sizes = loss_sizes[:1]
     # The timings within LOSSES_S, and within --budget (less the last save's 15 s).
     deadline = min(time.monotonic() + LOSSES_S, started + args.budget - 15)
