@@ -10,7 +10,9 @@
 # so have that call ready): gpu_pallas.py --sizes 4096x1024 --check-cols ""
 # --no-losses --budget 270 --variants-timeout 230, for more variants; with
 # --variant-shapes (RxC,...) it starts where the first call's variants stopped
-# rather than at the first of VARIANTS' shapes again.
+# rather than at the first of VARIANTS' shapes again. On an H100 (T0116Z,
+# T0125Z) the same two calls took 523 s and 252 s: 811 s of device time, with
+# the machine's start.
 # Keep timeout_s at 600:
 #
 #   OUT=/some/dir PYTHONPATH=. BENCH_COMMIT=<sha> bash benchmarks/gpu.sh [extra flags]

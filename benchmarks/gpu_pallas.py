@@ -55,20 +55,18 @@ In this order:
    reads them again) plus the gradient written. A failure here is recorded
    and the variants still run; a failed check makes the exit status 1, as in
    step 1;
-5. tuning data for the next change: the Mosaic GPU kernels called directly
-   with a few ``gpu.Config`` variants (``VARIANTS``: row statistics in two
-   passes on 16-bit rows kept whole; per-element statistics and approximate
-   math in the backward of streamed rows; more bytes in flight for streamed
-   16-bit rows, in chunks of 16 KiB; log_softmax with approximate exp and
-   log; the backward's pairs of rows past 64 KiB split in two; log_softmax's
-   live flag gathered in the row sum), in child
-   processes, within ``--variants-timeout`` seconds
-   (a cell that hangs is killed after 60 s and a new child goes on with the
-   rest), each checked against float64 as in step 1 (softmax and log_softmax,
-   whose first row is then all -inf) before softmax (log_softmax, for a
-   variant named ``LOG ...``) is timed, in turn with the default of its cell
-   within every sample (``--no-variants`` skips this part; ``--variant-shapes``
-   takes some of the variants' shapes, in a given order).
+5. tuning data for the next change: the Mosaic GPU kernels called directly with
+   a few ``gpu.Config`` variants (``VARIANTS``: row statistics in two passes on
+   16-bit rows kept whole; more bytes in flight for streamed 16-bit rows, in
+   chunks of 16 KiB; log_softmax's backward with its pairs of rows past 64 KiB
+   split in two, or with its live flag in a pass of its own, the old default;
+   streamed rows shared by clusters of 2), in child processes, within
+   ``--variants-timeout`` seconds (a cell that hangs is killed after 60 s and a
+   new child goes on with the rest), each checked against float64 as in step 1
+   (softmax and log_softmax, whose first row is then all -inf) before softmax
+   (log_softmax, for a variant named ``LOG ...``) is timed, in turn with the
+   default of its cell within every sample (``--no-variants`` skips this part;
+   ``--variant-shapes`` takes some of the variants' shapes, in a given order).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step (the variants' rows as they come in). ``--budget`` (540 s) bounds the
@@ -740,8 +738,22 @@ LONG = [(1024, 65536), (128, 262144)]
 #   (bfloat16), 0.98-0.99x (float32); forward 1.00x;
 # - the forward's 64 KiB parts on two CTAs an SM at 1024 x 65536: 1.04x and
 #   1.07x (both runs): dropped.
-# Timed next: 4096 x 32000 and 128 x 262144, then 4096 x 4096, 4096 x 16384,
-# 1024 x 65536.
+# Then on an H100 (T0116Z, T0125Z; 4096 x 4096 and 1024 x 65536 float32 not
+# reached):
+# - log_softmax's backward with the live flag gathered in the row sum
+#   (``live_in_rowsum``): 0.90x at 4096 x 32000 bfloat16, 0.99x and 1.00x at
+#   4096 x 16384: now the default; with approximate math 0.95x at 4096 x 32000
+#   and 1024 x 65536 bfloat16 (0.95x on the H200 before), 1.00x in float32: now
+#   the default for 16-bit rows (``approx_math`` None);
+# - the backward's pairs of rows past 64 KiB split in two: log_softmax 0.91x at
+#   4096 x 32000 bfloat16 (still timed, on the new default), softmax 1.01x; in
+#   float32 at 4096 x 16384 1.02x and 1.00x: dropped;
+# - at 128 x 262144 the backward with per-element statistics and approximate
+#   math 0.98-1.00x (0.96-1.01x on the H200): dropped; 16-bit chunks of 16 KiB
+#   0.97x forward, 1.00x backward (0.91-0.94x / 0.97-0.98x on the H200);
+# - two passes at 4096 x 16384 bfloat16: 1.00x / 0.99x.
+# Timed next: 4096 x 32000, 4096 x 4096, 128 x 262144, 4096 x 16384, 1024 x
+# 65536.
 
 HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
 VOCAB = (4096, 32000)
@@ -751,48 +763,32 @@ LOG = "log_softmax: "  # a variant timed on log_softmax rather than softmax
 # in one CTA an SM (T2249Z): at 4096 x 32000 bfloat16 (2 x 64000 bytes) it took
 # 1.41x softmax's time, at 4096 x 16384 float32 (2 x 64 KiB) 1.10x, where at
 # 16384 bfloat16 (2 x 32 KiB, three CTAs an SM) 1.00x. Its extra work a row (the
-# live flag's pass over l, an exp an element) is hidden by nothing while one
-# warpgroup holds the SM. Split in two parts of 64 KiB (``bwd_row_bytes``), the
-# pairs run three CTAs an SM, as 4096 x 32000 float32 does (0.91x jax.nn's time
-# for log_softmax, 91% of copy for softmax).
+# live flag, an exp an element) is hidden by nothing while one warpgroup holds
+# the SM. On the H100 (T0116Z) the flag gathered in the row sum and approximate
+# exp each took 0.90-0.95x its time there (both now the default). Split in two
+# parts of 64 KiB (``bwd_row_bytes``), the pairs run three CTAs an SM, as 4096 x
+# 32000 float32 does: 0.91x there, before those two.
 
 
 def _pairs_split(dtype: str):
   """The backward's pairs of rows past 64 KiB split over clusters (of 2 at
-  4096 x 32000 bfloat16 and 4096 x 16384 float32), for ``dtype`` only."""
+  4096 x 32000 bfloat16), for ``dtype`` only."""
   return lambda: {dtype: gpu.Config(bwd_row_bytes=64 * 1024)}
 
 
 # name: (config, the shapes it is timed at); the config may be a dict of them
 # by dtype name, when the variant suits only those dtypes.
 VARIANTS = {
-  "default": (lambda: gpu.Config(), [VOCAB, LONG[1], HELD[0], HELD[1], LONG[0]]),
-  # log_softmax (a name starting LOG, timed with the default's log_softmax) with
-  # approximate exp and log: its backward takes exp(l) an element, where
-  # softmax's takes none, and lags it on the H200 (T2049Z): 68% of copy against
-  # 83% at 4096 x 32000 bfloat16 (rows kept whole), 1.05-1.11x jax.nn's time
-  # against 0.79x at 1024 x 65536 (split). (The forward of rows kept whole
-  # takes approximate math too.)
-  LOG + "approx math": (lambda: gpu.Config(approx_math=True), [VOCAB, LONG[0]]),
-  # The backward at 128 x 262144 (the forward's long rows have these by
-  # default): the statistics reduced once a row, and approximate exp and log.
-  "row statistics, approx math": (
-    lambda: gpu.Config(elementwise_stats=True, approx_math=True),
-    LONG[1:],
-  ),
-  # The pairs of rows kept whole one CTA an SM, split in two (see _pairs_split),
-  # for log_softmax and for softmax (83% and 94% of copy there).
-  LOG + "backward: bfloat16 pairs past 64 KiB split": (_pairs_split("bfloat16"), [VOCAB]),
-  "backward: bfloat16 pairs past 64 KiB split": (_pairs_split("bfloat16"), [VOCAB]),
-  LOG + "backward: float32 pairs past 64 KiB split": (_pairs_split("float32"), [HELD[1]]),
-  "backward: float32 pairs past 64 KiB split": (_pairs_split("float32"), [HELD[1]]),
-  # log_softmax's backward of rows kept whole with the live flag gathered in
-  # the row sum's loop (``Config.live_in_rowsum``) rather than in a pass of its
-  # own over l: the other answer to the same lag.
-  LOG + "backward: live flag in the row sum": (
-    lambda: gpu.Config(live_in_rowsum=True),
+  "default": (lambda: gpu.Config(), [VOCAB, HELD[0], LONG[1], HELD[1], LONG[0]]),
+  # log_softmax (a name starting LOG, timed with the default's log_softmax)
+  # with its backward's live flag in a pass of its own over l, the default
+  # until T0116Z: whether gathering it in the row sum pays on other GPUs too.
+  LOG + "backward: live flag in its own pass": (
+    lambda: gpu.Config(live_in_rowsum=False),
     [VOCAB, HELD[1]],
   ),
+  # The pairs of rows kept whole one CTA an SM, split in two (see _pairs_split).
+  LOG + "backward: bfloat16 pairs past 64 KiB split": (_pairs_split("bfloat16"), [VOCAB]),
   # 16-bit rows kept whole: the max, then the normaliser, in two passes over
   # SMEM (``Config.held_two_pass``): fewer operations an element than the
   # default's online form.
@@ -809,6 +805,13 @@ VARIANTS = {
     lambda: {"bfloat16": gpu.Config(chunk_elems=8192, stream_bytes=96 * 1024)},
     LONG[1:],
   ),
+  # Streamed rows shared by a cluster of 2 CTAs (``Config.stream_cluster``),
+  # each streaming half the row's chunks twice and swapping partial statistics:
+  # 128 rows on 256 CTAs, so most SMs hold two warpgroups. Clusters of 4 took
+  # 0.87-1.00x the default's time on the H100 when streamed 16-bit rows had 3
+  # stages (T1329Z), behind the 6 stages since adopted; the two together are
+  # untimed.
+  "streamed rows: clusters of 2": (lambda: gpu.Config(stream_cluster=2), LONG[1:]),
 }
 
 
@@ -1051,7 +1054,10 @@ def variants_in_child(
       if on_rows is not None:
         on_rows(rows)
       if late:
-        note = f"timed out after {timeout_s} s: the variants after this one were not run"
+        note = (
+          f"timed out after {timeout_s} s (the time --budget and --variants-timeout left"
+          " them; not a hang): the variants after this one were not run"
+        )
         rows.append(dict(variant="(child process)", rows=0, cols=0, dtype="-", error=note))
         return rows
       if not hung:

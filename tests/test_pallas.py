@@ -246,12 +246,14 @@ GPU_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG))
 GPU_BLOCKS_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG, block_bytes=1 << 20))
 GPU_RING_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG, ring_slots=2, block_bytes=3072))
 GPU_OVERLAP_LIVE_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_from_l=False))
-# The flag from l gathered during the row sum (Config.live_in_rowsum): rows of 8
-# chunks of 256 (the partly masked row's first 4 all -inf), and overlapping
-# chunks (the shared part counted twice). (Row blocks share the code; they are
-# lowered below.)
+# The flag from l gathered during the row sum (Config.live_in_rowsum, the
+# default; the overlapping cases above take it with the shared part counted
+# twice): rows of 8 chunks of 256 (the partly masked row's first 4 all -inf).
+# And the flag in a pass of its own over l (live_in_rowsum False): 9 sub-rows in
+# chunks of 2, the last overlapping, the first 2 all -inf in the partly masked
+# row. (Row blocks share the code; they are lowered below.)
 GPU_ROWSUM_FLAG = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=True))
-GPU_OVERLAP_ROWSUM_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_in_rowsum=True))
+GPU_FLAG_PASS = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=False))
 GPU_STREAM_CLUSTER_8 = ops.make(
   gpu, gpu.Config(**STREAM, **ROW_STATS, stream_cluster=8, reverse_write=False)
 )
@@ -309,7 +311,7 @@ GPU_CASES = [
   (1152, GPU_OVERLAP_LIVE_FLAG, "1152-overlap-fits-live-flag"),
   (1000, GPU_NO_SPLIT_OVERLAP, "1000-overlap-online-no-split-overlap"),
   (2048, GPU_ROWSUM_FLAG, "2048-fits-rowsum-flag"),
-  (1152, GPU_OVERLAP_ROWSUM_FLAG, "1152-overlap-fits-rowsum-flag"),
+  (1152, GPU_FLAG_PASS, "1152-overlap-fits-flag-pass"),
 ]
 # float16 on the paths the defaults take, and the split and streamed forms; the
 # forms that are off by default run in float32 and bfloat16 only, whose 16-bit
@@ -916,15 +918,16 @@ def test_gpu_live_from_l_kernels_lower_for_cuda(dtype):
   flag = _gpu_kernels(live_from_l=False)
   _lowers(flag, "cuda", dtype, [(4096, 1024), (16, 32000)])
   _lowers(_gpu_kernels(live_from_l=False, block_bytes=32 * 1024), "cuda", dtype, [(4096, 1024)])
-  # The flag gathered during the row sum (Config.live_in_rowsum): rows, overlapping
-  # (32000 in 16 bits), row blocks; it reaches the log_softmax backward.
-  in_sum = _gpu_kernels(live_in_rowsum=True)
-  _lowers(in_sum, "cuda", dtype, [(4096, 1024), (16, 32000)])
-  blocks = _gpu_kernels(live_in_rowsum=True, block_bytes=32 * 1024)
+  # The flag in a pass of its own over l (Config.live_in_rowsum False; the
+  # default gathers it during the row sum): rows, overlapping (32000 in 16
+  # bits), row blocks; it reaches the log_softmax backward.
+  own_pass = _gpu_kernels(live_in_rowsum=False)
+  _lowers(own_pass, "cuda", dtype, [(4096, 1024), (16, 32000)])
+  blocks = _gpu_kernels(live_in_rowsum=False, block_bytes=32 * 1024)
   _lowers(blocks, "cuda", dtype, [(4096, 1024)])
   x = jax.ShapeDtypeStruct((64, 4096), dtype)
   bwd = lambda k: _kernel_form(lambda l: k.softmax_bwd_2d(l, l, log=True), x)  # noqa: E731
-  assert bwd(in_sum) != bwd(_gpu_kernels())
+  assert bwd(own_pass) != bwd(_gpu_kernels()) == bwd(_gpu_kernels(live_in_rowsum=True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -1087,11 +1090,13 @@ def test_gpu_default_forms_by_path():
   # Config's None defaults: per-element statistics and approximate math for the
   # forward's rows past row_bytes (split or streamed; 6 stages in 16 bits) and
   # for the forward of 16-bit rows kept whole (3 stages), per chunk and accurate
-  # elsewhere (float32 rows kept whole, the backward, ragged rows).
-  def module(shape, dtype, bwd=False, **cfg):
+  # elsewhere (float32 rows kept whole, the backward, ragged rows); approximate
+  # math alone for log_softmax's backward of 16-bit rows.
+  def module(shape, dtype, bwd=False, log=False, **cfg):
     k = _gpu_kernels(**cfg)
     if bwd:
-      f = lambda x: k.softmax_bwd_2d(x, x, log=False)  # noqa: E731
+      live = jnp.ones((shape[0], 1), jnp.float32) if log else None
+      f = lambda x: k.softmax_bwd_2d(x, x, live, log=log)  # noqa: E731
     else:
       f = lambda x: k.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
     return _kernel_form(f, jax.ShapeDtypeStruct(shape, dtype))
@@ -1115,6 +1120,12 @@ def test_gpu_default_forms_by_path():
     assert module(shape, dtype, bwd) == module(shape, dtype, bwd, **off)
   for dtype in (f32, bf16):
     assert module((8, 4097), dtype) == module((8, 4097), dtype, **off)
+  approx = dict(elementwise_stats=False, approx_math=True)
+  for shape in [(64, 16384), (1024, 65536), (8, 4097)]:
+    for dtype in (bf16, f16):
+      on = module(shape, dtype, True, True, **approx)
+      assert module(shape, dtype, True, True) == on != module(shape, dtype, True, True, **off)
+    assert module(shape, f32, True, True) == module(shape, f32, True, True, **off)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)

@@ -212,13 +212,19 @@ class Config:
   # pass of its own over l in SMEM with a reduction a chunk. Where a pair of
   # rows holds an SM with one warpgroup (4096 x 32000 bfloat16) the backward of
   # log_softmax took 1.41x softmax's time on the H200 (T2249Z), where with three
-  # CTAs an SM (4096 x 16384 bfloat16) 1.00x: work a row that nothing hides. Off
-  # until timed.
-  live_in_rowsum: bool = False
+  # CTAs an SM (4096 x 16384 bfloat16) 1.00x: work a row that nothing hides. On
+  # an H100 (gpu_pallas-2026-11-27T0116Z, T0125Z) the flag in the row sum took
+  # 0.90x the backward's time at 4096 x 32000 bfloat16, 0.99x at 4096 x 16384
+  # bfloat16 and 1.00x in float32: the default since. (Not yet timed on an H200.)
+  live_in_rowsum: bool = True
   # Mosaic GPU's approximate math (``CompilerParams.approx_math``): exp as
   # ``ex2.approx`` of ``x * log2(e)``, log as ``lg2.approx``, rather than the
-  # accurate libdevice calls. None: as ``elementwise_stats``. Checked against
-  # float64 on the H100 (4 eps forward, 8 backward) in every variant that used it.
+  # accurate libdevice calls. None: as ``elementwise_stats``, and on for
+  # log_softmax's backward of 16-bit rows (its exp(l) an element; softmax's
+  # backward takes none), where it took 0.95x the time at 4096 x 32000 and 1024 x
+  # 65536 bfloat16 on an H100 (gpu_pallas-2026-11-27T0116Z, T0125Z) and at 1024 x
+  # 65536 on an H200 (T2249Z); in float32 0.98-1.00x, so off there. Checked
+  # against float64 (4 eps forward, 8 backward) in every variant that used it.
   approx_math: bool | None = None
   interpret: bool = False
 
@@ -227,15 +233,20 @@ MAX_STAGES = 6  # Config.stages=None, the forward's streamed rows
 
 
 def _resolved(
-  cfg: Config, long_fwd: bool = False, chunk_bytes: int = 0, whole_16bit: bool = False
+  cfg: Config,
+  long_fwd: bool = False,
+  chunk_bytes: int = 0,
+  whole_16bit: bool = False,
+  log_bwd_16bit: bool = False,
 ) -> Config:
   """``cfg`` with its per-path defaults (None) resolved for a call: ``long_fwd``,
   the forward of rows past ``row_bytes`` (split or streamed), in chunks of
   ``chunk_bytes``; ``whole_16bit``, the forward of 16-bit rows kept whole;
-  neither, a float32 row kept whole, a ragged row or the backward."""
+  ``log_bwd_16bit``, log_softmax's backward of 16-bit rows (approximate math
+  only); none, a float32 row kept whole, a ragged row or the backward."""
 
-  def auto(v):
-    return (long_fwd or whole_16bit) if v is None else v
+  def auto(v, also: bool = False):
+    return (long_fwd or whole_16bit or also) if v is None else v
 
   stages = cfg.stages
   if stages is None:
@@ -243,7 +254,7 @@ def _resolved(
   return dataclasses.replace(
     cfg,
     elementwise_stats=auto(cfg.elementwise_stats),
-    approx_math=auto(cfg.approx_math),
+    approx_math=auto(cfg.approx_math, log_bwd_16bit),
     stages=stages,
   )
 
@@ -1335,7 +1346,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   once; otherwise they stream twice (row sum, then write).
   """
   rows, cols = y.shape
-  cfg = _resolved(cfg)  # (the backward's defaults are the same on every path)
+  # (The backward's defaults are the same on every path.)
+  cfg = _resolved(cfg, log_bwd_16bit=log and y.dtype.itemsize == 2)
   p = plan(cols, y.dtype, cfg)
   if isinstance(p, str):
     return _ragged_bwd(y, g, live, log, cfg)
