@@ -57,8 +57,8 @@ In this order:
    step 1;
 5. tuning data for the next change: the Mosaic GPU kernels called directly with
    a few ``gpu.Config`` variants (``VARIANTS``: row statistics in two passes on
-   16-bit rows kept whole; more bytes in flight for streamed 16-bit rows, in
-   chunks of 16 KiB; log_softmax's backward with its pairs of rows past 64 KiB
+   16-bit rows kept whole; the forward's streamed 16-bit rows in the old 8 KiB
+   chunks; log_softmax's backward with its pairs of rows past 64 KiB
    split in two, or with its live flag in a pass of its own, the old default;
    streamed rows shared by clusters of 2), in child processes, within
    ``--variants-timeout`` seconds (a cell that hangs is killed after 60 s and a
@@ -750,7 +750,8 @@ LONG = [(1024, 65536), (128, 262144)]
 #   float32 at 4096 x 16384 1.02x and 1.00x: dropped;
 # - at 128 x 262144 the backward with per-element statistics and approximate
 #   math 0.98-1.00x (0.96-1.01x on the H200): dropped; 16-bit chunks of 16 KiB
-#   0.97x forward, 1.00x backward (0.91-0.94x / 0.97-0.98x on the H200);
+#   0.97x forward, 1.00x backward (0.91-0.94x / 0.97-0.98x on the H200): now
+#   the forward's default (``wide_16bit_stream``);
 # - two passes at 4096 x 16384 bfloat16: 1.00x / 0.99x.
 # Timed next: 4096 x 32000, 4096 x 4096, 128 x 262144, 4096 x 16384, 1024 x
 # 65536.
@@ -796,13 +797,11 @@ VARIANTS = {
     lambda: {"bfloat16": gpu.Config(held_two_pass=True)},
     HELD[:2],
   ),
-  # 16-bit streamed rows (the forward's, and the backward's) in chunks of 16 KiB
-  # rather than 8 (6 stages, the most): whether the bytes in flight of one CTA a
-  # row are what holds 128 x 262144 bfloat16 at 57% of copy. Not float32: the
-  # backward's chunks of 32 KiB (2 inputs x 3 stages, and 2 output buffers)
-  # would overflow SMEM.
-  "16-bit: chunks of 16 KiB, 96 KiB in flight": (
-    lambda: {"bfloat16": gpu.Config(chunk_elems=8192, stream_bytes=96 * 1024)},
+  # The forward's streamed 16-bit rows in chunks of 8 KiB (6 stages), the
+  # default before ``Config.wide_16bit_stream``: whether its 16 KiB chunks pay
+  # on this GPU too.
+  "16-bit streamed forward: 8 KiB chunks": (
+    lambda: {"bfloat16": gpu.Config(wide_16bit_stream=False)},
     LONG[1:],
   ),
   # Streamed rows shared by a cluster of 2 CTAs (``Config.stream_cluster``),

@@ -1120,6 +1120,18 @@ def test_gpu_default_forms_by_path():
     assert module(shape, dtype, bwd) == module(shape, dtype, bwd, **off)
   for dtype in (f32, bf16):
     assert module((8, 4097), dtype) == module((8, 4097), dtype, **off)
+  # The forward's streamed 16-bit rows in chunks of 8192 elements (16 KiB) with
+  # 96 KiB of stages (6); float32's stay 4096 (16 KiB) with 48 KiB (3).
+  long_row = (8, 262144)
+  narrow = dict(wide_16bit_stream=False)
+  for dtype in (bf16, f16):
+    wide = dict(narrow, chunk_elems=8192, stream_bytes=96 * 1024)
+    assert (
+      module(long_row, dtype)
+      == module(long_row, dtype, **wide)
+      != module(long_row, dtype, **narrow)
+    )
+  assert module(long_row, f32) == module(long_row, f32, **narrow)
   approx = dict(elementwise_stats=False, approx_math=True)
   for shape in [(64, 16384), (1024, 65536), (8, 4097)]:
     for dtype in (bf16, f16):

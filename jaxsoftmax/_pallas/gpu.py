@@ -157,6 +157,15 @@ class Config:
   # two streamed inputs take as many stages each).
   stages: int | None = None
   stream_bytes: int = 48 * 1024
+  # The forward's streamed 16-bit rows (not the backward's, nor ``row_stats_2d``'s)
+  # in chunks of twice ``chunk_elems`` (16 KiB, as float32's) and with twice
+  # ``stream_bytes`` (6 stages of 16 KiB): half as many chunks a row, each with
+  # its barrier wait, copy and loop step. At 128 x 262144 bfloat16 the forward
+  # took 0.91x and 0.94x the time of 8 KiB chunks on the H200 (T2049Z, T2058Z)
+  # and 0.97x on the H100 (T0125Z), every check passing; float32 with 6 stages
+  # of its 16 KiB chunks took 0.99x (T2058Z), so it keeps 3. The backward took
+  # 0.97-1.00x with such chunks, and keeps ``chunk_elems``.
+  wide_16bit_stream: bool = True
   num_ctas: int | None = None  # None: one CTA per row (split rows: clusters, one per row)
   # Streamed rows: the second pass (the write) takes the chunks last to first, so
   # that it starts with those the first pass read last, the likeliest still in L2.
@@ -834,6 +843,15 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool
     return _ragged_fwd(x, log, stat, _resolved(cfg))
   dtype = x.dtype
   kind, size = route(rows, p, dtype, cfg)
+  if kind == "streamed" and dtype.itemsize == 2 and cfg.wide_16bit_stream:
+    wide = dataclasses.replace(
+      cfg, chunk_elems=2 * cfg.chunk_elems, stream_bytes=2 * cfg.stream_bytes
+    )
+    wide_p = plan(cols, dtype, wide)
+    # (Fewer chunks could let a row split; then it keeps its own chunks.)
+    if route(rows, wide_p, dtype, wide)[0] == "streamed":
+      cfg, p = wide, wide_p
+      kind, size = route(rows, p, dtype, cfg)
   name = _name(log, False, kind)
   long_fwd = kind in ("split", "streamed")
   whole_16bit = not long_fwd and dtype.itemsize == 2
