@@ -32,7 +32,8 @@ In this order:
 3. the measured copy bandwidth (``-x`` over a 1 GiB buffer), against which the
    achieved bandwidth is reported: forward moves 2 arrays (read x, write s),
    backward 3 (read s and g, write dx); then the issue's two targets per cell
-   (>= 85% of copy, faster than ``jax.nn.softmax``), and what
+   (>= 85% of copy, faster than ``jax.nn.softmax`` except where jax.nn sits at
+   the ceiling: 95% of copy, or of the elementwise op's speed), and what
    ``implementation=None`` runs in each cell (``defaults``: the backend it
    resolves to, and its time over the fastest pairing of the kernels' and our
    XLA path's forward and backward, which says whether ``_pallas.preferred``
@@ -1070,17 +1071,37 @@ def variants_in_child(
 
 
 TARGET = 0.85  # of the measured copy bandwidth, forward and backward
-CEILING = 0.95  # jax.nn at this fraction of copy or above: matching it is enough
+# jax.nn at the bandwidth ceiling, where matching it is enough: at this fraction
+# of copy or above, or taking at most 1 / CEILING of the time of an elementwise
+# op that moves the same bytes (``ELEMENTWISE``), the ceiling for a transfer of
+# that size where it sits below copy (4096 x 4096 float32 forward on the H100,
+# T0116Z: the elementwise op at 88% of copy, jax.nn at 87%).
+CEILING = 0.95
 
 
-def _against(r, ref, d, copy_bw):
+def _at_ceiling(ref, top, d, copy_bw) -> bool:
+  """Whether jax.nn's row ``ref`` sits at the bandwidth ceiling in direction
+  ``d``: by copy, or by the cell's elementwise row ``top`` (None: not timed)."""
+  if ref[f"{d}_bytes_per_s"] / copy_bw >= CEILING:
+    return True
+  return top is not None and top[f"{d}_s"] >= CEILING * ref[f"{d}_s"]
+
+
+def _against(r, ref, d, copy_bw, top=None):
   """Direction ``d`` ("fwd" or "bwd") of the timing row ``r`` against jax.nn's
-  row ``ref``: its share of copy, its time over jax.nn's, and whether that meets
-  the targets (jax.nn at the bandwidth ceiling need only be matched)."""
+  row ``ref``: its share of copy, its time over jax.nn's, whether that meets the
+  targets, and whether only because jax.nn sits at the bandwidth ceiling
+  (``_at_ceiling``; ``top`` is the cell's elementwise row), where matching it
+  is enough."""
   frac = r[f"{d}_bytes_per_s"] / copy_bw
   ratio = r[f"{d}_s"] / ref[f"{d}_s"]
-  at_ceiling = ref[f"{d}_bytes_per_s"] / copy_bw >= CEILING
-  return frac, ratio, frac >= TARGET and (ratio <= 1.0 or at_ceiling)
+  excepted = ratio > 1.0 and _at_ceiling(ref, top, d, copy_bw)
+  return frac, ratio, frac >= TARGET and (ratio <= 1.0 or excepted), excepted
+
+
+def _met(ok: bool, excepted: bool) -> str:
+  """The ``met`` column: yes, yes only by the ceiling's exception, or no."""
+  return ("yes, jax.nn at the ceiling" if excepted else "yes") if ok else "**no**"
 
 
 def _by_cell(rows, op) -> dict:
@@ -1104,15 +1125,16 @@ def targets(rows, copy_bw, op="softmax") -> list[str]:
     ref = by.get((n, c, dt, f"jax.nn.{op}"))
     if who != "pallas" or ref is None:
       continue
-    (pf, rf, okf), (pb, rb, okb) = (_against(r, ref, d, copy_bw) for d in ("fwd", "bwd"))
-    ok = okf and okb
     top = by.get((n, c, dt, ELEMENTWISE))
+    fwd, bwd = (_against(r, ref, d, copy_bw, top) for d in ("fwd", "bwd"))
+    (pf, rf, okf, exf), (pb, rb, okb, exb) = fwd, bwd
+    met = _met(okf and okb, exf or exb)
     vs_top = "-"
     if top is not None:
       vs_top = f"{100 * top['fwd_s'] / r['fwd_s']:.0f}% / {100 * top['bwd_s'] / r['bwd_s']:.0f}%"
     out.append(
       f"| {n}x{c} | {dt} | {100 * pf:.0f}% | {100 * pb:.0f}% | {rf:.2f}x | {rb:.2f}x "
-      f"| {'yes' if ok else '**no**'} | {vs_top} |"
+      f"| {met} | {vs_top} |"
     )
   return out
 
@@ -1151,12 +1173,17 @@ def defaults(rows, op="softmax") -> list[str]:
 def best_variants(variant_rows, rows, copy_bw) -> list[str]:
   """Per op, shape and dtype: the fastest correct variant forward and backward,
   its share of copy and its time over ``jax.nn``'s (from ``rows``), and whether
-  the two together meet the targets: what a new default would give."""
-  nn = {
-    (r.get("op", "softmax"), r["rows"], r["cols"], r["dtype"]): r
-    for r in rows
-    if "error" not in r and r.get("contender") == f"jax.nn.{r.get('op', 'softmax')}"
-  }
+  the two together meet the targets: what a new default would give (``-``
+  where ``rows`` has no jax.nn time for the cell)."""
+
+  def of(who):
+    return {
+      (r.get("op", "softmax"), r["rows"], r["cols"], r["dtype"]): r
+      for r in rows
+      if "error" not in r and r.get("contender") == who.format(op=r.get("op", "softmax"))
+    }
+
+  nn, tops = of("jax.nn.{op}"), of(ELEMENTWISE)
   cells = {}
   for r in variant_rows:
     if "error" not in r:
@@ -1165,18 +1192,18 @@ def best_variants(variant_rows, rows, copy_bw) -> list[str]:
   out[0] += "| bwd % copy, / jax.nn | met |"
   out.append("|---|---|---|---|---|---|---|---|")
   for (op, n, c, dt), rs in cells.items():
-    ref = nn.get((op, n, c, dt))
-    line, ok = f"| {op} | {n}x{c} | {dt} ", ref is not None
+    ref, top = nn.get((op, n, c, dt)), tops.get((op, n, c, dt))
+    line, ok, excepted = f"| {op} | {n}x{c} | {dt} ", True, False
     for d in ("fwd", "bwd"):
       best = min(rs, key=lambda r: r[f"{d}_s"])
       frac = best[f"{d}_bytes_per_s"] / copy_bw
       if ref is None:
         line += f"| {best['variant']} | {100 * frac:.0f}% "
         continue
-      _, ratio, met = _against(best, ref, d, copy_bw)
-      ok = ok and met
+      _, ratio, met, ex = _against(best, ref, d, copy_bw, top)
+      ok, excepted = ok and met, excepted or ex
       line += f"| {best['variant']} | {100 * frac:.0f}%, {ratio:.2f}x "
-    out.append(line + f"| {'yes' if ok else '**no**'} |")
+    out.append(line + f"| {_met(ok, excepted) if ref is not None else '-'} |")
   return out
 
 
