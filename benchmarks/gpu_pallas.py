@@ -59,15 +59,16 @@ In this order:
 5. tuning data for the next change: the Mosaic GPU kernels called directly with
    a few ``gpu.Config`` variants (``VARIANTS``: row statistics in two passes on
    16-bit rows kept whole; the forward's streamed 16-bit rows in the old 8 KiB
-   chunks; log_softmax's backward with its pairs of rows past 64 KiB
-   split in two, or with its live flag in a pass of its own, the old default;
-   streamed rows shared by clusters of 2), in child processes, within
-   ``--variants-timeout`` seconds (a cell that hangs is killed after 60 s and a
-   new child goes on with the rest), each checked against float64 as in step 1
-   (softmax and log_softmax, whose first row is then all -inf) before softmax
-   (log_softmax, for a variant named ``LOG ...``) is timed, in turn with the
-   default of its cell within every sample (``--no-variants`` skips this part;
-   ``--variant-shapes`` takes some of the variants' shapes, in a given order).
+   chunks, and all 16-bit rows in chunks of 8192 elements; log_softmax's
+   backward with its pairs of rows past 64 KiB split in two, or with its live
+   flag in a pass of its own, the old default; streamed rows shared by clusters
+   of 2), in child processes, within ``--variants-timeout`` seconds (a cell
+   that hangs is killed after 60 s and a new child goes on with the rest), each
+   checked against float64 as in step 1 (softmax and log_softmax, whose first
+   row is then all -inf) before softmax (log_softmax, for a variant named ``LOG
+   ...``) is timed, in turn with the default of its cell within every sample
+   (``--no-variants`` skips this part; ``--variant-shapes`` takes some of the
+   variants' shapes, in a given order).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step (the variants' rows as they come in). ``--budget`` (540 s) bounds the
@@ -804,6 +805,16 @@ VARIANTS = {
   "16-bit streamed forward: 8 KiB chunks": (
     lambda: {"bfloat16": gpu.Config(wide_16bit_stream=False)},
     LONG[1:],
+  ),
+  # 16-bit rows in chunks of 8192 elements (16 KiB, as float32's 4096) on every
+  # path: the whole rows and split rows of both passes, whose 16-bit cells lag
+  # float32's (H100, T0116Z: 89% against 91% of copy forward at 4096 x 16384,
+  # 76% against 88% at 1024 x 65536), where the streamed forward's 16 KiB chunks
+  # paid (``wide_16bit_stream``). A chunk takes 64 float32 values a thread. (At
+  # 4096 x 4096 a row is one chunk either way.)
+  "16-bit: chunks of 8192 elements": (
+    lambda: {"bfloat16": gpu.Config(chunk_elems=8192)},
+    [HELD[1], LONG[0]],
   ),
   # Streamed rows shared by a cluster of 2 CTAs (``Config.stream_cluster``),
   # each streaming half the row's chunks twice and swapping partial statistics:
