@@ -254,6 +254,14 @@ GPU_OVERLAP_LIVE_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_from_l=False))
 # row. (Row blocks share the code; they are lowered below.)
 GPU_ROWSUM_FLAG = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=True))
 GPU_FLAG_PASS = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=False))
+# Ragged rows' forward through a bulk copy of their 16-byte aligned interior
+# (Config.ragged_bulk_bytes): the six rows start 0-3 float32 (0-7 16-bit)
+# elements before an aligned one, so each lead occurs; 4097 columns are an
+# interior of 4064 float32 (4032 16-bit) in chunks of 1024, the last
+# overlapping, and a tail of 30-33 (58-65); 1001 are 992 (960) in two chunks.
+GPU_RAGGED_BULK = ops.make(
+  gpu, gpu.Config(interpret=True, chunk_elems=1024, ragged_bulk_bytes=1 << 20)
+)
 GPU_STREAM_CLUSTER_8 = ops.make(
   gpu, gpu.Config(**STREAM, **ROW_STATS, stream_cluster=8, reverse_write=False)
 )
@@ -311,6 +319,8 @@ GPU_CASES = [
   (1152, GPU_OVERLAP_LIVE_FLAG, "1152-overlap-fits-live-flag"),
   (1000, GPU_NO_SPLIT_OVERLAP, "1000-overlap-online-no-split-overlap"),
   (2048, GPU_ROWSUM_FLAG, "2048-fits-rowsum-flag"),
+  (4097, GPU_RAGGED_BULK, "4097-ragged-bulk"),
+  (1001, GPU_RAGGED_BULK, "1001-ragged-bulk"),
   (1152, GPU_FLAG_PASS, "1152-overlap-fits-flag-pass"),
 ]
 # float16 on the paths the defaults take, and the split and streamed forms; the
@@ -936,6 +946,21 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
 
   assert all(isinstance(gpu.plan(c, dtype), str) for _, c in RAGGED_SHAPES)
   _lowers(gpu, "cuda", dtype, RAGGED_SHAPES)
+  # The forward's bulk copies start at a 16-byte aligned element, at most 15
+  # bytes into the row (the interpreter would not notice a misaligned one).
+  size = jnp.dtype(dtype).itemsize
+  for base in range(3 * 16 // size):
+    lead = int(gpu._bulk_lead(jnp.int32(base), dtype))
+    assert 0 <= lead < 16 // size and (base + lead) * size % 16 == 0, (base, lead)
+  # The forward's bulk copies (Config.ragged_bulk_bytes): 4097 and 50257
+  # columns (129 have too short an interior, and keep the direct loads).
+  bulk = _gpu_kernels(ragged_bulk_bytes=200 * 1024)
+  _lowers(bulk, "cuda", dtype, RAGGED_SHAPES)
+  for shape, name in zip(RAGGED_SHAPES, ("ragged", "ragged_bulk", "ragged_bulk"), strict=True):
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    f = lambda x: bulk.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
+    text = _cuda_module(f, x)
+    assert re.search(rf"jaxsoftmax_softmax_fwd_{name}(?=_mosaic|\b)", text), shape
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
 
 

@@ -40,7 +40,9 @@ their parts do, and streams them twice otherwise.
   columns): no TMA and no SMEM; each CTA reads its row's chunks from HBM into
   registers, one element a thread at a time (any alignment), twice (statistics,
   then write; once for rows of a few chunks, held in registers), and stores the
-  output the same way.
+  output the same way. With ``Config.ragged_bulk_bytes`` (off until timed) the
+  forward moves each row's 16-byte aligned interior by one bulk copy into SMEM
+  and one back (``_ragged_bulk_fwd``): read once.
 
 The losses' kernel, ``row_stats_2d``, is the streamed forward's statistics pass
 alone, for rows of any length (ragged rows: read once into registers): each row
@@ -235,6 +237,14 @@ class Config:
   # 65536 on an H200 (T2249Z); in float32 0.98-1.00x, so off there. Checked
   # against float64 (4 eps forward, 8 backward) in every variant that used it.
   approx_math: bool | None = None
+  # Ragged rows (not a multiple of 16 bytes), forward: rows of up to this many
+  # input bytes read once by a bulk copy (``cp.async.bulk``, no tensor map) of
+  # their 16-byte aligned interior into SMEM, their few elements before and
+  # after it loaded directly; the interior is written back by one bulk store
+  # (``_ragged_bulk_fwd``). 0 (the default): ragged rows past
+  # ``RAGGED_HELD_CHUNKS`` are read twice element by element (4096 x 50257 at
+  # 57-62% of copy on the H100, T0116Z). Off until timed.
+  ragged_bulk_bytes: int = 0
   interpret: bool = False
 
 
@@ -1617,8 +1627,11 @@ def _ragged_row_stats(get, loop, nc: int, ov: int, skip_shared, acc: _Acc):
 
 def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
   """``softmax_fwd_2d`` for ragged rows: each row read twice (once if it is held,
-  ``RAGGED_HELD_CHUNKS``), written once; the lse too if ``stat``."""
+  ``RAGGED_HELD_CHUNKS``, or bulk copied, ``Config.ragged_bulk_bytes``), written
+  once; the lse too if ``stat``."""
   rows, cols = x.shape
+  if _bulk_interior(cols, x.dtype, cfg):
+    return _ragged_bulk_fwd(x, log, stat, cfg)
   nc, ov, chunk, load, skip_shared, acc = _ragged_chunks(cols, cfg)
   out_type = (jax.ShapeDtypeStruct(x.shape, x.dtype),)
   if stat:
@@ -1643,6 +1656,114 @@ def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
 
   out = _ragged(_name(log, False, "ragged"), [x], out_type, cfg, body)
   return out[0], out[1][:, :1] if stat else None
+
+
+def _bulk_interior(cols: int, dtype, cfg: Config) -> int:
+  """The elements of a ragged row's interior that ``_ragged_bulk_fwd`` bulk copies
+  (``Config.ragged_bulk_bytes``; 0 where it does not): a multiple of WARPGROUP
+  bytes (what Mosaic GPU's copies take) within the row from its first 16-byte
+  aligned element, whatever that is. At least 2 chunks of WARPGROUP elements,
+  at most the budget."""
+  size = jnp.dtype(dtype).itemsize
+  unit = WARPGROUP // size
+  n = (cols - (16 // size - 1)) // unit * unit
+  if n < 2 * WARPGROUP or n * size > cfg.ragged_bulk_bytes:
+    return 0
+  return n
+
+
+def _bulk_lead(base, dtype):
+  """Elements from flat index ``base`` to the first 16-byte aligned one (the
+  array's start is aligned): 0 to ``16 // itemsize - 1``."""
+  per16 = 16 // jnp.dtype(dtype).itemsize
+  return (per16 - base % per16) % per16
+
+
+# What a contiguous copy past 256 elements needs to be one bulk copy (jax 0.10
+# and 0.11): the promise that it stays in bounds.
+_OOB = getattr(plgpu, "OOBFillMode", None)
+_IN_BOUNDS = {} if _OOB is None else {"oob_mode": _OOB.PROMISE_IN_BOUNDS}
+
+
+def _ragged_bulk_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
+  """``softmax_fwd_2d`` for ragged rows that fit ``Config.ragged_bulk_bytes``:
+  each row read once and written once. Row r starts at element ``r * cols`` of
+  the flat array; its interior (``_bulk_interior``: n elements from the first
+  16-byte aligned one, ``lead`` elements in) moves between HBM and SMEM by one
+  bulk copy each way, which needs no 16-byte row pitch, only 16-byte aligned
+  ends. The row's first and last WARPGROUP elements are loaded directly, one a
+  thread (the lead, under 16 bytes, and the tail, under 16 + WARPGROUP bytes,
+  are what they add; the rest of each window is the interior again, masked out
+  of the statistics and written with the same values)."""
+  rows, cols = x.shape
+  dtype = x.dtype
+  n = _bulk_interior(cols, dtype, cfg)
+  kb = min(max(WARPGROUP, cfg.chunk_elems // WARPGROUP * WARPGROUP), n // WARPGROUP * WARPGROUP)
+  p = Plan(n1=n, w=1, kb=kb, fits=True)  # the interior in SMEM, as chunks of kb
+  vec = 8 // dtype.itemsize  # (as _strided)
+  while kb % (vec * WARPGROUP):
+    vec //= 2
+  lay = plgpu.Layout.WG_STRIDED((kb,), vec_size=vec)
+  win = plgpu.Layout.WG_STRIDED((WARPGROUP,), vec_size=1)
+  load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
+  load_win = partial(_load_f32, layout=win, interpret=cfg.interpret)
+  acc = _Acc.of(cfg, p.nc, (kb,), lay)
+  flat = x.reshape(rows * cols)
+  out_type = (jax.ShapeDtypeStruct(flat.shape, dtype),)
+  if stat:
+    out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
+
+  def body(num_ctas, x_gmem, o_gmem, *refs):
+    *lse_gmem, buf, bar = refs
+
+    def one_row(row):
+      base = row * cols
+      lead = _bulk_lead(base, dtype)
+      interior = pl.ds(base + lead, n)
+      # (In bounds: a bulk copy, not a tensor map's boxes of at most 256.)
+      plgpu.copy_gmem_to_smem(x_gmem.at[interior], buf, bar.at[0], **_IN_BOUNDS)
+      # The windows, while the copy runs: elements lead.. and ..tail are interior.
+      head_at, tail_at = pl.ds(base, WARPGROUP), pl.ds(base + cols - WARPGROUP, WARPGROUP)
+      head, tail = load_win(x_gmem.at[head_at]), load_win(x_gmem.at[tail_at])
+      i = _iota((WARPGROUP,), win, cfg.interpret)
+      own_head = i < lead
+      own_tail = i >= lead + n - (cols - WARPGROUP)
+      md = tuple(
+        _online_stats(-jnp.inf, jnp.float32(0.0), jnp.where(own, v, -jnp.inf))
+        for own, v in ((own_head, head), (own_tail, tail))
+      )
+      plgpu.barrier_wait(bar.at[0])
+
+      def chunk(j):
+        return _skip_shared(p, j, load(_chunk(p, buf, j)), -jnp.inf, lay, cfg.interpret)
+
+      plain = p.nc - (p.ov > 0)
+      a = jax.lax.fori_loop(0, plain, lambda j, a: acc.fwd_fold(a, chunk(j)), acc.fwd_init())
+      a = acc.fwd_fold(a, chunk(p.nc - 1)) if p.ov else a
+      m, d = _merge_stats(_merge_stats(acc.fwd_done(a), md[0]), md[1])
+
+      out = lambda v: _fwd_out(v, m, d, log).astype(dtype)  # noqa: E731
+
+      def write(j, c):
+        ref = _chunk(p, buf, j)
+        ref[...] = out(load(ref))
+        return c
+
+      _in_place(p, write, partial(_chunk, p, buf), lambda ref: out(load(ref)))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(buf, o_gmem.at[interior])
+      # (The windows' interior elements get the bulk store's values again.)
+      o_gmem.at[head_at][...] = out(head)
+      o_gmem.at[tail_at][...] = out(tail)
+      if stat:
+        lse_gmem[0].at[row][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
+      _drain(cfg)
+
+    _row_loop(rows, num_ctas, one_row)
+
+  scratch = [plgpu.SMEM((n,), dtype), plgpu.Barrier(num_barriers=1)]
+  res = _kernel(_name(log, False, "ragged_bulk"), rows, cfg, out_type, scratch, body)(flat)
+  return res[0].reshape(rows, cols), res[1][:, :1] if stat else None
 
 
 def _ragged_stats(x: jax.Array, cfg: Config):
