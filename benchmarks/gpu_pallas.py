@@ -59,10 +59,10 @@ In this order:
 5. tuning data for the next change: the Mosaic GPU kernels called directly with
    a few ``gpu.Config`` variants (``VARIANTS``: row statistics in two passes on
    16-bit rows kept whole; the forward's streamed 16-bit rows in the old 8 KiB
-   chunks, and all 16-bit rows in chunks of 8192 elements; ragged rows' forward
-   by bulk copies; log_softmax's backward with its pairs of rows past 64 KiB
-   split in two, or with its live flag in a pass of its own, the old default;
-   streamed rows shared by clusters of 2), in child processes, within
+   chunks, and all 16-bit rows in chunks of 8192 elements; ragged rows by bulk
+   copies; log_softmax's backward with its pairs of rows past 64 KiB split in
+   two, or with its live flag in a pass of its own, the old default; streamed
+   rows shared by clusters of 2), in child processes, within
    ``--variants-timeout`` seconds (a cell that hangs is killed after 60 s and a
    new child goes on with the rest), each checked against float64 as in step 1
    (softmax and log_softmax, whose first row is then all -inf) before softmax
@@ -784,9 +784,11 @@ def _pairs_split(dtype: str):
 # by dtype name, when the variant suits only those dtypes.
 VARIANTS = {
   "default": (lambda: gpu.Config(), [VOCAB, RAGGED, HELD[0], LONG[1], HELD[1], LONG[0]]),
-  # Ragged rows' forward by bulk copies of their aligned interior, read once
-  # (``Config.ragged_bulk_bytes``), where the default reads them twice element
-  # by element (57-62% of copy on the H100, T0116Z). New: first run on a GPU.
+  # Ragged rows by bulk copies of their aligned interior, read once
+  # (``Config.ragged_bulk_bytes``): the forward, and the backward's 16-bit pairs
+  # (float32's, 2 x 196 KiB, do not fit), where the default reads them twice
+  # element by element (54-62% of copy on the H100, T0116Z). New: first run on
+  # a GPU.
   "ragged rows: bulk copies": (lambda: gpu.Config(ragged_bulk_bytes=200 * 1024), [RAGGED]),
   # log_softmax (a name starting LOG, timed with the default's log_softmax)
   # with its backward's live flag in a pass of its own over l, the default
@@ -885,7 +887,8 @@ def _paths(shape, dtype, cfg) -> str:
   """Which kernel path the forward and the backward take (``gpu.route``)."""
   p = gpu.plan(shape[1], dtype, cfg)
   if isinstance(p, str):  # (ragged rows)
-    return f"{'ragged bulk' if gpu._bulk_interior(shape[1], dtype, cfg) else 'ragged'} / ragged"
+    fwd, bwd = (gpu._bulk_interior(shape[1], dtype, cfg, arrays=k) for k in (1, 2))
+    return f"{'ragged bulk' if fwd else 'ragged'} / {'ragged bulk' if bwd else 'ragged'}"
   (fk, fn), (bk, bn) = (gpu.route(shape[0], p, dtype, cfg, b) for b in (False, True))
   show = lambda kind, n: kind if n == 1 else f"{kind} {n}"  # noqa: E731
   return f"{show(fk, fn)} / {show(bk, bn)}"

@@ -254,8 +254,8 @@ GPU_OVERLAP_LIVE_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_from_l=False))
 # row. (Row blocks share the code; they are lowered below.)
 GPU_ROWSUM_FLAG = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=True))
 GPU_FLAG_PASS = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=False))
-# Ragged rows' forward through a bulk copy of their 16-byte aligned interior
-# (Config.ragged_bulk_bytes): the six rows start 0-3 float32 (0-7 16-bit)
+# Ragged rows through bulk copies of their 16-byte aligned interior, forward and
+# backward (Config.ragged_bulk_bytes): the six rows start 0-3 float32 (0-7 16-bit)
 # elements before an aligned one, so each lead occurs; 4097 columns are an
 # interior of 4064 float32 (4032 16-bit) in chunks of 1024, the last
 # overlapping, and a tail of 30-33 (58-65); 1001 are 992 (960) in two chunks.
@@ -952,15 +952,20 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   for base in range(3 * 16 // size):
     lead = int(gpu._bulk_lead(jnp.int32(base), dtype))
     assert 0 <= lead < 16 // size and (base + lead) * size % 16 == 0, (base, lead)
-  # The forward's bulk copies (Config.ragged_bulk_bytes): 4097 and 50257
-  # columns (129 have too short an interior, and keep the direct loads).
+  # Bulk copies (Config.ragged_bulk_bytes, 200 KiB): the forward at 4097 and
+  # 50257 columns (129 have too short an interior, and keep the direct loads),
+  # the backward's pairs at 4097, and at 50257 in 16 bits (2 x 98 KiB; float32's
+  # 2 x 196 KiB keep the direct loads).
   bulk = _gpu_kernels(ragged_bulk_bytes=200 * 1024)
   _lowers(bulk, "cuda", dtype, RAGGED_SHAPES)
-  for shape, name in zip(RAGGED_SHAPES, ("ragged", "ragged_bulk", "ragged_bulk"), strict=True):
+  wide = "ragged" if size == 4 else "ragged_bulk"
+  paths = [("ragged", "ragged"), ("ragged_bulk", "ragged_bulk"), ("ragged_bulk", wide)]
+  for shape, (fwd, bwd) in zip(RAGGED_SHAPES, paths, strict=True):
     x = jax.ShapeDtypeStruct(shape, dtype)
     f = lambda x: bulk.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
-    text = _cuda_module(f, x)
-    assert re.search(rf"jaxsoftmax_softmax_fwd_{name}(?=_mosaic|\b)", text), shape
+    b = lambda x: bulk.softmax_bwd_2d(x, x, log=False)  # noqa: E731
+    for name, text in [(f"fwd_{fwd}", _cuda_module(f, x)), (f"bwd_{bwd}", _cuda_module(b, x))]:
+      assert re.search(rf"jaxsoftmax_softmax_{name}(?=_mosaic|\b)", text), (shape, name)
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
 
 

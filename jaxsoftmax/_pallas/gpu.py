@@ -40,9 +40,9 @@ their parts do, and streams them twice otherwise.
   columns): no TMA and no SMEM; each CTA reads its row's chunks from HBM into
   registers, one element a thread at a time (any alignment), twice (statistics,
   then write; once for rows of a few chunks, held in registers), and stores the
-  output the same way. With ``Config.ragged_bulk_bytes`` (off until timed) the
-  forward moves each row's 16-byte aligned interior by one bulk copy into SMEM
-  and one back (``_ragged_bulk_fwd``): read once.
+  output the same way. With ``Config.ragged_bulk_bytes`` (off until timed) each
+  row's 16-byte aligned interior (and in the backward g's) moves by one bulk copy
+  into SMEM and one back (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``): read once.
 
 The losses' kernel, ``row_stats_2d``, is the streamed forward's statistics pass
 alone, for rows of any length (ragged rows: read once into registers): each row
@@ -237,13 +237,14 @@ class Config:
   # 65536 on an H200 (T2249Z); in float32 0.98-1.00x, so off there. Checked
   # against float64 (4 eps forward, 8 backward) in every variant that used it.
   approx_math: bool | None = None
-  # Ragged rows (not a multiple of 16 bytes), forward: rows of up to this many
-  # input bytes read once by a bulk copy (``cp.async.bulk``, no tensor map) of
-  # their 16-byte aligned interior into SMEM, their few elements before and
-  # after it loaded directly; the interior is written back by one bulk store
-  # (``_ragged_bulk_fwd``). 0 (the default): ragged rows past
-  # ``RAGGED_HELD_CHUNKS`` are read twice element by element (4096 x 50257 at
-  # 57-62% of copy on the H100, T0116Z). Off until timed.
+  # Ragged rows (not a multiple of 16 bytes): rows (the backward: pairs of
+  # rows) of up to this many input bytes read once by a bulk copy
+  # (``cp.async.bulk``, no tensor map) of their 16-byte aligned interior into
+  # SMEM, their few elements before and after it loaded directly; the interior
+  # is written back by one bulk store (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``).
+  # 0 (the default): ragged rows past ``RAGGED_HELD_CHUNKS`` are read twice
+  # element by element (4096 x 50257 at 54-62% of copy on the H100, T0116Z).
+  # Off until timed.
   ragged_bulk_bytes: int = 0
   interpret: bool = False
 
@@ -1658,18 +1659,72 @@ def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
   return out[0], out[1][:, :1] if stat else None
 
 
-def _bulk_interior(cols: int, dtype, cfg: Config) -> int:
-  """The elements of a ragged row's interior that ``_ragged_bulk_fwd`` bulk copies
-  (``Config.ragged_bulk_bytes``; 0 where it does not): a multiple of WARPGROUP
-  bytes (what Mosaic GPU's copies take) within the row from its first 16-byte
-  aligned element, whatever that is. At least 2 chunks of WARPGROUP elements,
-  at most the budget."""
+def _bulk_interior(cols: int, dtype, cfg: Config, arrays: int = 1) -> int:
+  """The elements of a ragged row's interior that ``_ragged_bulk_fwd`` (``arrays``
+  1) or ``_ragged_bulk_bwd`` (2: l or s, and g) bulk copies
+  (``Config.ragged_bulk_bytes``, for all of them; 0 where it does not): a
+  multiple of WARPGROUP bytes (what Mosaic GPU's copies take) within the row
+  from its first 16-byte aligned element, whatever that is. At least 2 chunks
+  of WARPGROUP elements."""
   size = jnp.dtype(dtype).itemsize
   unit = WARPGROUP // size
   n = (cols - (16 // size - 1)) // unit * unit
-  if n < 2 * WARPGROUP or n * size > cfg.ragged_bulk_bytes:
+  if n < 2 * WARPGROUP or arrays * n * size > cfg.ragged_bulk_bytes:
     return 0
   return n
+
+
+class _Bulk(NamedTuple):
+  """How ``_ragged_bulk_fwd`` and ``_ragged_bulk_bwd`` see rows of ``cols``
+  elements: the interior (``_bulk_interior``) as a ``Plan`` of chunks of ``kb``
+  elements in SMEM (``w = 1``) and their layout, and the windows' layout (the
+  row's first and last WARPGROUP elements, loaded directly, one a thread)."""
+
+  cols: int
+  p: Plan
+  lay: object
+  win: object
+  interpret: bool
+
+  @classmethod
+  def of(cls, cols: int, n: int, dtype, cfg: Config) -> _Bulk:
+    kb = min(max(WARPGROUP, cfg.chunk_elems // WARPGROUP * WARPGROUP), n // WARPGROUP * WARPGROUP)
+    vec = 8 // jnp.dtype(dtype).itemsize  # (as _strided)
+    while kb % (vec * WARPGROUP):
+      vec //= 2
+    lay = plgpu.Layout.WG_STRIDED((kb,), vec_size=vec)
+    win = plgpu.Layout.WG_STRIDED((WARPGROUP,), vec_size=1)
+    return cls(cols, Plan(n1=n, w=1, kb=kb, fits=True), lay, win, cfg.interpret)
+
+  def spans(self, row, dtype):
+    """Row ``row``'s interior, head window and tail window in the flat array
+    (row r starts at ``r * cols``), and which elements of each window are the
+    row's own (the lead before the interior, the tail after it)."""
+    base = row * self.cols
+    lead = _bulk_lead(base, dtype)
+    n = self.p.n1
+    head, tail = pl.ds(base, WARPGROUP), pl.ds(base + self.cols - WARPGROUP, WARPGROUP)
+    i = _iota((WARPGROUP,), self.win, self.interpret)
+    return pl.ds(base + lead, n), (head, i < lead), (tail, i >= lead + n - (self.cols - WARPGROUP))
+
+  def load(self, ref):
+    return _load_f32(ref, self.lay, self.interpret)
+
+  def load_win(self, ref):
+    return _load_f32(ref, self.win, self.interpret)
+
+  def chunk(self, ref, j):
+    return _chunk(self.p, ref, j)
+
+  def fresh(self, j, v, fill):
+    """Chunk j for a row statistic: its part shared with chunk j - 1 ``fill``."""
+    return _skip_shared(self.p, j, v, fill, self.lay, self.interpret)
+
+  def fold(self, f, init):
+    """``f(carry, j)`` over the interior's chunks (an overlapping last one after the loop)."""
+    p = self.p
+    a = jax.lax.fori_loop(0, p.nc - (p.ov > 0), lambda j, a: f(a, j), init)
+    return f(a, p.nc - 1) if p.ov else a
 
 
 def _bulk_lead(base, dtype):
@@ -1687,29 +1742,18 @@ _IN_BOUNDS = {} if _OOB is None else {"oob_mode": _OOB.PROMISE_IN_BOUNDS}
 
 def _ragged_bulk_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
   """``softmax_fwd_2d`` for ragged rows that fit ``Config.ragged_bulk_bytes``:
-  each row read once and written once. Row r starts at element ``r * cols`` of
-  the flat array; its interior (``_bulk_interior``: n elements from the first
-  16-byte aligned one, ``lead`` elements in) moves between HBM and SMEM by one
-  bulk copy each way, which needs no 16-byte row pitch, only 16-byte aligned
+  each row read once and written once. Its interior (``_bulk_interior``: n
+  elements from the first 16-byte aligned one) moves between HBM and SMEM by
+  one bulk copy each way, which needs no 16-byte row pitch, only 16-byte aligned
   ends. The row's first and last WARPGROUP elements are loaded directly, one a
   thread (the lead, under 16 bytes, and the tail, under 16 + WARPGROUP bytes,
   are what they add; the rest of each window is the interior again, masked out
   of the statistics and written with the same values)."""
   rows, cols = x.shape
   dtype = x.dtype
-  n = _bulk_interior(cols, dtype, cfg)
-  kb = min(max(WARPGROUP, cfg.chunk_elems // WARPGROUP * WARPGROUP), n // WARPGROUP * WARPGROUP)
-  p = Plan(n1=n, w=1, kb=kb, fits=True)  # the interior in SMEM, as chunks of kb
-  vec = 8 // dtype.itemsize  # (as _strided)
-  while kb % (vec * WARPGROUP):
-    vec //= 2
-  lay = plgpu.Layout.WG_STRIDED((kb,), vec_size=vec)
-  win = plgpu.Layout.WG_STRIDED((WARPGROUP,), vec_size=1)
-  load = partial(_load_f32, layout=lay, interpret=cfg.interpret)
-  load_win = partial(_load_f32, layout=win, interpret=cfg.interpret)
-  acc = _Acc.of(cfg, p.nc, (kb,), lay)
-  flat = x.reshape(rows * cols)
-  out_type = (jax.ShapeDtypeStruct(flat.shape, dtype),)
+  bk = _Bulk.of(cols, _bulk_interior(cols, dtype, cfg), dtype, cfg)
+  acc = _Acc.of(cfg, bk.p.nc, (bk.p.kb,), bk.lay)
+  out_type = (jax.ShapeDtypeStruct((rows * cols,), dtype),)
   if stat:
     out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
 
@@ -1717,53 +1761,104 @@ def _ragged_bulk_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
     *lse_gmem, buf, bar = refs
 
     def one_row(row):
-      base = row * cols
-      lead = _bulk_lead(base, dtype)
-      interior = pl.ds(base + lead, n)
+      interior, *windows = bk.spans(row, dtype)
       # (In bounds: a bulk copy, not a tensor map's boxes of at most 256.)
       plgpu.copy_gmem_to_smem(x_gmem.at[interior], buf, bar.at[0], **_IN_BOUNDS)
-      # The windows, while the copy runs: elements lead.. and ..tail are interior.
-      head_at, tail_at = pl.ds(base, WARPGROUP), pl.ds(base + cols - WARPGROUP, WARPGROUP)
-      head, tail = load_win(x_gmem.at[head_at]), load_win(x_gmem.at[tail_at])
-      i = _iota((WARPGROUP,), win, cfg.interpret)
-      own_head = i < lead
-      own_tail = i >= lead + n - (cols - WARPGROUP)
-      md = tuple(
+      # The windows, while the copy runs.
+      vs = [bk.load_win(x_gmem.at[at]) for at, _ in windows]
+      mds = [
         _online_stats(-jnp.inf, jnp.float32(0.0), jnp.where(own, v, -jnp.inf))
-        for own, v in ((own_head, head), (own_tail, tail))
-      )
+        for v, (_, own) in zip(vs, windows, strict=True)
+      ]
       plgpu.barrier_wait(bar.at[0])
-
-      def chunk(j):
-        return _skip_shared(p, j, load(_chunk(p, buf, j)), -jnp.inf, lay, cfg.interpret)
-
-      plain = p.nc - (p.ov > 0)
-      a = jax.lax.fori_loop(0, plain, lambda j, a: acc.fwd_fold(a, chunk(j)), acc.fwd_init())
-      a = acc.fwd_fold(a, chunk(p.nc - 1)) if p.ov else a
-      m, d = _merge_stats(_merge_stats(acc.fwd_done(a), md[0]), md[1])
-
+      chunk = lambda a, j: acc.fwd_fold(a, bk.fresh(j, bk.load(bk.chunk(buf, j)), -jnp.inf))  # noqa: E731
+      m, d = _merge_stats(
+        _merge_stats(acc.fwd_done(bk.fold(chunk, acc.fwd_init())), mds[0]), mds[1]
+      )
       out = lambda v: _fwd_out(v, m, d, log).astype(dtype)  # noqa: E731
 
       def write(j, c):
-        ref = _chunk(p, buf, j)
-        ref[...] = out(load(ref))
+        ref = bk.chunk(buf, j)
+        ref[...] = out(bk.load(ref))
         return c
 
-      _in_place(p, write, partial(_chunk, p, buf), lambda ref: out(load(ref)))
+      _in_place(bk.p, write, partial(bk.chunk, buf), lambda ref: out(bk.load(ref)))
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(buf, o_gmem.at[interior])
-      # (The windows' interior elements get the bulk store's values again.)
-      o_gmem.at[head_at][...] = out(head)
-      o_gmem.at[tail_at][...] = out(tail)
+      for v, (at, _) in zip(vs, windows, strict=True):  # (their interior part again, alike)
+        o_gmem.at[at][...] = out(v)
       if stat:
         lse_gmem[0].at[row][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
       _drain(cfg)
 
     _row_loop(rows, num_ctas, one_row)
 
-  scratch = [plgpu.SMEM((n,), dtype), plgpu.Barrier(num_barriers=1)]
-  res = _kernel(_name(log, False, "ragged_bulk"), rows, cfg, out_type, scratch, body)(flat)
+  scratch = [plgpu.SMEM((bk.p.n1,), dtype), plgpu.Barrier(num_barriers=1)]
+  name = _name(log, False, "ragged_bulk")
+  res = _kernel(name, rows, cfg, out_type, scratch, body)(x.reshape(rows * cols))
   return res[0].reshape(rows, cols), res[1][:, :1] if stat else None
+
+
+def _ragged_bulk_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
+  """``softmax_bwd_2d`` for ragged rows whose pair (``y`` and ``g``) fits
+  ``Config.ragged_bulk_bytes``: each row of both read once, dx written once, as
+  ``_ragged_bulk_fwd`` moves them (dx in place of g in SMEM)."""
+  rows, cols = y.shape
+  dtype = y.dtype
+  bk = _Bulk.of(cols, _bulk_interior(cols, dtype, cfg, arrays=2), dtype, cfg)
+  acc_of = _Acc.of(cfg, bk.p.nc, (bk.p.kb,), bk.lay)
+  args = [y.reshape(rows * cols), g.reshape(rows * cols)]
+  if log:
+    args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
+  flag_layout = plgpu.Layout.WG_STRIDED((WARPGROUP,), vec_size=1)
+  grad = partial(_bwd_grad, log=log)
+
+  def body(num_ctas, y_gmem, g_gmem, *refs):
+    *live_gmem, o_gmem, ybuf, gbuf, bars = refs
+
+    def one_row(row):
+      interior, *windows = bk.spans(row, dtype)
+      for k, (gmem, buf) in enumerate(((y_gmem, ybuf), (g_gmem, gbuf))):
+        plgpu.copy_gmem_to_smem(gmem.at[interior], buf, bars.at[k], **_IN_BOUNDS)
+      vs = [(bk.load_win(y_gmem.at[at]), bk.load_win(g_gmem.at[at])) for at, _ in windows]
+      outside = sum(
+        jnp.sum(jnp.where(own, _bwd_term(yv, gv, log=log), 0.0))
+        for (yv, gv), (_, own) in zip(vs, windows, strict=True)
+      )
+      flag = None
+      if log:
+        flag = jnp.max(_load_f32(live_gmem[0].at[row], flag_layout, cfg.interpret))
+      plgpu.barrier_wait(bars.at[0])
+      plgpu.barrier_wait(bars.at[1])
+
+      def chunk_sum(a, j):
+        yc, gc = (bk.fresh(j, bk.load(bk.chunk(b, j)), 0.0) for b in (ybuf, gbuf))
+        return acc_of.bwd_fold(a, yc, gc, log=log)
+
+      acc = acc_of.bwd_done(bk.fold(chunk_sum, acc_of.bwd_init())) + outside
+
+      def write(j, c):
+        ref = bk.chunk(gbuf, j)
+        ref[...] = grad(bk.load(bk.chunk(ybuf, j)), bk.load(ref), acc, flag).astype(dtype)
+        return c
+
+      def last_dx(g_ref):
+        yc = bk.load(bk.chunk(ybuf, bk.p.nc - 1))
+        return grad(yc, bk.load(g_ref), acc, flag).astype(dtype)
+
+      _in_place(bk.p, write, partial(bk.chunk, gbuf), last_dx)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[interior])
+      for (yv, gv), (at, _) in zip(vs, windows, strict=True):  # (their interior part again)
+        o_gmem.at[at][...] = grad(yv, gv, acc, flag).astype(dtype)
+      _drain(cfg)
+
+    _row_loop(rows, num_ctas, one_row)
+
+  scratch = [plgpu.SMEM((bk.p.n1,), dtype)] * 2 + [plgpu.Barrier(num_barriers=2)]
+  out_type = jax.ShapeDtypeStruct((rows * cols,), dtype)
+  dx = _kernel(_name(log, True, "ragged_bulk"), rows, cfg, out_type, scratch, body)(*args)
+  return dx.reshape(rows, cols)
 
 
 def _ragged_stats(x: jax.Array, cfg: Config):
@@ -1783,9 +1878,11 @@ def _ragged_stats(x: jax.Array, cfg: Config):
 
 
 def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
-  """``softmax_bwd_2d`` for ragged rows: ``y`` and ``g`` read twice (once if held),
-  ``dx`` written once."""
+  """``softmax_bwd_2d`` for ragged rows: ``y`` and ``g`` read twice (once if held,
+  or bulk copied, ``Config.ragged_bulk_bytes``), ``dx`` written once."""
   rows, cols = y.shape
+  if _bulk_interior(cols, y.dtype, cfg, arrays=2):
+    return _ragged_bulk_bwd(y, g, live, log, cfg)
   nc, ov, chunk, load, skip_shared, acc_of = _ragged_chunks(cols, cfg)
   args = [y, g]
   if log:
