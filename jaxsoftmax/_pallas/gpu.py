@@ -528,8 +528,8 @@ def sm_count() -> int:
 
 def _strided(shape, dtype):
   """The layout Mosaic GPU gives a plain SMEM load of this shape and dtype."""
-  vec = min(8 // jnp.dtype(dtype).itemsize, (shape[0] * shape[1]) // WARPGROUP)
-  while (shape[0] * shape[1]) % (vec * WARPGROUP):
+  vec = min(8 // jnp.dtype(dtype).itemsize, math.prod(shape) // WARPGROUP)
+  while math.prod(shape) % (vec * WARPGROUP):
     vec //= 2
   return plgpu.Layout.WG_STRIDED(shape, vec_size=vec)
 
@@ -859,10 +859,10 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool
       cfg, chunk_elems=2 * cfg.chunk_elems, stream_bytes=2 * cfg.stream_bytes
     )
     wide_p = plan(cols, dtype, wide)
+    wide_route = route(rows, wide_p, dtype, wide)
     # (Fewer chunks could let a row split; then it keeps its own chunks.)
-    if route(rows, wide_p, dtype, wide)[0] == "streamed":
-      cfg, p = wide, wide_p
-      kind, size = route(rows, p, dtype, cfg)
+    if wide_route[0] == "streamed":
+      cfg, p, (kind, size) = wide, wide_p, wide_route
   name = _name(log, False, kind)
   long_fwd = kind in ("split", "streamed")
   whole_16bit = not long_fwd and dtype.itemsize == 2
@@ -1631,8 +1631,8 @@ def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
   ``RAGGED_HELD_CHUNKS``, or bulk copied, ``Config.ragged_bulk_bytes``), written
   once; the lse too if ``stat``."""
   rows, cols = x.shape
-  if _bulk_interior(cols, x.dtype, cfg):
-    return _ragged_bulk_fwd(x, log, stat, cfg)
+  if n := _bulk_interior(cols, x.dtype, cfg):
+    return _ragged_bulk_fwd(x, n, log, stat, cfg)
   nc, ov, chunk, load, skip_shared, acc = _ragged_chunks(cols, cfg)
   out_type = (jax.ShapeDtypeStruct(x.shape, x.dtype),)
   if stat:
@@ -1689,12 +1689,8 @@ class _Bulk(NamedTuple):
   @classmethod
   def of(cls, cols: int, n: int, dtype, cfg: Config) -> _Bulk:
     kb = min(max(WARPGROUP, cfg.chunk_elems // WARPGROUP * WARPGROUP), n // WARPGROUP * WARPGROUP)
-    vec = 8 // jnp.dtype(dtype).itemsize  # (as _strided)
-    while kb % (vec * WARPGROUP):
-      vec //= 2
-    lay = plgpu.Layout.WG_STRIDED((kb,), vec_size=vec)
     win = plgpu.Layout.WG_STRIDED((WARPGROUP,), vec_size=1)
-    return cls(cols, Plan(n1=n, w=1, kb=kb, fits=True), lay, win, cfg.interpret)
+    return cls(cols, Plan(n1=n, w=1, kb=kb, fits=True), _strided((kb,), dtype), win, cfg.interpret)
 
   def spans(self, row, dtype):
     """Row ``row``'s interior, head window and tail window in the flat array
@@ -1740,9 +1736,9 @@ _OOB = getattr(plgpu, "OOBFillMode", None)
 _IN_BOUNDS = {} if _OOB is None else {"oob_mode": _OOB.PROMISE_IN_BOUNDS}
 
 
-def _ragged_bulk_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
+def _ragged_bulk_fwd(x: jax.Array, n: int, log: bool, stat: bool, cfg: Config):
   """``softmax_fwd_2d`` for ragged rows that fit ``Config.ragged_bulk_bytes``:
-  each row read once and written once. Its interior (``_bulk_interior``: n
+  each row read once and written once. Its interior (``_bulk_interior``: ``n``
   elements from the first 16-byte aligned one) moves between HBM and SMEM by
   one bulk copy each way, which needs no 16-byte row pitch, only 16-byte aligned
   ends. The row's first and last WARPGROUP elements are loaded directly, one a
@@ -1751,7 +1747,7 @@ def _ragged_bulk_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
   of the statistics and written with the same values)."""
   rows, cols = x.shape
   dtype = x.dtype
-  bk = _Bulk.of(cols, _bulk_interior(cols, dtype, cfg), dtype, cfg)
+  bk = _Bulk.of(cols, n, dtype, cfg)
   acc = _Acc.of(cfg, bk.p.nc, (bk.p.kb,), bk.lay)
   out_type = (jax.ShapeDtypeStruct((rows * cols,), dtype),)
   if stat:
@@ -1799,18 +1795,18 @@ def _ragged_bulk_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
   return res[0].reshape(rows, cols), res[1][:, :1] if stat else None
 
 
-def _ragged_bulk_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
+def _ragged_bulk_bwd(y: jax.Array, g: jax.Array, live, n: int, log: bool, cfg: Config):
   """``softmax_bwd_2d`` for ragged rows whose pair (``y`` and ``g``) fits
   ``Config.ragged_bulk_bytes``: each row of both read once, dx written once, as
-  ``_ragged_bulk_fwd`` moves them (dx in place of g in SMEM)."""
+  ``_ragged_bulk_fwd`` moves them (the interiors' ``n`` elements; dx in place of
+  g in SMEM)."""
   rows, cols = y.shape
   dtype = y.dtype
-  bk = _Bulk.of(cols, _bulk_interior(cols, dtype, cfg, arrays=2), dtype, cfg)
+  bk = _Bulk.of(cols, n, dtype, cfg)
   acc_of = _Acc.of(cfg, bk.p.nc, (bk.p.kb,), bk.lay)
   args = [y.reshape(rows * cols), g.reshape(rows * cols)]
   if log:
     args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
-  flag_layout = plgpu.Layout.WG_STRIDED((WARPGROUP,), vec_size=1)
   grad = partial(_bwd_grad, log=log)
 
   def body(num_ctas, y_gmem, g_gmem, *refs):
@@ -1827,7 +1823,7 @@ def _ragged_bulk_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
       )
       flag = None
       if log:
-        flag = jnp.max(_load_f32(live_gmem[0].at[row], flag_layout, cfg.interpret))
+        flag = jnp.max(bk.load_win(live_gmem[0].at[row]))  # (a row of WARPGROUP)
       plgpu.barrier_wait(bars.at[0])
       plgpu.barrier_wait(bars.at[1])
 
@@ -1881,8 +1877,8 @@ def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
   """``softmax_bwd_2d`` for ragged rows: ``y`` and ``g`` read twice (once if held,
   or bulk copied, ``Config.ragged_bulk_bytes``), ``dx`` written once."""
   rows, cols = y.shape
-  if _bulk_interior(cols, y.dtype, cfg, arrays=2):
-    return _ragged_bulk_bwd(y, g, live, log, cfg)
+  if n := _bulk_interior(cols, y.dtype, cfg, arrays=2):
+    return _ragged_bulk_bwd(y, g, live, n, log, cfg)
   nc, ov, chunk, load, skip_shared, acc_of = _ragged_chunks(cols, cfg)
   args = [y, g]
   if log:
