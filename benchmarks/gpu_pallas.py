@@ -755,7 +755,8 @@ LONG = [(1024, 65536), (128, 262144)]
 #   0.97x forward, 1.00x backward (0.91-0.94x / 0.97-0.98x on the H200): now
 #   the forward's default (``wide_16bit_stream``);
 # - two passes at 4096 x 16384 bfloat16: 1.00x / 0.99x.
-# Timed next: 4096 x 32000, 4096 x 4096, 128 x 262144, 4096 x 16384, 1024 x
+# Timed next: 4096 x 50257 (ragged bulk copies), 4096 x 1024 and 4096 x 4096
+# (short rows in registers), 4096 x 32000, 128 x 262144, 4096 x 16384, 1024 x
 # 65536.
 
 HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
@@ -783,13 +784,24 @@ def _pairs_split(dtype: str):
 # name: (config, the shapes it is timed at); the config may be a dict of them
 # by dtype name, when the variant suits only those dtypes.
 VARIANTS = {
-  "default": (lambda: gpu.Config(), [VOCAB, RAGGED, HELD[0], LONG[1], HELD[1], LONG[0]]),
+  "default": (
+    lambda: gpu.Config(),
+    [RAGGED, HELD[2], HELD[0], VOCAB, LONG[1], HELD[1], LONG[0]],
+  ),
   # Ragged rows by bulk copies of their aligned interior, read once
   # (``Config.ragged_bulk_bytes``): the forward, and the backward's 16-bit pairs
   # (float32's, 2 x 196 KiB, do not fit), where the default reads them twice
   # element by element (54-62% of copy on the H100, T0116Z). New: first run on
   # a GPU.
   "ragged rows: bulk copies": (lambda: gpu.Config(ragged_bulk_bytes=200 * 1024), [RAGGED]),
+  # Short rows held in registers (``Config.register_elems``): 16-byte vector
+  # loads from HBM and stores from registers, no TMA, SMEM or barrier, as XLA's
+  # fused softmax does; where the kernel's forward of rows kept whole in SMEM
+  # took 1.11-1.18x jax.nn's time (4096 x 1024, H100, T0116Z) and 1.00-1.02x at
+  # 4096 x 4096, and log_softmax's bfloat16 backward ran at 36% of copy (4096 x
+  # 1024). 8192 elements: both directions at both shapes. New: first run on a GPU.
+  "short rows: registers": (lambda: gpu.Config(register_elems=8192), HELD[2::-2]),
+  LOG + "short rows: registers": (lambda: gpu.Config(register_elems=8192), HELD[2::-2]),
   # log_softmax (a name starting LOG, timed with the default's log_softmax)
   # with its backward's live flag in a pass of its own over l, the default
   # until T0116Z: whether gathering it in the row sum pays on other GPUs too.

@@ -265,6 +265,12 @@ GPU_FLAG_PASS = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_i
 GPU_RAGGED_BULK = ops.make(
   gpu, gpu.Config(interpret=True, chunk_elems=1024, ragged_bulk_bytes=1 << 20)
 )
+# Short rows held in registers (Config.register_elems), read by 16-byte vectors
+# straight from HBM: 2000 columns in 2 chunks, the last overlapping (float32:
+# 1536 and the last 1536, from 464; 16-bit: 1024 and from 976), both ways; 8192
+# columns, the forward in 4 chunks, the backward's pair (past the budget) kept
+# whole in SMEM, its live flag taken from l, as no lse was written.
+GPU_REGISTERS = ops.make(gpu, gpu.Config(interpret=True, register_elems=8192))
 GPU_STREAM_CLUSTER_8 = ops.make(
   gpu, gpu.Config(**STREAM, **ROW_STATS, stream_cluster=8, reverse_write=False)
 )
@@ -324,6 +330,8 @@ GPU_CASES = [
   (2048, GPU_ROWSUM_FLAG, "2048-fits-rowsum-flag"),
   (4097, GPU_RAGGED_BULK, "4097-ragged-bulk"),
   (1152, GPU_FLAG_PASS, "1152-overlap-fits-flag-pass"),
+  (2000, GPU_REGISTERS, "2000-registers-overlap"),
+  (8192, GPU_REGISTERS, "8192-registers-forward"),
 ]
 # float16 on the paths the defaults take, and the split and streamed forms; the
 # forms that are off by default run in float32 and bfloat16 only, whose 16-bit
@@ -539,6 +547,23 @@ def test_gpu_route():
   assert route(4096, 1024, f32, True, ring_slots=10) == ("ring", 1)
   assert route(4096, 1024, f32, True, ring_slots=11) == ("rows", 1)  # 33 barriers
   assert route(1024, 65536, f32, ring_slots=3) == ("split", 2)  # too long to keep whole
+  # Short rows held in registers (register_elems): up to 4 chunks of 2048
+  # elements, the backward's pair counting twice, and at least one chunk of
+  # 16-byte vectors (512 float32, 1024 16-bit). Off by default.
+  regs = dict(register_elems=8192)
+  assert route(4096, 1024, f32, **regs) == ("registers", 1)
+  assert route(4096, 1024, bf16, True, **regs) == ("registers", 1)
+  assert route(4096, 4096, f32, True, **regs) == ("registers", 2)
+  assert route(64, 2000, f32, **regs) == ("registers", 2)
+  assert route(64, 8192, bf16, **regs) == ("registers", 4)
+  assert route(64, 8192, bf16, True, **regs) == ("rows", 1)  # 2 x 8192 elements
+  assert route(64, 16384, f32, register_elems=1 << 20) == ("rows", 1)  # 8 chunks
+  assert route(64, 512, f32, **regs) == ("registers", 1)
+  assert route(64, 768, bf16, **regs) == ("rows", 1)  # shorter than 1024
+  assert route(4096, 1024, f32) == ("rows", 1)
+  # log_softmax's backward in registers takes its live flag from l.
+  assert not gpu.bwd_reads_live(4096, 1024, f32, gpu.Config(**regs))
+  assert gpu.bwd_reads_live(4096, 1024, f32, gpu.Config(**regs, live_from_l=False))
 
 
 def test_gpu_ring_sizes():
@@ -969,6 +994,29 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
     for name, text in [(f"fwd_{fwd}", _cuda_module(f, x)), (f"bwd_{bwd}", _cuda_module(b, x))]:
       assert re.search(rf"jaxsoftmax_softmax_{name}(?=_mosaic|\b)", text), (shape, name)
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
+
+
+@pytest.mark.parametrize("dtype", OFF_DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gpu_register_kernels_lower_for_cuda(dtype):
+  # Short rows in registers (Config.register_elems): one chunk (4096 x 1024),
+  # two overlapping (2000), the forward's four (8192); with Warpgroup semantics.
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  regs = _gpu_kernels(register_elems=8192)
+  _lowers(regs, "cuda", dtype, [(4096, 1024), (64, 2000), (64, 8192)])
+  wg = _gpu_kernels(register_elems=8192, semantics=plgpu.LoweringSemantics.Warpgroup)
+  _lowers(wg, "cuda", dtype, [(64, 2000)])
+  # Both directions name the path, load 16 bytes a thread at a time, and copy
+  # nothing through SMEM.
+  x = jax.ShapeDtypeStruct((64, 2000), dtype)
+  vec = 16 // jnp.dtype(dtype).itemsize
+  fwd = lambda x: regs.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
+  bwd = lambda x: regs.softmax_bwd_2d(x, x, log=False)  # noqa: E731
+  for f, name in [(fwd, "fwd"), (bwd, "bwd")]:
+    assert re.search(rf"jaxsoftmax_softmax_{name}_registers(?=_mosaic|\b)", _cuda_module(f, x))
+    form = _kernel_form(f, x)
+    assert f"'vec_size': {vec}" in form and "'vec_size': 1}" not in form, name
+    assert "copy_gmem_to_smem" not in form and "SMEM" not in form, name
 
 
 def _kernel_arity(jaxpr) -> list[tuple[int, int]]:

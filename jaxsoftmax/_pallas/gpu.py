@@ -43,6 +43,11 @@ their parts do, and streams them twice otherwise.
   output the same way. With ``Config.ragged_bulk_bytes`` (off until timed) each
   row's 16-byte aligned interior (and in the backward g's) moves by one bulk copy
   into SMEM and one back (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``): read once.
+* **registers** (short rows of a multiple of 16 bytes, off by default,
+  ``Config.register_elems``): the ragged path's held form with 16-byte vector
+  loads and stores: each CTA reads its row (the backward: both rows) from HBM
+  into registers once, reduces it there and stores the output, with no TMA, no
+  SMEM and no barrier.
 
 The losses' kernel, ``row_stats_2d``, is the streamed forward's statistics pass
 alone, for rows of any length (ragged rows: read once into registers): each row
@@ -246,6 +251,17 @@ class Config:
   # element by element (4096 x 50257 at 54-62% of copy on the H100, T0116Z).
   # Off until timed.
   ragged_bulk_bytes: int = 0
+  # Rows of a multiple of 16 bytes with at most this many elements (the
+  # backward: the pair of rows, s or l and g, together) held in registers: the
+  # "registers" path. Each CTA reads its row straight from HBM with 16-byte
+  # vector loads, in at most RAGGED_HELD_CHUNKS chunks (the backward's pair
+  # counts twice), and stores the output from registers: no TMA, no SMEM, no
+  # barrier, no wait for the row's store before the CTA exits. The statistics
+  # take one warpgroup reduction each (max, then normaliser; the backward's row
+  # sum), not two a chunk. For short rows, where the forward kept whole in SMEM
+  # took 1.11-1.18x jax.nn's time at 4096 x 1024 on the H100 (T0116Z: XLA's
+  # fused softmax holds such rows in registers). 0 (the default): off until timed.
+  register_elems: int = 0
   interpret: bool = False
 
 
@@ -415,7 +431,10 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
   CTA; ``("blocks", R)`` R whole rows per CTA; ``("ring", R)`` blocks of R whole
   rows through a ring of SMEM slots in persistent CTAs; ``("split", C)`` rows
   split over clusters of C CTAs; ``("streamed", C)`` rows read twice in chunks,
-  each by a cluster of C CTAs (``stream_cluster``)."""
+  each by a cluster of C CTAs (``stream_cluster``); ``("registers", nc)`` rows
+  held in registers in nc chunks (``Config.register_elems``)."""
+  if nc := register_chunks(p.n1 * p.w, dtype, cfg, 2 if backward else 1):
+    return "registers", nc
   row_bytes = p.n1 * p.w * jnp.dtype(dtype).itemsize
   if backward:
     fits = _whole_copy(p.n1, row_bytes) and 2 * row_bytes <= cfg.bwd_row_bytes
@@ -854,6 +873,9 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool
     return _ragged_fwd(x, log, stat, _resolved(cfg))
   dtype = x.dtype
   kind, size = route(rows, p, dtype, cfg)
+  if kind == "registers":  # (resolved as a 16-bit row kept whole would be)
+    cfg = _resolved(cfg, whole_16bit=dtype.itemsize == 2)
+    return _ragged_fwd(x, log, stat, cfg, vec=16 // dtype.itemsize)
   if kind == "streamed" and dtype.itemsize == 2 and cfg.wide_16bit_stream:
     wide = dataclasses.replace(
       cfg, chunk_elems=2 * cfg.chunk_elems, stream_bytes=2 * cfg.stream_bytes
@@ -1349,7 +1371,8 @@ def _live_mark(lc):
   return jnp.where(lc == -jnp.inf, jnp.zeros_like(lc), 1.0)
 
 
-HELD_PATHS = ("rows", "blocks", "ring")  # ``route``'s paths that keep whole rows in SMEM
+# ``route``'s paths that keep whole rows on chip (in SMEM, or in registers)
+HELD_PATHS = ("rows", "blocks", "ring", "registers")
 
 
 def bwd_reads_live(rows: int, cols: int, dtype, cfg: Config = Config()) -> bool:
@@ -1382,6 +1405,9 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     return _ragged_bwd(y, g, live, log, cfg)
   dtype = y.dtype
   kind, size = route(rows, p, dtype, cfg, backward=True)
+  if kind == "registers":
+    from_l = log and _live_from_l(cfg, kind)
+    return _ragged_bwd(y, g, live, log, cfg, vec=16 // dtype.itemsize, from_l=from_l)
   name = _name(log, True, kind)
   S = cfg.stages
   fits = kind == "rows"  # (row blocks return first)
@@ -1570,21 +1596,29 @@ RAGGED_CHUNK = 2048  # elements a chunk, in registers: 16 a thread
 RAGGED_HELD_CHUNKS = 4
 
 
-def _ragged_plan(cols: int) -> Plan:
+def _ragged_plan(cols: int, vec: int = 1) -> Plan:
   """A ragged row as a ``Plan`` of single elements (``w = 1``): chunks of ``kb``
-  elements (a multiple of WARPGROUP, at most the row), ``Plan.nc`` of them, the
-  last one the row's last ``kb`` (``_start``), sharing ``Plan.ov`` with the one
-  before it (``_skip_shared``)."""
-  if cols < WARPGROUP:
-    raise ValueError(unsupported_reason(1, cols, None))
-  return Plan(n1=cols, w=1, kb=min(RAGGED_CHUNK, cols // WARPGROUP * WARPGROUP), fits=False)
+  elements (a multiple of WARPGROUP * ``vec``, at most the row), ``Plan.nc`` of
+  them, the last one the row's last ``kb`` (``_start``), sharing ``Plan.ov``
+  with the one before it (``_skip_shared``). Each thread loads ``vec``
+  consecutive elements at a time (``vec`` 1: any alignment)."""
+  unit = WARPGROUP * vec
+  if cols < unit:
+    reason = unsupported_reason(1, cols, None) if vec == 1 else None
+    raise ValueError(reason or f"the row length {cols} is shorter than a chunk of {unit} elements")
+  return Plan(n1=cols, w=1, kb=min(RAGGED_CHUNK, cols // unit * unit), fits=False)
 
 
-def _unrolled(lo: int, hi: int, body, carry):
-  """``jax.lax.fori_loop`` unrolled in Python: ``j`` is a Python int."""
-  for j in range(lo, hi):
-    carry = body(j, carry)
-  return carry
+def register_chunks(cols: int, dtype, cfg: Config, arrays: int = 1) -> int:
+  """The chunks of a row of ``cols`` elements that the "registers" path holds
+  (``Config.register_elems``; ``arrays`` 2 for the backward's pair of rows), or
+  0 where it does not take the row: longer than the budget, or than
+  RAGGED_HELD_CHUNKS chunks, or shorter than a chunk of 16-byte vectors."""
+  vec = 16 // jnp.dtype(dtype).itemsize
+  if arrays * cols > cfg.register_elems or cols % vec or cols < WARPGROUP * vec:
+    return 0
+  nc = _ragged_plan(cols, vec).nc
+  return nc if arrays * nc <= RAGGED_HELD_CHUNKS else 0
 
 
 def _ragged(name: str, arrays, out_type, cfg: Config, body):
@@ -1597,14 +1631,15 @@ def _ragged(name: str, arrays, out_type, cfg: Config, body):
   return _kernel(name, rows, cfg, out_type, [], kernel)(*arrays)
 
 
-def _ragged_chunks(cols: int, cfg: Config):
+def _ragged_chunks(cols: int, cfg: Config, vec: int = 1):
   """``(nc, ov, chunk, load, skip_shared, acc)`` for rows of ``cols`` elements:
   ``chunk(ref, row, j)`` is chunk j of a row in HBM; ``load`` reads it in float32,
-  one element a thread at a time (any alignment); ``skip_shared(v, fill)`` sets
-  the last chunk's first ``ov`` elements (counted in the one before) to ``fill``;
-  ``acc`` the row statistics' ``_Acc``."""
-  p = _ragged_plan(cols)
-  lay = plgpu.Layout.WG_STRIDED((p.kb,), vec_size=1)
+  ``vec`` elements a thread at a time (1: any alignment; the "registers" path,
+  16 bytes); ``skip_shared(v, fill)`` sets the last chunk's first ``ov``
+  elements (counted in the one before) to ``fill``; ``acc`` the row statistics'
+  ``_Acc``."""
+  p = _ragged_plan(cols, vec)
+  lay = plgpu.Layout.WG_STRIDED((p.kb,), vec_size=vec)
 
   def chunk(ref, row, j):
     return ref.at[row, pl.ds(_start(p, j), p.kb)]
@@ -1616,46 +1651,83 @@ def _ragged_chunks(cols: int, cfg: Config):
   return p.nc, p.ov, chunk, load, skip_shared, _Acc.of(cfg, p.nc, (p.kb,), lay)
 
 
-def _ragged_row_stats(get, loop, nc: int, ov: int, skip_shared, acc: _Acc):
+def _ragged_row_stats(get, nc: int, ov: int, skip_shared, acc: _Acc):
   """The max and normaliser of a ragged row from its ``nc`` float32 chunks
-  ``get(j)``, folded by ``loop`` (``fori_loop``, or ``_unrolled`` for chunks held in
-  registers); the last chunk's first ``ov`` elements are the one before's."""
-  md = loop(0, nc - (ov > 0), lambda j, md: acc.fwd_fold(md, get(j)), acc.fwd_init())
+  ``get(j)``, read in turn; the last chunk's first ``ov`` elements are the one
+  before's."""
+  md = jax.lax.fori_loop(0, nc - (ov > 0), lambda j, md: acc.fwd_fold(md, get(j)), acc.fwd_init())
   if ov:
     md = acc.fwd_fold(md, skip_shared(get(nc - 1), -jnp.inf))
   return acc.fwd_done(md)
 
 
-def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config):
+def _held_fwd(vs, ov: int, skip_shared, log: bool):
+  """The outputs of a row held in registers as float32 chunks ``vs`` (the last
+  one's first ``ov`` elements the one before's), and its max and normaliser:
+  the max in one warpgroup reduction, then the normaliser with it in one more,
+  no rescaling; softmax reuses the exps. (A NaN makes the max NaN, a +inf the
+  normaliser NaN: the row's output NaN, as in ``_online_stats``.)"""
+  m = jnp.max(functools.reduce(jnp.maximum, vs))  # (a shared element twice: a max)
+  shift = _safe_shift(m)  # 0 for an empty row: its exps are 0, d 0
+  es = [jnp.exp(v - shift) for v in vs]
+  counted = es[:-1] + [skip_shared(es[-1], 0.0) if ov else es[-1]]
+  d = jnp.sum(functools.reduce(jnp.add, counted))
+  if log:
+    outs = [(v - shift) - jnp.where(d == 0, 0.0, jnp.log(d)) for v in vs]
+  else:
+    r = 1.0 / jnp.where(d == 0, 1.0, d)
+    outs = [e * r for e in es]
+  return outs, (m, d)
+
+
+def _held_bwd(ys, gs, ov: int, skip_shared, flag, log: bool):
+  """dx of a pair of rows held in registers as float32 chunks (``ys``: s or l;
+  the last chunk's first ``ov`` elements the one before's): the row sum in one
+  warpgroup reduction. ``flag`` (log_softmax) is the row's live flag, or None to
+  take it from l (0 if every entry is -inf) in one more."""
+  terms = [_bwd_term(y, g, log=log) for y, g in zip(ys, gs, strict=True)]
+  if ov:
+    terms[-1] = skip_shared(terms[-1], 0.0)
+  acc = jnp.sum(functools.reduce(jnp.add, terms))
+  if log and flag is None:
+    flag = jnp.max(functools.reduce(jnp.maximum, [_live_mark(y) for y in ys]))
+  return [_bwd_grad(y, g, acc, flag, log=log) for y, g in zip(ys, gs, strict=True)]
+
+
+def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config, vec: int = 1):
   """``softmax_fwd_2d`` for ragged rows: each row read twice (once if it is held,
   ``RAGGED_HELD_CHUNKS``, or bulk copied, ``Config.ragged_bulk_bytes``), written
-  once; the lse too if ``stat``."""
+  once; the lse too if ``stat``. With ``vec`` > 1, the "registers" path
+  (``Config.register_elems``): rows of a multiple of 16 bytes, held."""
   rows, cols = x.shape
-  if n := _bulk_interior(cols, x.dtype, cfg):
+  if vec == 1 and (n := _bulk_interior(cols, x.dtype, cfg)):
     return _ragged_bulk_fwd(x, n, log, stat, cfg)
-  nc, ov, chunk, load, skip_shared, acc = _ragged_chunks(cols, cfg)
+  nc, ov, chunk, load, skip_shared, acc = _ragged_chunks(cols, cfg, vec)
+  held = nc <= RAGGED_HELD_CHUNKS  # held in registers: the row is read once
+  assert held or vec == 1, (cols, nc)
   out_type = (jax.ShapeDtypeStruct(x.shape, x.dtype),)
   if stat:
     out_type += (jax.ShapeDtypeStruct((rows, WARPGROUP), F32),)
 
   def body(row, x_gmem, o_gmem, *lse):
-    get, loop = lambda j: load(chunk(x_gmem, row, j)), jax.lax.fori_loop  # noqa: E731
-    if nc <= RAGGED_HELD_CHUNKS:  # held in registers: the row is read once
-      held = [get(j) for j in range(nc)]
-      get, loop = held.__getitem__, _unrolled
+    get = lambda j: load(chunk(x_gmem, row, j))  # noqa: E731
+    if held:
+      outs, md = _held_fwd([get(j) for j in range(nc)], ov, skip_shared, log)
+      for j, out in enumerate(outs):
+        chunk(o_gmem, row, j)[...] = out.astype(x.dtype)  # (the shared part twice, alike)
+    else:
+      md = _ragged_row_stats(get, nc, ov, skip_shared, acc)
 
-    md = _ragged_row_stats(get, loop, nc, ov, skip_shared, acc)
+      def write(j, c):
+        chunk(o_gmem, row, j)[...] = _fwd_out(get(j), *md, log).astype(x.dtype)
+        return c
 
-    def write(j, c):
-      out = _fwd_out(get(j), *md, log)
-      chunk(o_gmem, row, j)[...] = out.astype(x.dtype)  # (the shared part twice, alike)
-      return c
-
-    loop(0, nc, write, 0)
+      jax.lax.fori_loop(0, nc, write, 0)
     if stat:
       lse[0].at[row][...] = jnp.broadcast_to(_lse(*md), (WARPGROUP,))
 
-  out = _ragged(_name(log, False, "ragged"), [x], out_type, cfg, body)
+  name = _name(log, False, "ragged" if vec == 1 else "registers")
+  out = _ragged(name, [x], out_type, cfg, body)
   return out[0], out[1][:, :1] if stat else None
 
 
@@ -1864,7 +1936,7 @@ def _ragged_stats(x: jax.Array, cfg: Config):
 
   def body(row, x_gmem, m_gmem, d_gmem):
     get = lambda j: load(chunk(x_gmem, row, j))  # noqa: E731
-    md = _ragged_row_stats(get, jax.lax.fori_loop, nc, ov, skip_shared, acc)
+    md = _ragged_row_stats(get, nc, ov, skip_shared, acc)
     for v, gmem in zip(md, (m_gmem, d_gmem), strict=True):
       gmem.at[row][...] = jnp.broadcast_to(v, (WARPGROUP,))
 
@@ -1873,15 +1945,22 @@ def _ragged_stats(x: jax.Array, cfg: Config):
   return m[:, :1], d[:, :1]
 
 
-def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
+def _ragged_bwd(
+  y: jax.Array, g: jax.Array, live, log: bool, cfg: Config, vec: int = 1, from_l: bool = False
+):
   """``softmax_bwd_2d`` for ragged rows: ``y`` and ``g`` read twice (once if held,
-  or bulk copied, ``Config.ragged_bulk_bytes``), ``dx`` written once."""
+  or bulk copied, ``Config.ragged_bulk_bytes``), ``dx`` written once. With
+  ``vec`` > 1, the "registers" path (rows of a multiple of 16 bytes, held);
+  ``from_l``: log_softmax's live flag taken from l (held rows only), not ``live``."""
   rows, cols = y.shape
-  if n := _bulk_interior(cols, y.dtype, cfg, arrays=2):
+  if vec == 1 and (n := _bulk_interior(cols, y.dtype, cfg, arrays=2)):
     return _ragged_bulk_bwd(y, g, live, n, log, cfg)
-  nc, ov, chunk, load, skip_shared, acc_of = _ragged_chunks(cols, cfg)
+  nc, ov, chunk, load, skip_shared, acc_of = _ragged_chunks(cols, cfg, vec)
+  held = 2 * nc <= RAGGED_HELD_CHUNKS  # held in registers: y and g are read once
+  assert held or (vec == 1 and not from_l), (cols, nc)
   args = [y, g]
-  if log:
+  reads_live = log and not from_l
+  if reads_live:
     args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
   flag_layout = plgpu.Layout.WG_STRIDED((WARPGROUP,), vec_size=1)
 
@@ -1891,29 +1970,29 @@ def _ragged_bwd(y: jax.Array, g: jax.Array, live, log: bool, cfg: Config):
     def chunks(j):
       return load(chunk(y_gmem, row, j)), load(chunk(g_gmem, row, j))
 
-    loop, summed = jax.lax.fori_loop, chunks
-    if 2 * nc <= RAGGED_HELD_CHUNKS:  # held in registers: y and g are read once
-      chunks, loop = [chunks(j) for j in range(nc)].__getitem__, _unrolled
-      summed = chunks
-    elif log:  # log_softmax's row sum is sum(g): that pass reads no l
-      summed = lambda j: (None, load(chunk(g_gmem, row, j)))  # noqa: E731
+    flag = None
+    if reads_live:
+      flag = jnp.max(_load_f32(live_gmem[0].at[row], flag_layout, cfg.interpret))
+    if held:
+      ys, gs = zip(*[chunks(j) for j in range(nc)], strict=True)
+      for j, dx in enumerate(_held_bwd(ys, gs, ov, skip_shared, flag, log)):
+        chunk(o_gmem, row, j)[...] = dx.astype(y.dtype)  # (the shared part twice, alike)
+      return
 
+    # log_softmax's row sum is sum(g): that pass reads no l.
+    summed = (lambda j: (None, load(chunk(g_gmem, row, j)))) if log else chunks
     fold = partial(acc_of.bwd_fold, log=log)
-    acc = loop(0, nc - (ov > 0), lambda j, a: fold(a, *summed(j)), acc_of.bwd_init())
+    acc = jax.lax.fori_loop(0, nc - (ov > 0), lambda j, a: fold(a, *summed(j)), acc_of.bwd_init())
     if ov:
       acc = fold(acc, *(v if v is None else skip_shared(v, 0.0) for v in summed(nc - 1)))
     acc = acc_of.bwd_done(acc)
-    flag = None
-    if log:
-      flag = jnp.max(_load_f32(live_gmem[0].at[row], flag_layout, cfg.interpret))
 
     def write(j, c):
       dx = _bwd_grad(*chunks(j), acc, flag, log=log)
       chunk(o_gmem, row, j)[...] = dx.astype(y.dtype)  # (the shared part twice, alike)
       return c
 
-    loop(0, nc, write, 0)
+    jax.lax.fori_loop(0, nc, write, 0)
 
-  return _ragged(
-    _name(log, True, "ragged"), args, jax.ShapeDtypeStruct(y.shape, y.dtype), cfg, body
-  )
+  name = _name(log, True, "ragged" if vec == 1 else "registers")
+  return _ragged(name, args, jax.ShapeDtypeStruct(y.shape, y.dtype), cfg, body)
