@@ -842,6 +842,15 @@ VARIANTS = {
   # stages (T1329Z), behind the 6 stages since adopted; the two together are
   # untimed.
   "streamed rows: clusters of 2": (lambda: gpu.Config(stream_cluster=2), LONG[1:]),
+  # Clusters of 8: each CTA streams an eighth of the row (128 KiB in float32)
+  # twice, so that the bytes read between a chunk's two reads are those of the
+  # rows in flight (one or two CTAs an SM: 16-33 rows, 8-33 MiB), within the
+  # 50 MB L2, rather than every row's (128 MiB at one CTA a row): the second
+  # read can hit L2, which the default's reverse order finds only for the last
+  # chunks. The forward, which reads each row twice and writes it once, runs
+  # at 58-62% of copy there (T0116Z), close to the two thirds that three HBM
+  # passes allow.
+  "streamed rows: clusters of 8": (lambda: gpu.Config(stream_cluster=8), LONG[1:]),
 }
 
 
