@@ -916,20 +916,21 @@ def test_gpu_overlapping_chunk_kernels_lower_for_cuda(dtype):
 
   assert all(gpu.plan(c, dtype).ov > 0 for _, c in OVERLAP_SHAPES)
   _lowers(gpu, "cuda", dtype, OVERLAP_SHAPES)
-  _lowers(_gpu_kernels(chunk_elems=1024, block_bytes=32 * 1024), "cuda", dtype, [(64, 1152)])
-  _lowers(_gpu_kernels(chunk_elems=1024, ring_slots=3), "cuda", dtype, [(64, 1152)])
-  warpgroup = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
-  _lowers(warpgroup, "cuda", dtype, [(16, 32000), (3, 70000)])
-  # Streamed (Config.split_overlap off).
-  _lowers(_gpu_kernels(split_overlap=False), "cuda", dtype, [(16, 32000)])
-  # Split (Config.split_overlap, clusters of up to 4): 32000 (float32: whole
-  # rows; pairs in 4 parts), 128256 (forward in 2 parts, float32 4; 16-bit pairs
-  # in 8), 1000 in clusters of 4 (parts of one chunk).
-  _lowers(_gpu_kernels(split_cluster=4), "cuda", dtype, [(64, 32000)])
-  _lowers(_gpu_kernels(split_cluster=4), "cuda", dtype, [(64, 128256)])
   small = dict(chunk_elems=256, row_bytes=256, bwd_row_bytes=256, split_bytes=1024)
   small.update(bwd_split_bytes=2048, split_cluster=4)
-  _lowers(_gpu_kernels(**small), "cuda", dtype, [(64, 1000)])
+  if dtype in OFF_DTYPES:  # the forms that are off by default
+    _lowers(_gpu_kernels(chunk_elems=1024, block_bytes=32 * 1024), "cuda", dtype, [(64, 1152)])
+    _lowers(_gpu_kernels(chunk_elems=1024, ring_slots=3), "cuda", dtype, [(64, 1152)])
+    warpgroup = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
+    _lowers(warpgroup, "cuda", dtype, [(16, 32000), (3, 70000)])
+    # Streamed (Config.split_overlap off).
+    _lowers(_gpu_kernels(split_overlap=False), "cuda", dtype, [(16, 32000)])
+    # Split (Config.split_overlap, clusters of up to 4): 32000 (float32: whole
+    # rows; pairs in 4 parts), 128256 (forward in 2 parts, float32 4; 16-bit
+    # pairs in 8), 1000 in clusters of 4 (parts of one chunk).
+    _lowers(_gpu_kernels(split_cluster=4), "cuda", dtype, [(64, 32000)])
+    _lowers(_gpu_kernels(split_cluster=4), "cuda", dtype, [(64, 128256)])
+    _lowers(_gpu_kernels(**small), "cuda", dtype, [(64, 1000)])
   cases = [(128256, {}), (1000, small)]
   if jnp.dtype(dtype) == jnp.float32:
     cases.append((32000, {}))  # (16 bits: kept whole)
