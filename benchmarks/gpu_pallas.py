@@ -794,6 +794,13 @@ VARIANTS = {
   # element by element (54-62% of copy on the H100, T0116Z). New: first run on
   # a GPU.
   "ragged rows: bulk copies": (lambda: gpu.Config(ragged_bulk_bytes=200 * 1024), [RAGGED]),
+  # Ragged rows read twice with the second pass first to last, as before
+  # 2026-11-27: the default now takes the last chunk first (``reverse_write``,
+  # as streamed rows do), untimed.
+  "ragged rows: second pass first to last": (
+    lambda: gpu.Config(reverse_write=False),
+    [RAGGED],
+  ),
   # Short rows held in registers (``Config.register_elems``): 16-byte vector
   # loads from HBM and stores from registers, no TMA, SMEM or barrier, as XLA's
   # fused softmax does; where the kernel's forward of rows kept whole in SMEM

@@ -332,6 +332,9 @@ GPU_CASES = [
   (1152, GPU_FLAG_PASS, "1152-overlap-fits-flag-pass"),
   (2000, GPU_REGISTERS, "2000-registers-overlap"),
   (8192, GPU_REGISTERS, "8192-registers-forward"),
+  # Ragged rows read twice, the second pass first to last (the default takes
+  # the last chunk first): 5 chunks, the last from 6149.
+  (8197, GPU_SMALL_FORWARD, "8197-ragged-forward-order"),
 ]
 # float16 on the paths the defaults take, and the split and streamed forms; the
 # forms that are off by default run in float32 and bfloat16 only, whose 16-bit

@@ -39,10 +39,11 @@ their parts do, and streams them twice otherwise.
 * **ragged** (rows not a multiple of 16 bytes, TMA's row pitch: 4097 or 50257
   columns): no TMA and no SMEM; each CTA reads its row's chunks from HBM into
   registers, one element a thread at a time (any alignment), twice (statistics,
-  then write; once for rows of a few chunks, held in registers), and stores the
-  output the same way. With ``Config.ragged_bulk_bytes`` (off until timed) each
-  row's 16-byte aligned interior (and in the backward g's) moves by one bulk copy
-  into SMEM and one back (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``): read once.
+  then write, last chunk first; once for rows of a few chunks, held in
+  registers), and stores the output the same way. With
+  ``Config.ragged_bulk_bytes`` (off until timed) each row's 16-byte aligned
+  interior (and in the backward g's) moves by one bulk copy into SMEM and one
+  back (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``): read once.
 * **registers** (short rows of a multiple of 16 bytes, off by default,
   ``Config.register_elems``): the ragged path's held form with 16-byte vector
   loads and stores: each CTA reads its row (the backward: both rows) from HBM
@@ -176,6 +177,8 @@ class Config:
   num_ctas: int | None = None  # None: one CTA per row (split rows: clusters, one per row)
   # Streamed rows: the second pass (the write) takes the chunks last to first, so
   # that it starts with those the first pass read last, the likeliest still in L2.
+  # The same for ragged rows read twice (not held in registers, not bulk
+  # copied): untimed there, since 2026-11-27.
   reverse_write: bool = True
   # Lane: explicit layouts, the default of jax 0.10 and what the tests lower here;
   # jax 0.11 made Warpgroup (inferred layouts) the default.
@@ -1651,6 +1654,12 @@ def _ragged_chunks(cols: int, cfg: Config, vec: int = 1):
   return p.nc, p.ov, chunk, load, skip_shared, _Acc.of(cfg, p.nc, (p.kb,), lay)
 
 
+def _write_order(j, nc: int, cfg: Config):
+  """The chunk that step ``j`` of a ragged row's second pass writes: the last
+  first (``Config.reverse_write``), those the first pass read last."""
+  return nc - 1 - j if cfg.reverse_write else j
+
+
 def _ragged_row_stats(get, nc: int, ov: int, skip_shared, acc: _Acc):
   """The max and normaliser of a ragged row from its ``nc`` float32 chunks
   ``get(j)``, read in turn; the last chunk's first ``ov`` elements are the one
@@ -1719,6 +1728,7 @@ def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config, vec: int = 1):
       md = _ragged_row_stats(get, nc, ov, skip_shared, acc)
 
       def write(j, c):
+        j = _write_order(j, nc, cfg)
         chunk(o_gmem, row, j)[...] = _fwd_out(get(j), *md, log).astype(x.dtype)
         return c
 
@@ -1988,6 +1998,7 @@ def _ragged_bwd(
     acc = acc_of.bwd_done(acc)
 
     def write(j, c):
+      j = _write_order(j, nc, cfg)
       dx = _bwd_grad(*chunks(j), acc, flag, log=log)
       chunk(o_gmem, row, j)[...] = dx.astype(y.dtype)  # (the shared part twice, alike)
       return c
