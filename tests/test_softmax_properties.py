@@ -46,9 +46,10 @@ def _tol(dtype):
   return 2 * eps(dtype) + 1e-13
 
 
-# The CI box is small and shared: a slow draw is not a failure.
+# The CI box is small and shared: a slow draw is not a failure. (Each draw
+# compiles its own programs; 14 draws a property keep the suite under 10 minutes.)
 SETTINGS = settings(
-  max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+  max_examples=14, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 
 # One compiled program per drawn case is cheaper than many eager dispatches.
