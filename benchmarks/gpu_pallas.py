@@ -789,10 +789,10 @@ VARIANTS = {
     [RAGGED, HELD[2], HELD[0], VOCAB, LONG[1], HELD[1], LONG[0]],
   ),
   # Ragged rows by bulk copies of their aligned interior, read once
-  # (``Config.ragged_bulk_bytes``): the forward, and the backward's 16-bit pairs
-  # (float32's, 2 x 196 KiB, do not fit), where the default reads them twice
-  # element by element (54-62% of copy on the H100, T0116Z). New: first run on
-  # a GPU.
+  # (``Config.ragged_bulk_bytes``): the forward, and the backward's 16-bit pairs;
+  # float32's (2 x 196 KiB) do not fit, and bulk copy s alone, reading g twice
+  # (``ragged_bulk_g_twice``). The default reads them twice element by element
+  # (54-62% of copy on the H100, T0116Z). New: first run on a GPU.
   "ragged rows: bulk copies": (lambda: gpu.Config(ragged_bulk_bytes=200 * 1024), [RAGGED]),
   # Ragged rows read twice with the second pass first to last, as before
   # 2026-11-27: the default now takes the last chunk first (``reverse_write``,
@@ -915,8 +915,9 @@ def _paths(shape, dtype, cfg) -> str:
   """Which kernel path the forward and the backward take (``gpu.route``)."""
   p = gpu.plan(shape[1], dtype, cfg)
   if isinstance(p, str):  # (ragged rows)
-    fwd, bwd = (gpu._bulk_interior(shape[1], dtype, cfg, arrays=k) for k in (1, 2))
-    return f"{'ragged bulk' if fwd else 'ragged'} / {'ragged bulk' if bwd else 'ragged'}"
+    fwd = "ragged bulk" if gpu._bulk_interior(shape[1], dtype, cfg) else "ragged"
+    n, hold_g = gpu.ragged_bwd_bulk(shape[1], dtype, cfg)
+    return f"{fwd} / {('ragged bulk' if hold_g else 'ragged bulk, g twice') if n else 'ragged'}"
   (fk, fn), (bk, bn) = (gpu.route(shape[0], p, dtype, cfg, b) for b in (False, True))
   show = lambda kind, n: kind if n == 1 else f"{kind} {n}"  # noqa: E731
   return f"{show(fk, fn)} / {show(bk, bn)}"

@@ -265,6 +265,15 @@ GPU_FLAG_PASS = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_i
 GPU_RAGGED_BULK = ops.make(
   gpu, gpu.Config(interpret=True, chunk_elems=1024, ragged_bulk_bytes=1 << 20)
 )
+# The backward's pairs past the budget (20000 bytes) with s or l alone within it
+# (Config.ragged_bulk_g_twice): s or l bulk copied, g read twice from HBM, the
+# row sum last chunk first. 4097 columns: float32 so (4064 of 4 bytes in 4
+# chunks, the last overlapping), the bfloat16 pair held (2 x 4032 of 2 bytes);
+# 8193: bfloat16 so (8128 in 8 chunks, the last overlapping), float32's rows
+# past the budget read twice directly.
+GPU_RAGGED_BULK_G_TWICE = ops.make(
+  gpu, gpu.Config(interpret=True, chunk_elems=1024, ragged_bulk_bytes=20000)
+)
 # Short rows held in registers (Config.register_elems), read by 16-byte vectors
 # straight from HBM: 2000 columns in 2 chunks, the last overlapping (float32:
 # 1536 and the last 1536, from 464; 16-bit: 1024 and from 976), both ways; 8192
@@ -335,6 +344,8 @@ GPU_CASES = [
   # Ragged rows read twice, the second pass first to last (the default takes
   # the last chunk first): 5 chunks, the last from 6149.
   (8197, GPU_SMALL_FORWARD, "8197-ragged-forward-order"),
+  (4097, GPU_RAGGED_BULK_G_TWICE, "4097-ragged-bulk-g-twice"),
+  (8193, GPU_RAGGED_BULK_G_TWICE, "8193-ragged-bulk-g-twice"),
 ]
 # float16 on the paths the defaults take, and the split and streamed forms; the
 # forms that are off by default run in float32 and bfloat16 only, whose 16-bit
@@ -985,11 +996,17 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
     assert 0 <= lead < 16 // size and (base + lead) * size % 16 == 0, (base, lead)
   # Bulk copies (Config.ragged_bulk_bytes, 200 KiB): the forward at 4097 and
   # 50257 columns (129 have too short an interior, and keep the direct loads),
-  # the backward's pairs at 4097, and at 50257 in 16 bits (2 x 98 KiB; float32's
-  # 2 x 196 KiB keep the direct loads).
+  # the backward's pairs at 4097, and at 50257 in 16 bits (2 x 98 KiB); float32's
+  # (2 x 196 KiB) bulk copy s alone and read g twice (Config.ragged_bulk_g_twice),
+  # or without that keep the direct loads.
   bulk = _gpu_kernels(ragged_bulk_bytes=200 * 1024)
   _lowers(bulk, "cuda", dtype, RAGGED_SHAPES)
-  wide = "ragged" if size == 4 else "ragged_bulk"
+  if size == 4:
+    pairs_only = _gpu_kernels(ragged_bulk_bytes=200 * 1024, ragged_bulk_g_twice=False)
+    b = lambda x: pairs_only.softmax_bwd_2d(x, x, log=False)  # noqa: E731
+    text = _cuda_module(b, jax.ShapeDtypeStruct(RAGGED_SHAPES[2], dtype))
+    assert re.search(r"jaxsoftmax_softmax_bwd_ragged(?=_mosaic|\b)", text)
+  wide = "ragged_bulk_g_twice" if size == 4 else "ragged_bulk"
   paths = [("ragged", "ragged"), ("ragged_bulk", "ragged_bulk"), ("ragged_bulk", wide)]
   for shape, (fwd, bwd) in zip(RAGGED_SHAPES, paths, strict=True):
     x = jax.ShapeDtypeStruct(shape, dtype)

@@ -43,7 +43,8 @@ their parts do, and streams them twice otherwise.
   registers), and stores the output the same way. With
   ``Config.ragged_bulk_bytes`` (off until timed) each row's 16-byte aligned
   interior (and in the backward g's) moves by one bulk copy into SMEM and one
-  back (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``): read once.
+  back (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``): read once. (A backward
+  whose pair does not fit holds s alone and reads g twice.)
 * **registers** (short rows of a multiple of 16 bytes, off by default,
   ``Config.register_elems``): the ragged path's held form with 16-byte vector
   loads and stores: each CTA reads its row (the backward: both rows) from HBM
@@ -254,6 +255,13 @@ class Config:
   # element by element (4096 x 50257 at 54-62% of copy on the H100, T0116Z).
   # Off until timed.
   ragged_bulk_bytes: int = 0
+  # With ``ragged_bulk_bytes``: the backward's pairs of ragged rows past it whose
+  # s (or l) alone fits bulk copy s into SMEM and read g twice directly from
+  # HBM, the row sum last chunk first, so that the write starts with the
+  # chunks it read last (the likeliest still in L2): at most four passes over
+  # HBM for the three needed, where the direct loads take five (4096 x 50257
+  # float32, pairs of 2 x 196 KiB: 58% of copy on the H100, T0116Z).
+  ragged_bulk_g_twice: bool = True
   # Rows of a multiple of 16 bytes with at most this many elements (the
   # backward: the pair of rows, s or l and g, together) held in registers: the
   # "registers" path. Each CTA reads its row straight from HBM with 16-byte
@@ -1877,27 +1885,49 @@ def _ragged_bulk_fwd(x: jax.Array, n: int, log: bool, stat: bool, cfg: Config):
   return res[0].reshape(rows, cols), res[1][:, :1] if stat else None
 
 
-def _ragged_bulk_bwd(y: jax.Array, g: jax.Array, live, n: int, log: bool, cfg: Config):
+def ragged_bwd_bulk(cols: int, dtype, cfg: Config) -> tuple[int, bool]:
+  """How ``_ragged_bwd`` bulk copies ragged rows of ``cols`` elements: ``(n,
+  hold_g)``, the interior's elements (``_bulk_interior``) and whether g's moves
+  too (the pair fits ``Config.ragged_bulk_bytes``) or is read twice directly
+  (``Config.ragged_bulk_g_twice``); ``(0, False)`` where it does not."""
+  if n := _bulk_interior(cols, dtype, cfg, arrays=2):
+    return n, True
+  if cfg.ragged_bulk_g_twice and (n := _bulk_interior(cols, dtype, cfg)):
+    return n, False
+  return 0, False
+
+
+def _ragged_bulk_bwd(
+  y: jax.Array, g: jax.Array, live, n: int, log: bool, cfg: Config, hold_g: bool = True
+):
   """``softmax_bwd_2d`` for ragged rows whose pair (``y`` and ``g``) fits
   ``Config.ragged_bulk_bytes``: each row of both read once, dx written once, as
   ``_ragged_bulk_fwd`` moves them (the interiors' ``n`` elements; dx in place of
-  g in SMEM)."""
+  g in SMEM). Without ``hold_g`` (``Config.ragged_bulk_g_twice``) only y's
+  interior moves into SMEM, and g's is read twice from HBM: for the row sum,
+  last chunk first, then for the write, first chunk first; dx in place of y."""
   rows, cols = y.shape
   dtype = y.dtype
   bk = _Bulk.of(cols, n, dtype, cfg)
-  acc_of = _Acc.of(cfg, bk.p.nc, (bk.p.kb,), bk.lay)
+  p = bk.p
+  acc_of = _Acc.of(cfg, p.nc, (p.kb,), bk.lay)
   args = [y.reshape(rows * cols), g.reshape(rows * cols)]
   if log:
     args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
   grad = partial(_bwd_grad, log=log)
 
   def body(num_ctas, y_gmem, g_gmem, *refs):
+    if not hold_g:
+      refs = (*refs[:-1], None, refs[-1])  # (no SMEM row for g)
     *live_gmem, o_gmem, ybuf, gbuf, bars = refs
 
     def one_row(row):
       interior, *windows = bk.spans(row, dtype)
-      for k, (gmem, buf) in enumerate(((y_gmem, ybuf), (g_gmem, gbuf))):
+      held = ((y_gmem, ybuf), (g_gmem, gbuf)) if hold_g else ((y_gmem, ybuf),)
+      for k, (gmem, buf) in enumerate(held):
         plgpu.copy_gmem_to_smem(gmem.at[interior], buf, bars.at[k], **_IN_BOUNDS)
+      # g's interior: in SMEM, or in HBM (its chunks 16-byte aligned, as the copy's).
+      gsrc = gbuf if hold_g else g_gmem.at[interior]
       vs = [(bk.load_win(y_gmem.at[at]), bk.load_win(g_gmem.at[at])) for at, _ in windows]
       outside = sum(
         jnp.sum(jnp.where(own, _bwd_term(yv, gv, log=log), 0.0))
@@ -1906,36 +1936,44 @@ def _ragged_bulk_bwd(y: jax.Array, g: jax.Array, live, n: int, log: bool, cfg: C
       flag = None
       if log:
         flag = jnp.max(bk.load_win(live_gmem[0].at[row]))  # (a row of WARPGROUP)
-      plgpu.barrier_wait(bars.at[0])
-      plgpu.barrier_wait(bars.at[1])
+      for k in range(len(held)):
+        plgpu.barrier_wait(bars.at[k])
 
       def chunk_sum(a, j):
-        yc, gc = (bk.fresh(j, bk.load(bk.chunk(b, j)), 0.0) for b in (ybuf, gbuf))
+        yc, gc = (bk.fresh(j, bk.load(bk.chunk(b, j)), 0.0) for b in (ybuf, gsrc))
         return acc_of.bwd_fold(a, yc, gc, log=log)
 
-      acc = acc_of.bwd_done(bk.fold(chunk_sum, acc_of.bwd_init())) + outside
+      if hold_g:
+        acc = bk.fold(chunk_sum, acc_of.bwd_init())
+      else:  # last chunk first: the write pass then starts with what this read last
+        plain = p.nc - (p.ov > 0)
+        acc = chunk_sum(acc_of.bwd_init(), p.nc - 1) if p.ov else acc_of.bwd_init()
+        acc = jax.lax.fori_loop(0, plain, lambda j, a: chunk_sum(a, plain - 1 - j), acc)
+      acc = acc_of.bwd_done(acc) + outside
+      out_buf = gbuf if hold_g else ybuf  # dx in place of g, or of y
+
+      def dx_of(j):
+        yc, gc = (bk.load(bk.chunk(b, j)) for b in (ybuf, gsrc))
+        return grad(yc, gc, acc, flag).astype(dtype)
 
       def write(j, c):
-        ref = bk.chunk(gbuf, j)
-        ref[...] = grad(bk.load(bk.chunk(ybuf, j)), bk.load(ref), acc, flag).astype(dtype)
+        bk.chunk(out_buf, j)[...] = dx_of(j)
         return c
 
-      def last_dx(g_ref):
-        yc = bk.load(bk.chunk(ybuf, bk.p.nc - 1))
-        return grad(yc, bk.load(g_ref), acc, flag).astype(dtype)
-
-      _in_place(bk.p, write, partial(bk.chunk, gbuf), last_dx)
+      _in_place(p, write, partial(bk.chunk, out_buf), lambda ref: dx_of(p.nc - 1))
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(gbuf, o_gmem.at[interior])
+      plgpu.copy_smem_to_gmem(out_buf, o_gmem.at[interior])
       for (yv, gv), (at, _) in zip(vs, windows, strict=True):  # (their interior part again)
         o_gmem.at[at][...] = grad(yv, gv, acc, flag).astype(dtype)
       _drain(cfg)
 
     _row_loop(rows, num_ctas, one_row)
 
-  scratch = [plgpu.SMEM((bk.p.n1,), dtype)] * 2 + [plgpu.Barrier(num_barriers=2)]
+  held = 2 if hold_g else 1
+  scratch = [plgpu.SMEM((p.n1,), dtype)] * held + [plgpu.Barrier(num_barriers=held)]
   out_type = jax.ShapeDtypeStruct((rows * cols,), dtype)
-  dx = _kernel(_name(log, True, "ragged_bulk"), rows, cfg, out_type, scratch, body)(*args)
+  name = _name(log, True, "ragged_bulk" if hold_g else "ragged_bulk_g_twice")
+  dx = _kernel(name, rows, cfg, out_type, scratch, body)(*args)
   return dx.reshape(rows, cols)
 
 
@@ -1963,8 +2001,9 @@ def _ragged_bwd(
   ``vec`` > 1, the "registers" path (rows of a multiple of 16 bytes, held);
   ``from_l``: log_softmax's live flag taken from l (held rows only), not ``live``."""
   rows, cols = y.shape
-  if vec == 1 and (n := _bulk_interior(cols, y.dtype, cfg, arrays=2)):
-    return _ragged_bulk_bwd(y, g, live, n, log, cfg)
+  n, hold_g = ragged_bwd_bulk(cols, y.dtype, cfg) if vec == 1 else (0, False)
+  if n:
+    return _ragged_bulk_bwd(y, g, live, n, log, cfg, hold_g)
   nc, ov, chunk, load, skip_shared, acc_of = _ragged_chunks(cols, cfg, vec)
   held = 2 * nc <= RAGGED_HELD_CHUNKS  # held in registers: y and g are read once
   assert held or (vec == 1 and not from_l), (cols, nc)
