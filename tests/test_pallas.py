@@ -267,10 +267,11 @@ GPU_RAGGED_BULK = ops.make(
 )
 # The backward's pairs past the budget (20000 bytes) with s or l alone within it
 # (Config.ragged_bulk_g_twice): s or l bulk copied, g read twice from HBM, the
-# row sum last chunk first. 4097 columns: float32 so (4064 of 4 bytes in 4
-# chunks, the last overlapping), the bfloat16 pair held (2 x 4032 of 2 bytes);
-# 8193: bfloat16 so (8128 in 8 chunks, the last overlapping), float32's rows
-# past the budget read twice directly.
+# row sum last chunk first, in chunks of twice chunk_elems. 4097 columns:
+# float32 so (4064 of 4 bytes in 2 chunks of 2048, the last overlapping), the
+# bfloat16 pair held (2 x 4032 of 2 bytes); 8193: bfloat16 so (8128 in 4
+# chunks, the last overlapping), float32's rows past the budget read twice
+# directly.
 GPU_RAGGED_BULK_G_TWICE = ops.make(
   gpu, gpu.Config(interpret=True, chunk_elems=1024, ragged_bulk_bytes=20000)
 )

@@ -1905,9 +1905,14 @@ def _ragged_bulk_bwd(
   ``_ragged_bulk_fwd`` moves them (the interiors' ``n`` elements; dx in place of
   g in SMEM). Without ``hold_g`` (``Config.ragged_bulk_g_twice``) only y's
   interior moves into SMEM, and g's is read twice from HBM: for the row sum,
-  last chunk first, then for the write, first chunk first; dx in place of y."""
+  last chunk first, then for the write, first chunk first; dx in place of y.
+  Those reads wait for each chunk in turn, and the rows (past the SMEM of two
+  CTAs) take one CTA an SM: the chunks are twice ``chunk_elems``, 32 KiB of
+  float32 in flight an SM."""
   rows, cols = y.shape
   dtype = y.dtype
+  if not hold_g:
+    cfg = dataclasses.replace(cfg, chunk_elems=2 * cfg.chunk_elems)
   bk = _Bulk.of(cols, n, dtype, cfg)
   p = bk.p
   acc_of = _Acc.of(cfg, p.nc, (p.kb,), bk.lay)
