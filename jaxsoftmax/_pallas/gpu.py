@@ -1903,12 +1903,12 @@ def _ragged_bulk_bwd(
   """``softmax_bwd_2d`` for ragged rows whose pair (``y`` and ``g``) fits
   ``Config.ragged_bulk_bytes``: each row of both read once, dx written once, as
   ``_ragged_bulk_fwd`` moves them (the interiors' ``n`` elements; dx in place of
-  g in SMEM). Without ``hold_g`` (``Config.ragged_bulk_g_twice``) only y's
-  interior moves into SMEM, and g's is read twice from HBM: for the row sum,
-  last chunk first, then for the write, first chunk first; dx in place of y.
-  Those reads wait for each chunk in turn, and the rows (past the SMEM of two
-  CTAs) take one CTA an SM: the chunks are twice ``chunk_elems``, 32 KiB of
-  float32 in flight an SM."""
+  g in SMEM). Without ``hold_g`` (``Config.ragged_bulk_g_twice``: y's row
+  alone fits) only y's interior moves into SMEM, and g's is read twice from
+  HBM: for the row sum, last chunk first, then for the write, first chunk
+  first; dx in place of y. Those reads wait for each chunk in turn, and the
+  rows (past the SMEM of two CTAs) take one CTA an SM: the chunks are twice
+  ``chunk_elems``, 32 KiB of float32 in flight an SM."""
   rows, cols = y.shape
   dtype = y.dtype
   if not hold_g:
@@ -1974,8 +1974,8 @@ def _ragged_bulk_bwd(
 
     _row_loop(rows, num_ctas, one_row)
 
-  held = 2 if hold_g else 1
-  scratch = [plgpu.SMEM((p.n1,), dtype)] * held + [plgpu.Barrier(num_barriers=held)]
+  rows_held = 2 if hold_g else 1  # SMEM rows, each with its barrier
+  scratch = [plgpu.SMEM((p.n1,), dtype)] * rows_held + [plgpu.Barrier(num_barriers=rows_held)]
   out_type = jax.ShapeDtypeStruct((rows * cols,), dtype)
   name = _name(log, True, "ragged_bulk" if hold_g else "ragged_bulk_g_twice")
   dx = _kernel(name, rows, cfg, out_type, scratch, body)(*args)
