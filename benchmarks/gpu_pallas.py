@@ -60,9 +60,10 @@ In this order:
    a few ``gpu.Config`` variants (``VARIANTS``: row statistics in two passes on
    16-bit rows kept whole; the forward's streamed 16-bit rows in the old 8 KiB
    chunks, and all 16-bit rows in chunks of 8192 elements; ragged rows by bulk
-   copies; log_softmax's backward with its pairs of rows past 64 KiB split in
-   two, or with its live flag in a pass of its own, the old default; streamed
-   rows shared by clusters of 2), in child processes, within
+   copies, or read twice with the second pass first to last; short rows held
+   in registers; log_softmax's backward with its pairs of rows past 64 KiB
+   split in two, or with its live flag in a pass of its own, the old default;
+   streamed rows shared by clusters of 2 and of 8), in child processes, within
    ``--variants-timeout`` seconds (a cell that hangs is killed after 60 s and a
    new child goes on with the rest), each checked against float64 as in step 1
    (softmax and log_softmax, whose first row is then all -inf) before softmax

@@ -1806,11 +1806,16 @@ class _Bulk(NamedTuple):
     """Chunk j for a row statistic: its part shared with chunk j - 1 ``fill``."""
     return _skip_shared(self.p, j, v, fill, self.lay, self.interpret)
 
-  def fold(self, f, init):
-    """``f(carry, j)`` over the interior's chunks (an overlapping last one after the loop)."""
+  def fold(self, f, init, reverse: bool = False):
+    """``f(carry, j)`` over the interior's chunks, first to last (an overlapping
+    last one after the loop), or if ``reverse`` last to first (it first)."""
     p = self.p
-    a = jax.lax.fori_loop(0, p.nc - (p.ov > 0), lambda j, a: f(a, j), init)
-    return f(a, p.nc - 1) if p.ov else a
+    plain = p.nc - (p.ov > 0)
+    if not reverse:
+      a = jax.lax.fori_loop(0, plain, lambda j, a: f(a, j), init)
+      return f(a, p.nc - 1) if p.ov else a
+    a = f(init, p.nc - 1) if p.ov else init
+    return jax.lax.fori_loop(0, plain, lambda j, a: f(a, plain - 1 - j), a)
 
 
 def _bulk_lead(base, dtype):
@@ -1948,12 +1953,8 @@ def _ragged_bulk_bwd(
         yc, gc = (bk.fresh(j, bk.load(bk.chunk(b, j)), 0.0) for b in (ybuf, gsrc))
         return acc_of.bwd_fold(a, yc, gc, log=log)
 
-      if hold_g:
-        acc = bk.fold(chunk_sum, acc_of.bwd_init())
-      else:  # last chunk first: the write pass then starts with what this read last
-        plain = p.nc - (p.ov > 0)
-        acc = chunk_sum(acc_of.bwd_init(), p.nc - 1) if p.ov else acc_of.bwd_init()
-        acc = jax.lax.fori_loop(0, plain, lambda j, a: chunk_sum(a, plain - 1 - j), acc)
+      # g read twice: last chunk first, so that the write starts with what this read last.
+      acc = bk.fold(chunk_sum, acc_of.bwd_init(), reverse=not hold_g)
       acc = acc_of.bwd_done(acc) + outside
       out_buf = gbuf if hold_g else ybuf  # dx in place of g, or of y
 
