@@ -132,8 +132,8 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   monkeypatch.setattr(
     gpu_pallas.gpu, "softmax_fwd_2d", lambda x, **kw: (1.01 * real_fwd(x, **kw)[0], None)
   )
-  rows = gpu_pallas.variants(["float32"], calls=1, samples=1)
-  assert [r["error"][:26] for r in rows] == ["wrong: softmax fwd err 1.0"] * 4, rows
+  rows = gpu_pallas.variants(["float32"], calls=1, samples=1, shapes=[(4, 256)])
+  assert [r["error"][:26] for r in rows] == ["wrong: softmax fwd err 1.0"] * 2, rows
 
 
 def test_gpu_script_variant_check_catches_a_wrong_live_flag(monkeypatch):
@@ -155,6 +155,55 @@ def test_gpu_script_variant_check_catches_a_wrong_live_flag(monkeypatch):
   wrong = lambda y, g, live=None, **kw: real(y, g, live, **kw).at[0].set(g[0])  # noqa: E731
   monkeypatch.setattr(gpu, "softmax_bwd_2d", wrong)
   assert gpu_pallas._variant_check(cfg, x, g, True, eps, ref).endswith(", empty row")
+
+
+def test_gpu_script_variant_check_samples_rows(monkeypatch):
+  # Past 512 rows a variant cell checks some rows against float64: the first and
+  # last 8 and every 37th, on every residue modulo a power of two. A kernel
+  # wrong on the last row, or on every odd row, is still caught; here the
+  # "kernels" are stand-ins on XLA, to run 1024 rows in little time.
+  from benchmarks import gpu_pallas
+
+  rows = gpu_pallas.variant_rows(4096)
+  assert rows[0] == 0 and np.all(np.diff(rows) > 0) and rows[-1] == 4095
+  assert set(range(8)) | set(range(4088, 4096)) <= set(rows.tolist()) and len(rows) < 4096 // 30
+  for m in (2, 4, 8, 16, 32):
+    assert set((rows % m).tolist()) == set(range(m))
+  assert gpu_pallas.variant_rows(512).tolist() == list(range(512))
+
+  gpu = gpu_pallas.gpu
+  off = []  # the rows (an index) whose forward output is off by 1%
+
+  def fwd(x, *, log, cfg, lse=None):
+    y = jnp.where(x == -jnp.inf, -jnp.inf, jax.nn.log_softmax(x)) if log else jax.nn.softmax(x)
+    for r in off:
+      y = y.at[r].multiply(1.01)
+    return y, jax.nn.logsumexp(x, axis=1, keepdims=True)
+
+  def bwd(y, g, live=None, *, log, cfg):
+    if log:
+      return live * (g - jnp.exp(y) * g.sum(1, keepdims=True))
+    return y * (g - (g * y).sum(1, keepdims=True))
+
+  monkeypatch.setattr(gpu, "softmax_fwd_2d", fwd)
+  monkeypatch.setattr(gpu, "softmax_bwd_2d", bwd)
+  monkeypatch.setattr(gpu, "bwd_reads_live", lambda *a: True)
+  kx, kg = jax.random.split(jax.random.key(1))
+  x, g = jax.random.normal(kx, (1024, 16), jnp.float32), jax.random.normal(kg, (1024, 16))
+  eps = float(jnp.finfo(jnp.float32).eps)
+  picked = gpu_pallas.variant_rows(1024)
+
+  def ref(log):
+    xs, gs = np.asarray(x)[picked], np.asarray(g)[picked]
+    return gpu_pallas._ref64(xs, np.ones(xs.shape, bool), gs, log)
+
+  cfg = gpu.Config()
+  for log in (False, True):
+    assert gpu_pallas._variant_check(cfg, x, g, log, eps, ref) is None
+  off.append(1023)
+  assert gpu_pallas._variant_check(cfg, x, g, False, eps, ref).startswith("wrong: softmax fwd")
+  off[:] = [np.s_[1::2]]
+  assert gpu_pallas._variant_check(cfg, x, g, True, eps, ref).startswith("wrong: log_softmax fwd")
 
 
 def test_gpu_script_targets():
