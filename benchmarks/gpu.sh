@@ -10,7 +10,10 @@
 # so have that call ready): gpu_pallas.py --sizes 4096x1024 --check-cols ""
 # --no-losses --budget 270 --variants-timeout 230, for more variants; with
 # --variant-shapes (RxC,...) it starts where the first call's variants stopped
-# rather than at the first of VARIANTS' shapes again. On an H100 (T0116Z,
+# rather than at the first of VARIANTS' shapes again; with VARIANTS_DONE=FILE
+# here and --variants-done FILE there (a path outside $OUT, which each call
+# empties, e.g. /tmp/variants-done.json) it skips the cells the first call
+# ran, without naming them. On an H100 (T0116Z,
 # T0125Z) the same two calls took 523 s and 252 s: 811 s of device time, with
 # the machine's start.
 # Keep timeout_s at 600:
@@ -71,6 +74,7 @@ for part in $PARTS; do
       # timings and copy bandwidth.
       extra=()
       [ "$backend" != gpu ] && extra=(--allow-cpu)
+      [ -n "${VARIANTS_DONE:-}" ] && extra+=(--variants-done "$VARIANTS_DONE")
       # Its variants stop in time for its --budget: 540 s alone, 400 s with the
       # harness after it (PALLAS_BUDGET overrides).
       budget=${PALLAS_BUDGET:-540}

@@ -70,7 +70,9 @@ In this order:
    array, compared at the rows ``variant_rows`` picks) before softmax
    (log_softmax, for a variant named ``LOG ...``) is timed, in turn with the
    default of its cell within every sample (``--no-variants`` skips this part;
-   ``--variant-shapes`` takes some of the variants' shapes, in a given order).
+   ``--variant-shapes`` takes some of the variants' shapes, in a given order;
+   ``--variants-done FILE`` skips the cells listed there and adds those it
+   runs, so that a second call goes on where the first stopped).
 
 Writes ``gpu_pallas-<date>.json`` and ``.md`` under ``--out``, after every
 step (the variants' rows as they come in). ``--budget`` (540 s) bounds the
@@ -1072,6 +1074,7 @@ def variants_in_child(
   child=None,
   on_rows=None,
   shapes=None,
+  skip=(),
 ) -> list[dict]:
   """``variants`` in child processes, all within ``timeout_s``. A variant kernel
   that hangs on the GPU (a barrier that never completes) cannot be stopped from
@@ -1082,7 +1085,8 @@ def variants_in_child(
   ``--variants-only``) reads the cells to skip from ``skip.json``, names the cell
   it starts in ``current.json`` and writes its rows to ``rows.json`` after each.
   ``on_rows(rows)`` gets the rows so far whenever a child has written more, so
-  that a call killed from outside keeps them. ``shapes``: as for ``variants``."""
+  that a call killed from outside keeps them. ``shapes``: as for ``variants``;
+  ``skip``: the cells (``cell_key``) not to run, as for ``variants``."""
   child = child or [sys.executable, __file__, "--variants-only"]
   opts = ["--calls", str(calls), "--samples", str(samples), "--dtypes", ",".join(dtypes)]
   if shapes is not None:
@@ -1105,7 +1109,7 @@ def variants_in_child(
         return []
 
     while True:
-      done = [cell_key(r["variant"], r["rows"], r["cols"], r["dtype"]) for r in rows]
+      done = [*skip, *(cell_key(r["variant"], r["rows"], r["cols"], r["dtype"]) for r in rows)]
       (tmp / "skip.json").write_text(json.dumps(done))
       rows_file.unlink(missing_ok=True)
       current.unlink(missing_ok=True)
@@ -1144,6 +1148,34 @@ def variants_in_child(
       error = f"hung: killed after {cell_timeout_s} s (the next cells ran in a new process)"
       rows.append(dict(variant=name, rows=n, cols=c, dtype=dt, error=error))
       print(f"gpu_pallas.py: variant cell {key} {error}", flush=True)
+
+
+def done_cells(rows) -> set[str]:
+  """The cells (``cell_key``) that variant ``rows`` ran, timed, wrong or hung: not
+  the default's (each variant is timed with its cell's default, which must run
+  again with it) nor a note of the child process."""
+  others = ("default", "(child process)")
+  return {
+    cell_key(r["variant"], r["rows"], r["cols"], r["dtype"])
+    for r in rows
+    if r["variant"] not in others
+  }
+
+
+def variants_done(path):
+  """``--variants-done``: the cells that an earlier call on this machine ran (from
+  the JSON list at ``path``, none if there is none), and a function that adds
+  those of the variant rows it is given and writes the list back. The GPU
+  machine stays warm for 30 s between calls, so a second call must start at
+  once: with the same file it goes on where the first left off."""
+  path = Path(path)
+  earlier = set(json.loads(path.read_text())) if path.exists() else set()
+
+  def record(rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sorted(earlier | done_cells(rows)), indent=1))
+
+  return earlier, record
 
 
 TARGET = 0.85  # of the measured copy bandwidth, forward and backward
@@ -1409,6 +1441,11 @@ def main(argv=None) -> int:
     "--variant-shapes",
     help="RxC,...: the variants at these of their shapes only, in this order",
   )
+  p.add_argument(
+    "--variants-done",
+    metavar="FILE",
+    help="JSON list of the variant cells run: skipped if listed, added as they run",
+  )
   p.add_argument("--variants-only", metavar="DIR", help=argparse.SUPPRESS)  # the child
   p.add_argument("--dtypes", default=",".join(DTYPES), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -1545,15 +1582,21 @@ def main(argv=None) -> int:
   if pallas and not args.no_variants and left < 30:
     print(f"gpu_pallas.py: {left:.0f} s left of --budget: no variants", flush=True)
   elif pallas and not args.no_variants:
+    earlier, record = variants_done(args.variants_done) if args.variants_done else (set(), None)
+    if earlier:
+      meta["variant_cells_run_before"] = len(earlier)
+      print(f"gpu_pallas.py: {len(earlier)} variant cells ran in an earlier call", flush=True)
 
     def on_rows(vrows):  # as the variants come in, quietly
       result["variants"] = vrows
       stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
       stem.with_suffix(".md").write_text(markdown(meta, checks, rows, copy_bw, vrows, losses))
+      if record is not None:
+        record(vrows)
 
     timeout = int(min(args.variants_timeout, left))
     result["variants"] = variants_in_child(
-      dtypes, args.calls, args.samples, timeout, on_rows=on_rows, shapes=vshapes
+      dtypes, args.calls, args.samples, timeout, on_rows=on_rows, shapes=vshapes, skip=earlier
     )
     save(markdown(meta, checks, rows, copy_bw, result["variants"], losses))
   return 0 if ok else 1

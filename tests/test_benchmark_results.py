@@ -545,3 +545,42 @@ def test_gpu_script_variants_go_on_past_a_hung_cell(tmp_path):
   assert rows[1]["error"].startswith("hung: killed after 1 s")
   # The first cell's row reached the parent while the hung cell still ran.
   assert seen[0] == ["a"] and seen[-1] == ["a", "hangs", "a"]
+
+
+def test_gpu_script_second_call_goes_on_where_the_first_stopped(tmp_path):
+  # --variants-done: the cells a call ran are written to a file as they come in;
+  # a second call with the same file skips them (not the defaults, which each
+  # variant is timed with), and adds its own.
+  import sys
+
+  from benchmarks import gpu_pallas
+
+  done = tmp_path / "state" / "done.json"
+  earlier, record = gpu_pallas.variants_done(done)
+  assert earlier == set() and not done.exists()
+  first = [
+    dict(variant="default", rows=1, cols=128, dtype="float32", fwd_s=1.0),
+    dict(variant="a", rows=1, cols=128, dtype="float32", fwd_s=1.0),
+    dict(variant="(child process)", rows=0, cols=0, dtype="-", error="timed out"),
+  ]
+  record(first)
+  earlier, record = gpu_pallas.variants_done(done)
+  assert earlier == {"a 1x128 float32"}
+  child = tmp_path / "child.py"
+  child.write_text(HANGING_CHILD)
+  rows = gpu_pallas.variants_in_child(
+    ["float32"],
+    1,
+    1,
+    timeout_s=30,
+    cell_timeout_s=1,
+    child=[sys.executable, str(child)],
+    on_rows=record,
+    skip=earlier,
+  )
+  assert [(r["variant"], r["rows"]) for r in rows] == [("hangs", 1), ("a", 2)]
+  assert gpu_pallas.variants_done(done)[0] == {
+    "a 1x128 float32",
+    "hangs 1x128 float32",
+    "a 2x128 float32",
+  }
