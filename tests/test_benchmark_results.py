@@ -49,8 +49,9 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   # The variant timings run on the GPU machine after everything else; here they
   # run the kernels in interpret mode at three small sizes. Each variant is
   # timed together with the default of its cell, when that ran first. A cell
-  # where only the default is left to run (4 x 1280: its row blocks skipped)
-  # does not run.
+  # where only the default is left to run does not run, nor the default's
+  # softmax where only log_softmax variants are left (4 x 1280: its row blocks
+  # skipped).
   from benchmarks import gpu_pallas
 
   Config = gpu_pallas.gpu.Config
@@ -75,13 +76,18 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     "bfloat16 only": (lambda: {"bfloat16": Config(**small)}, [(4, 256)]),
     # log_softmax's, paired with the default's log_softmax (built for it): the
     # backward of whole rows reading the live flag rather than taking it from l.
-    gpu_pallas.LOG + "live flag": (lambda: Config(interpret=True, live_from_l=False), [(4, 256)]),
+    gpu_pallas.LOG + "live flag": (
+      lambda: Config(interpret=True, live_from_l=False),
+      [(4, 1280), (4, 256)],
+    ),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
   started = []
   skip = {gpu_pallas.cell_key("row blocks", 4, 1280, "float32")}
   rows = gpu_pallas.variants(["float32"], 1, 1, skip=skip, on_start=started.append)
   assert [(r["variant"], r["cols"]) for r in rows] == [
+    ("default", 1280),  # log_softmax's, as timed with the variant below
+    ("log_softmax: live flag", 1280),
     ("default", 256),
     ("row blocks", 256),
     ("ring", 256),
@@ -89,8 +95,11 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     ("log_softmax: live flag", 256),
     ("split rows", 2048),
   ]
-  assert [r["op"] for r in rows] == ["softmax"] * 3 + ["log_softmax"] * 2 + ["softmax"]
+  assert [r["op"] for r in rows] == ["log_softmax"] * 2 + ["softmax"] * 3 + ["log_softmax"] * 2 + [
+    "softmax"
+  ]
   assert started == [
+    "log_softmax: live flag 4x1280 float32",
     "default 4x256 float32",
     "row blocks 4x256 float32",
     "ring 4x256 float32",
@@ -99,9 +108,12 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   ]
   assert all("error" not in r and r["fwd_s"] > 0 and r["bwd_s"] > 0 for r in rows), rows
   # (The default's log_softmax row is not a cell of its own: no wall time.)
-  assert all(r["wall_s"] > r["fwd_s"] + r["bwd_s"] for r in rows if r is not rows[3]), rows
-  assert "wall_s" not in rows[3]
+  logged = [rows[0], rows[5]]
+  assert all(r["wall_s"] > r["fwd_s"] + r["bwd_s"] for r in rows if r not in logged), rows
+  assert all("wall_s" not in r and r["variant"] == "default" for r in logged)
   assert [r["path"] for r in rows] == [
+    "streamed / streamed",
+    "rows / rows",
     "streamed / streamed",
     "blocks 4 / blocks 4",
     "ring 2 / ring 2",
@@ -111,14 +123,14 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   ]
   md = gpu_pallas.markdown(dict(device="d", jax="j", date="t"), [], [], 1e9, rows)
   assert md.count("| split 4 / split 8 |") == 1
-  # Paired with the default: the variants at 4 x 256, not the default itself
-  # nor the split rows, whose cell has no default.
+  # Paired with the default: the variants, not the default itself nor the
+  # split rows, whose cell has no default.
   paired = [r["variant"] for r in rows if r.get("fwd_vs_default", 0) > 0 < r["bwd_vs_default"]]
-  assert paired == ["row blocks", "ring", "log_softmax: live flag"]
+  assert paired == ["log_softmax: live flag", "row blocks", "ring", "log_softmax: live flag"]
   table, best = md.split("## The fastest correct variant per cell")
-  assert table.count("x / ") == 3 and table.count("| - |") == 3
+  assert table.count("x / ") == 4 and table.count("| - |") == 4
   # No jax.nn times (no timing rows): no verdict on the targets, per cell.
-  assert best.count("| - |\n") == 3 and "**no**" not in best
+  assert best.count("| - |\n") == 4 and "**no**" not in best
   # --variant-shapes: only the cells at these of the variants' shapes (4 x 999 is
   # none of theirs; 4 x 2048, the split rows, is left out); here all but one of
   # the cells at 4 x 256 skipped as done.
