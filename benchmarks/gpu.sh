@@ -8,14 +8,14 @@
 # 522 s; with the machine's start, 552 s of a 900 s device budget, which left
 # a second call of 258 s on the warm machine (it goes back after 30 s idle,
 # so have that call ready): gpu_pallas.py --sizes 4096x1024 --check-cols ""
-# --no-losses --budget 270 --variants-timeout 230, for more variants; with
-# --variant-shapes (RxC,...) it starts where the first call's variants stopped
-# rather than at the first of VARIANTS' shapes again; with VARIANTS_DONE=FILE
-# here and --variants-done FILE there (a path outside $OUT, which each call
-# empties, e.g. /tmp/variants-done.json) it skips the cells the first call
-# ran, without naming them. On an H100 (T0116Z,
-# T0125Z) the same two calls took 523 s and 252 s: 811 s of device time, with
-# the machine's start.
+# --no-losses --budget 270 --variants-timeout 230, for more variants. On an
+# H100 (T0116Z, T0125Z) the same two calls took 523 s and 252 s: 811 s of
+# device time, with the machine's start. With VARIANTS_DONE=FILE here and
+# --variants-done FILE there (a path outside $OUT, which each call empties,
+# e.g. /tmp/variants-done.json) the second call skips the variant cells the
+# first one ran; with --sizes "" it checks and times no size again, and the
+# variants get its whole budget. (--variant-shapes RxC,... takes some of the
+# variants' shapes, in that order.)
 # Keep timeout_s at 600:
 #
 #   OUT=/some/dir PYTHONPATH=. BENCH_COMMIT=<sha> bash benchmarks/gpu.sh [extra flags]

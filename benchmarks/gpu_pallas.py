@@ -1406,8 +1406,8 @@ def markdown(meta, checks, rows, copy_bw, variant_rows=(), losses=None) -> str:
 
 
 def _shapes(text: str) -> list[tuple[int, int]]:
-  """``"RxC,RxC,..."`` (a command-line flag) as a list of ``(R, C)``."""
-  return [tuple(int(n) for n in rc.split("x")) for rc in text.split(",")]
+  """``"RxC,RxC,..."`` (a command-line flag) as a list of ``(R, C)``; ``""`` none."""
+  return [tuple(int(n) for n in rc.split("x")) for rc in text.split(",") if rc]
 
 
 def main(argv=None) -> int:
@@ -1431,7 +1431,8 @@ def main(argv=None) -> int:
   )
   p.add_argument(
     "--sizes",
-    help="RxC,...: check and time these instead of SIZES and NEW_SIZES (no 'where' rows)",
+    help="RxC,...: check and time these instead of SIZES and NEW_SIZES (no 'where' rows);"
+    " '' none (the copy bandwidth and the variants)",
   )
   p.add_argument("--check-cols", help="C,...: checked (8 rows) instead of NEW_CHECK_COLS")
   p.add_argument(
@@ -1472,16 +1473,16 @@ def main(argv=None) -> int:
     print(f"gpu_pallas.py: no GPU (default backend {platform!r}); see --allow-cpu", file=sys.stderr)
     return 2
   sizes, new_sizes, dtypes, where_sizes = SIZES, NEW_SIZES, DTYPES, WHERE_SIZES
-  if args.sizes:
+  if args.sizes is not None:  # "": no checks or timings, the variants alone
     sizes = _shapes(args.sizes)
     new_sizes, where_sizes = [], []
   check_cols = NEW_CHECK_COLS
   if args.check_cols is not None:
     check_cols = [int(c) for c in args.check_cols.split(",") if c]
-  if platform != "gpu":  # smoke test: tiny sizes, no Pallas
+  if platform != "gpu" and sizes:  # smoke test: tiny sizes, no Pallas
     sizes, new_sizes, dtypes = [(64, 256)], [(8, 384)], ["float32"]
     where_sizes = sizes
-  probe = jnp.zeros((8, sizes[0][1]), jnp.float32)
+  probe = jnp.zeros((8, 1024), jnp.float32)
   try:
     t = time.perf_counter()
     jax.block_until_ready(jaxsoftmax.softmax(probe, implementation="pallas"))

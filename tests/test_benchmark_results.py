@@ -332,6 +332,16 @@ def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
   assert text.index("## log_softmax targets") < text.index("## Losses")
   assert "| integer labels | 64x1000 | float32 | optax |" in text
 
+  # --sizes "" (a second call on the GPU machine, for the variants): no checks
+  # or timings, the copy bandwidth still measured.
+  later = tmp_path / "later"
+  args = ["--allow-cpu", "--out", str(later), "--calls", "2", "--sizes", "", "--check-cols", ""]
+  assert gpu_pallas.main([*args, "--no-losses"]) == 0
+  (js,) = later.glob("gpu_pallas-*.json")
+  result = json.loads(js.read_text())
+  assert result["checks"] == [] and result["timings"] == [] and result["copy_bytes_per_s"] > 0
+  assert "losses" not in result
+
 
 def test_gpu_script_best_variants():
   # The fastest correct variant forward and backward per cell, as a new default
