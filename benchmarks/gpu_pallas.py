@@ -67,7 +67,8 @@ In this order:
    ``--variants-timeout`` seconds (a cell that hangs is killed after 60 s and a
    new child goes on with the rest), each checked against float64 as in step 1
    (softmax and log_softmax, whose first row is then all -inf; on the whole
-   array, compared at the rows ``variant_rows`` picks) before softmax
+   array, compared with float64 at the rows ``variant_rows`` picks, and every
+   row with XLA's float32 on the GPU within ``SCREEN_EPS``) before softmax
    (log_softmax, for a variant named ``LOG ...``) is timed, in turn with the
    default of its cell within every sample (``--no-variants`` skips this part;
    ``--variant-shapes`` takes some of the variants' shapes, in a given order;
@@ -917,27 +918,69 @@ def variant_rows(n: int) -> np.ndarray:
   return np.unique(np.concatenate([edges, np.arange(0, n, VARIANT_ROW_STEP)]))
 
 
+# Every row of a variant cell is also screened on the GPU against XLA's float32
+# softmax (``_row_errors``): the rows that ``variant_rows`` leaves out may not
+# be wrong by more than this many eps of the input dtype, row by row. That is
+# loose for a rounding error (bfloat16 output rounds a row by at most eps / 2)
+# and tight for a row that a kernel got wrong (a chunk left out of a sum, a row
+# written in another's place: errors of percents).
+SCREEN_EPS = 16
+
+
+@functools.partial(jax.jit, static_argnames="log")
+def _row_errors(y, dx, x, g, log: bool):
+  """The largest ``||a - r|| / ||r||`` of a row of ``y`` (softmax or log_softmax
+  of ``x``) and of ``dx`` (its VJP with ``g``) against XLA's float32 values, and
+  the rows where they are: ``((err_fwd, row), (err_bwd, row))``, a NaN where ``r``
+  has none counting as inf. log_softmax's row 0 (all -inf) is left out."""
+  x, g = x.astype(jnp.float32), g.astype(jnp.float32)
+  if log:
+    r = jax.nn.log_softmax(x)
+    rdx = g - jnp.exp(r) * jnp.sum(g, -1, keepdims=True)
+  else:
+    r = jax.nn.softmax(x)
+    rdx = r * (g - jnp.sum(g * r, -1, keepdims=True))
+
+  def worst(a, b):
+    num = jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32) - b), -1))
+    den = jnp.sqrt(jnp.sum(jnp.square(b), -1))
+    e = num / jnp.where(den == 0, 1.0, den)
+    e = jnp.where(jnp.isnan(e), jnp.inf, e)
+    if log:
+      e = e.at[0].set(0.0)
+    return jnp.max(e), jnp.argmax(e)
+
+  return worst(y, r), worst(dx, rdx)
+
+
 def _variant_check(cfg, x, g, log, eps, ref) -> str | None:
   """None if the 2-D kernels under ``cfg`` match float64 (the tolerances of
   `check`) for softmax or log_softmax on ``x`` and ``g``, else what is off.
-  ``ref(log)`` is the float64 reference at the rows ``variant_rows`` picks.
+  ``ref(log)`` is the float64 reference at the rows ``variant_rows`` picks; every
+  row is then screened against XLA's float32 (``_row_errors``, SCREEN_EPS).
   log_softmax's row 0 is made all -inf, where it must be all -inf and its
   gradient 0 (the live flag)."""
   fwd, bwd = _programs(cfg, log, x.shape, x.dtype)
   if log:
     x = x.at[0].set(-jnp.inf)
   out = fwd(x)
+  y_all, dx_all = (out[0] if log else out), bwd(out, g)
   rows = jnp.asarray(variant_rows(x.shape[0]))
-  y, dx = (out[0] if log else out)[rows], bwd(out, g)[rows]
   ry, rdx = ref(log)
-  y, dx, k = np.asarray(y, np.float32), np.asarray(dx, np.float32), int(log)
+  y, dx, k = np.asarray(y_all[rows], np.float32), np.asarray(dx_all[rows], np.float32), int(log)
   err_f, err_b = _rel(y[k:], ry[k:]), _rel(dx[k:], rdx[k:])
   empty_ok = not log or (np.all(y[0] == -np.inf) and np.all(dx[0] == 0.0))
-  if err_f <= 4 * eps and err_b <= 8 * eps and empty_ok:
-    return None
   op = "log_softmax" if log else "softmax"
-  return f"wrong: {op} fwd err {err_f:.2e}, bwd err {err_b:.2e}" + (
-    "" if empty_ok else ", empty row"
+  if not (err_f <= 4 * eps and err_b <= 8 * eps and empty_ok):
+    return f"wrong: {op} fwd err {err_f:.2e}, bwd err {err_b:.2e}" + (
+      "" if empty_ok else ", empty row"
+    )
+  (sf, rf), (sb, rb) = jax.device_get(_row_errors(y_all, dx_all, x, g, log))
+  if sf <= SCREEN_EPS * eps and sb <= SCREEN_EPS * eps:
+    return None
+  return (
+    f"wrong: {op} fwd err {sf:.2e} (row {rf}), bwd err {sb:.2e} (row {rb}) against XLA's "
+    "float32, the worst rows"
   )
 
 

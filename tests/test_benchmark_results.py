@@ -171,8 +171,9 @@ def test_gpu_script_variant_check_catches_a_wrong_live_flag(monkeypatch):
 
 def test_gpu_script_variant_check_samples_rows(monkeypatch):
   # Past 512 rows a variant cell checks some rows against float64: the first and
-  # last 8 and every 37th, on every residue modulo a power of two. A kernel
-  # wrong on the last row, or on every odd row, is still caught; here the
+  # last 8 and every 37th, on every residue modulo a power of two; then every
+  # row against XLA's float32, more loosely. A kernel wrong on the last row, on
+  # every odd row, or on one row of those left out, is caught; here the
   # "kernels" are stand-ins on XLA, to run 1024 rows in little time.
   from benchmarks import gpu_pallas
 
@@ -216,6 +217,18 @@ def test_gpu_script_variant_check_samples_rows(monkeypatch):
   assert gpu_pallas._variant_check(cfg, x, g, False, eps, ref).startswith("wrong: softmax fwd")
   off[:] = [np.s_[1::2]]
   assert gpu_pallas._variant_check(cfg, x, g, True, eps, ref).startswith("wrong: log_softmax fwd")
+  # A row that the float64 check leaves out: the screen of every row against
+  # XLA's float32 finds it, and names it.
+  assert 500 not in picked
+  off[:] = [500]
+  wrong = gpu_pallas._variant_check(cfg, x, g, False, eps, ref)
+  assert wrong.startswith("wrong: softmax fwd err 1.0") and "(row 500)" in wrong, wrong
+  # A NaN there too.
+  off[:] = []
+  nan = jnp.full((16,), jnp.nan)
+  monkeypatch.setattr(gpu, "softmax_fwd_2d", lambda x, **kw: (fwd(x, **kw)[0].at[500].set(nan), 0))
+  wrong = gpu_pallas._variant_check(cfg, x, g, False, eps, ref)
+  assert "fwd err inf (row 500)" in wrong, wrong
 
 
 def test_gpu_script_targets():
