@@ -1196,6 +1196,35 @@ def variants_in_child(
       print(f"gpu_pallas.py: variant cell {key} {error}", flush=True)
 
 
+def lower_variants(dtypes, shapes=None, on_cell=lambda key, wrong: None) -> list[str]:
+  """Each of ``VARIANTS`` at each of its shapes (``shapes``: only these) and
+  ``dtypes``: softmax's and log_softmax's forward and backward programs lowered
+  for ``cuda`` with ``jax.export``, on any machine, before a GPU run spends a
+  cell on a kernel that does not lower. What failed, a line each;
+  ``on_cell(key, wrong)`` after each cell (``wrong``: its failures)."""
+  failed = []
+  for name, (make_cfg, zs) in VARIANTS.items():
+    for z in zs if shapes is None else [z for z in zs if z in shapes]:
+      for dt in dtypes:
+        cfg = make_cfg()
+        cfg = cfg.get(dt) if isinstance(cfg, dict) else cfg
+        if cfg is None:
+          continue
+        wrong = []
+        x = jax.ShapeDtypeStruct(z, jnp.dtype(dt))
+        for log in (False, True):
+          fwd, bwd = _programs(cfg, log, z, dt)
+          op = "log_softmax" if log else "softmax"
+          try:
+            jax.export.export(fwd, platforms=["cuda"])(x)
+            jax.export.export(bwd, platforms=["cuda"])(jax.eval_shape(fwd, x), x)
+          except Exception as e:  # recorded, and the other cells still lowered
+            wrong.append(f"{cell_key(name, *z, dt)} {op}: {type(e).__name__}: {e}"[:500])
+        on_cell(cell_key(name, *z, dt), wrong)
+        failed += wrong
+  return failed
+
+
 def done_cells(rows) -> set[str]:
   """The cells (``cell_key``) that variant ``rows`` ran, timed, wrong or hung: not
   the default's (each variant is timed with its cell's default, which must run
@@ -1493,11 +1522,21 @@ def main(argv=None) -> int:
     metavar="FILE",
     help="JSON list of the variant cells run: skipped if listed, added as they run",
   )
+  p.add_argument(
+    "--lower-variants",
+    action="store_true",
+    help="only lower every variant's kernels for cuda (any machine; --variant-shapes, --dtypes)",
+  )
   p.add_argument("--variants-only", metavar="DIR", help=argparse.SUPPRESS)  # the child
-  p.add_argument("--dtypes", default=",".join(DTYPES), help=argparse.SUPPRESS)
+  p.add_argument("--dtypes", default=",".join(DTYPES), help="D,...: the variants' dtypes")
   args = p.parse_args(argv)
   started = time.monotonic()
   vshapes = _shapes(args.variant_shapes) if args.variant_shapes else None
+  if args.lower_variants:
+    say = lambda key, wrong: print(f"{key}: {'FAILED' if wrong else 'lowers'}", flush=True)  # noqa: E731
+    failed = lower_variants(args.dtypes.split(","), vshapes, say)
+    print("\n".join(failed) or "gpu_pallas.py: every variant lowers for cuda", flush=True)
+    return 1 if failed else 0
   if args.variants_only:  # the child of variants_in_child
     tmp = Path(args.variants_only)
     skip = set(json.loads((tmp / "skip.json").read_text()))
