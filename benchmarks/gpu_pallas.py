@@ -81,7 +81,10 @@ whole script: the variants get what is left of it, at most
 ``--variants-timeout``. Steps 1-4 use the public API only; step 5 calls
 ``gpu.py``. ``--allow-cpu`` runs the script on the CPU with the XLA (and optax)
 contenders only, the losses' check on the default implementation (a smoke test
-of the script itself: no numbers to report).
+of the script itself: no numbers to report). ``--lower-only`` lowers every
+kernel the script would run for ``cuda`` and exits: a preflight on any machine
+(the tests run it), which finds a kernel over the shared memory at its real
+shape before a GPU run does.
 """
 
 from __future__ import annotations
@@ -1196,6 +1199,44 @@ def variants_in_child(
       print(f"gpu_pallas.py: variant cell {key} {error}", flush=True)
 
 
+def _lowers(fn, *args) -> str | None:
+  """None if ``fn`` (jitted) lowers for ``cuda`` with ``args`` (shapes), else why not."""
+  try:
+    jax.export.export(fn, platforms=["cuda"])(*args)
+  except Exception as e:  # recorded, and the rest still lowered
+    return f"{type(e).__name__}: {e}"[:500]
+  return None
+
+
+def lower_steps(dtypes, on_cell=lambda key, wrong: None) -> list[str]:
+  """The default kernels of steps 1-4 lowered for ``cuda``, as ``lower_variants``
+  does the variants': softmax's and log_softmax's at every size timed and every
+  shape checked (CHECK_ROWS rows: another row count, another grid), and the
+  losses' row statistics at theirs."""
+  cols = [c for _, c in SIZES + NEW_SIZES] + NEW_CHECK_COLS
+  shapes = SIZES + NEW_SIZES + [(CHECK_ROWS, c) for c in cols]
+  loss_shapes = LOSS_SIZES + [(CHECK_ROWS, c) for _, c in LOSS_SIZES]
+  stats = jax.jit(functools.partial(gpu.row_stats_2d, cfg=gpu.Config()))
+  failed = []
+  for z, dt, loss in [(z, dt, False) for z in shapes for dt in dtypes] + [
+    (z, dt, True) for z in loss_shapes for dt in dtypes
+  ]:
+    x = jax.ShapeDtypeStruct(z, jnp.dtype(dt))
+    key = f"{'row statistics' if loss else 'default'} {z[0]}x{z[1]} {dt}"
+    wrong = []
+    for op in ["row_stats"] if loss else ["softmax", "log_softmax"]:
+      if loss:
+        why = _lowers(stats, x)
+      else:
+        fwd, bwd = _programs(gpu.Config(), op == "log_softmax", z, dt)
+        why = _lowers(fwd, x) or _lowers(bwd, jax.eval_shape(fwd, x), x)
+      if why:
+        wrong.append(f"{key} {op}: {why}")
+    on_cell(key, wrong)
+    failed += wrong
+  return failed
+
+
 def lower_variants(dtypes, shapes=None, on_cell=lambda key, wrong: None) -> list[str]:
   """Each of ``VARIANTS`` at each of its shapes (``shapes``: only these) and
   ``dtypes``: softmax's and log_softmax's forward and backward programs lowered
@@ -1215,11 +1256,8 @@ def lower_variants(dtypes, shapes=None, on_cell=lambda key, wrong: None) -> list
         for log in (False, True):
           fwd, bwd = _programs(cfg, log, z, dt)
           op = "log_softmax" if log else "softmax"
-          try:
-            jax.export.export(fwd, platforms=["cuda"])(x)
-            jax.export.export(bwd, platforms=["cuda"])(jax.eval_shape(fwd, x), x)
-          except Exception as e:  # recorded, and the other cells still lowered
-            wrong.append(f"{cell_key(name, *z, dt)} {op}: {type(e).__name__}: {e}"[:500])
+          if why := _lowers(fwd, x) or _lowers(bwd, jax.eval_shape(fwd, x), x):
+            wrong.append(f"{cell_key(name, *z, dt)} {op}: {why}")
         on_cell(cell_key(name, *z, dt), wrong)
         failed += wrong
   return failed
@@ -1523,19 +1561,22 @@ def main(argv=None) -> int:
     help="JSON list of the variant cells run: skipped if listed, added as they run",
   )
   p.add_argument(
-    "--lower-variants",
+    "--lower-only",
     action="store_true",
-    help="only lower every variant's kernels for cuda (any machine; --variant-shapes, --dtypes)",
+    help="lower every kernel the script runs for cuda, and exit (any machine; --variant-shapes"
+    " and --dtypes apply; with --variant-shapes, the variants only)",
   )
   p.add_argument("--variants-only", metavar="DIR", help=argparse.SUPPRESS)  # the child
   p.add_argument("--dtypes", default=",".join(DTYPES), help="D,...: the variants' dtypes")
   args = p.parse_args(argv)
   started = time.monotonic()
   vshapes = _shapes(args.variant_shapes) if args.variant_shapes else None
-  if args.lower_variants:
+  if args.lower_only:
     say = lambda key, wrong: print(f"{key}: {'FAILED' if wrong else 'lowers'}", flush=True)  # noqa: E731
-    failed = lower_variants(args.dtypes.split(","), vshapes, say)
-    print("\n".join(failed) or "gpu_pallas.py: every variant lowers for cuda", flush=True)
+    dts = args.dtypes.split(",")
+    failed = [] if vshapes else lower_steps(dts, say)
+    failed += lower_variants(dts, vshapes, say)
+    print("\n".join(failed) or "gpu_pallas.py: every kernel lowers for cuda", flush=True)
     return 1 if failed else 0
   if args.variants_only:  # the child of variants_in_child
     tmp = Path(args.variants_only)

@@ -622,9 +622,10 @@ def test_gpu_script_second_call_goes_on_where_the_first_stopped(tmp_path):
 
 
 def test_gpu_script_lowers_the_variants_for_cuda(monkeypatch, capsys):
-  # --lower-variants: every variant's kernels lowered for cuda on this CPU, a
-  # preflight before a GPU run; a kernel that cannot lower (rows shorter than a
-  # warpgroup) is named, and the others still lower.
+  # --lower-only: every kernel lowered for cuda on this CPU, a preflight before
+  # a GPU run (with --variant-shapes, the variants at those shapes only); a
+  # kernel that cannot lower (rows shorter than a warpgroup) is named, and the
+  # others still lower.
   from benchmarks import gpu_pallas
 
   Config = gpu_pallas.gpu.Config
@@ -633,23 +634,29 @@ def test_gpu_script_lowers_the_variants_for_cuda(monkeypatch, capsys):
     "short": (lambda: {"float32": Config()}, [(64, 256), (64, 100)]),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
-  assert gpu_pallas.main(["--lower-variants", "--dtypes", "float32,bfloat16"]) == 1
+  args = ["--lower-only", "--dtypes", "float32,bfloat16", "--variant-shapes", "64x256,64x100"]
+  assert gpu_pallas.main(args) == 1
   out = capsys.readouterr().out
   assert "default 64x256 bfloat16: lowers" in out and "short 64x256 float32: lowers" in out
   assert "short 64x256 bfloat16" not in out  # a config for float32 only
   failed = [line for line in out.splitlines() if "FAILED" in line or "Error" in line]
   assert failed[0] == "short 64x100 float32: FAILED"
   assert failed[1].startswith("short 64x100 float32 softmax: ValueError: the row length 100")
-  assert gpu_pallas.main(["--lower-variants", "--variant-shapes", "64x256"]) == 0
-  assert capsys.readouterr().out.endswith("every variant lowers for cuda\n")
+  assert gpu_pallas.main(["--lower-only", "--variant-shapes", "64x256"]) == 0
+  out = capsys.readouterr().out
+  assert out.endswith("every kernel lowers for cuda\n") and "row statistics" not in out
 
 
-def test_every_queued_variant_lowers_for_cuda():
-  # The preflight on the real queue: each of VARIANTS at the shapes and dtypes
-  # the next GPU run times it at (11 s on this machine). Lowering sizes the
-  # shared memory for the real row: a variant that overflows it there (the
-  # float32 6-stage backward at 128 x 262144, by 104 bytes, on the H100 in
-  # T1329Z) fails here, not in a cell of the GPU run.
+def test_every_kernel_of_the_gpu_script_lowers_for_cuda():
+  # The preflight on the real script: the defaults at every size and check
+  # shape of steps 1-4 (the losses' row statistics too), then each of VARIANTS
+  # at the shapes and dtypes the next GPU run times it at (24 s in all on this
+  # machine). Lowering sizes the shared memory for the real rows: a variant
+  # that overflows it (the float32 6-stage backward at 128 x 262144, by 104
+  # bytes, on the H100 in T1329Z) fails here, not on the GPU.
   from benchmarks import gpu_pallas
 
+  seen = []
+  assert gpu_pallas.lower_steps(gpu_pallas.DTYPES, lambda key, wrong: seen.append(key)) == []
+  assert "default 8x70000 float32" in seen and "row statistics 4096x128256 bfloat16" in seen
   assert gpu_pallas.lower_variants(gpu_pallas.DTYPES) == []
