@@ -1210,11 +1210,13 @@ def _lowers(fn, *args) -> str | None:
 
 def lower_steps(dtypes, on_cell=lambda key, wrong: None) -> list[str]:
   """The default kernels of steps 1-4 lowered for ``cuda``, as ``lower_variants``
-  does the variants': softmax's and log_softmax's at every size timed and every
-  shape checked (CHECK_ROWS rows: another row count, another grid), and the
-  losses' row statistics at theirs."""
+  does the variants': softmax's and log_softmax's at every size timed (but those
+  of the "default" variant, which ``lower_variants`` lowers) and every shape
+  checked (CHECK_ROWS rows: another row count, another grid), and the losses'
+  row statistics at theirs."""
   cols = [c for _, c in SIZES + NEW_SIZES] + NEW_CHECK_COLS
-  shapes = SIZES + NEW_SIZES + [(CHECK_ROWS, c) for c in cols]
+  shapes = [z for z in SIZES + NEW_SIZES if z not in VARIANTS["default"][1]]
+  shapes += [(CHECK_ROWS, c) for c in cols]
   loss_shapes = LOSS_SIZES + [(CHECK_ROWS, c) for _, c in LOSS_SIZES]
   stats = jax.jit(functools.partial(gpu.row_stats_2d, cfg=gpu.Config()))
   failed = []

@@ -650,7 +650,7 @@ def test_gpu_script_lowers_the_variants_for_cuda(monkeypatch, capsys):
 def test_every_kernel_of_the_gpu_script_lowers_for_cuda():
   # The preflight on the real script: the defaults at every size and check
   # shape of steps 1-4 (the losses' row statistics too), then each of VARIANTS
-  # at the shapes and dtypes the next GPU run times it at (24 s in all on this
+  # at the shapes and dtypes the next GPU run times it at (21 s in all on this
   # machine). Lowering sizes the shared memory for the real rows: a variant
   # that overflows it (the float32 6-stage backward at 128 x 262144, by 104
   # bytes, on the H100 in T1329Z) fails here, not on the GPU.
