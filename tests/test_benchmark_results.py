@@ -45,14 +45,42 @@ def test_rerunning_one_cell_keeps_the_others(tmp_path):
 # ----------------------------------------------- benchmarks/gpu_pallas.py, on the CPU
 
 
+def _xla_kernels(monkeypatch, off=()):
+  """The GPU module's 2-D kernels replaced by XLA stand-ins (the same results,
+  in a fraction of interpret mode's time), for tests of the script around them;
+  the forward's output off by 1% at the rows (indices) in ``off``. The real
+  kernels go through the script's programs in
+  ``test_every_kernel_of_the_gpu_script_lowers_for_cuda``."""
+  from benchmarks import gpu_pallas
+
+  def fwd(x, *, log, cfg, lse=None):
+    y = jnp.where(x == -jnp.inf, -jnp.inf, jax.nn.log_softmax(x)) if log else jax.nn.softmax(x)
+    for r in off:
+      y = y.at[r].multiply(1.01)
+    return y, jax.nn.logsumexp(x, axis=1, keepdims=True)
+
+  def bwd(y, g, live=None, *, log, cfg):
+    if not log:
+      return y * (g - (g * y).sum(1, keepdims=True))
+    if live is None:
+      live = jnp.any(y != -jnp.inf, axis=1, keepdims=True)
+    return live * (g - jnp.exp(y) * g.sum(1, keepdims=True))
+
+  monkeypatch.setattr(gpu_pallas.gpu, "softmax_fwd_2d", fwd)
+  monkeypatch.setattr(gpu_pallas.gpu, "softmax_bwd_2d", bwd)
+
+
 def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   # The variant timings run on the GPU machine after everything else; here they
-  # run the kernels in interpret mode at three small sizes. Each variant is
+  # run at three small sizes. Each variant is
   # timed together with the default of its cell, when that ran first. A cell
   # where only the default is left to run does not run, nor the default's
   # softmax where only log_softmax variants are left (4 x 1280: its row blocks
-  # skipped).
+  # skipped). The paths are the configs' (gpu.route); the kernels are XLA
+  # stand-ins.
   from benchmarks import gpu_pallas
+
+  _xla_kernels(monkeypatch)
 
   Config = gpu_pallas.gpu.Config
   for make, _ in gpu_pallas.VARIANTS.values():  # a Config, or a dict of them by dtype
@@ -141,10 +169,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
 
   # A kernel off by a factor is reported as wrong and not timed.
   monkeypatch.setattr(gpu_pallas, "VARIANTS", {k: variants[k] for k in ("default", "row blocks")})
-  real_fwd = gpu_pallas.gpu.softmax_fwd_2d
-  monkeypatch.setattr(
-    gpu_pallas.gpu, "softmax_fwd_2d", lambda x, **kw: (1.01 * real_fwd(x, **kw)[0], None)
-  )
+  _xla_kernels(monkeypatch, off=[np.s_[:]])
   rows = gpu_pallas.variants(["float32"], calls=1, samples=1, shapes=[(4, 256)])
   assert [r["error"][:26] for r in rows] == ["wrong: softmax fwd err 1.0"] * 2, rows
 
@@ -187,20 +212,8 @@ def test_gpu_script_variant_check_samples_rows(monkeypatch):
 
   gpu = gpu_pallas.gpu
   off = []  # the rows (an index) whose forward output is off by 1%
-
-  def fwd(x, *, log, cfg, lse=None):
-    y = jnp.where(x == -jnp.inf, -jnp.inf, jax.nn.log_softmax(x)) if log else jax.nn.softmax(x)
-    for r in off:
-      y = y.at[r].multiply(1.01)
-    return y, jax.nn.logsumexp(x, axis=1, keepdims=True)
-
-  def bwd(y, g, live=None, *, log, cfg):
-    if log:
-      return live * (g - jnp.exp(y) * g.sum(1, keepdims=True))
-    return y * (g - (g * y).sum(1, keepdims=True))
-
-  monkeypatch.setattr(gpu, "softmax_fwd_2d", fwd)
-  monkeypatch.setattr(gpu, "softmax_bwd_2d", bwd)
+  _xla_kernels(monkeypatch, off)
+  fwd = gpu.softmax_fwd_2d
   monkeypatch.setattr(gpu, "bwd_reads_live", lambda *a: True)
   kx, kg = jax.random.split(jax.random.key(1))
   x, g = jax.random.normal(kx, (1024, 16), jnp.float32), jax.random.normal(kg, (1024, 16))

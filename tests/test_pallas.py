@@ -348,19 +348,18 @@ GPU_CASES = [
   (4097, GPU_RAGGED_BULK_G_TWICE, "4097-ragged-bulk-g-twice"),
   (8193, GPU_RAGGED_BULK_G_TWICE, "8193-ragged-bulk-g-twice"),
 ]
-# float16 on the paths the defaults take, and the split and streamed forms; the
-# forms that are off by default run in float32 and bfloat16 only, whose 16-bit
-# code float16 shares (it is lowered for cuda in every default form below), as
-# do the 70000 columns, the longest case.
+# float16 on each path the defaults take: rows kept whole, streamed, split,
+# overlapping chunks kept whole and split, ragged rows held and read twice. The
+# forms that are off by default, and the defaults' other cases of these paths
+# (2048-split, 4104-overlap-split-default, 129-ragged), run in float32 and
+# bfloat16 only, whose 16-bit code float16 shares (it is lowered for cuda in
+# every default form below), as do the 70000 columns, the longest case.
 F16_CASES = {
   "384-fits",
   "1280-online",
-  "2048-split",
   "2048-split-default-form",
   "1152-overlap-fits",
   "1000-overlap-split-default",
-  "4104-overlap-split-default",
-  "129-ragged",
   "4097-ragged",
   "20001-ragged",
 }
