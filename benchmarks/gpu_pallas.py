@@ -350,6 +350,14 @@ def copy_bandwidth(calls, samples, n=1 << 28) -> float:
   return 2 * xs[0].nbytes / _time(neg, [(x,) for x in xs], calls, samples)
 
 
+def variant_config(name: str, dtype: str):
+  """VARIANTS[name]'s ``gpu.Config`` for ``dtype``, or None where it gives
+  configs by dtype and none for this one (a config by dtype is not a variant of
+  the others)."""
+  cfg = VARIANTS[name][0]()
+  return cfg.get(dtype) if isinstance(cfg, dict) else cfg
+
+
 def _cells(pairs, desc):
   """Per (shape, dtype) of ``pairs``: rotating inputs ``xs``, cotangents ``gs`` and
   bytes per array."""
@@ -1022,13 +1030,10 @@ def variants(
   rows = []
 
   def config(name, z, dt):
-    """VARIANTS[name]'s config at (z, dt), or None if it has no cell left there.
-    (A config by dtype is not a variant of the others.)"""
-    make_cfg, zs = VARIANTS[name]
-    if z not in zs or cell_key(name, *z, dt) in skip:
+    """VARIANTS[name]'s config at (z, dt), or None if it has no cell left there."""
+    if z not in VARIANTS[name][1] or cell_key(name, *z, dt) in skip:
       return None
-    cfg = make_cfg()
-    return cfg.get(dt) if isinstance(cfg, dict) else cfg
+    return variant_config(name, dt)
 
   # (shape, dtype) pairs where a variant other than the default has a cell left
   # to run (the default alone measures nothing that step 2 does not), shapes in
@@ -1208,6 +1213,19 @@ def _lowers(fn, *args) -> str | None:
   return None
 
 
+def _lowered_cell(key: str, cfg, shape, dtype) -> list[str]:
+  """What fails to lower for ``cuda`` (``_lowers``) of softmax's and log_softmax's
+  forward and backward programs (``_programs``) under ``cfg`` at ``shape``, a
+  line each, named ``key``."""
+  x = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+  failed = []
+  for log in (False, True):
+    fwd, bwd = _programs(cfg, log, shape, dtype)
+    if why := _lowers(fwd, x) or _lowers(bwd, jax.eval_shape(fwd, x), x):
+      failed.append(f"{key} {'log_softmax' if log else 'softmax'}: {why}")
+  return failed
+
+
 def lower_steps(dtypes, on_cell=lambda key, wrong: None) -> list[str]:
   """The default kernels of steps 1-4 lowered for ``cuda``, as ``lower_variants``
   does the variants': softmax's and log_softmax's at every size timed (but those
@@ -1220,22 +1238,19 @@ def lower_steps(dtypes, on_cell=lambda key, wrong: None) -> list[str]:
   loss_shapes = LOSS_SIZES + [(CHECK_ROWS, c) for _, c in LOSS_SIZES]
   stats = jax.jit(functools.partial(gpu.row_stats_2d, cfg=gpu.Config()))
   failed = []
-  for z, dt, loss in [(z, dt, False) for z in shapes for dt in dtypes] + [
-    (z, dt, True) for z in loss_shapes for dt in dtypes
-  ]:
-    x = jax.ShapeDtypeStruct(z, jnp.dtype(dt))
-    key = f"{'row statistics' if loss else 'default'} {z[0]}x{z[1]} {dt}"
-    wrong = []
-    for op in ["row_stats"] if loss else ["softmax", "log_softmax"]:
-      if loss:
-        why = _lowers(stats, x)
-      else:
-        fwd, bwd = _programs(gpu.Config(), op == "log_softmax", z, dt)
-        why = _lowers(fwd, x) or _lowers(bwd, jax.eval_shape(fwd, x), x)
-      if why:
-        wrong.append(f"{key} {op}: {why}")
-    on_cell(key, wrong)
-    failed += wrong
+  for z in shapes:
+    for dt in dtypes:
+      key = f"default {z[0]}x{z[1]} {dt}"
+      wrong = _lowered_cell(key, gpu.Config(), z, dt)
+      on_cell(key, wrong)
+      failed += wrong
+  for z in loss_shapes:
+    for dt in dtypes:
+      key = f"row statistics {z[0]}x{z[1]} {dt}"
+      why = _lowers(stats, jax.ShapeDtypeStruct(z, jnp.dtype(dt)))
+      wrong = [f"{key} row_stats: {why}"] if why else []
+      on_cell(key, wrong)
+      failed += wrong
   return failed
 
 
@@ -1246,21 +1261,14 @@ def lower_variants(dtypes, shapes=None, on_cell=lambda key, wrong: None) -> list
   cell on a kernel that does not lower. What failed, a line each;
   ``on_cell(key, wrong)`` after each cell (``wrong``: its failures)."""
   failed = []
-  for name, (make_cfg, zs) in VARIANTS.items():
+  for name, (_, zs) in VARIANTS.items():
     for z in zs if shapes is None else [z for z in zs if z in shapes]:
       for dt in dtypes:
-        cfg = make_cfg()
-        cfg = cfg.get(dt) if isinstance(cfg, dict) else cfg
-        if cfg is None:
+        if (cfg := variant_config(name, dt)) is None:
           continue
-        wrong = []
-        x = jax.ShapeDtypeStruct(z, jnp.dtype(dt))
-        for log in (False, True):
-          fwd, bwd = _programs(cfg, log, z, dt)
-          op = "log_softmax" if log else "softmax"
-          if why := _lowers(fwd, x) or _lowers(bwd, jax.eval_shape(fwd, x), x):
-            wrong.append(f"{cell_key(name, *z, dt)} {op}: {why}")
-        on_cell(cell_key(name, *z, dt), wrong)
+        key = cell_key(name, *z, dt)
+        wrong = _lowered_cell(key, cfg, z, dt)
+        on_cell(key, wrong)
         failed += wrong
   return failed
 
