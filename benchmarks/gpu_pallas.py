@@ -712,7 +712,7 @@ LONG = [(1024, 65536), (128, 262144)]
 #   row blocks (``ring_slots``): 0.96-1.14x the default's time at 4096 x {1024,
 #   4096} in the second run (the first run's 0.72-0.80x at 4096 x 1024 did not
 #   repeat), 1.06-1.23x at 4096 x 16384; the read-only drain: within 1%. Those
-#   are no longer timed here.
+#   forms were removed from gpu.py on 2026-11-27.
 # Then on an H100 (T1329Z; the variants at 1024 x 65536 and 128 x 262144, in
 # that order, before the budget ran out):
 # - rows of up to 200 KiB held whole, or split in 200 KiB parts, by persistent

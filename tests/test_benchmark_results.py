@@ -75,7 +75,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   # run at three small sizes. Each variant is
   # timed together with the default of its cell, when that ran first. A cell
   # where only the default is left to run does not run, nor the default's
-  # softmax where only log_softmax variants are left (4 x 1280: its row blocks
+  # softmax where only log_softmax variants are left (4 x 1280: its registers
   # skipped). The paths are the configs' (gpu.route); the kernels are XLA
   # stand-ins.
   from benchmarks import gpu_pallas
@@ -92,14 +92,14 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   monkeypatch.setattr(gpu_pallas, "WARM_S", 0.0)  # no warm-up runs past the first
   variants = {
     "default": (lambda: Config(**small), [(4, 1280), (4, 256)]),
-    "row blocks": (lambda: Config(interpret=True, block_bytes=1 << 20), [(4, 1280), (4, 256)]),
+    "registers": (lambda: Config(interpret=True, register_elems=8192), [(4, 1280), (4, 256)]),
     "split rows": (
       lambda: Config(**{**small, "split_bytes": 2048, "bwd_split_bytes": 2048, "split_cluster": 8}),
       [(4, 2048)],
     ),
     # Configs by dtype: a cell for float32 only, none for bfloat16 only.
-    "ring": (
-      lambda: {"float32": Config(interpret=True, ring_slots=2, block_bytes=2048)},
+    "one part": (
+      lambda: {"float32": Config(**{**small, "split_bytes": 1 << 20, "bwd_split_bytes": 1 << 20})},
       [(4, 256)],
     ),
     "bfloat16 only": (lambda: {"bfloat16": Config(**small)}, [(4, 256)]),
@@ -112,14 +112,14 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
   started = []
-  skip = {gpu_pallas.cell_key("row blocks", 4, 1280, "float32")}
+  skip = {gpu_pallas.cell_key("registers", 4, 1280, "float32")}
   rows = gpu_pallas.variants(["float32"], 1, 1, skip=skip, on_start=started.append)
   assert [(r["variant"], r["cols"]) for r in rows] == [
     ("default", 1280),  # log_softmax's, as timed with the variant below
     ("log_softmax: live flag", 1280),
     ("default", 256),
-    ("row blocks", 256),
-    ("ring", 256),
+    ("registers", 256),
+    ("one part", 256),
     ("default", 256),  # log_softmax's, as timed with the variant below
     ("log_softmax: live flag", 256),
     ("split rows", 2048),
@@ -130,8 +130,8 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   assert started == [
     "log_softmax: live flag 4x1280 float32",
     "default 4x256 float32",
-    "row blocks 4x256 float32",
-    "ring 4x256 float32",
+    "registers 4x256 float32",
+    "one part 4x256 float32",
     "log_softmax: live flag 4x256 float32",
     "split rows 4x2048 float32",
   ]
@@ -144,8 +144,8 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     "streamed / streamed",
     "rows / rows",
     "streamed / streamed",
-    "blocks 4 / blocks 4",
-    "ring 2 / ring 2",
+    "rows / rows",  # (shorter than a chunk of vectors: no registers)
+    "split / split",
     "streamed / streamed",
     "rows / rows",
     "split 4 / split 8",
@@ -155,7 +155,7 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   # Paired with the default: the variants, not the default itself nor the
   # split rows, whose cell has no default.
   paired = [r["variant"] for r in rows if r.get("fwd_vs_default", 0) > 0 < r["bwd_vs_default"]]
-  assert paired == ["log_softmax: live flag", "row blocks", "ring", "log_softmax: live flag"]
+  assert paired == ["log_softmax: live flag", "registers", "one part", "log_softmax: live flag"]
   table, best = md.split("## The fastest correct variant per cell")
   assert table.count("x / ") == 4 and table.count("| - |") == 4
   # No jax.nn times (no timing rows): no verdict on the targets, per cell.
@@ -163,12 +163,12 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
   # --variant-shapes: only the cells at these of the variants' shapes (4 x 999 is
   # none of theirs; 4 x 2048, the split rows, is left out); here all but one of
   # the cells at 4 x 256 skipped as done.
-  done = {gpu_pallas.cell_key(n, 4, 256, "float32") for n in variants if n != "ring"}
+  done = {gpu_pallas.cell_key(n, 4, 256, "float32") for n in variants if n != "one part"}
   rows = gpu_pallas.variants(["float32"], 1, 1, skip=done, shapes=[(4, 999), (4, 256)])
-  assert [(r["variant"], r["cols"]) for r in rows] == [("ring", 256)]
+  assert [(r["variant"], r["cols"]) for r in rows] == [("one part", 256)]
 
   # A kernel off by a factor is reported as wrong and not timed.
-  monkeypatch.setattr(gpu_pallas, "VARIANTS", {k: variants[k] for k in ("default", "row blocks")})
+  monkeypatch.setattr(gpu_pallas, "VARIANTS", {k: variants[k] for k in ("default", "registers")})
   _xla_kernels(monkeypatch, off=[np.s_[:]])
   rows = gpu_pallas.variants(["float32"], calls=1, samples=1, shapes=[(4, 256)])
   assert [r["error"][:26] for r in rows] == ["wrong: softmax fwd err 1.0"] * 2, rows

@@ -21,10 +21,6 @@ last one overlaps the one before it (``plan``, ``Plan.ov``).
   writes. (Off by default, ``Config.stream_cluster``: a cluster of CTAs shares
   each row, each streaming its part of the chunks, swapping partial statistics
   as split rows do.)
-* **ring** (rows that fit, off by default, ``Config.ring_slots``; no faster on
-  the H200): persistent CTAs take blocks of whole rows through a ring of SMEM
-  slots, loading the next blocks while one is computed and stored, rather than
-  waiting for each load and store in turn.
 * **split** (longer rows, ``Config.split_bytes`` and ``bwd_split_bytes``): a
   cluster of CTAs (up to 2 in the forward, 8 in the backward) shares each row,
   each holding its part in SMEM; the CTAs swap their partial statistics through
@@ -84,7 +80,13 @@ PER_SM = "per SM"  # Config.split_ctas: one CTA per SM
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Sizes; ``interpret`` runs the kernels in Mosaic GPU's interpreter (tests, CPU)."""
+  """Sizes; ``interpret`` runs the kernels in Mosaic GPU's interpreter (tests, CPU).
+
+  Forms measured on an H200 and dropped: several whole rows per CTA (1.1-2.1x
+  the time of one row a CTA at 4096 x {1024, 4096},
+  ``benchmarks/results/gpu_pallas-2026-11-26T0511Z.md``), rings of row blocks in
+  persistent CTAs (0.96-1.23x, ``gpu_variants-2026-11-26T0518Z.md``), and store
+  drains that wait only for SMEM reads (within 1%)."""
 
   row_bytes: int = 96 * 1024  # forward: longest row (in input bytes) kept whole in SMEM
   # Backward: longest pair of rows (s or l, and g, in input bytes) kept whole in
@@ -93,13 +95,6 @@ class Config:
   # streaming them twice at 72%. The forward keeps 96 KiB: one whole 128 KiB
   # bfloat16 row per CTA ran at 39% of copy there, streaming it at 59%.
   bwd_row_bytes: int = 200 * 1024
-  # Rows kept whole: each CTA takes a block of R rows (R a power of two dividing
-  # the row count, at most 256) of up to this many input bytes in one TMA copy,
-  # rather than one row. 0 (the default) means R = 1. Blocks to 64 KiB measured
-  # 1.1-2.1x slower than one row a CTA at 4096 x {1024, 4096} on the H200
-  # (gpu_pallas-2026-11-26T0511Z). (The 22 us bfloat16 forward at 4096 x 1024
-  # that prompted them was a cold GPU: timed interleaved, 10.2 us, jax.nn 9.0.)
-  block_bytes: int = 0
   # Forward rows past ``row_bytes`` split over a cluster of C CTAs (C a power
   # of two, at most ``split_cluster``), each holding its share of the row in
   # SMEM, at most this many input bytes. The CTAs swap their partial statistics
@@ -139,24 +134,6 @@ class Config:
   # warpgroup, an SM) take several warpgroups an SM. 0 or 1: one CTA a row. Off
   # until timed.
   stream_cluster: int = 0
-  # Rows kept whole, by persistent CTAs: each takes the blocks of rows (R rows,
-  # by ``block_bytes``, within RING_BYTES of SMEM) cta, cta + Q, ... through a
-  # ring of this many SMEM slots, loading the next ``ring_slots - 1`` blocks
-  # while it computes and stores the current one; one CTA per row waits for each
-  # load and store in turn. 0 (the default) is off: on the H200, 3 or 4 slots
-  # took 0.96-1.14x the time of one row a CTA at 4096 x {1024, 4096} and
-  # 1.06-1.23x at 4096 x 16384 (gpu_variants-2026-11-26T0518Z; an earlier pass's
-  # 0.72-0.80x at 4096 x 1024 did not repeat). With
-  # ``num_ctas`` None, as many CTAs per SM as the ring's SMEM allows (``ring_ctas``).
-  ring_slots: int = 0
-  # The waits for all of a CTA's TMA stores, before their buffers take the next
-  # row (or block) and before the CTA exits: False waits for the writes to
-  # complete (what ran on the H200); True only for the stores to have read
-  # shared memory, all that reuse needs (CUTLASS's epilogues end the same way;
-  # the kernel's end still completes the writes before any later kernel), so a
-  # CTA frees its SM sooner. Measured within 1% of False on the H200 (4096 x
-  # {4096, 16384}, 1024 x 65536; 4096 x 1024 within its noise), so off.
-  read_only_drain: bool = False
   chunk_elems: int = 4096  # elements per (kb, w) chunk
   # SMEM buffers per streamed input (stages - 1 chunks in flight). None: 3, but
   # the forward's streamed rows take as many as ``stream_bytes`` of chunks hold,
@@ -218,7 +195,7 @@ class Config:
   # persistent; backward: 4 parts), at 86-89% of copy, and matched float64 with
   # an empty row.
   split_overlap: bool = True
-  # log_softmax's backward on rows kept whole (the rows, blocks and ring paths):
+  # log_softmax's backward on rows kept whole (the rows and registers paths):
   # each row's live flag (0 on an empty row) taken from l in SMEM (0 if every
   # entry is -inf), rather than read from a (rows, WARPGROUP) float32 input that
   # XLA broadcasts from the forward's lse. The forward then writes no lse for
@@ -366,15 +343,6 @@ def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
   return Plan(n1, w, kb, fits)
 
 
-def block_rows(rows: int, row_bytes: int, budget: int) -> int:
-  """Rows per CTA for rows kept whole: the largest power of two ``R <= 256`` that
-  divides ``rows`` with ``R * row_bytes <= budget``; 1 if none (or no budget)."""
-  r = 1
-  while r < 256 and rows % (2 * r) == 0 and 2 * r * row_bytes <= budget:
-    r *= 2
-  return r
-
-
 MAX_CLUSTER = 8  # the portable cluster size
 MAX_BARRIERS = 32  # per barrier array in Mosaic GPU (its phases live in one i32)
 
@@ -414,33 +382,9 @@ def stream_cluster(p: Plan, cfg: Config) -> int:
   return c
 
 
-RING_BYTES = 200 * 1024  # the most SMEM a ring of row blocks takes (Hopper: 227 KiB a CTA)
-SMEM_PER_SM = 228 * 1024  # Hopper; each resident CTA also reserves 1 KiB
-MAX_RING_CTAS_PER_SM = 4  # 512 threads: room for 128 registers a thread
-SMEM_ALIGN = 1024  # Mosaic GPU starts each SMEM scratch buffer at a multiple of this
-REDUCTION_SCRATCH = 2048  # the SMEM Pallas adds for jnp.max / jnp.sum (its default)
-
-
-def ring_bytes(rows_per_slot: int, row_bytes: int, slots: int, arrays: int) -> int:
-  """SMEM of a ring: each slot holds R rows of each input array, and a float32
-  ``(WARPGROUP,)`` row of per-row statistics (the lse, or the backward's live flag)."""
-  return slots * rows_per_slot * (arrays * row_bytes + 4 * WARPGROUP)
-
-
-def ring_ctas(buffer_bytes: list[int]) -> int:
-  """CTAs per SM for a kernel with SMEM buffers of these sizes: as many as stay
-  resident together. Each buffer is rounded up to SMEM_ALIGN, and the kernel
-  also takes the reduction scratch, its barriers (an aligned block) and the 1
-  KiB the hardware reserves per CTA."""
-  smem = sum(-(-b // SMEM_ALIGN) * SMEM_ALIGN for b in buffer_bytes)
-  smem += REDUCTION_SCRATCH + SMEM_ALIGN + 1024
-  return max(1, min(MAX_RING_CTAS_PER_SM, SMEM_PER_SM // smem))
-
-
 def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tuple[str, int]:
   """The path a call takes, and its size: ``("rows", 1)`` whole rows, one per
-  CTA; ``("blocks", R)`` R whole rows per CTA; ``("ring", R)`` blocks of R whole
-  rows through a ring of SMEM slots in persistent CTAs; ``("split", C)`` rows
+  CTA; ``("split", C)`` rows
   split over clusters of C CTAs; ``("streamed", C)`` rows read twice in chunks,
   each by a cluster of C CTAs (``stream_cluster``); ``("registers", nc)`` rows
   held in registers in nc chunks (``Config.register_elems``)."""
@@ -450,24 +394,14 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
   if backward:
     fits = _whole_copy(p.n1, row_bytes) and 2 * row_bytes <= cfg.bwd_row_bytes
     c = cluster_size(p, 2 * row_bytes, cfg.bwd_split_bytes, arrays=2, overlap=cfg.split_overlap)
-    budget = min(cfg.block_bytes, cfg.bwd_row_bytes // 2)
   else:
     fits = p.fits
     c = cluster_size(
       p, row_bytes, cfg.split_bytes, most=cfg.split_cluster, overlap=cfg.split_overlap
     )
-    budget = cfg.block_bytes
   if not fits:
     return ("split", c) if c else ("streamed", stream_cluster(p, cfg))
-  # (Each slot takes a barrier per input: log_softmax's backward has three.)
-  if 2 <= cfg.ring_slots <= MAX_BARRIERS // (3 if backward else 1):
-    arrays = 2 if backward else 1
-    per_row = ring_bytes(1, row_bytes, cfg.ring_slots, arrays)
-    r = block_rows(rows, row_bytes, min(budget, RING_BYTES // per_row * row_bytes))
-    if ring_bytes(r, row_bytes, cfg.ring_slots, arrays) <= RING_BYTES:
-      return ("ring", r)
-  r = block_rows(rows, row_bytes, budget)
-  return ("blocks", r) if r > 1 else ("rows", 1)
+  return "rows", 1
 
 
 def unsupported_reason(rows: int, cols: int, dtype) -> str | None:
@@ -564,9 +498,9 @@ def _strided(shape, dtype):
   return plgpu.Layout.WG_STRIDED(shape, vec_size=vec)
 
 
-def _drain(cfg: Config):
-  """Waits for every TMA store this CTA has issued (``Config.read_only_drain``)."""
-  plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.read_only_drain)
+def _drain():
+  """Waits for every TMA store this CTA has issued to complete."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=False)
 
 
 def _row_loop(num_rows: int, num_ctas: int, body):
@@ -781,92 +715,6 @@ def _streamed_stats(row, p: Plan, stages: int, source, bars, acc: _Acc, chunk, p
   return _combine([part_stats(i) for i in range(held)], size, xch, _merge_stats)
 
 
-def _row_blocks(
-  name: str, inputs, out_from: int, cfg: Config, per_row, stat: bool = False, ring=True
-):
-  """Blocks of whole rows: through a ring of ``cfg.ring_slots`` SMEM slots, in
-  persistent CTAs; or, if not ``ring`` (the "blocks" path), through one slot, one
-  CTA per block (``cfg.num_ctas`` None) loading its block, computing and storing it.
-
-  ``inputs`` are ``(nb, R, ...)`` arrays: block b is rows ``[b * R, (b + 1) * R)``.
-  CTA q takes blocks q, q + Q, ...; slot i % K holds its i-th block of every
-  input, each on its own barrier. With block i loaded, ``per_row(views, st, r)``
-  runs for each of its R rows (``views``: the slot's block of each input;
-  ``st``: a ``(R, WARPGROUP)`` float32 SMEM block for a per-row statistic if
-  ``stat``, else None) and writes the row's output in place in
-  ``views[out_from]``. That block (and ``st``) is stored; once the stores of
-  block i - 1 have read their slot, block i + K - 1 loads into it. So K - 1
-  blocks are in flight while one is computed, and stores are waited for only
-  when their slot is next loaded. (One slot: block i + 1 loads once block i is
-  stored.)
-
-  Returns the output ``(nb, R, ...)`` and, if ``stat``, ``(nb, R, WARPGROUP)``."""
-  nb, R = inputs[0].shape[:2]
-  K = cfg.ring_slots if ring else 1
-  ahead = max(K - 1, 1)  # the blocks loaded before the first is computed
-  n = len(inputs)
-  like = inputs[out_from]
-  out_type = [jax.ShapeDtypeStruct(like.shape, like.dtype)]
-  if stat:
-    out_type.append(jax.ShapeDtypeStruct((nb, R, WARPGROUP), F32))
-  scratch = [plgpu.SMEM((K, *a.shape[1:]), a.dtype) for a in inputs]
-  scratch += [plgpu.SMEM((K, R, WARPGROUP), F32)] if stat else []
-  scratch += [plgpu.Barrier(num_barriers=n * K)]
-  if ring and cfg.num_ctas is None:
-    sizes = [K * a.size // nb * a.dtype.itemsize for a in inputs]
-    sizes += [K * R * 4 * WARPGROUP] if stat else []
-    cfg = dataclasses.replace(cfg, num_ctas=sm_count() * ring_ctas(sizes))
-
-  def body(num_ctas, *refs):
-    ins, outs = refs[:n], refs[n : n + len(out_type)]
-    slots = refs[n + len(out_type) : 2 * n + len(out_type)]
-    st = refs[-2] if stat else None
-    bars = refs[-1]
-    cta = jax.lax.axis_index("cta")
-    mine = (nb - cta + num_ctas - 1) // num_ctas
-
-    def fetch(i, slot):  # the CTA's i-th block into ``slot``
-      for a in range(n):
-        plgpu.copy_gmem_to_smem(
-          ins[a].at[cta + i * num_ctas], slots[a].at[slot], bars.at[n * slot + a]
-        )
-
-    for i in range(ahead):
-      pl.when(i < mine)(partial(fetch, i, i % K))
-
-    def step(i, carry):
-      slot = i % K
-      for a in range(n):
-        plgpu.barrier_wait(bars.at[n * slot + a])
-      views = [s.at[slot] for s in slots]
-      st_view = st.at[slot] if stat else None
-
-      def one_row(r, c):
-        per_row(views, st_view, r)
-        return c
-
-      jax.lax.fori_loop(0, R, one_row, 0)
-      plgpu.commit_smem()
-      block = cta + i * num_ctas
-      plgpu.copy_smem_to_gmem(views[out_from], outs[0].at[block])
-      if stat:
-        plgpu.copy_smem_to_gmem(st_view, outs[1].at[block])
-
-      @pl.when(i + ahead < mine)
-      def _():
-        # The stores of the block that used the slot have read it: block i - 1's
-        # (all but this block's), or with one slot this block's own.
-        plgpu.wait_smem_to_gmem(len(out_type) if K > 1 else 0, wait_read_only=True)
-        fetch(i + ahead, (i + ahead) % K)
-
-      return carry
-
-    jax.lax.fori_loop(0, mine, step, 0)
-    _drain(cfg)
-
-  return _kernel(name, nb, cfg, tuple(out_type), scratch, body)(*inputs)
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -929,7 +777,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool
         store_lse()
       else:
         pl.when(jax.lax.axis_index("cl") == 0)(store_lse)
-    _drain(cfg)
+    _drain()
 
   def split_lse(refs):
     """The refs after x and the output: ``((lse gmem, lse smem) or None, scratch)``;
@@ -967,20 +815,6 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool
       return c
 
     _in_place(p, write, chunk, out)
-
-  if kind in ("ring", "blocks"):
-    nb = rows // size
-
-    def block_row(views, st, r):
-      row = views[0].at[r]
-      m, d = row_stats(row)
-      row_write(row, m, d)
-      if st is not None:
-        st.at[r][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
-
-    x4 = x.reshape(nb, size, p.n1, p.w)
-    res = _row_blocks(name, [x4], 0, cfg, block_row, stat=stat, ring=kind == "ring")
-    return res[0].reshape(rows, cols), res[1].reshape(rows, WARPGROUP)[:, :1] if stat else None
 
   if kind == "split":
 
@@ -1102,7 +936,7 @@ def row_stats_2d(x: jax.Array, *, cfg: Config = Config()):
         store()
       else:
         pl.when(jax.lax.axis_index("cl") == 0)(store)
-      _drain(cfg)  # (before the next row's statistics take the two SMEM rows)
+      _drain()  # (before the next row's statistics take the two SMEM rows)
 
     _cluster_rows(size, held, lambda: _row_loop(rows, num_ctas, one_row))
 
@@ -1350,7 +1184,7 @@ def _split_rows(
       return carry
 
     _cluster_rows(c, held, lambda: jax.lax.fori_loop(0, mine, one_row, 0))
-    _drain(cfg)
+    _drain()
 
   scratch = [plgpu.SMEM((nloc, p.kb, p.w), dtype) for _ in range(n_in)]
   scratch += [
@@ -1383,7 +1217,7 @@ def _live_mark(lc):
 
 
 # ``route``'s paths that keep whole rows on chip (in SMEM, or in registers)
-HELD_PATHS = ("rows", "blocks", "ring", "registers")
+HELD_PATHS = ("rows", "registers")
 
 
 def bwd_reads_live(rows: int, cols: int, dtype, cfg: Config = Config()) -> bool:
@@ -1421,7 +1255,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
     return _ragged_bwd(y, g, live, log, cfg, vec=16 // dtype.itemsize, from_l=from_l)
   name = _name(log, True, kind)
   S = cfg.stages
-  fits = kind == "rows"  # (row blocks return first)
+  fits = kind == "rows"
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
   # log_softmax: the live flag read from an input, or taken from l in SMEM.
@@ -1486,21 +1320,6 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       return grad(load(chunk(ybuf, p.nc - 1)), load(g_ref), acc, flag).astype(dtype)
 
     _in_place(p, write, partial(chunk, gbuf), last_dx)
-
-  if kind in ("ring", "blocks"):
-    nb = rows // size
-
-    def block_row(views, st, r):
-      get_flag = lambda: None  # noqa: E731
-      if from_l:
-        get_flag = lambda: live_of(views[0].at[r])  # noqa: E731
-      elif log:
-        get_flag = lambda: jnp.max(views[2].at[r][...])  # noqa: E731
-      whole_row_grad(views[0].at[r], views[1].at[r], get_flag)
-
-    block_args = [a.reshape(nb, size, *a.shape[1:]) for a in args]
-    (dx,) = _row_blocks(name, block_args, 1, cfg, block_row, ring=kind == "ring")
-    return dx.reshape(rows, cols)
 
   if kind == "split":
 
@@ -1582,7 +1401,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
         rev = cfg.reverse_write  # (parts last to first too: the chunks alternate outs)
         for i in reversed(range(held)) if rev else range(held):
           _stream(row, p, S, both, bars, write, 0, reverse=rev, part=part_of(i))
-      _drain(cfg)  # before the buffers are reused for the next row
+      _drain()  # before the buffers are reused for the next row
 
     _cluster_rows(size, held, lambda: _row_loop(rows, num_ctas, one_row))
 
@@ -1880,7 +1699,7 @@ def _ragged_bulk_fwd(x: jax.Array, n: int, log: bool, stat: bool, cfg: Config):
         o_gmem.at[at][...] = out(v)
       if stat:
         lse_gmem[0].at[row][...] = jnp.broadcast_to(_lse(m, d), (WARPGROUP,))
-      _drain(cfg)
+      _drain()
 
     _row_loop(rows, num_ctas, one_row)
 
@@ -1971,7 +1790,7 @@ def _ragged_bulk_bwd(
       plgpu.copy_smem_to_gmem(out_buf, o_gmem.at[interior])
       for (yv, gv), (at, _) in zip(vs, windows, strict=True):  # (their interior part again)
         o_gmem.at[at][...] = grad(yv, gv, acc, flag).astype(dtype)
-      _drain(cfg)
+      _drain()
 
     _row_loop(rows, num_ctas, one_row)
 
