@@ -732,7 +732,8 @@ LONG = [(1024, 65536), (128, 262144)]
 # - overlapping rows split (``split_overlap``): 0.86x / 0.81-0.84x of the
 #   streamed time at 4096 x 32000 float32, 86-89% of copy: now the default;
 # - log_softmax's live flag from l (``live_from_l``): the differentiated
-#   forward 0.85-0.91x, the backward 0.92-0.96x at 4096 x 4096: now the default;
+#   forward 0.85-0.91x, the backward 0.92-0.96x at 4096 x 4096: now the default
+#   (both switches were removed from gpu.py on 2026-11-27, with their old forms);
 # - 16-bit forward rows in 64 KiB parts on two CTAs an SM: 1.15-1.17x at 128 x
 #   262144 bfloat16; dropped there;
 # - 16-bit chunks of 16 KiB (96 KiB in flight): 0.91-0.94x forward, 0.97-0.98x

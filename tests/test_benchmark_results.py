@@ -104,9 +104,9 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     ),
     "bfloat16 only": (lambda: {"bfloat16": Config(**small)}, [(4, 256)]),
     # log_softmax's, paired with the default's log_softmax (built for it): the
-    # backward of whole rows reading the live flag rather than taking it from l.
+    # backward of whole rows taking the live flag in a pass of its own.
     gpu_pallas.LOG + "live flag": (
-      lambda: Config(interpret=True, live_from_l=False),
+      lambda: Config(interpret=True, live_in_rowsum=False),
       [(4, 1280), (4, 256)],
     ),
   }
@@ -187,7 +187,7 @@ def test_gpu_script_variant_check_catches_a_wrong_live_flag(monkeypatch):
   def ref(log):
     return gpu_pallas._ref64(np.asarray(x), np.ones(x.shape, bool), np.asarray(g), log)
 
-  cfg = gpu.Config(interpret=True, live_from_l=True)
+  cfg = gpu.Config(interpret=True)
   assert gpu_pallas._variant_check(cfg, x, g, True, eps, ref) is None
   real = gpu.softmax_bwd_2d
   wrong = lambda y, g, live=None, **kw: real(y, g, live, **kw).at[0].set(g[0])  # noqa: E731

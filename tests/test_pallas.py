@@ -221,26 +221,19 @@ GPU_CHUNKS_TWO_PASS = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, 
 # merges their statistics in cluster order); 8 parts of 1 with per-element
 # statistics, written first to last.
 GPU_STREAM_CLUSTER = ops.make(gpu, gpu.Config(**STREAM, stream_cluster=4))
-# Rows whose last chunk overlaps the one before it, split (Config.split_overlap,
-# the default): 1000 columns are 4 chunks of 32 sub-rows of 8, the last from
-# sub-row 93. In float32 the forward takes 2 parts of 2 chunks (the overlap within
-# the last part), the backward 4 of 1 (across parts); in 16 bits, 1 part and 2;
-# 4104 columns in 3 chunks of 176 sub-rows, one part, persistent (the default
-# form: GPU_DEFAULT below); without split_overlap, streamed.
+# Rows whose last chunk overlaps the one before it, split: 1000 columns are 4
+# chunks of 32 sub-rows of 8, the last from sub-row 93. In float32 the forward
+# takes 2 parts of 2 chunks (the overlap within the last part), the backward 4 of
+# 1 (across parts); in 16 bits, 1 part and 2; 4104 columns in 3 chunks of 176
+# sub-rows, one part, persistent (the default form: GPU_DEFAULT below). (Such
+# rows streamed: "1000-overlap-online".)
 GPU_SPLIT_OVERLAP = GPU_SPLIT
-GPU_NO_SPLIT_OVERLAP = ops.make(gpu, gpu.Config(interpret=True, split_overlap=False))
-# log_softmax's backward of whole rows reading each row's live flag from an input
-# that XLA broadcasts from the forward's lse (Config.live_from_l False), rather
-# than taking it from l (the default): rows, and rows of overlapping chunks.
-LIVE_FLAG = dict(interpret=True, live_from_l=False)
-GPU_LIVE_FLAG = ops.make(gpu, gpu.Config(**LIVE_FLAG))
-GPU_OVERLAP_LIVE_FLAG = ops.make(gpu, gpu.Config(**OVERLAP, live_from_l=False))
-# The flag from l gathered during the row sum (Config.live_in_rowsum, the
-# default; the overlapping cases above take it with the shared part counted
-# twice): rows of 8 chunks of 256 (the partly masked row's first 4 all -inf).
-# And the flag in a pass of its own over l (live_in_rowsum False): 9 sub-rows in
-# chunks of 2, the last overlapping, the first 2 all -inf in the partly masked
-# row.
+# log_softmax's backward of whole rows takes each row's live flag from l. The
+# flag gathered during the row sum (Config.live_in_rowsum, the default; the
+# overlapping cases above take it with the shared part counted twice): rows of 8
+# chunks of 256 (the partly masked row's first 4 all -inf). And the flag in a
+# pass of its own over l (live_in_rowsum False): 9 sub-rows in chunks of 2, the
+# last overlapping, the first 2 all -inf in the partly masked row.
 GPU_ROWSUM_FLAG = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=True))
 GPU_FLAG_PASS = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=False))
 # Ragged rows through bulk copies of their 16-byte aligned interior, forward and
@@ -312,9 +305,6 @@ GPU_CASES = [
   (1152, GPU_OVERLAP_TWO_PASS, "1152-overlap-fits-two-pass"),
   (2048, GPU_CHUNKS_TWO_PASS, "2048-fits-two-pass"),
   (1000, GPU_SPLIT_OVERLAP, "1000-overlap-split"),
-  (384, GPU_LIVE_FLAG, "384-fits-live-flag"),
-  (1152, GPU_OVERLAP_LIVE_FLAG, "1152-overlap-fits-live-flag"),
-  (1000, GPU_NO_SPLIT_OVERLAP, "1000-overlap-online-no-split-overlap"),
   (2048, GPU_ROWSUM_FLAG, "2048-fits-rowsum-flag"),
   (4097, GPU_RAGGED_BULK, "4097-ragged-bulk"),
   (1152, GPU_FLAG_PASS, "1152-overlap-fits-flag-pass"),
@@ -481,9 +471,9 @@ def test_gpu_route():
   assert route(8, 3 * 4096, f32, **streams) == ("streamed", 1)  # 3 chunks
   assert route(8, 6 * 4096, f32, **streams) == ("streamed", 2)
   assert route(1024, 65536, f32, True, stream_cluster=4) == ("split", 8)  # split first
-  # An overlapping chunk: split by default (``split_overlap``), else one CTA a row.
+  # An overlapping chunk: split like the others; streamed, one CTA a row.
   assert route(8, 70000, f32, stream_cluster=4) == ("split", 2)
-  assert route(8, 70000, f32, stream_cluster=4, split_overlap=False) == ("streamed", 1)
+  assert route(8, 70000, f32, stream_cluster=4, split_bytes=0) == ("streamed", 1)
   assert route(1024, 65536, f32, split_bytes=64 * 1024, split_cluster=8) == ("split", 4)
   assert route(1024, 65536, f32, split_bytes=64 * 1024) == ("streamed", 1)  # 4 > 2 parts
   assert route(1024, 65536, f32, True, bwd_split_bytes=128 * 1024) == ("split", 4)
@@ -507,7 +497,11 @@ def test_gpu_route():
   assert route(4096, 1024, f32) == ("rows", 1)
   # log_softmax's backward in registers takes its live flag from l.
   assert not gpu.bwd_reads_live(4096, 1024, f32, gpu.Config(**regs))
-  assert gpu.bwd_reads_live(4096, 1024, f32, gpu.Config(**regs, live_from_l=False))
+  # So does the backward of rows kept whole in SMEM; the streamed and split
+  # backward and the ragged rows read the flag (the forward writes the lse).
+  assert not gpu.bwd_reads_live(4096, 1024, f32)
+  assert gpu.bwd_reads_live(128, 262144, f32) and gpu.bwd_reads_live(1024, 65536, f32)
+  assert gpu.bwd_reads_live(8, 4097, f32)
 
 
 @pytest.mark.parametrize("cols", [1, 100, 127])
@@ -606,11 +600,10 @@ def test_gpu_plan_chunks():
   assert chunks(4104) == (513, 8, 176, 3, 15)
   assert chunks(1000) == (125, 8, 64, 2, 3)  # 112 sub-rows wanted, as 2 chunks of 64
   assert chunks(1280, chunk_elems=1024) == (5, 256, 3, 2, 1)
-  # Overlapping chunks split over a cluster only with Config.split_overlap (the default).
+  # Overlapping chunks split over a cluster like the others.
   p = gpu.plan(32000, jnp.float32)
-  assert gpu.cluster_size(p, 32000 * 4, 64 * 1024) == 0
-  assert gpu.cluster_size(p, 32000 * 4, 64 * 1024, overlap=True) == 2
-  off = gpu.Config(split_overlap=False)
+  assert gpu.cluster_size(p, 32000 * 4, 64 * 1024) == 2
+  off = gpu.Config(split_bytes=0, bwd_split_bytes=0)
   assert [gpu.route(1024, p, jnp.float32, off, b) for b in (0, 1)] == [("streamed", 1)] * 2
   both = [gpu.route(1024, p, jnp.float32, gpu.Config(), b) for b in (0, 1)]
   assert both == [("split", 1), ("split", 4)]  # 125 KiB rows whole, 250 KiB pairs in 4
@@ -738,25 +731,33 @@ OVERLAP_SHAPES = [(16, 32000), (8, 50304), (5, 1000), (5, 4104), (3, 70000)]
 RAGGED_SHAPES = [(37, 129), (40, 4097), (8, 50257)]
 
 
-def _kernels(mod):
+def _kernels(mod, alone: bool = False):
+  """The kernels of a module (or ``_gpu_kernels``) as a call runs them, with
+  their arguments for an input like ``x``. ``alone`` adds log_softmax's forward
+  when not differentiated (no lse): softmax's forward has the same lse-free
+  ending, and log_softmax's the same log, so the other tests leave it out."""
   st = lambda r: jax.ShapeDtypeStruct((r, 1), jnp.float32)  # noqa: E731
-  return {
+  kernels = {
     "softmax_fwd": (partial(mod.softmax_fwd_2d, log=False), lambda x: (x,)),
     "log_softmax_fwd": (partial(mod.softmax_fwd_2d, log=True), lambda x: (x,)),
-    # Not differentiated: no lse.
-    "log_softmax_fwd_alone": (partial(mod.softmax_fwd_2d, log=True, lse=False), lambda x: (x,)),
     "softmax_bwd": (partial(mod.softmax_bwd_2d, log=False), lambda x: (x, x)),
     "log_softmax_bwd": (
       lambda l, live, g: mod.softmax_bwd_2d(l, g, live, log=True),
       lambda x: (x, st(x.shape[0]), x),
     ),
   }
+  if alone:
+    kernels["log_softmax_fwd_alone"] = (
+      partial(mod.softmax_fwd_2d, log=True, lse=False),
+      lambda x: (x,),
+    )
+  return kernels
 
 
-def _lowers(mod, platform, dtype, shapes):
+def _lowers(mod, platform, dtype, shapes, alone: bool = False):
   for shape in shapes:
     x = jax.ShapeDtypeStruct(shape, dtype)
-    for name, (f, args) in _kernels(mod).items():
+    for name, (f, args) in _kernels(mod, alone).items():
       exported = jax.export.export(jax.jit(f), platforms=[platform])(*args(x))
       text = exported.mlir_module()
       assert "tpu_custom_call" in text or "mosaic_gpu" in text, (name, shape)
@@ -790,7 +791,7 @@ def _gpu_kernels(**cfg):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_tpu_kernels_lower_for_tpu(dtype):
-  _lowers(tpu, "tpu", dtype, LOWER_SHAPES)
+  _lowers(tpu, "tpu", dtype, LOWER_SHAPES, alone=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -798,7 +799,7 @@ def test_gpu_kernels_lower_for_cuda(dtype):
   shapes = [s for s in LOWER_SHAPES if gpu.unsupported_reason(*s, dtype) is None]
   shapes += [(4096, 1024), (1024, 65536), (128, 262144), (5, 384), (3, 24576)]
   assert len(shapes) >= 7
-  _lowers(gpu, "cuda", dtype, shapes)
+  _lowers(gpu, "cuda", dtype, shapes, alone=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -808,15 +809,15 @@ def test_gpu_overlapping_chunk_kernels_lower_for_cuda(dtype):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   assert all(gpu.plan(c, dtype).ov > 0 for _, c in OVERLAP_SHAPES)
-  _lowers(gpu, "cuda", dtype, OVERLAP_SHAPES)
+  _lowers(gpu, "cuda", dtype, OVERLAP_SHAPES, alone=True)
   small = dict(chunk_elems=256, row_bytes=256, bwd_row_bytes=256, split_bytes=1024)
   small.update(bwd_split_bytes=2048, split_cluster=4)
   if dtype in OFF_DTYPES:  # the forms that are off by default
     warpgroup = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
     _lowers(warpgroup, "cuda", dtype, [(16, 32000), (3, 70000)])
-    # Streamed (Config.split_overlap off).
-    _lowers(_gpu_kernels(split_overlap=False), "cuda", dtype, [(16, 32000)])
-    # Split (Config.split_overlap, clusters of up to 4): 32000 (float32: whole
+    # Streamed (no split budget).
+    _lowers(_gpu_kernels(split_bytes=0, bwd_split_bytes=0), "cuda", dtype, [(16, 32000)])
+    # Split (clusters of up to 4): 32000 (float32: whole
     # rows; pairs in 4 parts), 128256 (forward in 2 parts, float32 4; 16-bit
     # pairs in 8), 1000 in clusters of 4 (parts of one chunk).
     _lowers(_gpu_kernels(split_cluster=4), "cuda", dtype, [(64, 32000)])
@@ -834,15 +835,12 @@ def test_gpu_overlapping_chunk_kernels_lower_for_cuda(dtype):
 
 @pytest.mark.parametrize("dtype", OFF_DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_gpu_live_from_l_kernels_lower_for_cuda(dtype):
-  # Config.live_from_l (the default; the kernels above lower it on whole rows):
-  # with Warpgroup semantics; and without it, the backward reading the flag:
-  # rows kept whole (and overlapping, 32000 in 16 bits).
+  # log_softmax's backward of rows kept whole, the live flag from l (the kernels
+  # above lower it): with Warpgroup semantics.
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   wg = _gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup)
   _lowers(wg, "cuda", dtype, [(4096, 1024)])
-  flag = _gpu_kernels(live_from_l=False)
-  _lowers(flag, "cuda", dtype, [(4096, 1024), (16, 32000)])
   # The flag in a pass of its own over l (Config.live_in_rowsum False; the
   # default gathers it during the row sum): rows, and overlapping (32000 in 16
   # bits); it reaches the log_softmax backward.
@@ -858,7 +856,7 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   assert all(isinstance(gpu.plan(c, dtype), str) for _, c in RAGGED_SHAPES)
-  _lowers(gpu, "cuda", dtype, RAGGED_SHAPES)
+  _lowers(gpu, "cuda", dtype, RAGGED_SHAPES, alone=True)
   # The forward's bulk copies start at a 16-byte aligned element, at most 15
   # bytes into the row (the interpreter would not notice a misaligned one).
   size = jnp.dtype(dtype).itemsize
@@ -993,13 +991,12 @@ def test_log_softmax_without_its_lse(cols, be, dtype):
   [
     (GPU_DEFAULT, 384, False),
     (GPU_SMALL, 1280, True),  # streamed: the flag is read
-    (GPU_LIVE_FLAG, 384, True),
   ],
-  ids=["rows", "streamed", "live-flag"],
+  ids=["rows", "streamed"],
 )
 def test_log_softmax_live_from_l_needs_no_lse(be, cols, reads):
-  # Config.live_from_l (the default): the backward of rows kept whole takes the
-  # live flag from l, so the forward of a differentiated call writes no lse either.
+  # The backward of rows kept whole takes the live flag from l, so the forward
+  # of a differentiated call writes no lse either.
   x = jax.ShapeDtypeStruct((6, cols), jnp.float32)
   fwd = jax.make_jaxpr(lambda x: be.log_softmax_fwd(x, None, (1,), None, for_grad=True))(x)
   assert _kernel_arity(fwd.jaxpr) == [(1, 2 if reads else 1)]
@@ -1101,7 +1098,7 @@ def test_gpu_default_forms_by_path():
     assert module(shape, f32, True, True) == module(shape, f32, True, True, **off)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dtype", OFF_DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_gpu_row_statistics_and_approx_math_kernels_lower_for_cuda(dtype):
   # Config.elementwise_stats (the statistics' loop carries are arrays in the
   # chunk's layout) on every path: kept whole, streamed, split, overlapping and

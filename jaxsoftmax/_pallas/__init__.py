@@ -34,7 +34,7 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # timed), where below GPU_FWD_MIN_ROW_BYTES only the backward takes the kernel.
 # There the kernel's softmax backward took 0.72-0.99x the time of our XLA one
 # at 2 KiB rows in the last five runs (H100 T1329Z; H200 T2049Z, T2058Z, T2249Z, T2258Z), and
-# log_softmax's, since it takes its live flag from l (``gpu.Config.live_from_l``),
+# log_softmax's, since it takes its live flag from l (``gpu.bwd_reads_live``),
 # 0.82-0.87x at 4096 x 1024 in both dtypes (T2249Z, T2258Z; before, 1.00-1.08x).
 # Shorter rows have no trustworthy measurement (the first GPU run timed single
 # calls: host dispatch, not the kernels), so they stay on XLA. Fewer rows leave

@@ -86,7 +86,17 @@ class Config:
   the time of one row a CTA at 4096 x {1024, 4096},
   ``benchmarks/results/gpu_pallas-2026-11-26T0511Z.md``), rings of row blocks in
   persistent CTAs (0.96-1.23x, ``gpu_variants-2026-11-26T0518Z.md``), and store
-  drains that wait only for SMEM reads (within 1%)."""
+  drains that wait only for SMEM reads (within 1%). And forms that the defaults
+  replaced: rows whose last chunk overlaps the one before it (``Plan.ov``: 32000
+  or 128256 columns) streamed, each read twice, where splitting them over
+  clusters like the others took 0.86x / 0.81-0.84x the time (4096 x 32000
+  float32, forward / backward, at 86-89% of copy; ``gpu_pallas-2026-11-26T2049Z``,
+  ``T2058Z``); and log_softmax's backward of rows kept whole (the rows and
+  registers paths) reading each row's live flag from an input that XLA
+  broadcasts from the forward's lse, where taking it from l in SMEM (0 if every
+  entry is -inf; the forward then writes no lse for them, ``bwd_reads_live``)
+  took 0.92-0.96x the backward's time and 0.85-0.91x the forward's at 4096 x
+  4096 (the same runs)."""
 
   row_bytes: int = 96 * 1024  # forward: longest row (in input bytes) kept whole in SMEM
   # Backward: longest pair of rows (s or l, and g, in input bytes) kept whole in
@@ -186,25 +196,7 @@ class Config:
   # adopted took 0.91x), 0.96x at 4096 x 16384 (one pass 0.95x); 1.00-1.02x in
   # float32.
   held_two_pass: bool = False
-  # Rows whose last chunk overlaps the one before it (``Plan.ov``: 32000 or
-  # 128256 columns) split over clusters too (``split_bytes``, ``bwd_split_bytes``),
-  # the shared sub-rows counted once and written twice, alike. False: they
-  # stream, reading each row twice (4096 x 32000 float32 at 73-76% of copy on the
-  # H100, T1348Z). On an H200 (gpu_pallas-2026-11-26T2049Z, T2058Z) split rows
-  # took 0.86x / 0.81-0.84x the streamed time there (forward: whole rows,
-  # persistent; backward: 4 parts), at 86-89% of copy, and matched float64 with
-  # an empty row.
-  split_overlap: bool = True
-  # log_softmax's backward on rows kept whole (the rows and registers paths):
-  # each row's live flag (0 on an empty row) taken from l in SMEM (0 if every
-  # entry is -inf), rather than read from a (rows, WARPGROUP) float32 input that
-  # XLA broadcasts from the forward's lse. The forward then writes no lse for
-  # them (``bwd_reads_live``): 512 bytes a row less each way, and one XLA pass
-  # less. At 4096 x 4096 on an H200 (gpu_pallas-2026-11-26T2049Z, T2058Z) the
-  # differentiated forward took 0.85-0.91x the time of the one that writes the
-  # lse, the backward 0.92-0.96x; an all -inf row came back -inf, gradient 0.
-  live_from_l: bool = True
-  # With ``live_from_l``: the flag kept per element (1 where l is not -inf) as
+  # log_softmax's backward of rows kept whole: the flag kept per element (1 where l is not -inf) as
   # the row sum goes over the chunks, and reduced once a row, rather than in a
   # pass of its own over l in SMEM with a reduction a chunk. Where a pair of
   # rows holds an SM with one warpgroup (4096 x 32000 bfloat16) the backward of
@@ -353,17 +345,15 @@ def cluster_size(
   budget: int,
   arrays: int = 1,
   most: int = MAX_CLUSTER,
-  overlap: bool = False,
 ) -> int:
   """CTAs per row for rows split over a cluster: the smallest power of two
   ``C <= min(most, MAX_CLUSTER)`` that divides the row's chunks, with ``row_bytes / C <=
   budget`` and a barrier for each of the part's chunks of the ``arrays`` input
-  rows (and one more) within ``MAX_BARRIERS``; 0 if there is none (or no budget,
-  or the row's last chunk overlaps the one before it, ``Plan.ov``, and not
-  ``overlap``: ``Config.split_overlap``)."""
+  rows (and one more) within ``MAX_BARRIERS``; 0 if there is none (or no budget).
+  A row whose last chunk overlaps the one before it (``Plan.ov``) splits too:
+  the part holding the last chunk skips its shared sub-rows in the statistics
+  and writes them again, with the same values."""
   nc = p.nc
-  if p.ov and not overlap:
-    return 0
   c = 1
   while budget > 0 and c <= min(most, MAX_CLUSTER):
     if nc % c == 0 and row_bytes <= c * budget and arrays * (nc // c) + 1 <= MAX_BARRIERS:
@@ -393,12 +383,10 @@ def route(rows: int, p: Plan, dtype, cfg: Config, backward: bool = False) -> tup
   row_bytes = p.n1 * p.w * jnp.dtype(dtype).itemsize
   if backward:
     fits = _whole_copy(p.n1, row_bytes) and 2 * row_bytes <= cfg.bwd_row_bytes
-    c = cluster_size(p, 2 * row_bytes, cfg.bwd_split_bytes, arrays=2, overlap=cfg.split_overlap)
+    c = cluster_size(p, 2 * row_bytes, cfg.bwd_split_bytes, arrays=2)
   else:
     fits = p.fits
-    c = cluster_size(
-      p, row_bytes, cfg.split_bytes, most=cfg.split_cluster, overlap=cfg.split_overlap
-    )
+    c = cluster_size(p, row_bytes, cfg.split_bytes, most=cfg.split_cluster)
   if not fits:
     return ("split", c) if c else ("streamed", stream_cluster(p, cfg))
   return "rows", 1
@@ -1223,15 +1211,9 @@ HELD_PATHS = ("rows", "registers")
 def bwd_reads_live(rows: int, cols: int, dtype, cfg: Config = Config()) -> bool:
   """Whether log_softmax's backward kernel reads the ``live`` flag (and so its
   forward must write the lse), rather than take it from l
-  (``Config.live_from_l``, rows kept whole)."""
+  (rows kept whole)."""
   p = plan(cols, dtype, cfg)
-  return isinstance(p, str) or not _live_from_l(cfg, route(rows, p, dtype, cfg, backward=True)[0])
-
-
-def _live_from_l(cfg: Config, kind: str) -> bool:
-  """Whether log_softmax's backward on ``route``'s path ``kind`` takes each row's
-  live flag from l in SMEM (``Config.live_from_l``: rows kept whole)."""
-  return cfg.live_from_l and kind in HELD_PATHS
+  return isinstance(p, str) or route(rows, p, dtype, cfg, backward=True)[0] not in HELD_PATHS
 
 
 def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Config = Config()):
@@ -1251,15 +1233,14 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   dtype = y.dtype
   kind, size = route(rows, p, dtype, cfg, backward=True)
   if kind == "registers":
-    from_l = log and _live_from_l(cfg, kind)
-    return _ragged_bwd(y, g, live, log, cfg, vec=16 // dtype.itemsize, from_l=from_l)
+    return _ragged_bwd(y, g, live, log, cfg, vec=16 // dtype.itemsize, from_l=log)
   name = _name(log, True, kind)
   S = cfg.stages
   fits = kind == "rows"
   lay = _strided((p.kb, p.w), dtype)
   args = [y.reshape(rows, p.n1, p.w), g.reshape(rows, p.n1, p.w)]
   # log_softmax: the live flag read from an input, or taken from l in SMEM.
-  from_l = log and _live_from_l(cfg, kind)
+  from_l = log and kind in HELD_PATHS
   reads_live = log and not from_l
   if reads_live:
     args.append(jnp.broadcast_to(live.astype(F32), (rows, WARPGROUP)))
@@ -1354,8 +1335,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
       get_flag = lambda: None  # noqa: E731
       if from_l:
         get_flag = lambda: live_of(ybuf)  # noqa: E731
-      elif log:
-        flag_bar = rest[-1].at[2 if fits else 2 * S]
+      elif log:  # (streamed rows: rows kept whole take it from l)
+        flag_bar = rest[-1].at[2 * S]
         plgpu.copy_gmem_to_smem(live_gmem.at[row], live_smem, flag_bar)
 
         def get_flag():
@@ -1408,7 +1389,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   scratch = [plgpu.SMEM((WARPGROUP,), F32)] if reads_live else []
   flag_bars = 1 if reads_live else 0
   if fits:
-    scratch += [plgpu.SMEM((p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=2 + flag_bars)]
+    scratch += [plgpu.SMEM((p.n1, p.w), dtype)] * 2 + [plgpu.Barrier(num_barriers=2)]
   else:
     scratch += [plgpu.SMEM((S, p.kb, p.w), dtype)] * 2 + [plgpu.SMEM((2, p.kb, p.w), dtype)]
     scratch += [_xch_scratch(1)] if size > 1 else []
