@@ -676,3 +676,23 @@ def test_every_kernel_of_the_gpu_script_lowers_for_cuda():
   assert gpu_pallas.lower_steps(["float32"], lambda key, wrong: seen.append(key)) == []
   assert "default 8x70000 float32" in seen and "row statistics 4096x128256 float32" in seen
   assert gpu_pallas.lower_variants(gpu_pallas.DTYPES) == []
+
+
+def test_kernel_forms_change_only_with_the_kernels():
+  # benchmarks/kernel_forms.py: the same config gives the same fingerprints in
+  # two traces; a change that reaches a kernel (the streamed rows' write order)
+  # changes those kernels only, and not rows kept whole nor the row statistics.
+  from benchmarks import kernel_forms as kf
+
+  Config = kf.gpu.Config
+  shapes = [(128, 262144), (8, 1024)]
+  before = kf.forms({"c": Config()}, shapes, ["float32"])
+  assert len(before) == 2 * 6 and not any(v.startswith("error") for v in before.values())
+  assert kf.compare(before, kf.forms({"c": Config()}, shapes, ["float32"])) == []
+  after = kf.forms({"c": Config(reverse_write=False)}, shapes, ["float32"])
+  kernels = ["log_softmax bwd", "log_softmax fwd", "log_softmax fwd, no lse"]
+  kernels += ["softmax bwd", "softmax fwd"]
+  assert kf.compare(before, after) == [f"c|128x262144|float32|{k}" for k in kernels]
+  # A kernel that only one side has counts as changed.
+  assert kf.compare(before, {**before, "new": "0"}) == ["new"]
+  assert "6 stages" in kf.configs() and "default" in kf.configs()
