@@ -75,6 +75,14 @@ from . import stats_kernel_name
 
 F32 = jnp.float32
 WARPGROUP = 128
+ALIGN = 16  # bytes: TMA's row pitch, a bulk copy's alignment, a vector load
+
+
+def _per16(dtype) -> int:
+  """Elements of ``dtype`` in ALIGN bytes (4 float32, 8 16-bit)."""
+  return ALIGN // jnp.dtype(dtype).itemsize
+
+
 PER_SM = "per SM"  # Config.split_ctas: one CTA per SM
 
 
@@ -314,9 +322,9 @@ def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
   w = 256
   while w > 1 and cols % w:
     w //= 2
-  if w * size < 16:
+  if w * size < ALIGN:
     return (
-      f"the row length {cols} must be a multiple of {16 // size} for {jnp.dtype(dtype)} "
+      f"the row length {cols} must be a multiple of {_per16(dtype)} for {jnp.dtype(dtype)} "
       "(16-byte TMA rows)"
     )
   n1 = cols // w
@@ -722,7 +730,7 @@ def softmax_fwd_2d(x: jax.Array, *, log: bool, cfg: Config = Config(), lse: bool
   kind, size = route(rows, p, dtype, cfg)
   if kind == "registers":  # (resolved as a 16-bit row kept whole would be)
     cfg = _resolved(cfg, whole_16bit=dtype.itemsize == 2)
-    return _ragged_fwd(x, log, stat, cfg, vec=16 // dtype.itemsize)
+    return _ragged_fwd(x, log, stat, cfg, vec=_per16(dtype))
   if kind == "streamed" and dtype.itemsize == 2 and cfg.wide_16bit_stream:
     wide = dataclasses.replace(
       cfg, chunk_elems=2 * cfg.chunk_elems, stream_bytes=2 * cfg.stream_bytes
@@ -1233,7 +1241,7 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   dtype = y.dtype
   kind, size = route(rows, p, dtype, cfg, backward=True)
   if kind == "registers":
-    return _ragged_bwd(y, g, live, log, cfg, vec=16 // dtype.itemsize, from_l=log)
+    return _ragged_bwd(y, g, live, log, cfg, vec=_per16(dtype), from_l=log)
   name = _name(log, True, kind)
   S = cfg.stages
   fits = kind == "rows"
@@ -1425,7 +1433,7 @@ def register_chunks(cols: int, dtype, cfg: Config, arrays: int = 1) -> int:
   (``Config.register_elems``; ``arrays`` 2 for the backward's pair of rows), or
   0 where it does not take the row: longer than the budget, or than
   RAGGED_HELD_CHUNKS chunks, or shorter than a chunk of 16-byte vectors."""
-  vec = 16 // jnp.dtype(dtype).itemsize
+  vec = _per16(dtype)
   if arrays * cols > cfg.register_elems or cols % vec or cols < WARPGROUP * vec:
     return 0
   nc = _ragged_plan(cols, vec).nc
@@ -1558,7 +1566,7 @@ def _bulk_interior(cols: int, dtype, cfg: Config, arrays: int = 1) -> int:
   of WARPGROUP elements."""
   size = jnp.dtype(dtype).itemsize
   unit = WARPGROUP // size
-  n = (cols - (16 // size - 1)) // unit * unit
+  n = (cols - (_per16(dtype) - 1)) // unit * unit
   if n < 2 * WARPGROUP or arrays * n * size > cfg.ragged_bulk_bytes:
     return 0
   return n
@@ -1620,8 +1628,8 @@ class _Bulk(NamedTuple):
 
 def _bulk_lead(base, dtype):
   """Elements from flat index ``base`` to the first 16-byte aligned one (the
-  array's start is aligned): 0 to ``16 // itemsize - 1``."""
-  per16 = 16 // jnp.dtype(dtype).itemsize
+  array's start is aligned): 0 to ``_per16(dtype) - 1``."""
+  per16 = _per16(dtype)
   return (per16 - base % per16) % per16
 
 
