@@ -204,9 +204,10 @@ class Config:
   # adopted took 0.91x), 0.96x at 4096 x 16384 (one pass 0.95x); 1.00-1.02x in
   # float32.
   held_two_pass: bool = False
-  # log_softmax's backward of rows kept whole: the flag kept per element (1 where l is not -inf) as
-  # the row sum goes over the chunks, and reduced once a row, rather than in a
-  # pass of its own over l in SMEM with a reduction a chunk. Where a pair of
+  # log_softmax's backward of rows kept whole (whose live flag comes from l):
+  # the flag kept per element (1 where l is not -inf) as the row sum goes over
+  # the chunks, and reduced once a row, rather than in a pass of its own over l
+  # in SMEM with a reduction a chunk. Where a pair of
   # rows holds an SM with one warpgroup (4096 x 32000 bfloat16) the backward of
   # log_softmax took 1.41x softmax's time on the H200 (T2249Z), where with three
   # CTAs an SM (4096 x 16384 bfloat16) 1.00x: work a row that nothing hides. On
