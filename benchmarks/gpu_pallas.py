@@ -900,10 +900,31 @@ def _programs(cfg, log: bool, shape, dtype):
 
 def _built(cfg, log: bool, xs, gs) -> list:
   """``_build`` of the forward and of the backward (``_programs``) over the
-  arrays ``xs`` and cotangents ``gs``."""
+  arrays ``xs`` and cotangents ``gs``; the backward's inputs are what the built
+  forward returned (no program of its own compiled for them). Raises what
+  building the forward raised."""
   fwd, bwd = _programs(cfg, log, xs[0].shape, xs[0].dtype)
-  outs = [fwd(x) for x in xs]
-  return [_build(fwd, [(x,) for x in xs]), _build(bwd, list(zip(outs, gs, strict=True)))]
+  built = _build(fwd, [(x,) for x in xs])
+  if isinstance(built, Exception):
+    raise built
+  batch, argsets = built
+  return [built, _build(bwd, list(zip(batch(argsets), gs, strict=True)))]
+
+
+def _first_of(built):
+  """``(fwd, bwd)`` as ``_programs`` gives them, run by the programs that
+  ``_built`` compiled: each call runs the batch with its arguments in place of
+  the first set, and returns the first result. The same shapes: nothing
+  compiles again."""
+  for b in built:
+    if isinstance(b, Exception):
+      raise b
+
+  def first(k):
+    batch, argsets = built[k]
+    return lambda *args: batch([args, *argsets[1:]])[0]
+
+  return first(0), first(1)
 
 
 # A variant cell compares these rows with float64 (``variant_rows``): every row
@@ -965,14 +986,15 @@ def _row_errors(y, dx, x, g, log: bool):
   return worst(y, r), worst(dx, rdx)
 
 
-def _variant_check(cfg, x, g, log, eps, ref) -> str | None:
+def _variant_check(cfg, x, g, log, eps, ref, programs=None) -> str | None:
   """None if the 2-D kernels under ``cfg`` match float64 (the tolerances of
   `check`) for softmax or log_softmax on ``x`` and ``g``, else what is off.
   ``ref(log)`` is the float64 reference at the rows ``variant_rows`` picks; every
   row is then screened against XLA's float32 (``_row_errors``, SCREEN_EPS).
   log_softmax's row 0 is made all -inf, where it must be all -inf and its
-  gradient 0 (the live flag)."""
-  fwd, bwd = _programs(cfg, log, x.shape, x.dtype)
+  gradient 0 (the live flag). ``programs``: ``(fwd, bwd)`` to run (by default
+  ``_programs``', compiled here)."""
+  fwd, bwd = programs or _programs(cfg, log, x.shape, x.dtype)
   if log:
     x = x.at[0].set(-jnp.inf)
   out = fwd(x)
@@ -1079,12 +1101,18 @@ def variants(
 
       try:
         cell["path"] = _paths(shape, dt, cfg)
-        wrong = _variant_check(cfg, xs[0], gs[0], False, eps, ref)
-        wrong = wrong or _variant_check(cfg, xs[0], gs[0], True, eps, ref)
+        # The timed op's programs are built first, and its check runs them: a
+        # cell compiles each kernel once (the other op's for its check alone).
+        built = _built(cfg, log, xs, gs)
+        steps = dict(build=time.perf_counter() - start)
+        wrong = None
+        for op_log in (False, True):
+          mine = _first_of(built) if op_log == log else None
+          wrong = wrong or _variant_check(cfg, xs[0], gs[0], op_log, eps, ref, mine)
+        steps["check"] = time.perf_counter() - start - steps["build"]
         if wrong:
           add(dict(cell, error=wrong))
           continue
-        built = _built(cfg, log, xs, gs)
         if log and defaults[True] is None:
           defaults[True] = _built(VARIANTS["default"][0](), True, xs, gs)
         pair = defaults[log] if name != "default" else None
@@ -1113,6 +1141,12 @@ def variants(
         continue
       # Compiling, checking and timing the cell: what sizes VARIANTS to the timeout.
       cell["wall_s"] = round(time.perf_counter() - start, 2)
+      # Where it went: building (compiling, warming) the timed programs; the
+      # checks (the other op's programs compiled, the cell's float64 reference
+      # made by its first variant); the timing (and the default's log_softmax
+      # built, by a cell's first LOG variant).
+      steps["time"] = cell["wall_s"] - steps["build"] - steps["check"]
+      cell["steps_s"] = {k: round(v, 2) for k, v in steps.items()}
       add(_timed(cell, t_fwd, t_bwd, nbytes))
   return rows
 

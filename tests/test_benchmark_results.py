@@ -1,5 +1,6 @@
 """benchmarks/report.py: rerunning part of a suite keeps the rest of the saved results."""
 
+import collections
 import json
 
 import jax
@@ -111,9 +112,36 @@ def test_gpu_script_variants_run_and_catch_a_wrong_kernel(monkeypatch):
     ),
   }
   monkeypatch.setattr(gpu_pallas, "VARIANTS", variants)
-  started = []
+  # Each trace of a stand-in is a program compiled around a kernel: counted by
+  # cell, forward and backward, softmax and log_softmax.
+  traced = collections.Counter()
+
+  def counted(way, real):
+    def kernel(*args, **kw):
+      traced[way, kw["log"]] += 1
+      return real(*args, **kw)
+
+    return kernel
+
+  for way in ("fwd", "bwd"):
+    name = f"softmax_{way}_2d"
+    monkeypatch.setattr(gpu_pallas.gpu, name, counted(way, getattr(gpu_pallas.gpu, name)))
+  started, per_cell = [], []
+
+  def on_start(key):
+    started.append(key)
+    per_cell.append(traced.copy())
+
   skip = {gpu_pallas.cell_key("registers", 4, 1280, "float32")}
-  rows = gpu_pallas.variants(["float32"], 1, 1, skip=skip, on_start=started.append)
+  rows = gpu_pallas.variants(["float32"], 1, 1, skip=skip, on_start=on_start)
+  per_cell = [b - a for a, b in zip(per_cell, [*per_cell[1:], traced.copy()], strict=True)]
+  # A cell traces each of its kernels once: the timed op's, batched for the
+  # timing and run by its check, and the other op's, for its check; a cell's
+  # first log_softmax variant also the default's log_softmax, paired with it.
+  # (Before, the timed op's were traced for its check, then for the timing.)
+  once = collections.Counter({(d, log): 1 for d in ("fwd", "bwd") for log in (False, True)})
+  paired = once + collections.Counter({("fwd", True): 1, ("bwd", True): 1})
+  assert per_cell == [paired, once, once, once, paired, once], per_cell
   assert [(r["variant"], r["cols"]) for r in rows] == [
     ("default", 1280),  # log_softmax's, as timed with the variant below
     ("log_softmax: live flag", 1280),
