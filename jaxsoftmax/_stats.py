@@ -85,7 +85,9 @@ def slice_stats(
   e = jnp.exp(xs - m)
   # `live` from a max of its own rather than from `d`: reading `d` outside the
   # fused forward kernel would split it, and one extra read of x costs less.
-  # (NaN != -inf, so a NaN slice counts as live and stays NaN.)
+  # (NaN != -inf, so a NaN slice counts as live and stays NaN.) Where the
+  # reductions are apart anyway (`apart`), `d != 0` timed the same: 0.94-1.06x
+  # (benchmarks/README.md, "Tried and not taken").
   live = jnp.max(xr, axes, keepdims=True, initial=-jnp.inf) != -jnp.inf
   return xs, m, e, sum_exp(xs, m, axes), live
 
