@@ -309,22 +309,32 @@ def roofline_programs(cases, batch: bool = False) -> list[Program]:
 
 
 def time_interleaved(programs: Sequence[Program], reps: int, warmup: int, calls: int = 1) -> None:
-  """Runs the programs in turn, A B C A B C ..., and records each one's time per call.
+  """Runs the programs in turn, A B C C B A A B C ..., and records each one's time
+  per call.
 
   A sample is ``calls`` back-to-back calls (on rotating buffers) and one wait for
   the last result: on an accelerator this hides the host's sync latency, and
   batched programs (``per_call`` runs of the op each) its dispatch latency,
   which would otherwise dominate small sizes. On the CPU, ``calls=1``.
+
+  Every call takes the next buffer, whichever program makes it, so that no
+  program reads what the one before it has just read. When each program of a
+  round read the same buffer, a program timed against an identical copy of
+  itself took 0.86-0.92x its time when it ran second at 4096 x 512 (arrays of
+  4-8 MB, in the CPU's cache), and 0.99-1.03x with every call on its own
+  buffer (``benchmarks/README.md``). Every other round runs in reverse order.
   """
   for p in programs:
     p.times = []
     for i in range(warmup):
       jax.block_until_ready(p.call(p.argsets[i % len(p.argsets)]))
+  turn = 0  # calls made so far: the next buffer of every program
   for r in range(reps):
-    for p in programs:
+    for p in programs if r % 2 == 0 else programs[::-1]:
       t0 = time.perf_counter()
-      for j in range(calls):
-        out = p.call(p.argsets[(r * calls + j) % len(p.argsets)])
+      for _ in range(calls):
+        out = p.call(p.argsets[turn % len(p.argsets)])
+        turn += 1
       jax.block_until_ready(out)
       p.times.append((time.perf_counter() - t0) / (calls * p.per_call))
 

@@ -545,6 +545,27 @@ def test_batched_programs_run_the_op_on_every_buffer():
   assert batched.temp_bytes == single.temp_bytes  # memory is the single program's
 
 
+def test_interleaved_timing_gives_every_call_the_next_buffer():
+  # No program reads the buffer that the call before it read, whichever program
+  # made that call: a program timed right after another on the same buffer ran
+  # faster where the arrays fit in the CPU's cache. The calls take the buffers
+  # in turn; every other round runs the programs in reverse order.
+  from benchmarks import harness
+
+  log = []  # (program, buffer) per call
+
+  def program(name, n):
+    return harness.Program(
+      name, "fwd", lambda a: log.append((name, a[0])), [(k,) for k in range(n)]
+    )
+
+  programs = [program("a", 3), program("b", 3), program("c", 3)]
+  harness.time_interleaved(programs, reps=4, warmup=0, calls=2)
+  assert [who for who, _ in log] == list("aabbccccbbaaaabbccccbbaa")
+  assert [k for _, k in log] == [turn % 3 for turn in range(24)]
+  assert all(len(p.times) == 4 for p in programs)
+
+
 def test_gpu_script_variants_child_is_killed_after_its_timeout():
   # A variant kernel that hangs on the GPU must not take the rest of the call with it.
   from benchmarks import gpu_pallas
