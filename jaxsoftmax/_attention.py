@@ -209,7 +209,7 @@ def _combined_mask(mask, is_causal, q_lengths, kv_lengths, shape) -> jax.Array |
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
       mask = mask != 0  # Flax's make_attention_mask returns float32 0/1.
-    parts.append(check_where(_FN, mask, shape, name="mask"))
+    parts.append(check_where(_FN, mask, shape, name="mask", target="the scores' shape"))
   q_len, kv_len = shape[-2:]
   if is_causal:
     parts.append(jnp.tril(jnp.ones((q_len, kv_len), jnp.bool_)))

@@ -32,14 +32,30 @@ def float_input(fn: str, name: str, x: ArrayLike) -> jax.Array:
     raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}.")
   dtype = jnp.result_type(x)
   if jnp.issubdtype(dtype, jnp.complexfloating):
-    raise TypeError(
-      f"{fn}: `{name}` has complex dtype {dtype}; expected a real floating dtype "
-      "(softmax is not defined for complex input)."
+    raise TypeError(  # x's own dtype: without x64, result_type says complex64
+      f"{fn}: `{name}` has complex dtype {getattr(x, 'dtype', dtype)}; expected a real "
+      "floating dtype (softmax is not defined for complex input)."
     )
   x = jnp.asarray(x)
   if not jnp.issubdtype(dtype, jnp.floating):
     x = x.astype(jnp.result_type(float))
   return x
+
+
+def float_option(fn: str, name: str, value, lo: float, hi: float) -> float:
+  """A static float hyperparameter (``label_smoothing``, ``z_loss``) in ``[lo, hi]``:
+  ``TypeError`` for a string or a traced value, ``ValueError`` out of range or NaN."""
+  try:
+    if isinstance(value, str | bytes):
+      raise TypeError
+    v = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise TypeError(
+      f"{fn}: `{name}` must be a Python float (a static hyperparameter), got {value!r}."
+    ) from None
+  if not lo <= v <= hi:
+    raise ValueError(f"{fn}: `{name}`={v} is out of range; expected a value in [{lo}, {hi}].")
+  return v
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -80,9 +96,14 @@ def normalize_axes(fn: str, axis: Axis, ndim: int, name: str = "axis") -> tuple[
 
 
 def check_where(
-  fn: str, where: ArrayLike | None, shape: tuple[int, ...], name: str = "where"
+  fn: str,
+  where: ArrayLike | None,
+  shape: tuple[int, ...],
+  name: str = "where",
+  target: str = "the input's shape",
 ) -> jax.Array | None:
-  """A boolean mask broadcastable to ``shape``, kept in its own (small) shape.
+  """A boolean mask broadcastable to ``shape`` (``target`` names it in the error),
+  kept in its own (small) shape.
 
   The mask is not broadcast here: ``jnp.where`` and the reductions broadcast it
   on the fly, so a ``[batch, 1, n]`` mask stays that size in the residuals.
@@ -98,8 +119,7 @@ def check_where(
     out = None
   if out != tuple(shape):
     raise ValueError(
-      f"{fn}: `{name}` with shape {where.shape} does not broadcast to the input's "
-      f"shape {tuple(shape)}."
+      f"{fn}: `{name}` with shape {where.shape} does not broadcast to {target} {tuple(shape)}."
     )
   if where.ndim < len(shape):
     where = where.reshape((1,) * (len(shape) - where.ndim) + where.shape)

@@ -1,9 +1,11 @@
 """softmax_cross_entropy and its integer-label twin: custom_vjp cores with analytic rules.
 
 Both losses keep, for the backward pass, only the logits (in their own dtype),
-one log-normaliser ``lse`` per example (float32 for 16- and 32-bit logits), the
-labels and the mask. The backward recomputes ``p = exp(x - lse)`` in float32
-and returns the gradient in the logits' dtype.
+two numbers per example, the shift ``m`` and ``log d`` (``lse = m + log d``;
+float32 for 16- and 32-bit logits), the labels and the mask. The backward
+recomputes ``p = exp((x - m) - log d)`` in float32 (exact ``x - m``, where
+``exp(x - lse)`` would carry the rounding of ``lse``) and returns the gradient in
+the logits' dtype.
 
 Notation used in the comments: ``x`` the logits, ``w`` the mask, ``t`` the
 (smoothed) target over the class axes, ``n`` the number of classes in the
@@ -30,6 +32,7 @@ from ._checks import (
   check_where,
   compute_dtype,
   float_input,
+  float_option,
   normalize_axes,
 )
 from ._stats import (
@@ -105,23 +108,9 @@ def _static(fn, x, axis, axis_name, label_smoothing, z_loss) -> _Static:
     axes,
     order,
     check_axis_name(fn, axis_name),
-    _float_option(fn, "label_smoothing", label_smoothing, 0.0, 1.0),
-    _float_option(fn, "z_loss", z_loss, 0.0, math.inf),
+    float_option(fn, "label_smoothing", label_smoothing, 0.0, 1.0),
+    float_option(fn, "z_loss", z_loss, 0.0, math.inf),
   )
-
-
-def _float_option(fn: str, name: str, value, lo: float, hi: float) -> float:
-  try:
-    if isinstance(value, str | bytes):
-      raise TypeError
-    v = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    raise TypeError(
-      f"{fn}: `{name}` must be a Python float (a static hyperparameter), got {value!r}."
-    ) from None
-  if not lo <= v <= hi:
-    raise ValueError(f"{fn}: `{name}`={v} is out of range; expected a value in [{lo}, {hi}].")
-  return v
 
 
 def _where(fn: str, where, shape: tuple[int, ...], axes: tuple[int, ...]):
@@ -269,8 +258,9 @@ def softmax_cross_entropy(
   ``where`` keeps). ``z_loss`` (:math:`z`) adds ``z * logsumexp(x)**2`` as in
   PaLM and T5X.
 
-  The custom VJP keeps the logits, one log-normaliser per example and the
-  labels, and computes, in float32 for 16-bit logits:
+  The custom VJP keeps the logits, the labels and two numbers per example (the
+  shift and log-normaliser of its softmax), and computes, in float32 for 16-bit
+  logits:
 
   * ``d logits = g * (softmax(x) * (sum(t) + 2 z lse) - t)``;
   * ``d labels = -(1 - eps) * g * log_softmax(x)`` (soft labels are
@@ -424,8 +414,11 @@ def _soft_ce_bwd(st: _Static, res, g):
   # An empty slice (exp(l) == 0) gets a zero gradient: g is zeroed per row, which
   # fuses into the same pass (a full-size select would be a pass of its own).
   dx = jnp.where(live, g, jnp.zeros_like(g)) * (jnp.exp(l) * coef - t)
-  dy = -(1.0 - st.label_smoothing) * g * l
-  dy = masked(jnp.where(g == 0, jnp.zeros_like(dy), dy), where, 0.0)
+  # l is -inf at masked classes, and d loss / d y is 0 there and where g == 0: l is
+  # replaced by 0 there before the product, not only the product after it, so that
+  # differentiating this rule again (with respect to g) meets no 0 * -inf.
+  l0 = jnp.where(g == 0, jnp.zeros_like(l), masked(l, where, 0.0))
+  dy = masked(-(1.0 - st.label_smoothing) * g * l0, where, 0.0)
   return dx.astype(x.dtype), _sum_to_shape(dy, y.shape).astype(y.dtype), None
 
 
@@ -469,12 +462,14 @@ def softmax_cross_entropy_with_integer_labels(
   in :func:`softmax_cross_entropy`.
 
   A label outside ``[0, num_classes)``, negative ones included, gives a NaN
-  loss (and gradient) for that example only; it never picks another class
+  loss (and gradient, unless its cotangent is 0, as for a loss masked after the
+  call) for that example only; it never picks another class
   (optax wraps -1 to the last class). Examples masked out entirely by
   ``where`` give 0 whatever their label, so padding can carry any label.
 
-  The custom VJP keeps the logits, one log-normaliser per example and the
-  labels, and computes ``d logits = g * (softmax(x) * (1 + 2 z lse) - t)``,
+  The custom VJP keeps the logits, the labels and two numbers per example (the
+  shift and log-normaliser of its softmax), and computes
+  ``d logits = g * (softmax(x) * (1 + 2 z lse) - t)``,
   with ``t`` the smoothed one-hot target, in float32 for 16-bit logits. The
   labels get no cotangent.
 
@@ -663,11 +658,13 @@ def _int_ce_bwd(st: _Static, res, g):
   cdt = compute_dtype(x.dtype)
   shift, log_d, live, lse0 = _unsaved(stats)
   y, valid = _label_index(labels, x.shape, st)
-  # Per example: NaN for an invalid label; 0 for one that `where` leaves empty
-  # (padding, whatever its label). Selects on per-example values only: they
-  # fuse into the one pass over x, where a full-size select would not.
+  # Per example: NaN for an invalid label, unless its cotangent is 0 (a loss
+  # masked after the call, `jnp.where(mask, loss, 0)`: its gradient is 0, as in
+  # optax); 0 for one that `where` leaves empty (padding, whatever its label).
+  # Selects on per-example values only: they fuse into the one pass over x,
+  # where a full-size select would not.
   g = jnp.expand_dims(g.astype(cdt), st.axes)
-  g = jnp.where(valid, g, jnp.nan)
+  g = jnp.where(valid | (g == 0), g, jnp.nan)
   if where is not None:
     g = jnp.where(live, g, 0.0)
   # An empty slice (lse = -inf) gets p = 0 (`_log_probs`), and `0 * g` elsewhere

@@ -10,6 +10,7 @@ temporaries are a few ``[N, chunk_size]`` float32 blocks.
 
 from __future__ import annotations
 
+import math
 import operator
 from functools import partial
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checks import check_where, compute_dtype, float_input
+from ._checks import check_where, compute_dtype, float_input, float_option
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -58,6 +59,19 @@ def _check_labels(fn: str, labels: ArrayLike, shape: tuple[int, ...]) -> jax.Arr
   return labels
 
 
+def _class_ids(labels: jax.Array, v: int) -> jax.Array:
+  """The labels as int32 (int64 past int32's range), with -1 for every label outside
+  ``[0, V)``. The core compares labels with a column counter in the labels' dtype;
+  in a narrow one both would wrap (int8 holds no V = 200, and a counter past 127
+  would match label 3 at column 259), so the range is checked here, in the labels'
+  own dtype, before the cast."""
+  valid = labels >= 0
+  if v <= jnp.iinfo(labels.dtype).max:
+    valid = valid & (labels < v)
+  idt = jnp.int32 if v <= jnp.iinfo(jnp.int32).max else jnp.int64
+  return jnp.where(valid, labels.astype(idt), jnp.array(-1, idt))
+
+
 def _check_options(fn, reduction, chunk_size, label_smoothing, z_loss):
   if reduction not in REDUCTIONS:
     raise ValueError(f"{fn}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
@@ -70,17 +84,8 @@ def _check_options(fn, reduction, chunk_size, label_smoothing, z_loss):
       ) from None
     if chunk_size < 1:
       raise ValueError(f"{fn}: `chunk_size` must be a positive int or None, got {chunk_size}.")
-  try:
-    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
-  except TypeError:
-    raise TypeError(
-      f"{fn}: `label_smoothing` and `z_loss` must be Python floats, got "
-      f"{label_smoothing!r} and {z_loss!r}."
-    ) from None
-  if not 0.0 <= label_smoothing <= 1.0:
-    raise ValueError(f"{fn}: `label_smoothing` must lie in [0, 1], got {label_smoothing}.")
-  if not z_loss >= 0.0:
-    raise ValueError(f"{fn}: `z_loss` must be >= 0, got {z_loss}.")
+  label_smoothing = float_option(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  z_loss = float_option(fn, "z_loss", z_loss, 0.0, math.inf)
   return chunk_size, label_smoothing, z_loss
 
 
@@ -109,7 +114,8 @@ def linear_softmax_cross_entropy(
   forward keeps an online log-sum-exp in float32 and the label logit, and the
   backward recomputes each chunk's logits to accumulate ``dx`` and ``dw``. No
   ``[N, V]`` array exists at any point; the residuals are ``x``, ``w``, the
-  labels, the mask and one float32 log-normalizer per token.
+  labels (as int32), the mask and two float32 numbers per token (the shift and
+  log-normalizer of its softmax).
 
   Label smoothing follows PyTorch (target ``(1 - eps) * onehot + eps / V``) and
   the z-loss is ``z_loss * lse**2`` per token (PaLM/T5X).
@@ -119,7 +125,8 @@ def linear_softmax_cross_entropy(
     -100). ``"mean"`` divides by the number of included tokens, and is 0 (with
     zero gradients), not NaN, when no token is included.
   * An included token whose label lies outside ``[0, V)`` has a loss of NaN and
-    a NaN gradient row, as in the unfused cross-entropy; with ``"mean"`` or
+    a NaN gradient row (unless its cotangent is 0: a loss masked after the
+    call), as in the unfused cross-entropy; with ``"mean"`` or
     ``"sum"`` the NaN propagates to the total, and to all of ``dw``. Another
     class is never picked silently; mask such tokens out with ``where``.
   * bfloat16/float16 inputs are multiplied in their own dtype with float32
@@ -170,7 +177,7 @@ def linear_softmax_cross_entropy(
     )
   batch = x.shape[:-1]
   labels = _check_labels(fn, labels, batch)
-  where = check_where(fn, where, batch)
+  where = check_where(fn, where, batch, target="the batch shape x.shape[:-1] =")
   chunk_size, label_smoothing, z_loss = _check_options(
     fn, reduction, chunk_size, label_smoothing, z_loss
   )
@@ -185,7 +192,7 @@ def linear_softmax_cross_entropy(
   if where is not None:
     where = jnp.broadcast_to(where, batch).reshape(n)
   opts = _Options(reduction, chunk_size, label_smoothing, z_loss, precision)
-  loss = _lce(x.reshape(n, h), w, labels.reshape(n), where, opts)
+  loss = _lce(x.reshape(n, h), w, _class_ids(labels, v).reshape(n), where, opts)
   return loss.reshape(batch) if reduction == "none" else loss
 
 
@@ -341,11 +348,6 @@ def _lce_bwd(opts, res, g):
   xd = x.astype(dt) if where is None else jnp.where(where[:, None], x.astype(dt), 0)
   eps = opts.label_smoothing
   k, c, r = _chunks(v, opts.chunk_size)
-  # An included token with a label outside [0, V) gets a NaN gradient row, like
-  # its loss (and like the unfused cross-entropy): no class is picked silently.
-  bad = (labels < 0) | (labels >= v)
-  if where is not None:
-    bad = bad & where
 
   # The cotangent of each token's loss.
   g = g.astype(cdt)
@@ -357,6 +359,11 @@ def _lce_bwd(opts, res, g):
     gt = jnp.broadcast_to(g / _count(m, where), (n,))
   if where is not None:
     gt = jnp.where(where, gt, jnp.zeros_like(gt))
+  # An included token with a label outside [0, V) gets a NaN gradient row, like
+  # its loss (and like the unfused cross-entropy): no class is picked silently.
+  # Not where its cotangent is 0 (excluded by `where`, or its loss masked after
+  # the call): its gradient is 0 there.
+  bad = ((labels < 0) | (labels >= v)) & (gt != 0)
   # Excluded tokens get m = log s = 0 so that their (zero) rows stay finite.
   if where is not None:
     m, log_s = (jnp.where(where, a, jnp.zeros_like(a)) for a in (m, log_s))

@@ -349,7 +349,7 @@ def test_errors_name_the_argument():
     jaxsoftmax.dot_product_attention(q, k[..., :3], v)
   with pytest.raises(ValueError, match="same rank"):
     jaxsoftmax.dot_product_attention(q[0], k, v)
-  with pytest.raises(ValueError, match="`mask` with shape"):
+  with pytest.raises(ValueError, match=r"`mask` with shape \(4, 6\).*the scores' shape"):
     jaxsoftmax.dot_product_attention(q, k, v, mask=jnp.ones((4, 6), jnp.bool_))
   with pytest.raises(ValueError, match="`bias` with shape"):
     jaxsoftmax.dot_product_attention(q, k, v, bias=jnp.ones((7,), F64))

@@ -210,6 +210,21 @@ def test_check_grads_second_order_reverse():
   check_grads(f, (x,), order=2, modes=["rev"])
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_second_order_reverse_with_masked_classes(smoothing):
+  # The labels' gradient differentiated again, through the loss's cotangent: its
+  # log-probabilities are -inf at the masked classes, where no 0 * -inf may appear.
+  x, y = _normal(22, (3, 5), scale=1.0), _probs(23, (3, 5), -1)
+  mask = jnp.array([[True, True, True, False, True]] * 2 + [[False, True, True, True, True]])
+  f = jax.jit(partial(soft_ce, where=mask, label_smoothing=smoothing, z_loss=0.01))
+  check_grads(f, (x, y), order=2, modes=["rev"])
+  # d/da of sum(d(a * loss)/dy) = sum(d loss/dy), written out: -(1 - eps) log p at
+  # the kept classes, 0 at the masked ones.
+  dy_sum = jax.grad(lambda a: jnp.sum(jax.grad(lambda y: jnp.sum(a * f(x, y)))(y)))(1.0)
+  logp = jnp.where(mask, x - jax.nn.logsumexp(jnp.where(mask, x, -jnp.inf), -1, keepdims=True), 0)
+  assert rel_err(dy_sum, -(1 - smoothing) * jnp.sum(logp)) <= 1e-12
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_second_order_reverse_in_16_bits(dtype):
   # A Hessian-vector product through the backward of 16-bit logits (whose label
@@ -415,6 +430,31 @@ def test_out_of_range_label_is_nan_for_that_example_only(bad):
   ref_loss, (ref_dx,) = _vjp(lambda x: _naive(x, t, -1), x[ok])
   np.testing.assert_allclose(loss[ok], ref_loss, rtol=1e-13)
   np.testing.assert_allclose(dx[ok], ref_dx, rtol=1e-12)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_out_of_range_label_masked_after_the_call_gets_zero_gradient(smoothing):
+  # The idiom `jnp.where(labels != -100, loss, 0)`: the padded example's cotangent is
+  # 0, and so is its gradient row (as in optax), though its loss is NaN. Through a
+  # shared projection a NaN row would reach every weight.
+  h, w = _normal(38, (4, 6)), _normal(39, (6, 5))
+  labels = jnp.array([2, -100, 4, 7])
+  keep = (labels >= 0) & (labels < 5)
+
+  def masked_after(ce):
+    return lambda w: jnp.sum(jnp.where(keep, ce(h @ w, labels), 0.0))
+
+  ours = masked_after(partial(int_ce, label_smoothing=smoothing))
+  t = _smooth(jax.nn.one_hot(jnp.where(keep, labels, 0), 5, dtype=jnp.float64), smoothing, 5)
+  naive = lambda w: jnp.sum(jnp.where(keep, _naive(h @ w, t, -1), 0.0))  # noqa: E731
+  dw = jax.jit(jax.grad(ours))(w)
+  np.testing.assert_allclose(dw, jax.grad(naive)(w), rtol=1e-12)
+  if not smoothing:
+    ref = jax.grad(masked_after(optax.softmax_cross_entropy_with_integer_labels))(w)
+    np.testing.assert_allclose(dw, ref, rtol=1e-12)
+  # Unmasked, the bad examples' rows are still NaN, as their losses are.
+  dx = jax.grad(lambda z: jnp.sum(int_ce(z, labels, label_smoothing=smoothing)))(h @ w)
+  assert np.isnan(dx[~keep]).all() and np.isfinite(dx[keep]).all()
 
 
 def test_narrow_integer_labels_never_wrap():

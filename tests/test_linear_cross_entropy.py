@@ -299,6 +299,54 @@ def test_out_of_range_labels_give_nan_for_that_token():
     x, w
   )
   assert jnp.isfinite(val) and jnp.all(jnp.isfinite(dx)) and jnp.all(jnp.isfinite(dw))
+  # So does masking their losses after the call (`reduction="none"`): their
+  # cotangent is 0, and so is their gradient row, though their loss is NaN.
+  keep = where.astype(jnp.float32)
+  dx, dw = jax.grad(
+    lambda x, w: jnp.sum(jnp.where(where, lce(x, w, bad, reduction="none", chunk_size=4), 0.0)),
+    (0, 1),
+  )(x, w)
+  ref = jax.grad(lambda x, w: jnp.sum(keep * naive_per_token(x, w, labels)), (0, 1))(x, w)
+  assert rel_err(dx, ref[0]) <= 1e-5 and rel_err(dw, ref[1]) <= 1e-5
+  assert jnp.all(dx[jnp.array([1, 4])] == 0)
+
+
+@pytest.mark.parametrize(
+  ("label_dtype", "v", "chunk_size"),
+  [
+    (jnp.int8, 200, 64),
+    (jnp.int8, 300, 300),
+    (jnp.uint8, 300, 128),
+    (jnp.int16, 40000, 8192),
+    (jnp.int16, 1000, 256),
+  ],
+)
+def test_narrow_label_dtypes(label_dtype, v, chunk_size):
+  # Labels stored in a narrow integer type (uint8, int16 token ids) are class ids
+  # like any other: V may not fit in their dtype (int8, V = 200) and a chunk's
+  # columns may run past it (column 259 is not label 3). Every label here is valid.
+  top = min(v, int(jnp.iinfo(label_dtype).max) + 1)
+  x, w, _, _, _ = _inputs((12,), 8, v, jnp.float32, seed=5)
+  labels = jax.random.randint(jax.random.key(6), (12,), 0, top).at[0].set(3).at[1].set(top - 1)
+  narrow = labels.astype(label_dtype)
+  assert jnp.array_equal(narrow.astype(jnp.int32), labels)
+  f = lambda x, w, y: lce(x, w, y, reduction="none", chunk_size=chunk_size)  # noqa: E731
+  got = f(x, w, narrow)
+  ref = optax_per_token(x, w, labels)
+  assert jnp.all(jnp.isfinite(got))
+  assert rel_err(got, ref) <= 1e-5
+  ct = jnp.linspace(0.5, 1.5, 12)
+  grads = jax.grad(lambda x, w: jnp.sum(ct * f(x, w, narrow)), (0, 1))(x, w)
+  refs = jax.grad(lambda x, w: jnp.sum(ct * optax_per_token(x, w, labels)), (0, 1))(x, w)
+  for a, e in zip(grads, refs, strict=True):
+    assert rel_err(a, e) <= 1e-5
+  # Out of range in the narrow dtype is still out of range: -1, and V where it fits.
+  if jnp.issubdtype(label_dtype, jnp.signedinteger):
+    out = f(x, w, narrow.at[2].set(-1))
+    assert jnp.isnan(out[2]) and jnp.isfinite(out[3])
+  if v <= jnp.iinfo(label_dtype).max:
+    out = f(x, w, narrow.at[3].set(v))
+    assert jnp.isnan(out[3]) and jnp.isfinite(out[2])
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -398,13 +446,18 @@ def test_input_errors():
     lce(x, w, y, chunk_size=0)
   with pytest.raises(TypeError, match=r"`chunk_size` must be a positive int"):
     lce(x, w, y, chunk_size=2.5)
-  with pytest.raises(ValueError, match=r"`label_smoothing` must lie in \[0, 1\]"):
+  with pytest.raises(ValueError, match=r"`label_smoothing`=1.5 is out of range.*\[0.0, 1.0\]"):
     lce(x, w, y, label_smoothing=1.5)
-  with pytest.raises(ValueError, match=r"`z_loss` must be >= 0"):
+  with pytest.raises(ValueError, match=r"`z_loss`=-1.0 is out of range"):
     lce(x, w, y, z_loss=-1.0)
+  with pytest.raises(ValueError, match=r"`z_loss`=nan is out of range"):
+    lce(x, w, y, z_loss=float("nan"))
+  # A string is not a float, though float() would parse it (as the unfused losses refuse it).
+  with pytest.raises(TypeError, match=r"`label_smoothing` must be a Python float.*'0.1'"):
+    lce(x, w, y, label_smoothing="0.1")
   with pytest.raises(TypeError, match=r"`where` must be a boolean array"):
     lce(x, w, y, where=jnp.ones((4,), jnp.int32))
-  with pytest.raises(ValueError, match=r"`where` with shape \(3,\) does not broadcast"):
+  with pytest.raises(ValueError, match=r"`where` with shape \(3,\) does not broadcast.*batch"):
     lce(x, w, y, where=jnp.ones((3,), bool))
   with pytest.raises(TypeError, match=r"`x` has complex dtype"):
     lce(x.astype(jnp.complex64), w, y)

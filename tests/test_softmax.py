@@ -361,6 +361,9 @@ def test_integer_input_is_promoted_to_default_float(dtype):
 def test_complex_input_is_a_type_error():
   with pytest.raises(TypeError, match="complex"):
     jaxsoftmax.softmax(jnp.ones(3, jnp.complex64))
+  # A numpy complex128 array is named as it is, though JAX without x64 makes it complex64.
+  with jax.enable_x64(False), pytest.raises(TypeError, match="complex dtype complex128"):
+    jaxsoftmax.softmax(np.ones(3, np.complex128))
 
 
 def test_python_scalars_and_numpy_arrays_are_accepted():
