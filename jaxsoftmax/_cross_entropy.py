@@ -45,6 +45,7 @@ from ._stats import (
   slice_sum,
   sum_exp,
   sums_in_pieces,
+  total_cotangent,
 )
 
 
@@ -59,6 +60,9 @@ class _Static(NamedTuple):
   # The backend whose ``row_stats`` the forward reads (``_backend.resolve``):
   # "xla" computes the statistics inline, fused with the rest of the loss.
   backend: str = "xla"
+  # The size of ``axis_name`` (1 without it), taken where the name is bound: under
+  # ``vmap`` with an axis name the backward runs outside its scope.
+  axis_size: int = 1
 
 
 # --- Argument checks ---------------------------------------------------------------
@@ -104,12 +108,14 @@ def _static(fn, x, axis, axis_name, label_smoothing, z_loss) -> _Static:
   else:
     given = tuple(axis) if isinstance(axis, list | tuple) else (axis,)
     order = tuple(int(a) % x.ndim for a in given)
+  axis_name = check_axis_name(fn, axis_name)
   return _Static(
     axes,
     order,
-    check_axis_name(fn, axis_name),
+    axis_name,
     float_option(fn, "label_smoothing", label_smoothing, 0.0, 1.0),
     float_option(fn, "z_loss", z_loss, 0.0, math.inf),
+    axis_size=1 if axis_name is None else lax.axis_size(axis_name),
   )
 
 
@@ -192,8 +198,7 @@ def _kernel_stats(x, where, st: _Static, cdt):
 def _num_classes(where, shape, st: _Static, dtype):
   """``n``: the classes in each slice, those ``where`` keeps (summed across devices)."""
   if where is None:
-    n = math.prod(shape[a] for a in st.axes)
-    return n if st.axis_name is None else n * lax.axis_size(st.axis_name)
+    return math.prod(shape[a] for a in st.axes) * st.axis_size
   w = jnp.broadcast_to(where, shape).astype(dtype)
   return slice_sum(w, st.axes, st.axis_name)
 
@@ -405,7 +410,7 @@ def _soft_ce_bwd(st: _Static, res, g):
   x = read_apart(x)
   cdt = compute_dtype(jnp.result_type(x, y))
   shift, log_d, live, lse = _unsaved(stats)
-  g = jnp.expand_dims(g.astype(cdt), st.axes)
+  g = jnp.expand_dims(total_cotangent(g, x, st.axis_name).astype(cdt), st.axes)
   l = _log_probs(x, where, shift, log_d, cdt)
   t = _soft_target(y, where, st, x.shape, cdt)
   coef = slice_sum(t, st.axes, st.axis_name)
@@ -543,7 +548,7 @@ def _label_index(labels, shape, st: _Static):
   and ``valid`` per example. An invalid label becomes 0 (never wraps into range)."""
   y = jnp.expand_dims(labels, st.axes)
   local = math.prod(shape[a] for a in st.axes)
-  total = local * (1 if st.axis_name is None else lax.axis_size(st.axis_name))
+  total = local * st.axis_size
   idt = jnp.int32 if total <= jnp.iinfo(jnp.int32).max else jnp.int64
   valid = y >= 0
   if total <= jnp.iinfo(y.dtype).max:
@@ -645,10 +650,21 @@ def _int_ce(x, labels, where, st: _Static):
 
 def _int_ce_fwd(x, labels, where, st: _Static):
   loss, stats = _int_forward(x, labels, where, st)
+  if st.axis_name is not None:
+    # The labels as this device's class indices, an invalid one as `_NO_CLASS`:
+    # taken here, since `axis_index` cannot be bound in a backward that runs
+    # outside the name's scope (`vmap` with an axis name).
+    y, valid = _label_index(labels, x.shape, st)
+    labels = _squeeze(jnp.where(valid, y, _NO_CLASS(y.dtype)), st.axes)
   # Residuals: the logits (own dtype), the labels and mask (small), and per
   # example the shift and log d (compute dtype, ``_saved``: an empty slice's
   # gradient is 0).
   return _squeeze(loss, st.axes).astype(x.dtype), (x, labels, where, stats[1])
+
+
+def _NO_CLASS(dtype):  # noqa: N802
+  """An index no device's class has: local indices lie in (-total, total)."""
+  return jnp.array(jnp.iinfo(dtype).min, dtype)
 
 
 def _int_ce_bwd(st: _Static, res, g):
@@ -657,13 +673,18 @@ def _int_ce_bwd(st: _Static, res, g):
   x = read_apart(x)
   cdt = compute_dtype(x.dtype)
   shift, log_d, live, lse0 = _unsaved(stats)
-  y, valid = _label_index(labels, x.shape, st)
+  if st.axis_name is None:
+    y, valid = _label_index(labels, x.shape, st)
+  else:  # saved by the forward as local indices
+    y = jnp.expand_dims(labels, st.axes)
+    valid = y != _NO_CLASS(y.dtype)
+    y = jnp.where(valid, y, jnp.zeros_like(y))
   # Per example: NaN for an invalid label, unless its cotangent is 0 (a loss
   # masked after the call, `jnp.where(mask, loss, 0)`: its gradient is 0, as in
   # optax); 0 for one that `where` leaves empty (padding, whatever its label).
   # Selects on per-example values only: they fuse into the one pass over x,
   # where a full-size select would not.
-  g = jnp.expand_dims(g.astype(cdt), st.axes)
+  g = jnp.expand_dims(total_cotangent(g, x, st.axis_name).astype(cdt), st.axes)
   g = jnp.where(valid | (g == 0), g, jnp.nan)
   if where is not None:
     g = jnp.where(live, g, 0.0)

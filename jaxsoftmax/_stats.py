@@ -214,6 +214,40 @@ def _all_gather(v: jax.Array, axis_name: AxisName) -> jax.Array:
   return lax.all_gather(v, axis_name)
 
 
+def total_cotangent(g: jax.Array, block: jax.Array, axis_name: AxisName) -> jax.Array:
+  """The cotangent of a per-slice result that every device computes whole (a loss
+  over a class axis split across devices), for the rule that differentiates it
+  with respect to this device's ``block`` of the slices.
+
+  Each device's copy of the result depends on every device's block, so the
+  gradient of a block sums the cotangents of all the copies. Under
+  ``shard_map``'s varying-axes typing the copies are typed as one invariant value
+  with one cotangent, which is then the total; ``block`` is typed varying there.
+  With ``check_vma=False`` the copies are values of their own (a result returned
+  unmapped gets ``1 / n`` of its cotangent on each of the ``n`` devices): their
+  cotangents are summed here, one ``psum`` of a number per slice. Under ``vmap``
+  with ``axis_name`` the result of the collectives is one unbatched value, whose
+  cotangent ``vmap`` has summed over the copies already; there the backward runs
+  outside the name's scope, which is how it is told apart.
+  """
+  if axis_name is None:
+    return g
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  untyped = tuple(a for a in names if a not in _varying_axes(block))
+  if not untyped or not _bound(untyped):
+    return g
+  return lax.psum(g, untyped)
+
+
+def _bound(axis_name: AxisName) -> bool:
+  """Whether ``axis_name`` is in scope (a backward under ``vmap`` runs outside it)."""
+  try:
+    lax.axis_size(axis_name)
+  except NameError:
+    return False
+  return True
+
+
 def _varying_axes(v: jax.Array) -> frozenset[str]:
   """The manual mesh axes along which ``v`` is typed varying (empty outside shard_map)."""
   aval = jax.typeof(v)

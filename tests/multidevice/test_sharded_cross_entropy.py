@@ -171,3 +171,55 @@ def test_unbound_axis_name_is_a_clear_error(fn):
   labels = jnp.zeros((2, 8), jnp.float32) if fn is soft_ce else jnp.zeros((2,), jnp.int32)
   with pytest.raises(ValueError, match=r"`axis_name`='v' is not bound.*shard_map"):
     fn(x, labels, axis_name="v")
+
+
+@pytest.mark.parametrize("mode", ["check_vma=False", "vmap"])
+def test_gradients_without_varying_axes_typing(mode):
+  # Without shard_map's varying-axes typing (check_vma=False, or vmap with an
+  # axis name) each device's copy of the loss is a value of its own, with its own
+  # cotangent: a loss returned unmapped gets 1/8 of it on each device, a mean
+  # over the copies the same. The gradient must still be the unsharded one;
+  # references: optax on the whole logits, in float64.
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  x = 3.0 * jax.random.normal(k1, (B, N), jnp.float64)
+  y = _soft_labels(jnp.float64)
+  labels = jnp.asarray(np.abs(LABELS) % N)
+  where = (
+    jax.random.bernoulli(k2, 0.8, (B, N)).at[:, 0].set(True).at[jnp.arange(B), labels].set(True)
+  )
+  ct = jax.random.normal(k3, (B,), jnp.float64)
+
+  def losses(x, y, where, axis_name):
+    return soft_ce(x, y, axis_name=axis_name), int_ce(x, labels, where=where, axis_name=axis_name)
+
+  if mode == "vmap":
+    split = lambda a: a.reshape(B, 8, N // 8)  # noqa: E731
+    per_copy = jax.vmap(functools.partial(losses, axis_name="v"), (1, 1, 1), 0, axis_name="v")
+
+    def total(x, y):
+      soft, integer = per_copy(split(x), split(y), split(where))  # (8, B) each: one per copy
+      return jnp.sum(ct * soft.mean(0)), jnp.sum(ct * integer.mean(0))
+
+  else:
+    spec = P(None, "v")
+    sm = jax.shard_map(
+      functools.partial(losses, axis_name="v"),
+      mesh=make_mesh((8,), ("v",)),
+      in_specs=(spec, spec, spec),
+      out_specs=(P(), P()),
+      check_vma=False,
+    )
+
+    def total(x, y):
+      soft, integer = sm(x, y, where)
+      return jnp.sum(ct * soft), jnp.sum(ct * integer)
+
+  dsoft = jax.jit(jax.grad(lambda x, y: total(x, y)[0], (0, 1)))(x, y)
+  dint = jax.jit(jax.grad(lambda x: total(x, y)[1]))(x)
+  ref_soft = jax.grad(lambda x, y: jnp.sum(ct * optax.softmax_cross_entropy(x, y)), (0, 1))(x, y)
+  ref_int = jax.grad(
+    lambda x: jnp.sum(ct * optax.softmax_cross_entropy_with_integer_labels(x, labels, where=where))
+  )(x)
+  np.testing.assert_allclose(dsoft[0], ref_soft[0], **TOL[jnp.float64])
+  np.testing.assert_allclose(dsoft[1], ref_soft[1], **TOL[jnp.float64])
+  np.testing.assert_allclose(dint, ref_int, **TOL[jnp.float64])
