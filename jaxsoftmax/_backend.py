@@ -17,6 +17,7 @@ from types import ModuleType, SimpleNamespace
 import jax
 
 from . import _xla
+from ._checks import static_shape
 
 
 def pallas_unsupported_reason(x: jax.Array, axes: tuple[int, ...], axis_name) -> str | None:
@@ -46,6 +47,13 @@ def resolve(
   from . import _pallas
 
   if implementation == "xla":
+    return "xla"
+  if not static_shape(x.shape):  # jax.export with symbolic sizes: the kernels need known ones
+    if implementation == "pallas":
+      raise ValueError(
+        f"{fn}: implementation='pallas' cannot run this call: the shape {x.shape} has "
+        "symbolic sizes (jax.export); the kernels are laid out for known sizes."
+      )
     return "xla"
   if implementation is None and jax.default_backend() not in _pallas.VERIFIED_PLATFORMS:
     return "xla"  # the kernels are the default only where they have run on hardware

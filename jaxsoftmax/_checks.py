@@ -58,6 +58,14 @@ def float_option(fn: str, name: str, value, lo: float, hi: float) -> float:
   return v
 
 
+def static_shape(shape) -> bool:
+  """Whether every dimension is a known int, not a symbolic one (``jax.export``'s
+  shape polymorphism). The size rules (fusion thresholds, chunk sizes, which
+  backend) compare sizes in Python; with a symbolic size they take the branch
+  that is right for any size."""
+  return all(isinstance(d, int) for d in shape)
+
+
 def compute_dtype(dtype) -> jnp.dtype:
   """float32 for 16-bit floats, the dtype itself otherwise."""
   dtype = jnp.dtype(dtype)

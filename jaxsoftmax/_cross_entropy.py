@@ -34,6 +34,7 @@ from ._checks import (
   float_input,
   float_option,
   normalize_axes,
+  static_shape,
 )
 from ._stats import (
   finite_shift,
@@ -549,9 +550,12 @@ def _label_index(labels, shape, st: _Static):
   y = jnp.expand_dims(labels, st.axes)
   local = math.prod(shape[a] for a in st.axes)
   total = local * st.axis_size
-  idt = jnp.int32 if total <= jnp.iinfo(jnp.int32).max else jnp.int64
+  # (A symbolic class count, from jax.export, is taken to fit in int32 and in the
+  # labels' dtype, as any real vocabulary does.)
+  static = static_shape((total,))
+  idt = jnp.int32 if not static or total <= jnp.iinfo(jnp.int32).max else jnp.int64
   valid = y >= 0
-  if total <= jnp.iinfo(y.dtype).max:
+  if not static or total <= jnp.iinfo(y.dtype).max:
     valid = valid & (y < total)
   y = jnp.where(valid, y, jnp.zeros_like(y)).astype(idt)
   if st.axis_name is not None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checks import check_where, compute_dtype, float_input, float_option
+from ._checks import check_where, compute_dtype, float_input, float_option, static_shape
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -28,6 +28,8 @@ REDUCTIONS = ("mean", "sum", "none")
 # this many bytes; C is a multiple of 128 in [128, V].
 _CHUNK_BUDGET_BYTES = 16 * 2**20
 _CHUNK_MULTIPLE = 128
+# chunk_size=None with a symbolic number of tokens (jax.export): sized for this many.
+SYMBOLIC_TOKENS = 8192
 
 
 def default_chunk_size(n: int, h: int, v: int, itemsize: int = 4) -> int:
@@ -183,11 +185,19 @@ def linear_softmax_cross_entropy(
   )
   h, v = w.shape
   n = labels.size
+  if not static_shape(w.shape):
+    raise ValueError(
+      f"{fn}: `w` has shape {w.shape}; H and V must be known sizes (the chunks are "
+      "laid out when the function is traced); only the token dimensions of `x` may be "
+      "symbolic (jax.export)."
+    )
   if v == 0:
     raise ValueError(f"{fn}: `w` has V = 0 classes; expected at least one.")
   dt = jnp.result_type(x.dtype, w.dtype)
   if chunk_size is None:
-    chunk_size = default_chunk_size(n, h, v, jnp.dtype(compute_dtype(dt)).itemsize)
+    # A symbolic token count (jax.export) is sized as SYMBOLIC_TOKENS tokens.
+    tokens = n if static_shape((n,)) else SYMBOLIC_TOKENS
+    chunk_size = default_chunk_size(tokens, h, v, jnp.dtype(compute_dtype(dt)).itemsize)
   chunk_size = min(chunk_size, v)
   if where is not None:
     where = jnp.broadcast_to(where, batch).reshape(n)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._checks import AxisName, compute_dtype
+from ._checks import AxisName, compute_dtype, static_shape
 
 
 def read_apart(x: jax.Array) -> jax.Array:
@@ -133,7 +133,7 @@ def sums_in_pieces(shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
 def _piece_width(shape: tuple[int, ...], axes: tuple[int, ...]) -> int | None:
   """``k`` for `sum_exp`: a divisor of a long trailing row, 2048, 4096 or 1024 if one
   divides it, else the largest from 4096 down to 512."""
-  if axes != (len(shape) - 1,) or shape[-1] < LONG_ROW:
+  if axes != (len(shape) - 1,) or not static_shape(shape[-1:]) or shape[-1] < LONG_ROW:
     return None
   n = shape[-1]
   for k in (2048, 4096, 1024, *range(4096, 511, -1)):
