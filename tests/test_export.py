@@ -9,7 +9,6 @@ optax on those concrete arrays.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from jax import export
