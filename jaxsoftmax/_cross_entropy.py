@@ -420,10 +420,12 @@ def _soft_ce_bwd(st: _Static, res, g):
   # An empty slice (exp(l) == 0) gets a zero gradient: g is zeroed per row, which
   # fuses into the same pass (a full-size select would be a pass of its own).
   dx = jnp.where(live, g, jnp.zeros_like(g)) * (jnp.exp(l) * coef - t)
-  # l is -inf at masked classes, and d loss / d y is 0 there and where g == 0: l is
-  # replaced by 0 there before the product, not only the product after it, so that
-  # differentiating this rule again (with respect to g) meets no 0 * -inf.
-  l0 = jnp.where(g == 0, jnp.zeros_like(l), masked(l, where, 0.0))
+  # d loss / d y is 0 at masked classes (where l is -inf) and where g == 0, also
+  # at a -inf logit: there l is replaced by 0 before the product, not only the
+  # product after it, so that differentiating this rule again (with respect to g)
+  # meets no 0 * -inf. A finite l is kept where g == 0: its derivative with
+  # respect to g is -(1 - eps) l.
+  l0 = jnp.where((g == 0) & ~jnp.isfinite(l), jnp.zeros_like(l), masked(l, where, 0.0))
   dy = masked(-(1.0 - st.label_smoothing) * g * l0, where, 0.0)
   return dx.astype(x.dtype), _sum_to_shape(dy, y.shape).astype(y.dtype), None
 
@@ -550,12 +552,15 @@ def _label_index(labels, shape, st: _Static):
   y = jnp.expand_dims(labels, st.axes)
   local = math.prod(shape[a] for a in st.axes)
   total = local * st.axis_size
-  # (A symbolic class count, from jax.export, is taken to fit in int32 and in the
-  # labels' dtype, as any real vocabulary does.)
+  # (A symbolic class count, from jax.export, is taken to fit in int32, as any
+  # real vocabulary does; it is compared with labels widened to int32 at least,
+  # as it may not fit in theirs.)
   static = static_shape((total,))
   idt = jnp.int32 if not static or total <= jnp.iinfo(jnp.int32).max else jnp.int64
   valid = y >= 0
-  if not static or total <= jnp.iinfo(y.dtype).max:
+  if not static:
+    valid = valid & (y.astype(jnp.promote_types(y.dtype, idt)) < total)
+  elif total <= jnp.iinfo(y.dtype).max:
     valid = valid & (y < total)
   y = jnp.where(valid, y, jnp.zeros_like(y)).astype(idt)
   if st.axis_name is not None:
@@ -673,6 +678,7 @@ def _NO_CLASS(dtype):  # noqa: N802
 
 def _int_ce_bwd(st: _Static, res, g):
   # dx = g * (p * (1 + 2 z lse) - t); no collective unless where and label_smoothing
+  # (or, without varying-axes typing, the cotangent's psum: `total_cotangent`)
   x, labels, where, stats = res
   x = read_apart(x)
   cdt = compute_dtype(x.dtype)
@@ -685,11 +691,12 @@ def _int_ce_bwd(st: _Static, res, g):
     y = jnp.where(valid, y, jnp.zeros_like(y))
   # Per example: NaN for an invalid label, unless its cotangent is 0 (a loss
   # masked after the call, `jnp.where(mask, loss, 0)`: its gradient is 0, as in
-  # optax); 0 for one that `where` leaves empty (padding, whatever its label).
-  # Selects on per-example values only: they fuse into the one pass over x,
-  # where a full-size select would not.
+  # optax; a constant 0, so that no derivative of this rule picks class 0 for it);
+  # 0 for one that `where` leaves empty (padding, whatever its label). Selects on
+  # per-example values only: they fuse into the one pass over x, where a
+  # full-size select would not.
   g = jnp.expand_dims(total_cotangent(g, x, st.axis_name).astype(cdt), st.axes)
-  g = jnp.where(valid | (g == 0), g, jnp.nan)
+  g = jnp.where(valid, g, jnp.where(g == 0, 0.0, jnp.nan).astype(g.dtype))
   if where is not None:
     g = jnp.where(live, g, 0.0)
   # An empty slice (lse = -inf) gets p = 0 (`_log_probs`), and `0 * g` elsewhere

@@ -339,7 +339,8 @@ def _lce(x, w, labels, where, opts):
 def _lce_fwd(x, w, labels, where, opts):
   stats, loss = _forward(x, w, labels, opts)
   out = _reduce(loss, where, opts.reduction, jnp.result_type(x.dtype, w.dtype))
-  # Residuals: the inputs (no copies), and the shift and log-normaliser, two
+  # Residuals: the inputs (no copies, but the labels as int32 class ids), and the
+  # shift and log-normaliser, two
   # compute-dtype numbers per token, from which the backward rebuilds each
   # chunk's softmax as exp((z - m) - log s): exact, where exp(z - lse) is not.
   return out, (x, w, labels, where, stats)

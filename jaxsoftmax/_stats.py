@@ -227,8 +227,12 @@ def total_cotangent(g: jax.Array, block: jax.Array, axis_name: AxisName) -> jax.
   unmapped gets ``1 / n`` of its cotangent on each of the ``n`` devices): their
   cotangents are summed here, one ``psum`` of a number per slice. Under ``vmap``
   with ``axis_name`` the result of the collectives is one unbatched value, whose
-  cotangent ``vmap`` has summed over the copies already; there the backward runs
-  outside the name's scope, which is how it is told apart.
+  cotangent ``vmap`` has summed over the copies already; a backward of
+  ``jax.grad(vmap(...))`` runs outside the name's scope, which is how it is told
+  apart. (Differentiated inside the map, ``vmap(jax.grad(f), axis_name=...)``
+  or ``shard_map(jax.grad(f), check_vma=False)``, each copy's gradient is taken
+  on its own and the ``psum`` gives ``n`` times the unsharded one, as a loss
+  written with ``lax.psum`` does there.)
   """
   if axis_name is None:
     return g

@@ -220,9 +220,11 @@ def test_second_order_reverse_with_masked_classes(smoothing):
   check_grads(f, (x, y), order=2, modes=["rev"])
   # d/da of sum(d(a * loss)/dy) = sum(d loss/dy), written out: -(1 - eps) log p at
   # the kept classes, 0 at the masked ones.
-  dy_sum = jax.grad(lambda a: jnp.sum(jax.grad(lambda y: jnp.sum(a * f(x, y)))(y)))(1.0)
+  # At a = 0 too (a loss weight that starts at 0), where the labels' gradient is 0.
   logp = jnp.where(mask, x - jax.nn.logsumexp(jnp.where(mask, x, -jnp.inf), -1, keepdims=True), 0)
-  assert rel_err(dy_sum, -(1 - smoothing) * jnp.sum(logp)) <= 1e-12
+  for a0 in (1.0, 0.0):
+    dy_sum = jax.grad(lambda a: jnp.sum(jax.grad(lambda y: jnp.sum(a * f(x, y)))(y)))(a0)
+    assert rel_err(dy_sum, -(1 - smoothing) * jnp.sum(logp)) <= 1e-12, a0
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

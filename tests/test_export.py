@@ -70,6 +70,26 @@ def test_symbolic_sizes(name, spec):
     assert rel_err(exported.call(x), ref(x)) <= TOL, (b, n)
 
 
+@pytest.mark.parametrize("label_dtype", [jnp.int8, jnp.uint8, jnp.int32])
+def test_integer_labels_with_a_symbolic_class_count(label_dtype):
+  # 300 classes do not fit in 8 bits: the symbolic count must not wrap in the
+  # labels' dtype (which would make valid labels out of range, and NaN).
+  def ours(x, labels):
+    return jaxsoftmax.softmax_cross_entropy_with_integer_labels(x, labels)
+
+  b, n = export.symbolic_shape("b, n")
+  exported = export.export(jax.jit(ours), platforms=["cpu"])(
+    jax.ShapeDtypeStruct((b, n), jnp.float64), jax.ShapeDtypeStruct((b,), label_dtype)
+  )
+  x = jax.random.normal(jax.random.key(2), (4, 300), jnp.float64)
+  labels = jnp.array([5, 100, 127, 3], label_dtype)
+  want = optax.softmax_cross_entropy_with_integer_labels(x, labels.astype(jnp.int32))
+  assert rel_err(exported.call(x, labels), want) <= TOL
+  if jnp.issubdtype(label_dtype, jnp.signedinteger):
+    got = exported.call(x, labels.at[1].set(-1))
+    assert jnp.isnan(got[1]) and jnp.isfinite(got[0])
+
+
 def test_fused_loss_with_a_symbolic_token_count():
   h, v = 16, 300
   w = jax.random.normal(jax.random.key(1), (h, v), jnp.float64) / 4

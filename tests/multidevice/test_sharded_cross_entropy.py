@@ -4,7 +4,7 @@ Inside ``jax.shard_map`` with ``axis_name``, the per-example loss and the
 gradients must equal the unsharded loss on the gathered logits, special rows
 included; ordinary rows are also checked against optax in float64. Integer
 labels are global class ids (vocabulary parallelism), and the backward of the
-integer-label loss needs no collective.
+integer-label loss needs no collective under shard_map's default typing.
 """
 
 import functools
@@ -223,3 +223,36 @@ def test_gradients_without_varying_axes_typing(mode):
   np.testing.assert_allclose(dsoft[0], ref_soft[0], **TOL[jnp.float64])
   np.testing.assert_allclose(dsoft[1], ref_soft[1], **TOL[jnp.float64])
   np.testing.assert_allclose(dint, ref_int, **TOL[jnp.float64])
+
+
+def test_gradient_taken_inside_shard_map_without_typing_matches_a_psum_loss():
+  # Differentiated inside shard_map(check_vma=False), each device takes the
+  # gradient of its own copy of the loss: the same convention as a loss written
+  # with pmax / psum, which is the reference here (n times the unsharded one).
+  mesh = make_mesh((8,), ("v",))
+  x = 3.0 * jax.random.normal(jax.random.key(4), (B, N), jnp.float64)
+  labels = jnp.asarray(np.abs(LABELS) % N)
+
+  def psum_loss(x, labels):
+    m = jax.lax.pmax(jax.lax.stop_gradient(x.max(-1)), "v")
+    lse = m + jnp.log(jax.lax.psum(jnp.exp(x - m[:, None]).sum(-1), "v"))
+    lo = jax.lax.axis_index("v") * x.shape[-1]
+    own = (labels >= lo) & (labels < lo + x.shape[-1])
+    idx = jnp.clip(labels - lo, 0, x.shape[-1] - 1)[:, None]
+    x_y = jnp.where(own, jnp.take_along_axis(x, idx, -1)[:, 0], 0.0)
+    return lse - jax.lax.psum(x_y, "v")
+
+  def inside(loss):
+    grad = jax.grad(lambda x, labels: jnp.sum(loss(x, labels)))
+    return jax.jit(
+      jax.shard_map(
+        grad, mesh=mesh, in_specs=(P(None, "v"), P()), out_specs=P(None, "v"), check_vma=False
+      )
+    )
+
+  ours = inside(lambda x, labels: int_ce(x, labels, axis_name="v"))(x, labels)
+  np.testing.assert_allclose(ours, inside(psum_loss)(x, labels), **TOL[jnp.float64])
+  unsharded = jax.grad(
+    lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, labels))
+  )
+  np.testing.assert_allclose(ours, 8 * unsharded(x), **TOL[jnp.float64])
