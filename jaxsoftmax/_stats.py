@@ -7,6 +7,8 @@ when ``axis_name`` names a mesh axis that splits the softmax axis.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -151,9 +153,17 @@ def _slice_max(xm: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   reduction, not with a ``where`` on ``m`` afterwards, keeps the whole forward
   one fused kernel on XLA:CPU, and taking it before the float32 cast keeps the
   reduction on the narrow input (the max is exact in any float dtype).
+
+  XLA takes a reduction's initial value for its identity, and drops it where a
+  slice has one entry (the reduction becomes a reshape): there, and where the
+  size is symbolic, ``finfo.min`` is applied after the reduction instead.
   """
   init = jnp.array(jnp.finfo(xm.dtype).min, xm.dtype)
-  return lax.expand_dims(lax.reduce(xm, init, lax.max, axes), axes)
+  m = lax.reduce(xm, init, lax.max, axes)
+  sizes = tuple(xm.shape[a] for a in axes)
+  if not static_shape(sizes) or math.prod(sizes) == 1:
+    m = jnp.maximum(m, init)
+  return lax.expand_dims(m, axes)
 
 
 def finite_shift(m: jax.Array) -> jax.Array:

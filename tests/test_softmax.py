@@ -243,6 +243,28 @@ def test_all_neg_inf_slice_without_where(op):
   assert np.isnan(jax.nn.softmax(x[0])).all()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+@pytest.mark.parametrize("op", OPS)
+def test_all_neg_inf_slice_of_one_entry(op, dtype):
+  # A slice of one entry: XLA drops a reduction's initial value there (it takes it
+  # for the identity), so the max's finite start must not come from it alone.
+  ours, _ = OPS[op]
+  fill = 0.0 if op == "softmax" else -np.inf
+  for x, axis in [
+    (jnp.full((3, 1), -jnp.inf, dtype), -1),
+    (jnp.full((2, 1, 3), -jnp.inf, dtype), 1),
+  ]:
+    x = x.at[0].set(0.5)  # a live slice beside the empty ones
+    y, vjp = jax.vjp(lambda x, axis=axis: ours(x, axis=axis), x)
+    dx = vjp(jnp.full_like(x, 3.0))[0]
+    np.testing.assert_array_equal(y[1:], fill)
+    np.testing.assert_array_equal(dx, 0.0)  # one entry: s = 1, so dx = s (g - g s) = 0
+    np.testing.assert_array_equal(y[0], 1.0 if op == "softmax" else 0.0)
+  # The integer-label loss on one class at -inf: +inf, as on two classes at -inf.
+  ce = jaxsoftmax.softmax_cross_entropy_with_integer_labels
+  assert ce(jnp.array([[-jnp.inf]], dtype), jnp.array([0]))[0] == jnp.inf
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_neg_inf_entries_get_zero_probability(op):
   ours, naive = OPS[op]
