@@ -606,9 +606,11 @@ def _int_forward(x, labels, where, st: _Static):
     xs, m, log_d, lse = _stats(x, where, st, cdt)
     nll = log_d - (1.0 - eps) * (x_y - m)
     if eps:
+      # mean_w(x - m), each term divided by n before the sum: a sum of the terms
+      # could overflow where their mean does not (logits near float max).
       n = _num_classes(where, x.shape, st, cdt)
-      sum_w = slice_sum(masked(xs - m, where, 0.0), st.axes, st.axis_name)
-      nll = nll - eps * sum_w / jnp.maximum(n, 1)
+      scaled = masked((xs - m) * (1 / jnp.maximum(n, 1)), where, 0.0)
+      nll = nll - eps * slice_sum(scaled, st.axes, st.axis_name)
     return nll, (lse, _saved(m, log_d, lse))
 
   if st.backend == "xla" and where is None and st.axis_name is None and len(st.axes) == 1:
@@ -644,8 +646,12 @@ def _shifted_by_label(x, x_y, st: _Static, cdt, shifted_by_max):
   log_s = jnp.log(s)
   nll = log_s
   if st.label_smoothing:
+    # mean(x - x_y), not mean(x) - x_y: x - x_y is exact near x_y, where a sum of
+    # raw logits far from 0 carries their rounding (388 eps at logits near 3e4),
+    # and each term is divided by n first, so that the sum cannot overflow
+    # where the mean does not.
     n = _num_classes(None, x.shape, st, cdt)
-    nll = nll - st.label_smoothing * (jnp.sum(xs, st.axes, keepdims=True) / n - x_y)
+    nll = nll - st.label_smoothing * jnp.sum((xs - x_y) * (1 / n), st.axes, keepdims=True)
   # s >= 1 or NaN: its max is finite iff every example is.
   stats = (x_y + log_s, (x_y, log_s))  # s >= 1: never an empty slice's -1
   return lax.cond(jnp.max(s, initial=1.0) < jnp.inf, lambda: (nll, stats), shifted_by_max)

@@ -274,17 +274,24 @@ def _forward(x, w, labels, opts):
   eps = opts.label_smoothing
   k, c, r = _chunks(v, opts.chunk_size)
 
+  def finite(m):
+    # A row with no finite logit yet keeps m = -inf: shift by 0 there, not by -inf.
+    return jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
+
   def update(carry, w_c, start):
     m, s, zy, zsum = carry
     z = _matmul(x, w_c.astype(dt), ((1,), (0,)), opts.precision, cdt)
     m_new = jnp.maximum(m, jnp.max(z, axis=1))
-    # A row with no finite logit yet keeps m = -inf: shift by 0 there, not by -inf.
-    shift = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
+    shift = finite(m_new)
     s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
     cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
     zy = zy + jnp.sum(jnp.where(cols == labels[:, None], z, 0), axis=1)
     if eps:
-      zsum = zsum + jnp.sum(z, axis=1)
+      # zsum = sum(z - shift) over the columns so far, moved to the new shift:
+      # z - shift is exact near the max, where a sum of raw logits far from 0
+      # carries their rounding (300 eps at logits near 3e4).
+      seen = jnp.asarray(start, cdt)
+      zsum = zsum + seen * (finite(m) - shift) + jnp.sum(z - shift[:, None], axis=1)
     return m_new, s, zy, zsum
 
   zero = jnp.zeros((n,), cdt)
@@ -305,7 +312,7 @@ def _forward(x, w, labels, opts):
   # log s at the scale of the logits (as optax's does: 1e-3 off at logits near 3e4).
   loss = log_s - (1.0 - eps) * (zy - m)
   if eps:
-    loss = loss - eps * (zsum / v - m)
+    loss = loss - eps * (zsum / v + (finite(m) - m))  # mean(z) - m
   if opts.z_loss:
     lse = m + log_s
     loss = loss + opts.z_loss * lse * lse

@@ -86,15 +86,27 @@ def _ce64(x, t, w):
   return f(x64), jax.grad(lambda x: jnp.sum(f(x)))(x64)
 
 
-@pytest.mark.parametrize("where", [False, True], ids=["all", "where"])
-@pytest.mark.parametrize("kind", ["integer", "soft"])
-def test_cross_entropy(kind, where):
+@pytest.mark.parametrize(
+  "kind, where, smoothing",
+  [("integer", w, s) for w in (False, True) for s in (0.0, 0.1)]
+  + [("soft", False, 0.0), ("soft", True, 0.0)],
+)
+def test_cross_entropy(kind, where, smoothing):
+  # Integer labels without `where` take the CPU's label-shifted path, with it the
+  # max-shifted one; the smoothing term is a mean of the logits over the kept classes.
   x = _logits((32, 500))
   labels = jax.random.randint(jax.random.key(2), (32,), 0, 400)
   w = (jnp.arange(500) < 450)[None] if where else None
   if kind == "integer":
-    f = partial(jaxsoftmax.softmax_cross_entropy_with_integer_labels, labels=labels, where=w)
-    t = jax.nn.one_hot(labels, 500, dtype=jnp.float64)
+    f = partial(
+      jaxsoftmax.softmax_cross_entropy_with_integer_labels,
+      labels=labels,
+      where=w,
+      label_smoothing=smoothing,
+    )
+    kept = 500 if w is None else 450
+    t = (1 - smoothing) * jax.nn.one_hot(labels, 500, dtype=jnp.float64) + smoothing / kept
+    t = t if w is None else t * w
   else:
     t = jax.nn.softmax(_cotangent((32, 500)), axis=-1) * (1.0 if w is None else w)
     t = t / jnp.sum(t, axis=-1, keepdims=True)
@@ -106,7 +118,8 @@ def test_cross_entropy(kind, where):
   assert np.isfinite(float(loss))
 
 
-def test_linear_cross_entropy():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_linear_cross_entropy(smoothing):
   # z = x @ w with a constant feature whose weight lifts every logit by OFFSET.
   # x in quarters and w in 64ths: every product and partial sum is a multiple of
   # 1/256 below 2^15, exact in float32, so the float32 matmul gives the exact z
@@ -116,12 +129,13 @@ def test_linear_cross_entropy():
   x = (jax.random.randint(k[0], (n, h), -4, 5) / 4).astype(jnp.float32).at[:, 0].set(1.0)
   w = (jax.random.randint(k[1], (h, v), -64, 65) / 64).astype(jnp.float32).at[0].set(OFFSET)
   labels = jax.random.randint(k[2], (n,), 0, v)
-  kw = dict(chunk_size=128, reduction="none")
+  kw = dict(chunk_size=128, reduction="none", label_smoothing=smoothing)
   f = lambda x, w: jaxsoftmax.linear_softmax_cross_entropy(x, w, labels, **kw)  # noqa: E731
 
   def ref(x, w):
     z = jnp.dot(x, w, precision="highest")
-    return -jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), labels[:, None], -1)[:, 0]
+    t = (1 - smoothing) * jax.nn.one_hot(labels, v, dtype=z.dtype) + smoothing / v
+    return -jnp.sum(t * jax.nn.log_softmax(z, axis=-1), -1)
 
   ct = _cotangent((n,))
   loss, vjp = jax.vjp(f, x, w)
@@ -133,3 +147,19 @@ def test_linear_cross_entropy():
   # dx[:, 0] = dz @ w[0] = OFFSET * sum(dz), which cancels to 0: its float32
   # rounding is the matmul's, not the loss's. The other features are checked.
   assert rel_err(dx[:, 1:], ref_dx[:, 1:]) <= TOL
+
+
+@pytest.mark.parametrize(
+  "where", [None, jnp.ones((1, 4), bool)], ids=["label-shifted", "max-shifted"]
+)
+def test_label_smoothing_near_float_max(where):
+  # The smoothing term is a mean of x - shift: a sum of those terms would overflow
+  # (to -inf or +inf) where the mean, and the loss, do not.
+  x = jnp.array([[2e38, 2e38, 1.0, 0.0]], jnp.float32)
+  x64 = np.asarray(x, np.float64)[0]
+  lse = 2e38 + np.log(2.0)
+  want = lse - 0.9 * x64[1] - 0.1 * np.mean(x64)  # 1e37
+  got = jaxsoftmax.softmax_cross_entropy_with_integer_labels(
+    x, jnp.array([1]), where=where, label_smoothing=0.1
+  )
+  assert rel_err(got, np.array([want])) <= TOL
