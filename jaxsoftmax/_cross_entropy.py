@@ -389,7 +389,10 @@ def _soft_unguarded_first(x, y, st: _Static):
 def _add_z_loss(loss, lse, st: _Static):
   if not st.z_loss:
     return loss
-  return loss + st.z_loss * jnp.square(_finite_lse(lse))
+  lse = _finite_lse(lse)
+  # (z lse) lse: lse**2 first would overflow float32 from lse ~ 1.8e19, where the
+  # scaled term may not.
+  return loss + (st.z_loss * lse) * lse
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -163,3 +163,22 @@ def test_label_smoothing_near_float_max(where):
     x, jnp.array([1]), where=where, label_smoothing=0.1
   )
   assert rel_err(got, np.array([want])) <= TOL
+
+
+def test_z_loss_where_lse_squared_overflows():
+  # z * lse**2 = 1e-4 * (1e20)**2 = 1e36 fits in float32; lse**2 alone does not.
+  x = jnp.array([[1e20, 0.0, -1.0]], jnp.float32)
+  want = np.array([1e-4 * 1e20**2])  # lse - x_y is 0 at this scale
+  int_ce = jaxsoftmax.softmax_cross_entropy_with_integer_labels
+  got = {
+    "integer": int_ce(x, jnp.array([0]), z_loss=1e-4),
+    "soft": jaxsoftmax.softmax_cross_entropy(x, jnp.array([[1.0, 0.0, 0.0]]), z_loss=1e-4),
+    "fused": jaxsoftmax.linear_softmax_cross_entropy(
+      jnp.ones((1, 1)), x, jnp.array([0]), z_loss=1e-4, reduction="none"
+    ),
+  }
+  for name, loss in got.items():
+    assert rel_err(loss, want) <= TOL, name
+  # The gradient 2 z lse dlse/dx = 2e16 at the max.
+  dx = jax.grad(lambda x: jnp.sum(int_ce(x, jnp.array([0]), z_loss=1e-4)))(x)
+  assert rel_err(dx, np.array([[2e16, 0.0, 0.0]])) <= TOL
