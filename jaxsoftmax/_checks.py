@@ -66,6 +66,23 @@ def static_shape(shape) -> bool:
   return all(isinstance(d, int) for d in shape)
 
 
+def class_ids(labels: jax.Array, num_classes) -> tuple[jax.Array, jax.Array]:
+  """``(ids, valid)``: integer labels as int32 (int64 past int32's range) and
+  whether each lies in ``[0, num_classes)``. The range is checked before the
+  cast, in a dtype that holds both: a narrow dtype would wrap the class count
+  (int8 holds no 200), and the cast would wrap a wide label into range. A
+  symbolic class count (``jax.export``) is taken to fit in int32, as any real
+  vocabulary does. ``ids`` is only meaningful where ``valid``."""
+  static = static_shape((num_classes,))
+  idt = jnp.int32 if not static or num_classes <= jnp.iinfo(jnp.int32).max else jnp.int64
+  valid = labels >= 0
+  if not static:
+    valid = valid & (labels.astype(jnp.promote_types(labels.dtype, idt)) < num_classes)
+  elif num_classes <= jnp.iinfo(labels.dtype).max:
+    valid = valid & (labels < num_classes)
+  return labels.astype(idt), valid
+
+
 def compute_dtype(dtype) -> jnp.dtype:
   """float32 for 16-bit floats, the dtype itself otherwise."""
   dtype = jnp.dtype(dtype)

@@ -30,11 +30,11 @@ from ._checks import (
   check_axis_name,
   check_implementation,
   check_where,
+  class_ids,
   compute_dtype,
   float_input,
   float_option,
   normalize_axes,
-  static_shape,
 )
 from ._stats import (
   finite_shift,
@@ -554,21 +554,11 @@ def _label_index(labels, shape, st: _Static):
   and ``valid`` per example. An invalid label becomes 0 (never wraps into range)."""
   y = jnp.expand_dims(labels, st.axes)
   local = math.prod(shape[a] for a in st.axes)
-  total = local * st.axis_size
-  # (A symbolic class count, from jax.export, is taken to fit in int32, as any
-  # real vocabulary does; it is compared with labels widened to int32 at least,
-  # as it may not fit in theirs.)
-  static = static_shape((total,))
-  idt = jnp.int32 if not static or total <= jnp.iinfo(jnp.int32).max else jnp.int64
-  valid = y >= 0
-  if not static:
-    valid = valid & (y.astype(jnp.promote_types(y.dtype, idt)) < total)
-  elif total <= jnp.iinfo(y.dtype).max:
-    valid = valid & (y < total)
-  y = jnp.where(valid, y, jnp.zeros_like(y)).astype(idt)
+  ids, valid = class_ids(y, local * st.axis_size)
+  y = jnp.where(valid, ids, jnp.zeros_like(ids))
   if st.axis_name is not None:
     # Vocabulary parallelism: this device holds global classes [i * local, (i + 1) * local).
-    y = y - lax.axis_index(st.axis_name).astype(idt) * local
+    y = y - lax.axis_index(st.axis_name).astype(y.dtype) * local
   return y, valid
 
 
@@ -628,7 +618,7 @@ def _int_forward(x, labels, where, st: _Static):
   if where is not None:
     n = _num_classes(where, x.shape, st, cdt)
     loss = jnp.where(n > 0, loss, jnp.zeros_like(loss))
-  return loss, stats
+  return loss, stats, jnp.where(valid, y, _NO_CLASS(y.dtype))
 
 
 def _shifted_by_label(x, x_y, st: _Static, cdt, shifted_by_max):
@@ -662,22 +652,18 @@ def _shifted_by_label(x, x_y, st: _Static, cdt, shifted_by_max):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _int_ce(x, labels, where, st: _Static):
-  loss, _ = _int_forward(x, labels, where, st)
+  loss, _, _ = _int_forward(x, labels, where, st)
   return _squeeze(loss, st.axes).astype(x.dtype)
 
 
 def _int_ce_fwd(x, labels, where, st: _Static):
-  loss, stats = _int_forward(x, labels, where, st)
-  if st.axis_name is not None:
-    # The labels as this device's class indices, an invalid one as `_NO_CLASS`:
-    # taken here, since `axis_index` cannot be bound in a backward that runs
-    # outside the name's scope (`vmap` with an axis name).
-    y, valid = _label_index(labels, x.shape, st)
-    labels = _squeeze(jnp.where(valid, y, _NO_CLASS(y.dtype)), st.axes)
-  # Residuals: the logits (own dtype), the labels and mask (small), and per
-  # example the shift and log d (compute dtype, ``_saved``: an empty slice's
-  # gradient is 0).
-  return _squeeze(loss, st.axes).astype(x.dtype), (x, labels, where, stats[1])
+  loss, stats, y = _int_forward(x, labels, where, st)
+  # Residuals: the logits (own dtype), the labels as this device's class indices
+  # (int32, an invalid one as `_NO_CLASS`: the backward needs no `axis_index`,
+  # which cannot be bound where it runs outside the name's scope, under `vmap`
+  # with an axis name) and the mask (small), and per example the shift and log d
+  # (compute dtype, ``_saved``: an empty slice's gradient is 0).
+  return _squeeze(loss, st.axes).astype(x.dtype), (x, _squeeze(y, st.axes), where, stats[1])
 
 
 def _NO_CLASS(dtype):  # noqa: N802
@@ -688,16 +674,13 @@ def _NO_CLASS(dtype):  # noqa: N802
 def _int_ce_bwd(st: _Static, res, g):
   # dx = g * (p * (1 + 2 z lse) - t); no collective unless where and label_smoothing
   # (or, without varying-axes typing, the cotangent's psum: `total_cotangent`)
-  x, labels, where, stats = res
+  x, y, where, stats = res
   x = read_apart(x)
   cdt = compute_dtype(x.dtype)
   shift, log_d, live, lse0 = _unsaved(stats)
-  if st.axis_name is None:
-    y, valid = _label_index(labels, x.shape, st)
-  else:  # saved by the forward as local indices
-    y = jnp.expand_dims(labels, st.axes)
-    valid = y != _NO_CLASS(y.dtype)
-    y = jnp.where(valid, y, jnp.zeros_like(y))
+  y = jnp.expand_dims(y, st.axes)
+  valid = y != _NO_CLASS(y.dtype)
+  y = jnp.where(valid, y, jnp.zeros_like(y))
   # Per example: NaN for an invalid label, unless its cotangent is 0 (a loss
   # masked after the call, `jnp.where(mask, loss, 0)`: its gradient is 0, as in
   # optax; a constant 0, so that no derivative of this rule picks class 0 for it);

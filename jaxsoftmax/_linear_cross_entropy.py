@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checks import check_where, compute_dtype, float_input, float_option, static_shape
+from ._checks import check_where, class_ids, compute_dtype, float_input, float_option, static_shape
+from ._stats import finite_shift
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -62,16 +63,11 @@ def _check_labels(fn: str, labels: ArrayLike, shape: tuple[int, ...]) -> jax.Arr
 
 
 def _class_ids(labels: jax.Array, v: int) -> jax.Array:
-  """The labels as int32 (int64 past int32's range), with -1 for every label outside
-  ``[0, V)``. The core compares labels with a column counter in the labels' dtype;
-  in a narrow one both would wrap (int8 holds no V = 200, and a counter past 127
-  would match label 3 at column 259), so the range is checked here, in the labels'
-  own dtype, before the cast."""
-  valid = labels >= 0
-  if v <= jnp.iinfo(labels.dtype).max:
-    valid = valid & (labels < v)
-  idt = jnp.int32 if v <= jnp.iinfo(jnp.int32).max else jnp.int64
-  return jnp.where(valid, labels.astype(idt), jnp.array(-1, idt))
+  """The labels as int32 (`class_ids`), with -1 for every label outside ``[0, V)``.
+  The core compares labels with a column counter in the labels' dtype: in a
+  narrow one the counter would wrap (label 3 would match column 259)."""
+  ids, valid = class_ids(labels, v)
+  return jnp.where(valid, ids, jnp.array(-1, ids.dtype))
 
 
 def _check_options(fn, reduction, chunk_size, label_smoothing, z_loss):
@@ -274,15 +270,12 @@ def _forward(x, w, labels, opts):
   eps = opts.label_smoothing
   k, c, r = _chunks(v, opts.chunk_size)
 
-  def finite(m):
-    # A row with no finite logit yet keeps m = -inf: shift by 0 there, not by -inf.
-    return jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
-
   def update(carry, w_c, start):
     m, s, zy, zsum = carry
     z = _matmul(x, w_c.astype(dt), ((1,), (0,)), opts.precision, cdt)
     m_new = jnp.maximum(m, jnp.max(z, axis=1))
-    shift = finite(m_new)
+    # A row with no finite logit yet keeps m = -inf: shift by 0 there, not by -inf.
+    shift = finite_shift(m_new)
     s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
     cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
     zy = zy + jnp.sum(jnp.where(cols == labels[:, None], z, 0), axis=1)
@@ -291,7 +284,7 @@ def _forward(x, w, labels, opts):
       # z - shift is exact near the max, where a sum of raw logits far from 0
       # carries their rounding (300 eps at logits near 3e4).
       seen = jnp.asarray(start, cdt)
-      zsum = zsum + seen * (finite(m) - shift) + jnp.sum(z - shift[:, None], axis=1)
+      zsum = zsum + seen * (finite_shift(m) - shift) + jnp.sum(z - shift[:, None], axis=1)
     return m_new, s, zy, zsum
 
   zero = jnp.zeros((n,), cdt)
@@ -312,7 +305,7 @@ def _forward(x, w, labels, opts):
   # log s at the scale of the logits (as optax's does: 1e-3 off at logits near 3e4).
   loss = log_s - (1.0 - eps) * (zy - m)
   if eps:
-    loss = loss - eps * (zsum / v + (finite(m) - m))  # mean(z) - m
+    loss = loss - eps * (zsum / v + (finite_shift(m) - m))  # mean(z) - m
   if opts.z_loss:
     lse = m + log_s
     loss = loss + opts.z_loss * lse * lse
@@ -347,9 +340,9 @@ def _lce_fwd(x, w, labels, where, opts):
   stats, loss = _forward(x, w, labels, opts)
   out = _reduce(loss, where, opts.reduction, jnp.result_type(x.dtype, w.dtype))
   # Residuals: the inputs (no copies, but the labels as int32 class ids), and the
-  # shift and log-normaliser, two
-  # compute-dtype numbers per token, from which the backward rebuilds each
-  # chunk's softmax as exp((z - m) - log s): exact, where exp(z - lse) is not.
+  # shift and log-normaliser, two compute-dtype numbers per token, from which the
+  # backward rebuilds each chunk's softmax as exp((z - m) - log s): exact, where
+  # exp(z - lse) is not.
   return out, (x, w, labels, where, stats)
 
 
