@@ -21,9 +21,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from . import _backend
+from . import _backend, _explicit
 from ._checks import (
   Axis,
   AxisName,
@@ -317,8 +318,41 @@ def softmax_cross_entropy(
   st = _static(fn, x, axis, axis_name, label_smoothing, z_loss)
   y = _soft_labels(fn, labels, x)
   where = _where(fn, where, x.shape, st.axes)
+  lay = _explicit.layout(x)
+  if lay is not None:
+    y_dims = _explicit.trailing_dims(y.ndim, range(x.ndim))
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss, implementation=implementation)
+    return _by_block(softmax_cross_entropy, x, y, y_dims, where, axis, st, lay, options)
   st = _with_backend(fn, implementation, x, where, st, compute_dtype(jnp.result_type(x, y)))
   return _soft_ce(x, y, where, st)
+
+
+def _by_block(op, x, labels, label_dims, where, axis, st: _Static, lay, options, one_axis=False):
+  """``op`` on each device's block of an explicitly sharded ``x`` (``_explicit``):
+  the mesh axes that split the class axes become ``axis_name``, the others map
+  the examples. ``label_dims`` are the dims of ``x`` that the labels' dims line
+  up with. ``one_axis``: the loss takes ``axis_name`` with one class axis only,
+  so classes split over several axes are gathered first."""
+  split = _explicit.axis_names(lay.spec, st.axes)
+  if one_axis and split and len(st.axes) > 1:
+    spec = tuple(None if d in st.axes else e for d, e in enumerate(lay.spec))
+    x = _explicit.reshard(x, lay.mesh, P(*spec))
+    lay, split = lay._replace(spec=spec), ()
+  inner = _explicit.with_names(st.axis_name, split)
+  batch = P(*(e for d, e in enumerate(lay.spec) if d not in st.axes))
+  specs = (
+    P(*lay.spec),
+    _explicit.operand_spec(labels.shape, label_dims, lay, x.shape),
+    None if where is None else _explicit.operand_spec(where.shape, range(x.ndim), lay, x.shape),
+  )
+
+  def block(xb, yb, wb):
+    return op(xb, yb, axis=axis, where=wb, axis_name=inner, **options)
+
+  if all(e is None for e in lay.spec):  # nothing left split: one block
+    whole = (a if a is None else _explicit.reshard(a, lay.mesh, P()) for a in (x, labels, where))
+    return block(*whole)
+  return _explicit.run(block, lay, (x, labels, where), specs, batch)
 
 
 def _soft_labels(fn, labels, x):
@@ -522,6 +556,22 @@ def softmax_cross_entropy_with_integer_labels(
   st = _static(fn, x, axis, axis_name, label_smoothing, z_loss)
   labels = _int_labels(fn, labels, x, st)
   where = _where(fn, where, x.shape, st.axes)
+  lay = _explicit.layout(x)
+  if lay is not None:
+    batch_dims = tuple(d for d in range(x.ndim) if d not in st.axes)
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss, implementation=implementation)
+    return _by_block(
+      softmax_cross_entropy_with_integer_labels,
+      x,
+      labels,
+      batch_dims,
+      where,
+      axis,
+      st,
+      lay,
+      options,
+      one_axis=True,
+    )
   st = _with_backend(fn, implementation, x, where, st, compute_dtype(x.dtype))
   return _int_ce(x, labels, where, st)
 
@@ -583,7 +633,10 @@ def _label_logit(x, y, st: _Static):
     return jnp.take_along_axis(x, y, a, mode="clip")
   own = (y >= 0) & (y < x.shape[a])
   x_y = jnp.take_along_axis(x, jnp.where(own, y, 0), a, mode="clip")
-  return lax.psum(jnp.where(own, x_y, 0), st.axis_name)
+  # Summed in the compute dtype (exact either way: one term is not 0). A bfloat16
+  # all-reduce inside a shard_map that leaves a mesh axis to the partitioner
+  # aborted XLA:CPU (jax 0.10.2: "Invalid binary instruction opcode copy").
+  return lax.psum(jnp.where(own, x_y, 0).astype(compute_dtype(x.dtype)), st.axis_name)
 
 
 def _int_forward(x, labels, where, st: _Static):

@@ -17,10 +17,12 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from . import _explicit
 from ._checks import check_where, class_ids, compute_dtype, float_input, float_option, static_shape
-from ._stats import finite_shift
+from ._stats import finite_shift, varying_axes
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -179,6 +181,11 @@ def linear_softmax_cross_entropy(
   chunk_size, label_smoothing, z_loss = _check_options(
     fn, reduction, chunk_size, label_smoothing, z_loss
   )
+  if _explicit.layout(x) is not None or _explicit.layout(w) is not None:
+    options = dict(
+      chunk_size=chunk_size, label_smoothing=label_smoothing, z_loss=z_loss, precision=precision
+    )
+    return _by_block(x, w, labels, where, reduction, options)
   h, v = w.shape
   n = labels.size
   if not static_shape(w.shape):
@@ -200,6 +207,43 @@ def linear_softmax_cross_entropy(
   opts = _Options(reduction, chunk_size, label_smoothing, z_loss, precision)
   loss = _lce(x.reshape(n, h), w, _class_ids(labels, v).reshape(n), where, opts)
   return loss.reshape(batch) if reduction == "none" else loss
+
+
+def _by_block(x, w, labels, where, reduction, options):
+  """The loss of an explicitly sharded ``x`` or ``w`` (``_explicit``), on each
+  device's block of tokens. H is gathered whole on every device, and so is ``w``
+  (the fused loss has no vocabulary split: a ``w`` split over V costs an
+  all-gather of it). A reduced loss sums each block in its core, in the compute
+  dtype, and then adds the blocks' sums."""
+  mesh = (_explicit.layout(x) or _explicit.layout(w)).mesh
+  lay = _explicit.layout(x)
+  rows = (None,) * (x.ndim - 1) if lay is None else lay.spec[:-1]  # H: whole
+  x = _explicit.reshard(x, mesh, P(*rows, None))
+  w = _explicit.reshard(w, mesh, P())
+  names = _explicit.axis_names(rows, range(len(rows)))
+  if not names:  # only w or H was split: one block
+    labels, where = (a if a is None else _explicit.reshard(a, mesh, P()) for a in (labels, where))
+    return linear_softmax_cross_entropy(x, w, labels, where=where, reduction=reduction, **options)
+  tokens = _explicit.Layout(mesh, rows)
+  wspec = None
+  if where is not None:
+    wspec = _explicit.operand_spec(where.shape, range(len(rows)), tokens, x.shape[:-1])
+  specs = (P(*rows, None), P(), P(*rows), wspec)
+
+  def block(xb, wb, lb, mb):
+    inner = "none" if reduction == "none" else "sum"
+    loss = linear_softmax_cross_entropy(xb, wb, lb, where=mb, reduction=inner, **options)
+    return loss if reduction == "none" else loss.reshape(1)
+
+  if reduction == "none":
+    return _explicit.run(block, tokens, (x, w, labels, where), specs, P(*rows))
+  parts = _explicit.run(block, tokens, (x, w, labels, where), specs, P(names))
+  dt = jnp.result_type(x.dtype, w.dtype)
+  total = jnp.sum(parts.astype(compute_dtype(dt)))
+  if reduction == "mean":
+    count = labels.size if where is None else jnp.sum(jnp.broadcast_to(where, labels.shape))
+    total = total / jnp.maximum(count, 1).astype(total.dtype)
+  return total.astype(dt)
 
 
 class _Options(tuple):
@@ -287,8 +331,8 @@ def _forward(x, w, labels, opts):
       zsum = zsum + seen * (finite_shift(m) - shift) + jnp.sum(z - shift[:, None], axis=1)
     return m_new, s, zy, zsum
 
-  zero = jnp.zeros((n,), cdt)
-  carry = (jnp.full((n,), -jnp.inf, cdt), zero, zero, zero)
+  zero = _start((n,), 0, cdt, x, w, labels)
+  carry = (_start((n,), -jnp.inf, cdt, x, w, labels), zero, zero, zero)
   if k:
 
     def body(i, carry):
@@ -311,6 +355,15 @@ def _forward(x, w, labels, opts):
     loss = loss + opts.z_loss * lse * lse
   valid = (labels >= 0) & (labels < v)
   return (m, log_s), jnp.where(valid, loss, jnp.nan)
+
+
+def _start(shape, value, dtype, *inputs):
+  """A loop's first carry, ``full(shape, value)``, typed as varying over the mesh
+  axes that ``inputs`` vary over inside a ``shard_map``, as the loop body's
+  results are (the loop refuses a carry whose type changes)."""
+  start = _explicit.full(shape, value, dtype, *inputs)
+  axes = tuple(sorted(frozenset().union(*map(varying_axes, inputs))))
+  return lax.pcast(start, axes, to="varying") if axes else start
 
 
 def _reduce(loss, where, reduction, out_dtype):
@@ -398,8 +451,8 @@ def _lce_bwd(opts, res, g):
     dw_c = _matmul(xd, dz, ((0,), (0,)), opts.precision, cdt)
     return dx, _to_storage(dw_c.astype(w.dtype))
 
-  dx = jnp.zeros((n, h), cdt)
-  dw = _to_storage(jnp.zeros((h, v), w.dtype))
+  dx = _start((n, h), 0, cdt, xd, w, labels, g)
+  dw = _to_storage(_start((h, v), 0, w.dtype, xd, w, labels, g))
   if k:
 
     def body(i, carry):
@@ -412,7 +465,21 @@ def _lce_bwd(opts, res, g):
   if r:
     dx, dw_c = chunk_grads(dx, w[:, k * c :], k * c)
     dw = lax.dynamic_update_slice_in_dim(dw, dw_c, k * c, axis=1)
-  return dx.astype(x.dtype), _from_storage(dw, w.dtype), None, None
+  dx, dw = dx.astype(x.dtype), _from_storage(dw, w.dtype)
+  return _summed_like(dx, x), _summed_like(dw, w), None, None
+
+
+def _summed_like(ct, primal):
+  """``ct`` summed over the mesh axes it varies over and ``primal`` does not
+  (inside a ``shard_map``): ``dw`` from each device's tokens, for a ``w`` that is
+  the same on every device, is the sum of the devices' parts."""
+  extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
+  if not extra:
+    return ct
+  # Summed in the compute dtype: more exact for 16-bit parts, and a bfloat16
+  # all-reduce in a shard_map that leaves a mesh axis to the partitioner aborted
+  # XLA:CPU (jax 0.10.2: "Invalid binary instruction opcode copy").
+  return lax.psum(ct.astype(compute_dtype(ct.dtype)), extra).astype(ct.dtype)
 
 
 _lce.defvjp(_lce_fwd, _lce_bwd)

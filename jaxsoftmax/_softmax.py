@@ -5,9 +5,10 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from . import _backend
+from . import _backend, _explicit
 from ._checks import (
   Axis,
   AxisName,
@@ -85,7 +86,25 @@ def softmax(
   x, where, axes, axis_name, backend = _prepare(
     "softmax", x, axis, where, axis_name, implementation
   )
+  lay = _explicit.layout(x)
+  if lay is not None:
+    return _by_block(softmax, x, where, axes, lay, axis_name, implementation)
   return _softmax(x, where, axes, axis_name, backend)
+
+
+def _by_block(op, x, where, axes, lay, axis_name, implementation):
+  """``op`` on each device's block of an explicitly sharded ``x`` (``_explicit``);
+  the mesh axes that split ``axes`` become ``axis_name``."""
+  inner = _explicit.with_names(axis_name, _explicit.axis_names(lay.spec, axes))
+  spec = P(*lay.spec)
+  wspec = None
+  if where is not None:
+    wspec = _explicit.operand_spec(where.shape, range(x.ndim), lay, x.shape)
+
+  def block(xb, wb):
+    return op(xb, axes, wb, axis_name=inner, implementation=implementation)
+
+  return _explicit.run(block, lay, (x, where), (spec, wspec), spec)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -149,6 +168,9 @@ def log_softmax(
   x, where, axes, axis_name, backend = _prepare(
     "log_softmax", x, axis, where, axis_name, implementation
   )
+  lay = _explicit.layout(x)
+  if lay is not None:
+    return _by_block(log_softmax, x, where, axes, lay, axis_name, implementation)
   return _log_softmax(x, where, axes, axis_name, backend, False)[0]
 
 

@@ -203,8 +203,11 @@ def _combine_across(
   ``m`` and ``d`` alone, such as a loss, can leave with ``out_specs`` that do
   not name ``axis_name``.
   """
-  gathered = _all_gather(jnp.stack([m_local, d_local]), axis_name)
-  m_all, d_all = gathered[:, 0], gathered[:, 1]
+  # The pair on a new last dim: stacked in front, under vmap over a dim split by
+  # an explicit mesh axis the gathered pairs came back typed as split along the
+  # pair's dim (jax 0.10.2), and taking m and d apart failed.
+  gathered = _all_gather(jnp.stack([m_local, d_local], axis=-1), axis_name)
+  m_all, d_all = gathered[..., 0], gathered[..., 1]
   m = finite_shift(jnp.max(m_all, axis=0))
   d = jnp.sum(d_all * jnp.exp(m_all - m), axis=0)
   return m, d, jnp.exp(m_local - m)
@@ -219,7 +222,7 @@ def _all_gather(v: jax.Array, axis_name: AxisName) -> jax.Array:
   invariant form is not available there.
   """
   names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
-  if names <= _varying_axes(v):
+  if names <= varying_axes(v):
     return lax.all_gather(v, axis_name, to="invarying")
   return lax.all_gather(v, axis_name)
 
@@ -247,10 +250,12 @@ def total_cotangent(g: jax.Array, block: jax.Array, axis_name: AxisName) -> jax.
   if axis_name is None:
     return g
   names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  untyped = tuple(a for a in names if a not in _varying_axes(block))
+  untyped = tuple(a for a in names if a not in varying_axes(block))
   if not untyped or not _bound(untyped):
     return g
-  return lax.psum(g, untyped)
+  # In the compute dtype: a bfloat16 all-reduce in a shard_map that leaves a
+  # mesh axis to the partitioner aborted XLA:CPU (jax 0.10.2).
+  return lax.psum(g.astype(compute_dtype(g.dtype)), untyped).astype(g.dtype)
 
 
 def _bound(axis_name: AxisName) -> bool:
@@ -262,7 +267,7 @@ def _bound(axis_name: AxisName) -> bool:
   return True
 
 
-def _varying_axes(v: jax.Array) -> frozenset[str]:
+def varying_axes(v: jax.Array) -> frozenset[str]:
   """The manual mesh axes along which ``v`` is typed varying (empty outside shard_map)."""
   aval = jax.typeof(v)
   manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10

@@ -141,6 +141,29 @@ def test_integer_label_backward_has_no_collective():
   assert not any(bwd.values()), bwd
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+def test_16_bit_losses_in_a_shard_map_over_the_class_axis_only(dtype):
+  # shard_map over "v" alone leaves "b" to the partitioner; a 16-bit all-reduce
+  # there aborted XLA:CPU, so the collectives run in float32.
+  mesh = make_mesh((2, 4), ("b", "v"))
+  x, _, _ = inputs(jnp.float64)
+  x = jnp.where(jnp.isfinite(x), x, -30.0).astype(dtype).astype(jnp.float64)  # as rounded
+  labels = jnp.asarray(np.abs(LABELS) % N)
+  expected = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels).sum())(x)
+  f = jax.shard_map(
+    lambda x, y: int_ce(x, y, axis_name="v"),
+    mesh=mesh,
+    in_specs=(P(None, "v"), P()),
+    out_specs=P(),
+    axis_names={"v"},
+  )
+  xs = jax.device_put(x.astype(dtype), jax.NamedSharding(mesh, P(None, "v")))
+  loss, g = jax.jit(jax.value_and_grad(lambda x: f(x, labels).astype(jnp.float32).sum()))(xs)
+  ref = optax.softmax_cross_entropy_with_integer_labels(x, labels).sum()
+  np.testing.assert_allclose(loss, ref, rtol=2e-2)
+  np.testing.assert_allclose(np.asarray(g, np.float64), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_loss_leaves_shard_map_without_the_class_axis():
   # The loss is typed invariant along axis_name, so out_specs may omit it, and it
   # is the same on every device of the class axis.

@@ -171,7 +171,7 @@ def test_shard_map_forward_has_one_collective_and_backward_one():
     fwd = collectives(jax.jit(f).lower(x).compile().as_text())
     assert {k: len(v) for k, v in fwd.items() if v} == {"all-gather": 1}
     # The gathered pair is tiny: (devices, 2, local rows, 1), never the class axis.
-    assert dims(fwd["all-gather"][0]) == [4, 2, B // 2, 1]
+    assert dims(fwd["all-gather"][0]) == [4, B // 2, 1, 2]
     _, vjp = jax.vjp(jax.jit(f), x)
     bwd = collectives(jax.jit(vjp).lower(g).compile().as_text())
     assert {k: len(v) for k, v in bwd.items() if v} == {"all-reduce": 1}
