@@ -184,6 +184,9 @@ def dot_product_attention(
         f"{_FN}: `bias` with shape {bias.shape} does not broadcast to the scores' shape "
         f"[batch..., heads, q_len, kv_len] = {scores_shape}."
       )
+    # At the scores' rank first: jax_numpy_rank_promotion="raise" refuses an
+    # implicit broadcast across ranks.
+    bias = bias.reshape((1,) * (len(scores_shape) - bias.ndim) + bias.shape)
     scores = scores + bias.astype(cdt)
 
   where = _combined_mask(mask, is_causal, q_lengths, kv_lengths, scores_shape)
@@ -212,7 +215,8 @@ def _combined_mask(mask, is_causal, q_lengths, kv_lengths, shape) -> jax.Array |
     parts.append(check_where(_FN, mask, shape, name="mask", target="the scores' shape"))
   q_len, kv_len = shape[-2:]
   if is_causal:
-    parts.append(jnp.tril(jnp.ones((q_len, kv_len), jnp.bool_)))
+    causal = jnp.tril(jnp.ones((q_len, kv_len), jnp.bool_))
+    parts.append(causal.reshape((1,) * (len(shape) - 2) + causal.shape))
   for name, lengths, n, expand in (
     ("query_seq_lengths", q_lengths, q_len, lambda m: m[:, None, :, None]),
     ("key_value_seq_lengths", kv_lengths, kv_len, lambda m: m[:, None, None, :]),

@@ -836,7 +836,9 @@ def _put_at_label(dx, y, a, v, scatter):
     jnp.stack(idx, -1),
     jnp.broadcast_to(v, bshape),
     dnums,
-    indices_are_sorted=True,
+    # Row-major index tuples with the label last are in lexicographic order;
+    # with a class axis before other axes they are not (the label varies first).
+    indices_are_sorted=a == dx.ndim - 1,
     unique_indices=True,
     mode=lax.GatherScatterMode.FILL_OR_DROP,
   )

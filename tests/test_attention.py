@@ -179,6 +179,25 @@ def test_causal_combines_with_mask():
   )
 
 
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(mask=_partial_mask(5, (2, 1, 5, 5)), is_causal=True),  # a mask of full rank + causal
+    dict(bias=_normal(18, (5, 5), F64)),  # a bias of lower rank than the scores
+    dict(bias=_normal(19, (3, 5, 5), F64), is_causal=True),
+  ],
+  ids=["mask+causal", "bias [T, S]", "bias [H, T, S]+causal"],
+)
+def test_broadcasts_without_rank_promotion(kw):
+  # jax_numpy_rank_promotion="raise" refuses implicit broadcasts across ranks;
+  # jax.nn's attention accepts these calls under it, and so must ours.
+  q, k, v = _qkv(20, q_len=5, kv_len=5)
+  with jax.numpy_rank_promotion("raise"):
+    out = _call(jaxsoftmax.dot_product_attention, q, k, v, **kw)
+    ref = _call(jax.nn.dot_product_attention, q, k, v, **kw)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_grouped_query_attention_matches_jax_nn():
   q, k, v = _qkv(15, heads=4, kv_heads=2)
   mask = _partial_mask(4, (2, 4, 5, 6))

@@ -131,6 +131,32 @@ def test_integer_labels_match_optax_and_naive(shape, axis):
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_label_scatter_claims_sorted_indices_only_when_they_are(axis, dtype):
+  # The backward puts each example's label term with one scatter. Its index
+  # tuples run row-major, so they are in lexicographic order only with the
+  # class axis last; a backend may rely on the claim (jax: otherwise undefined).
+  shape = (3, 4, 5)
+  labels = _int_labels(6, shape, axis) % shape[axis]
+  x = jnp.zeros(shape, dtype)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x: int_ce(x, labels, axis=axis).sum()))(x)
+  assert _scatter_claims(jaxpr.jaxpr) == [axis == len(shape) - 1]
+
+
+def _scatter_claims(jaxpr) -> list[bool]:
+  """``indices_are_sorted`` of every scatter in ``jaxpr``, nested jaxprs included."""
+  found = []
+  for e in jaxpr.eqns:
+    if e.primitive.name.startswith("scatter"):
+      found.append(e.params["indices_are_sorted"])
+    for p in e.params.values():
+      inner = getattr(p, "jaxpr", p)  # a ClosedJaxpr or a Jaxpr
+      if hasattr(inner, "eqns"):
+        found += _scatter_claims(inner)
+  return found
+
+
 def test_eager_calls_and_axis_none():
   # Eagerly (no jit): the public functions as most users first call them.
   x, y = _normal(6, (3, 4)), _probs(7, (3, 4), (0, 1))
