@@ -6,11 +6,14 @@ names the offending argument, its shape or dtype, and what was expected.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 Axis = int | Sequence[int] | None
@@ -185,3 +188,45 @@ def check_implementation(fn: str, implementation: str | None) -> str | None:
       f"{fn}: `implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
     )
   return implementation
+
+
+def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
+  """Decorator: a call outside any trace runs through one cached ``jax.jit`` of the
+  function, with the arguments named in ``static`` static.
+
+  The losses build a ``lax.cond`` or a loop from closures made at each call. Run
+  op by op, each call would then trace and compile them again (about 0.1 s a
+  call on a CPU); jitted, the second call with the same shapes and options
+  compiles nothing. Taken only when every other argument is a concrete array or
+  None and the static ones are hashable; otherwise (a tracer, a list, a Python
+  scalar) the function runs as it is, and its own checks name what is wrong.
+  """
+
+  def wrap(fn: Callable) -> Callable:
+    signature = inspect.signature(fn)
+    jitted = jax.jit(fn, static_argnames=static)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      bound = signature.bind(*args, **kwargs)
+      if all(
+        _concrete(v) if name not in static else _hashable(v) for name, v in bound.arguments.items()
+      ):
+        return jitted(*args, **kwargs)
+      return fn(*args, **kwargs)
+
+    return call
+
+  return wrap
+
+
+def _concrete(v) -> bool:
+  return v is None or (isinstance(v, jax.Array | np.ndarray) and not isinstance(v, jax.core.Tracer))
+
+
+def _hashable(v) -> bool:
+  try:
+    hash(v)
+  except TypeError:
+    return False
+  return True

@@ -32,6 +32,7 @@ from ._checks import (
   check_implementation,
   check_where,
   class_ids,
+  compiled_when_eager,
   compute_dtype,
   float_input,
   float_option,
@@ -241,6 +242,7 @@ def _squeeze(v, axes):
 # --- Soft labels ---------------------------------------------------------------------
 
 
+@compiled_when_eager("axis", "label_smoothing", "z_loss", "axis_name", "implementation")
 def softmax_cross_entropy(
   logits: ArrayLike,
   labels: ArrayLike,
@@ -482,6 +484,7 @@ def _sum_to_shape(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 # --- Integer labels ------------------------------------------------------------------
 
 
+@compiled_when_eager("axis", "label_smoothing", "z_loss", "axis_name", "implementation")
 def softmax_cross_entropy_with_integer_labels(
   logits: ArrayLike,
   labels: ArrayLike,

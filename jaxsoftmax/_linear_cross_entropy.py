@@ -21,7 +21,15 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from . import _explicit
-from ._checks import check_where, class_ids, compute_dtype, float_input, float_option, static_shape
+from ._checks import (
+  check_where,
+  class_ids,
+  compiled_when_eager,
+  compute_dtype,
+  float_input,
+  float_option,
+  static_shape,
+)
 from ._stats import finite_shift, varying_axes
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -89,6 +97,7 @@ def _check_options(fn, reduction, chunk_size, label_smoothing, z_loss):
   return chunk_size, label_smoothing, z_loss
 
 
+@compiled_when_eager("reduction", "chunk_size", "label_smoothing", "z_loss", "precision")
 def linear_softmax_cross_entropy(
   x: ArrayLike,
   w: ArrayLike,

@@ -171,6 +171,28 @@ def test_eager_calls_and_axis_none():
   )
 
 
+def test_repeated_eager_calls_compile_nothing(caplog):
+  # Run op by op, the losses' conditionals and loops were traced and compiled
+  # anew at every call (0.1 s each); eager calls now share one cached jit.
+  x, labels = _normal(30, (8, 10)), jnp.arange(8) % 10
+  h, w = _normal(31, (8, 6)), _normal(32, (6, 10))
+  calls = {
+    "integer labels": lambda: int_ce(x, labels, label_smoothing=0.1),
+    "soft labels": lambda: soft_ce(x, jax.nn.one_hot(labels, 10, dtype=x.dtype)),
+    "fused": lambda: jaxsoftmax.linear_softmax_cross_entropy(h, w, labels),
+  }
+  for name, f in calls.items():
+    first = f()
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+      again = f()
+    compiled = [m for m in caplog.messages if "Finished XLA compilation" in m]
+    assert not compiled, (name, compiled)
+    np.testing.assert_array_equal(again, first)
+  # A value the eager path cannot take static still runs, unjitted: a list axis.
+  np.testing.assert_allclose(int_ce(x, labels, axis=[1]), int_ce(x, labels), rtol=1e-15)
+
+
 def test_labels_broadcast_and_unnormalised_labels_match_optax():
   x = _normal(8, (4, 6))
   g = _normal(10, (4,), scale=1.0)
