@@ -674,7 +674,17 @@ def _int_forward(x, labels, where, st: _Static):
   if where is not None:
     n = _num_classes(where, x.shape, st, cdt)
     loss = jnp.where(n > 0, loss, jnp.zeros_like(loss))
+    # An example that `where` leaves no class is marked for the backward, which
+    # gives it a zero gradient whatever its label (padding); one whose kept
+    # classes are all -inf is only empty, as without `where`.
+    lse, (shift, log_d) = stats
+    stats = (lse, (shift, jnp.where(n > 0, log_d, _NOTHING_KEPT)))
   return loss, stats, jnp.where(valid, y, _NO_CLASS(y.dtype))
+
+
+# The saved log d of an example that `where` leaves no class (an empty slice has
+# -1, ``_saved``; a live one log d >= 0).
+_NOTHING_KEPT = -2.0
 
 
 def _shifted_by_label(x, x_y, st: _Static, cdt, shifted_by_max):
@@ -740,13 +750,13 @@ def _int_ce_bwd(st: _Static, res, g):
   # Per example: NaN for an invalid label, unless its cotangent is 0 (a loss
   # masked after the call, `jnp.where(mask, loss, 0)`: its gradient is 0, as in
   # optax; a constant 0, so that no derivative of this rule picks class 0 for it);
-  # 0 for one that `where` leaves empty (padding, whatever its label). Selects on
-  # per-example values only: they fuse into the one pass over x, where a
+  # 0 for one that `where` leaves no class (padding, whatever its label). Selects
+  # on per-example values only: they fuse into the one pass over x, where a
   # full-size select would not.
   g = jnp.expand_dims(total_cotangent(g, x, st.axis_name).astype(cdt), st.axes)
   g = jnp.where(valid, g, jnp.where(g == 0, 0.0, jnp.nan).astype(g.dtype))
   if where is not None:
-    g = jnp.where(live, g, 0.0)
+    g = jnp.where(log_d != _NOTHING_KEPT, g, 0.0)
   # An empty slice (lse = -inf) gets p = 0 (`_log_probs`), and `0 * g` elsewhere
   # (0, or NaN for an invalid label, as its loss is).
   eps, z = st.label_smoothing, st.z_loss

@@ -171,6 +171,25 @@ def test_eager_calls_and_axis_none():
   )
 
 
+@pytest.mark.parametrize("where", [None, "full", "per example"])
+def test_invalid_label_on_an_empty_example_is_nan_with_or_without_where(where):
+  # All -inf logits and an out-of-range label: loss NaN and gradient NaN, as its
+  # loss, whether or not a `where` that keeps every class is passed. A padding
+  # example (where keeps nothing) stays 0 with a zero gradient, whatever its label.
+  x = jnp.array([[-jnp.inf] * 3, [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+  labels = jnp.array([5, 0, -100])
+  keep = jnp.array([True, True, False])
+  w = {None: None, "full": jnp.broadcast_to(keep[:, None], (3, 3)), "per example": keep}[where]
+  if where is None:
+    labels = labels.at[2].set(1)
+  loss, vjp = jax.vjp(lambda v: int_ce(v, labels, where=w), x)
+  (dx,) = vjp(jnp.ones(3))
+  assert np.isnan(loss[0]) and np.isnan(dx[0]).all()
+  np.testing.assert_allclose(dx[1], jax.nn.softmax(x[1]) - jnp.eye(3)[0], rtol=1e-14)
+  if where is not None:
+    assert loss[2] == 0.0 and (dx[2] == 0.0).all()
+
+
 def test_repeated_eager_calls_compile_nothing(caplog):
   # Run op by op, the losses' conditionals and loops were traced and compiled
   # anew at every call (0.1 s each); eager calls now share one cached jit.
