@@ -466,6 +466,8 @@ def _soft_ce_bwd(st: _Static, res, g):
   # respect to g is -(1 - eps) l.
   l0 = jnp.where((g == 0) & ~jnp.isfinite(l), jnp.zeros_like(l), masked(l, where, 0.0))
   dy = masked(-(1.0 - st.label_smoothing) * g * l0, where, 0.0)
+  if st.label_smoothing == 1:  # the loss does not depend on y (0 * -inf would be NaN)
+    dy = jnp.zeros_like(dy)
   return dx.astype(x.dtype), _sum_to_shape(dy, y.shape).astype(y.dtype), None
 
 
@@ -653,7 +655,8 @@ def _int_forward(x, labels, where, st: _Static):
   def shifted_by_max():
     # nll = log d - (1 - eps) (x_y - m) - eps / n * sum_w (x - m)
     xs, m, log_d, lse = _stats(x, where, st, cdt)
-    nll = log_d - (1.0 - eps) * (x_y - m)
+    # (With eps = 1 the label's term is gone, not 0 * (x_y - m): NaN at x_y = -inf.)
+    nll = log_d - (1.0 - eps) * (x_y - m) if eps < 1 else log_d
     if eps:
       # mean_w(x - m), each term divided by n before the sum: a sum of the terms
       # could overflow where their mean does not (logits near float max).

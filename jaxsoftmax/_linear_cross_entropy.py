@@ -356,7 +356,7 @@ def _forward(x, w, labels, opts):
   # lse - (1 - eps) zy - eps / V sum(z), with the shift m taken out of each term
   # first: zy - m is exact, where lse - zy would carry the rounding of lse = m +
   # log s at the scale of the logits (as optax's does: 1e-3 off at logits near 3e4).
-  loss = log_s - (1.0 - eps) * (zy - m)
+  loss = log_s - (1.0 - eps) * (zy - m) if eps < 1 else log_s  # eps = 1: no 0 * -inf
   if eps:
     loss = loss - eps * (zsum / v + (finite_shift(m) - m))  # mean(z) - m
   if opts.z_loss:

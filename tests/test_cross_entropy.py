@@ -190,6 +190,32 @@ def test_invalid_label_on_an_empty_example_is_nan_with_or_without_where(where):
     assert loss[2] == 0.0 and (dx[2] == 0.0).all()
 
 
+def test_full_label_smoothing_at_a_minus_inf_logit():
+  # eps = 1: the target is uniform over the kept classes and the label drops out;
+  # no 0 * (-inf) from the label's own (vanished) term.
+  x = jnp.array([[1.0, 2.0, -jnp.inf]])
+  # A kept -inf logit: -mean(log_softmax(x)) = +inf, at the label or not.
+  for label in (2, 0):
+    assert int_ce(x, jnp.array([label]), label_smoothing=1.0)[0] == jnp.inf
+  # The label on a class that `where` masks: -mean over the kept classes.
+  w = jnp.array([[True, True, False]])
+  expected = -jnp.mean(jax.nn.log_softmax(x[:, :2]))
+  got = int_ce(x, jnp.array([2]), where=w, label_smoothing=1.0)
+  np.testing.assert_allclose(got[0], expected, rtol=1e-14)
+  # Soft labels: the loss does not depend on them, so their gradient is exactly 0.
+  y = jnp.array([[0.2, 0.3, 0.5]])
+  dy = jax.grad(lambda y: soft_ce(x, y, label_smoothing=1.0).sum())(y)
+  np.testing.assert_array_equal(dy, jnp.zeros_like(y))
+  # The fused loss: a column of w that makes the label's logit -inf.
+  h = jnp.ones((1, 2))
+  wm = jnp.array([[0.5, -1.0, -jnp.inf], [0.25, 1.0, -jnp.inf]])
+  lce = jaxsoftmax.linear_softmax_cross_entropy
+  assert lce(h, wm, jnp.array([2]), label_smoothing=1.0, reduction="none")[0] == jnp.inf
+  z = h @ wm[:, :2]
+  got = lce(h, wm[:, :2], jnp.array([1]), label_smoothing=1.0, reduction="none")
+  np.testing.assert_allclose(got[0], -jnp.mean(jax.nn.log_softmax(z)), rtol=1e-14)
+
+
 def test_repeated_eager_calls_compile_nothing(caplog):
   # Run op by op, the losses' conditionals and loops were traced and compiled
   # anew at every call (0.1 s each); eager calls now share one cached jit.
