@@ -43,6 +43,7 @@ from ._stats import (
   log_normalizer,
   masked,
   per_slice,
+  psum_wide,
   read_apart,
   slice_stats,
   slice_sum,
@@ -322,7 +323,7 @@ def softmax_cross_entropy(
   where = _where(fn, where, x.shape, st.axes)
   lay = _explicit.layout(x)
   if lay is not None:
-    y_dims = _explicit.trailing_dims(y.ndim, range(x.ndim))
+    y_dims = range(x.ndim - y.ndim, x.ndim)  # labels broadcast right-aligned
     options = dict(label_smoothing=label_smoothing, z_loss=z_loss, implementation=implementation)
     return _by_block(softmax_cross_entropy, x, y, y_dims, where, axis, st, lay, options)
   st = _with_backend(fn, implementation, x, where, st, compute_dtype(jnp.result_type(x, y)))
@@ -638,10 +639,8 @@ def _label_logit(x, y, st: _Static):
     return jnp.take_along_axis(x, y, a, mode="clip")
   own = (y >= 0) & (y < x.shape[a])
   x_y = jnp.take_along_axis(x, jnp.where(own, y, 0), a, mode="clip")
-  # Summed in the compute dtype (exact either way: one term is not 0). A bfloat16
-  # all-reduce inside a shard_map that leaves a mesh axis to the partitioner
-  # aborted XLA:CPU (jax 0.10.2: "Invalid binary instruction opcode copy").
-  return lax.psum(jnp.where(own, x_y, 0).astype(compute_dtype(x.dtype)), st.axis_name)
+  # (Returned in the compute dtype; exact either way: one term is not 0.)
+  return psum_wide(jnp.where(own, x_y, 0), st.axis_name)
 
 
 def _int_forward(x, labels, where, st: _Static):
@@ -675,13 +674,13 @@ def _int_forward(x, labels, where, st: _Static):
     nll, stats = shifted_by_max()
   loss = jnp.where(valid, _add_z_loss(nll, stats[0], st), jnp.nan)
   if where is not None:
-    n = _num_classes(where, x.shape, st, cdt)
-    loss = jnp.where(n > 0, loss, jnp.zeros_like(loss))
+    kept = _num_classes(where, x.shape, st, cdt) > 0
+    loss = jnp.where(kept, loss, jnp.zeros_like(loss))
     # An example that `where` leaves no class is marked for the backward, which
     # gives it a zero gradient whatever its label (padding); one whose kept
     # classes are all -inf is only empty, as without `where`.
     lse, (shift, log_d) = stats
-    stats = (lse, (shift, jnp.where(n > 0, log_d, _NOTHING_KEPT)))
+    stats = (lse, (shift, jnp.where(kept, log_d, _NOTHING_KEPT)))
   return loss, stats, jnp.where(valid, y, _NO_CLASS(y.dtype))
 
 

@@ -32,16 +32,22 @@ class Layout(NamedTuple):
   spec: tuple
 
 
+def _explicit_mesh(v):
+  """The mesh in ``v``'s type, if it has explicit axes; else None."""
+  mesh = getattr(getattr(jax.typeof(v), "sharding", None), "mesh", None)
+  if mesh is None or mesh.empty or not mesh.explicit_axes:
+    return None
+  return mesh
+
+
 def layout(v) -> Layout | None:
   """``v``'s explicit layout, or None when no explicit mesh axis splits it (no
   mesh, Auto axes, replicated, or inside a ``shard_map`` over those axes)."""
-  sharding = getattr(jax.typeof(v), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or mesh.empty:
+  mesh = _explicit_mesh(v)
+  if mesh is None:
     return None
   explicit = set(mesh.explicit_axes)
-  if not explicit:
-    return None
+  sharding = jax.typeof(v).sharding
   spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
   spec = tuple(_keep(entry, explicit) for entry in spec)
   if all(entry is None for entry in spec):
@@ -83,13 +89,6 @@ def operand_spec(shape: Sequence[int], dims: Sequence[int], lay: Layout, x_shape
   return P(*(lay.spec[d] if n == x_shape[d] else None for n, d in zip(shape, dims, strict=True)))
 
 
-def trailing_dims(ndim: int, of: Sequence[int]) -> tuple[int, ...]:
-  """The last ``ndim`` of the dims ``of``: where a right-aligned broadcast puts an
-  operand of ``ndim`` dims."""
-  of = tuple(of)
-  return of[len(of) - ndim :] if ndim else ()
-
-
 def reshard(v, mesh, spec: P):
   """``v`` laid out as ``spec`` on ``mesh`` (with or without a mesh in context)."""
   return jax.sharding.reshard(v, NamedSharding(mesh, spec))
@@ -102,8 +101,8 @@ def full(shape, value, dtype, *like):
   refuses to mix it with the inputs in a loop carry or an update."""
   if jax.sharding.get_abstract_mesh().empty:
     for v in like:
-      mesh = getattr(getattr(jax.typeof(v), "sharding", None), "mesh", None)
-      if mesh is not None and not mesh.empty and mesh.explicit_axes:
+      mesh = _explicit_mesh(v)
+      if mesh is not None:
         return jnp.full(shape, value, dtype, out_sharding=NamedSharding(mesh, P()))
   return jnp.full(shape, value, dtype)
 
@@ -122,10 +121,10 @@ def run(
   blocks = [reshard(args[i], lay.mesh, specs[i]) for i in present]
 
   def local(*blocks):
-    full = list(args)
+    given = list(args)
     for i, b in zip(present, blocks, strict=True):
-      full[i] = b
-    return f(*full)
+      given[i] = b
+    return f(*given)
 
   # Manual over the axes that split the input only: under vmap, the axes that
   # split the mapped dim are vmap's to add.

@@ -30,7 +30,7 @@ from ._checks import (
   float_option,
   static_shape,
 )
-from ._stats import finite_shift, varying_axes
+from ._stats import finite_shift, psum_wide, varying_axes
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -190,11 +190,12 @@ def linear_softmax_cross_entropy(
   chunk_size, label_smoothing, z_loss = _check_options(
     fn, reduction, chunk_size, label_smoothing, z_loss
   )
-  if _explicit.layout(x) is not None or _explicit.layout(w) is not None:
+  x_lay, w_lay = _explicit.layout(x), _explicit.layout(w)
+  if x_lay is not None or w_lay is not None:
     options = dict(
       chunk_size=chunk_size, label_smoothing=label_smoothing, z_loss=z_loss, precision=precision
     )
-    return _by_block(x, w, labels, where, reduction, options)
+    return _by_block(x, w, labels, where, x_lay, (x_lay or w_lay).mesh, reduction, options)
   h, v = w.shape
   n = labels.size
   if not static_shape(w.shape):
@@ -218,14 +219,13 @@ def linear_softmax_cross_entropy(
   return loss.reshape(batch) if reduction == "none" else loss
 
 
-def _by_block(x, w, labels, where, reduction, options):
-  """The loss of an explicitly sharded ``x`` or ``w`` (``_explicit``), on each
-  device's block of tokens. H is gathered whole on every device, and so is ``w``
-  (the fused loss has no vocabulary split: a ``w`` split over V costs an
-  all-gather of it). A reduced loss sums each block in its core, in the compute
-  dtype, and then adds the blocks' sums."""
-  mesh = (_explicit.layout(x) or _explicit.layout(w)).mesh
-  lay = _explicit.layout(x)
+def _by_block(x, w, labels, where, lay, mesh, reduction, options):
+  """The loss of an explicitly sharded ``x`` or ``w`` (``_explicit``; ``lay`` is
+  ``x``'s layout, None if only ``w`` is split, on ``mesh``), on each device's
+  block of tokens. H is gathered whole on every device, and so is ``w`` (the
+  fused loss has no vocabulary split: a ``w`` split over V costs an all-gather of
+  it). A reduced loss sums each block in its core, in the compute dtype, and then
+  adds the blocks' sums."""
   rows = (None,) * (x.ndim - 1) if lay is None else lay.spec[:-1]  # H: whole
   x = _explicit.reshard(x, mesh, P(*rows, None))
   w = _explicit.reshard(w, mesh, P())
@@ -483,12 +483,7 @@ def _summed_like(ct, primal):
   (inside a ``shard_map``): ``dw`` from each device's tokens, for a ``w`` that is
   the same on every device, is the sum of the devices' parts."""
   extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
-  if not extra:
-    return ct
-  # Summed in the compute dtype: more exact for 16-bit parts, and a bfloat16
-  # all-reduce in a shard_map that leaves a mesh axis to the partitioner aborted
-  # XLA:CPU (jax 0.10.2: "Invalid binary instruction opcode copy").
-  return lax.psum(ct.astype(compute_dtype(ct.dtype)), extra).astype(ct.dtype)
+  return psum_wide(ct, extra).astype(ct.dtype) if extra else ct
 
 
 _lce.defvjp(_lce_fwd, _lce_bwd)

@@ -26,8 +26,11 @@ def _prepare(fn, x, axis, where, axis_name, implementation):
   where = check_where(fn, where, x.shape)
   axis_name = check_axis_name(fn, axis_name)
   implementation = check_implementation(fn, implementation)
-  backend = _backend.resolve(fn, implementation, x, axes, axis_name, where)
-  return x, where, axes, axis_name, backend
+  # An explicitly sharded x runs by block (``_by_block``), which resolves the
+  # backend for each block's shape.
+  lay = _explicit.layout(x)
+  backend = None if lay else _backend.resolve(fn, implementation, x, axes, axis_name, where)
+  return x, where, axes, axis_name, backend, lay
 
 
 def softmax(
@@ -83,10 +86,9 @@ def softmax(
     >>> jaxsoftmax.softmax(jnp.array([1.0, 2.0]), where=jnp.array([True, False]))
     Array([1., 0.], dtype=float32)
   """
-  x, where, axes, axis_name, backend = _prepare(
+  x, where, axes, axis_name, backend, lay = _prepare(
     "softmax", x, axis, where, axis_name, implementation
   )
-  lay = _explicit.layout(x)
   if lay is not None:
     return _by_block(softmax, x, where, axes, lay, axis_name, implementation)
   return _softmax(x, where, axes, axis_name, backend)
@@ -165,10 +167,9 @@ def log_softmax(
     >>> jaxsoftmax.log_softmax(jnp.array([0.0, 0.0]))
     Array([-0.6931472, -0.6931472], dtype=float32)
   """
-  x, where, axes, axis_name, backend = _prepare(
+  x, where, axes, axis_name, backend, lay = _prepare(
     "log_softmax", x, axis, where, axis_name, implementation
   )
-  lay = _explicit.layout(x)
   if lay is not None:
     return _by_block(log_softmax, x, where, axes, lay, axis_name, implementation)
   return _log_softmax(x, where, axes, axis_name, backend, False)[0]
