@@ -69,6 +69,19 @@ def static_shape(shape) -> bool:
   return all(isinstance(d, int) for d in shape)
 
 
+def integer_labels(fn: str, labels: ArrayLike, hint: str) -> jax.Array:
+  """``labels`` as an integer array: ``TypeError`` naming the argument and its dtype
+  (or type) otherwise, with ``hint`` saying what to pass instead."""
+  if not (hasattr(labels, "dtype") or isinstance(labels, int | list | tuple)):
+    raise TypeError(f"{fn}: `labels` must be an integer array, got {type(labels).__name__}.")
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(
+      f"{fn}: `labels` must hold integer class ids, got dtype {labels.dtype}; {hint}."
+    )
+  return labels
+
+
 def class_ids(labels: jax.Array, num_classes) -> tuple[jax.Array, jax.Array]:
   """``(ids, valid)``: integer labels as int32 (int64 past int32's range) and
   whether each lies in ``[0, num_classes)``. The range is checked before the

@@ -36,6 +36,7 @@ from ._checks import (
   compute_dtype,
   float_input,
   float_option,
+  integer_labels,
   normalize_axes,
 )
 from ._stats import (
@@ -583,12 +584,7 @@ def softmax_cross_entropy_with_integer_labels(
 
 
 def _int_labels(fn, labels, x, st: _Static):
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(
-      f"{fn}: `labels` must be integer class ids, got dtype {labels.dtype}; for "
-      "probabilities use `softmax_cross_entropy`."
-    )
+  labels = integer_labels(fn, labels, "for probabilities use `softmax_cross_entropy`")
   if math.prod(x.shape[a] for a in st.axes) == 0:
     raise ValueError(
       f"{fn}: `logits` with shape {x.shape} has no classes along axis {st.order}; an "
@@ -656,6 +652,10 @@ def _int_forward(x, labels, where, st: _Static):
     xs, m, log_d, lse = _stats(x, where, st, cdt)
     # (With eps = 1 the label's term is gone, not 0 * (x_y - m): NaN at x_y = -inf.)
     nll = log_d - (1.0 - eps) * (x_y - m) if eps < 1 else log_d
+    if where is not None and not eps:
+      # A label at a masked class beside kept classes that are all -inf: lse - x_y
+      # is -inf, where m - x_y would be finite (m is any finite number there).
+      nll = jnp.where((lse == -jnp.inf) & (x_y > -jnp.inf), -jnp.inf, nll)
     if eps:
       # mean_w(x - m), each term divided by n before the sum: a sum of the terms
       # could overflow where their mean does not (logits near float max).

@@ -28,6 +28,7 @@ from ._checks import (
   compute_dtype,
   float_input,
   float_option,
+  integer_labels,
   static_shape,
 )
 from ._stats import finite_shift, psum_wide, varying_axes
@@ -56,14 +57,7 @@ def default_chunk_size(n: int, h: int, v: int, itemsize: int = 4) -> int:
 
 
 def _check_labels(fn: str, labels: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
-  if not hasattr(labels, "dtype") and not isinstance(labels, int | list | tuple):
-    raise TypeError(f"{fn}: `labels` must be an integer array, got {type(labels).__name__}.")
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(
-      f"{fn}: `labels` must hold integer class ids, got dtype {labels.dtype}; "
-      "cast class ids with .astype(jnp.int32)."
-    )
+  labels = integer_labels(fn, labels, "cast class ids with .astype(jnp.int32)")
   if labels.shape != shape:
     raise ValueError(
       f"{fn}: `labels` has shape {labels.shape}; expected x.shape[:-1] = {shape} "

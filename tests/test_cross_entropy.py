@@ -295,6 +295,20 @@ def test_integer_label_at_a_masked_class_counts_its_logit_as_optax():
   _assert_close_tree(ours, ref, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_label_at_a_masked_class_beside_kept_classes_all_neg_inf(dtype):
+  # The README's rule, lse over the kept classes minus the label's logit, is
+  # -inf - x_y = -inf here (it was -finfo.max - x_y); the gradient is 0, as for
+  # any example whose kept logits are all -inf.
+  x = jnp.array([[-jnp.inf, -jnp.inf, 0.5], [-jnp.inf, -jnp.inf, 3.0]], dtype)
+  mask = jnp.array([[True, True, False]] * 2)
+  for z in (0.0, 1e-4):
+    f = partial(int_ce, labels=jnp.array([2, 0]), where=mask, z_loss=z)
+    loss, dx = f(x), jax.grad(lambda x, f=f: jnp.sum(f(x).astype(jnp.float32)))(x)
+    np.testing.assert_array_equal(loss, jnp.array([-jnp.inf, jnp.inf], dtype))
+    np.testing.assert_array_equal(dx, jnp.zeros_like(x))
+
+
 def test_check_grads_second_order_reverse():
   x, y, labels = _normal(20, (3, 5), scale=1.0), _probs(21, (3, 5), -1), jnp.array([0, 4, 2])
   f = jax.jit(partial(soft_ce, label_smoothing=0.1, z_loss=0.01))

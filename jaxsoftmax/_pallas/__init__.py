@@ -181,7 +181,8 @@ def unsupported_reason(shape, dtype, axes, axis_name) -> str | None:
     return f"the Pallas kernels run on GPU and TPU only, and the default backend is {platform!r}"
   if axis_name is not None:
     return (
-      f"axis_name={axis_name!r} (a softmax axis split across devices) is only "
+      f"axis_name={axis_name!r} (a softmax axis split across devices, given as "
+      "axis_name or by an explicit mesh's sharding of the input) is only "
       "supported by implementation='xla'"
     )
   if jnp.dtype(dtype) not in DTYPES:
