@@ -16,6 +16,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
@@ -74,7 +75,7 @@ def _class_ids(labels: jax.Array, v: int) -> jax.Array:
   return jnp.where(valid, ids, jnp.array(-1, ids.dtype))
 
 
-def _check_options(fn, reduction, chunk_size, label_smoothing, z_loss):
+def _check_options(fn, reduction, chunk_size, label_smoothing, z_loss, transpose_w, soft_cap):
   if reduction not in REDUCTIONS:
     raise ValueError(f"{fn}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
   if chunk_size is not None:
@@ -88,10 +89,31 @@ def _check_options(fn, reduction, chunk_size, label_smoothing, z_loss):
       raise ValueError(f"{fn}: `chunk_size` must be a positive int or None, got {chunk_size}.")
   label_smoothing = float_option(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   z_loss = float_option(fn, "z_loss", z_loss, 0.0, math.inf)
-  return chunk_size, label_smoothing, z_loss
+  if not isinstance(transpose_w, bool | np.bool_):
+    raise TypeError(f"{fn}: `transpose_w` must be a Python bool, got {transpose_w!r}.")
+  if soft_cap is not None:
+    try:
+      cap = float_option(fn, "logits_soft_cap", soft_cap, 0.0, math.inf)
+    except ValueError:  # negative or NaN: the message below says what is expected
+      cap = math.nan
+    if not 0.0 < cap < math.inf:
+      raise ValueError(
+        f"{fn}: `logits_soft_cap`={soft_cap!r} is out of range; expected None or a positive, "
+        "finite float."
+      )
+    soft_cap = cap
+  return chunk_size, label_smoothing, z_loss, bool(transpose_w), soft_cap
 
 
-@compiled_when_eager("reduction", "chunk_size", "label_smoothing", "z_loss", "precision")
+@compiled_when_eager(
+  "reduction",
+  "chunk_size",
+  "label_smoothing",
+  "z_loss",
+  "precision",
+  "transpose_w",
+  "logits_soft_cap",
+)
 def linear_softmax_cross_entropy(
   x: ArrayLike,
   w: ArrayLike,
@@ -103,6 +125,8 @@ def linear_softmax_cross_entropy(
   label_smoothing: float = 0.0,
   z_loss: float = 0.0,
   precision: lax.PrecisionLike = None,
+  transpose_w: bool = False,
+  logits_soft_cap: float | None = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy of the logits ``x @ w``, without ever building them.
 
@@ -121,7 +145,13 @@ def linear_softmax_cross_entropy(
   log-normalizer of its softmax).
 
   Label smoothing follows PyTorch (target ``(1 - eps) * onehot + eps / V``) and
-  the z-loss is ``z_loss * lse**2`` per token (PaLM/T5X).
+  the z-loss is ``z_loss * lse**2`` per token (PaLM/T5X). With
+  ``logits_soft_cap=c`` the logits are ``z = c * tanh((x @ w) / c)`` (Gemma 2's
+  final-logit soft-capping), applied chunk by chunk as well. With
+  ``transpose_w=True``, ``w`` is ``[V, H]`` (a tied embedding table, or a
+  PyTorch ``Linear`` weight) and the logits are ``x @ w.T``, without a
+  transposed copy of ``w``: the chunks are rows of ``w``, and ``dw`` comes back
+  ``[V, H]``.
 
   * Tokens where ``where`` is False contribute 0 to the loss and receive exactly
     zero gradient, whatever their label (so padding may carry any label, e.g.
@@ -144,7 +174,8 @@ def linear_softmax_cross_entropy(
 
   Args:
     x: ``[..., H]`` hidden states (floating).
-    w: ``[H, V]`` classifier weights (the tokamax layout).
+    w: ``[H, V]`` classifier weights (the tokamax layout), or ``[V, H]`` with
+      ``transpose_w=True``.
     labels: integer class ids of shape ``x.shape[:-1]``.
     where: optional boolean mask broadcastable to ``x.shape[:-1]``; tokens where
       it is False are left out.
@@ -154,6 +185,9 @@ def linear_softmax_cross_entropy(
     label_smoothing: ``eps`` in ``[0, 1]``.
     z_loss: coefficient ``zeta >= 0`` of ``lse**2``.
     precision: passed to the matmuls (:func:`jax.lax.dot_general`).
+    transpose_w: whether ``w`` is ``[V, H]`` (the logits are ``x @ w.T``).
+    logits_soft_cap: None, or a positive cap ``c``: the logits are
+      ``c * tanh((x @ w) / c)``.
 
   Returns:
     The loss: a scalar for ``"mean"``/``"sum"``, ``x.shape[:-1]`` for ``"none"``.
@@ -169,28 +203,37 @@ def linear_softmax_cross_entropy(
   fn = "linear_softmax_cross_entropy"
   x = float_input(fn, "x", x)
   w = float_input(fn, "w", w)
+  chunk_size, label_smoothing, z_loss, transpose_w, logits_soft_cap = _check_options(
+    fn, reduction, chunk_size, label_smoothing, z_loss, transpose_w, logits_soft_cap
+  )
+  layout, h_dim = ("[V, H]", 1) if transpose_w else ("[H, V]", 0)
   if x.ndim < 1:
     raise ValueError(f"{fn}: `x` must have shape [..., H], got a scalar.")
   if w.ndim != 2:
-    raise ValueError(f"{fn}: `w` must have shape [H, V], got shape {w.shape}.")
-  if x.shape[-1] != w.shape[0]:
+    raise ValueError(
+      f"{fn}: `w` must have shape {layout} (transpose_w={transpose_w}), got shape {w.shape}."
+    )
+  if x.shape[-1] != w.shape[h_dim]:
     raise ValueError(
       f"{fn}: `x` has shape {x.shape} and `w` has shape {w.shape}; expected "
-      f"x.shape[-1] == w.shape[0] (H), got {x.shape[-1]} != {w.shape[0]}."
+      f"x.shape[-1] == w.shape[{h_dim}] (H; `w` is {layout} with transpose_w={transpose_w}), "
+      f"got {x.shape[-1]} != {w.shape[h_dim]}."
     )
   batch = x.shape[:-1]
   labels = _check_labels(fn, labels, batch)
   where = check_where(fn, where, batch, target="the batch shape x.shape[:-1] =")
-  chunk_size, label_smoothing, z_loss = _check_options(
-    fn, reduction, chunk_size, label_smoothing, z_loss
-  )
   x_lay, w_lay = _explicit.layout(x), _explicit.layout(w)
   if x_lay is not None or w_lay is not None:
     options = dict(
-      chunk_size=chunk_size, label_smoothing=label_smoothing, z_loss=z_loss, precision=precision
+      chunk_size=chunk_size,
+      label_smoothing=label_smoothing,
+      z_loss=z_loss,
+      precision=precision,
+      transpose_w=transpose_w,
+      logits_soft_cap=logits_soft_cap,
     )
     return _by_block(x, w, labels, where, x_lay, (x_lay or w_lay).mesh, reduction, options)
-  h, v = w.shape
+  h, v = w.shape[h_dim], w.shape[1 - h_dim]
   n = labels.size
   if not static_shape(w.shape):
     raise ValueError(
@@ -208,7 +251,9 @@ def linear_softmax_cross_entropy(
   chunk_size = min(chunk_size, v)
   if where is not None:
     where = jnp.broadcast_to(where, batch).reshape(n)
-  opts = _Options(reduction, chunk_size, label_smoothing, z_loss, precision)
+  opts = _Options(
+    reduction, chunk_size, label_smoothing, z_loss, precision, transpose_w, logits_soft_cap
+  )
   loss = _lce(x.reshape(n, h), w, _class_ids(labels, v).reshape(n), where, opts)
   return loss.reshape(batch) if reduction == "none" else loss
 
@@ -254,14 +299,21 @@ class _Options(tuple):
 
   __slots__ = ()
 
-  def __new__(cls, reduction, chunk_size, label_smoothing, z_loss, precision):
-    return super().__new__(cls, (reduction, chunk_size, label_smoothing, z_loss, precision))
+  def __new__(cls, *values):
+    return super().__new__(cls, values)
 
   reduction = property(operator.itemgetter(0))
   chunk_size = property(operator.itemgetter(1))
   label_smoothing = property(operator.itemgetter(2))
   z_loss = property(operator.itemgetter(3))
   precision = property(operator.itemgetter(4))
+  transpose_w = property(operator.itemgetter(5))
+  soft_cap = property(operator.itemgetter(6))
+
+  @property
+  def v_dim(self) -> int:
+    """The axis of ``w`` that holds the classes."""
+    return 0 if self.transpose_w else 1
 
 
 def _matmul(a, b, contract, precision, cdt):
@@ -293,8 +345,9 @@ def _chunks(v: int, c: int):
   return k, c, v - k * c
 
 
-def _column_chunk(w, start, c):
-  """Columns ``[start, start + c)`` of ``w``.
+def _class_chunk(w, start, c, v_dim):
+  """Classes ``[start, start + c)`` of ``w``: columns of an ``[H, V]`` one, rows of a
+  ``[V, H]`` one (``v_dim``).
 
   For a 16-bit ``w``, ``w`` passes through an optimization barrier together
   with the loop-varying ``start``: otherwise a compiler that upcasts 16-bit
@@ -303,14 +356,25 @@ def _column_chunk(w, start, c):
   """
   if jnp.dtype(w.dtype).itemsize < 4:
     w, start = lax.optimization_barrier((w, start))
-  return lax.dynamic_slice_in_dim(w, start, c, axis=1)
+  return lax.dynamic_slice_in_dim(w, start, c, axis=v_dim)
+
+
+def _logits(x, w_c, opts, cdt):
+  """A chunk's logits ``x @ w_c`` (``x @ w_c.T`` for a ``[V, H]`` ``w``), in ``cdt``,
+  and ``t = tanh(z / cap)`` if ``logits_soft_cap`` is given (then the logits are
+  ``cap * t``; ``t`` is None without a cap)."""
+  z = _matmul(x, w_c, ((1,), (1 - opts.v_dim,)), opts.precision, cdt)
+  if opts.soft_cap is None:
+    return z, None
+  t = jnp.tanh(z * (1.0 / opts.soft_cap))
+  return opts.soft_cap * t, t
 
 
 def _forward(x, w, labels, opts):
   """Per-token ``(m, log s)`` (the shift and log-normaliser, ``lse = m + log s``)
   and loss before masking and reduction, all in the compute dtype."""
   n, _ = x.shape
-  v = w.shape[1]
+  v = w.shape[opts.v_dim]
   dt = _matmul_dtype(x.dtype, w.dtype)
   cdt = compute_dtype(dt)
   x = x.astype(dt)
@@ -319,7 +383,7 @@ def _forward(x, w, labels, opts):
 
   def update(carry, w_c, start):
     m, s, zy, zsum = carry
-    z = _matmul(x, w_c.astype(dt), ((1,), (0,)), opts.precision, cdt)
+    z, _ = _logits(x, w_c.astype(dt), opts, cdt)
     m_new = jnp.maximum(m, jnp.max(z, axis=1))
     # A row with no finite logit yet keeps m = -inf: shift by 0 there, not by -inf.
     shift = finite_shift(m_new)
@@ -340,11 +404,11 @@ def _forward(x, w, labels, opts):
 
     def body(i, carry):
       start = i * c
-      return update(carry, _column_chunk(w, start, c), start)
+      return update(carry, _class_chunk(w, start, c, opts.v_dim), start)
 
     carry = lax.fori_loop(0, k, body, carry)
   if r:
-    carry = update(carry, w[:, k * c :], k * c)
+    carry = update(carry, lax.slice_in_dim(w, k * c, v, axis=opts.v_dim), k * c)
   m, s, zy, zsum = carry
   log_s = jnp.log(s)
   # lse - (1 - eps) zy - eps / V sum(z), with the shift m taken out of each term
@@ -407,7 +471,7 @@ def _lce_bwd(opts, res, g):
   # dx = dz @ w.T, dw = x.T @ dz
   x, w, labels, where, (m, log_s) = res
   n, h = x.shape
-  v = w.shape[1]
+  v = w.shape[opts.v_dim]
   dt = _matmul_dtype(x.dtype, w.dtype)
   cdt = compute_dtype(dt)
   # An excluded token's row of x is zeroed so that even an inf or NaN there
@@ -440,34 +504,39 @@ def _lce_bwd(opts, res, g):
 
   def chunk_grads(dx, w_c, start):
     w_c = w_c.astype(dt)
-    z = _matmul(xd, w_c, ((1,), (0,)), opts.precision, cdt)
+    z, t = _logits(xd, w_c, opts, cdt)
     cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
     dz = scale[:, None] * jnp.exp((z - m[:, None]) - log_s[:, None])
     dz = dz - jnp.where(cols == labels[:, None], hit[:, None], 0)
     if eps:
       dz = dz - flat[:, None]
+    if t is not None:
+      dz = dz * (1.0 - t * t)  # d(cap tanh(u / cap))/du
     dz = jnp.where(bad[:, None], jnp.nan, dz)
     if where is not None:
       dz = jnp.where(where[:, None], dz, 0)
     dz = dz.astype(dt)
-    dx = dx + _matmul(dz, w_c, ((1,), (1,)), opts.precision, cdt)
-    dw_c = _matmul(xd, dz, ((0,), (0,)), opts.precision, cdt)
+    dx = dx + _matmul(dz, w_c, ((1,), (opts.v_dim,)), opts.precision, cdt)
+    if opts.transpose_w:  # dw_c = dz.T @ x, [c, H]
+      dw_c = _matmul(dz, xd, ((0,), (0,)), opts.precision, cdt)
+    else:  # x.T @ dz, [H, c]
+      dw_c = _matmul(xd, dz, ((0,), (0,)), opts.precision, cdt)
     return dx, _to_storage(dw_c.astype(w.dtype))
 
   dx = _start((n, h), 0, cdt, xd, w, labels, g)
-  dw = _to_storage(_start((h, v), 0, w.dtype, xd, w, labels, g))
+  dw = _to_storage(_start(w.shape, 0, w.dtype, xd, w, labels, g))
   if k:
 
     def body(i, carry):
       dx, dw = carry
       start = i * c
-      dx, dw_c = chunk_grads(dx, _column_chunk(w, start, c), start)
-      return dx, lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
+      dx, dw_c = chunk_grads(dx, _class_chunk(w, start, c, opts.v_dim), start)
+      return dx, lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=opts.v_dim)
 
     dx, dw = lax.fori_loop(0, k, body, (dx, dw))
   if r:
-    dx, dw_c = chunk_grads(dx, w[:, k * c :], k * c)
-    dw = lax.dynamic_update_slice_in_dim(dw, dw_c, k * c, axis=1)
+    dx, dw_c = chunk_grads(dx, lax.slice_in_dim(w, k * c, v, axis=opts.v_dim), k * c)
+    dw = lax.dynamic_update_slice_in_dim(dw, dw_c, k * c, axis=opts.v_dim)
   dx, dw = dx.astype(x.dtype), _from_storage(dw, w.dtype)
   return _summed_like(dx, x), _summed_like(dw, w), None, None
 

@@ -7,6 +7,8 @@ unfused ``jaxsoftmax.softmax_cross_entropy_with_integer_labels`` where it
 exists, and finite differences (``check_grads``).
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,9 +41,12 @@ def _reduce(per_token, where, reduction):
   return total / jnp.maximum(count, 1)
 
 
-def naive_per_token(x, w, labels, label_smoothing=0.0, z_loss=0.0):
-  """``-sum(target * log_softmax(x @ w)) + z_loss * lse**2``, literally, in float64."""
+def naive_per_token(x, w, labels, label_smoothing=0.0, z_loss=0.0, soft_cap=None):
+  """``-sum(target * log_softmax(z)) + z_loss * lse**2``, literally, in float64, with
+  ``z = x @ w`` or, with ``soft_cap``, ``soft_cap * tanh(x @ w / soft_cap)`` (Gemma 2)."""
   z = jnp.asarray(x, jnp.float64) @ jnp.asarray(w, jnp.float64)
+  if soft_cap is not None:
+    z = soft_cap * jnp.tanh(z / soft_cap)
   v = z.shape[-1]
   lse = jnp.log(jnp.sum(jnp.exp(z - z.max(-1, keepdims=True)), -1)) + z.max(-1)
   logp = z - lse[..., None]
@@ -235,6 +240,77 @@ def test_every_chunk_size_gives_the_same_result(chunk_size):
     lambda x, w, y: naive_per_token(x, w, y, 0.05, 1e-3), x, w, labels, where, ct, "mean"
   )
   _assert_close(got, ref, 1e-10, f"chunk_size={chunk_size}")
+
+
+# (reduction, masked, label_smoothing, z_loss, logits_soft_cap)
+TIED_CASES = [("mean", True, 0.0, 0.0, None), ("sum", False, 0.25, 3e-3, None)]
+TIED_CASES += [("none", True, 0.1, 1e-2, 2.0), ("mean", False, 0.0, 0.0, 0.5)]
+
+
+@pytest.mark.parametrize(("reduction", "masked", "eps", "zl", "cap"), TIED_CASES)
+def test_transposed_w_matches_naive_on_its_transpose(reduction, masked, eps, zl, cap):
+  # A tied embedding table e of shape [V, H]: the loss of x @ e.T, and de in e's own layout.
+  x, w, labels, where, ct = _inputs(
+    (3, 4), 16, 37, jnp.float64, seed=7, where_p=0.6 if masked else None
+  )
+  e = w.T
+  kw = dict(chunk_size=8, label_smoothing=eps, z_loss=zl, transpose_w=True, logits_soft_cap=cap)
+  got = _value_and_grads(None, x, e, labels, where, ct, reduction, fused_kw=kw)
+  ref = _value_and_grads(
+    lambda x, e, y: naive_per_token(x, e.T, y, eps, zl, cap), x, e, labels, where, ct, reduction
+  )
+  _assert_close(got, ref, TOL[jnp.float64], "transpose_w float64")
+  assert got[2].shape == e.shape
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("cap", [0.3, 4.0, 30.0])
+def test_logits_soft_cap_matches_naive(cap, transpose_w):
+  # cap = 0.3 saturates most logits (|x @ w| is a few units), cap = 30 hardly any.
+  x, w, labels, where, ct = _inputs((5, 3), 12, 29, jnp.float64, seed=8, where_p=0.7)
+  w = w * 3
+  w_in = w.T if transpose_w else w
+  kw = dict(chunk_size=6, logits_soft_cap=cap, z_loss=1e-3, transpose_w=transpose_w)
+  got = _value_and_grads(None, x, w_in, labels, where, ct, "mean", fused_kw=kw)
+  wt = (lambda w: w.T) if transpose_w else (lambda w: w)
+  ref = _value_and_grads(
+    lambda x, w, y: naive_per_token(x, wt(w), y, 0.0, 1e-3, cap), x, w_in, labels, where, ct, "mean"
+  )
+  _assert_close(got, ref, TOL[jnp.float64], f"soft cap {cap}")
+  # The cap changes the loss: the same call without it differs.
+  plain = lce(x, w_in, labels, where=where, chunk_size=6, z_loss=1e-3, transpose_w=transpose_w)
+  assert rel_err(plain, got[0]) > 1e-3
+
+
+def test_soft_cap_and_transposed_w_in_float32_and_bfloat16_match_float64_truth():
+  x, w, labels, where, ct = _inputs((64,), 32, 300, jnp.float32, seed=9, where_p=0.8)
+  e = w.T * 4
+  kw = dict(chunk_size=128, label_smoothing=0.1, transpose_w=True, logits_soft_cap=5.0)
+  ref = _value_and_grads(
+    lambda x, e, y: naive_per_token(x, e.T, y, 0.1, 0.0, 5.0),
+    x.astype(jnp.float64),
+    e.astype(jnp.float64),
+    labels,
+    where,
+    ct,
+    "mean",
+  )
+  got = _value_and_grads(None, x, e, labels, where, ct, "mean", fused_kw=kw)
+  _assert_close(got, ref, TOL[jnp.float32], "float32 soft cap, transpose_w")
+  xb, eb = x.astype(jnp.bfloat16), e.astype(jnp.bfloat16)
+  got = _value_and_grads(None, xb, eb, labels, where, ct, "mean", fused_kw=kw)
+  assert got[0].dtype == got[1].dtype == got[2].dtype == jnp.bfloat16
+  ref = _value_and_grads(
+    lambda x, e, y: naive_per_token(x, e.T, y, 0.1, 0.0, 5.0),
+    xb.astype(jnp.float64),
+    eb.astype(jnp.float64),
+    labels,
+    where,
+    ct,
+    "mean",
+  )
+  # bfloat16 outputs: 2**-8 relative rounding, and the products' bfloat16 inputs.
+  _assert_close(got, ref, 2e-2, "bfloat16 soft cap, transpose_w")
 
 
 def test_where_broadcasts_over_leading_dims():
@@ -461,6 +537,18 @@ def test_input_errors():
     lce(x, w, y, where=jnp.ones((3,), bool))
   with pytest.raises(TypeError, match=r"`x` has complex dtype"):
     lce(x.astype(jnp.complex64), w, y)
+  # transpose_w: w is [V, H].
+  with pytest.raises(ValueError, match=r"x.shape\[-1\] == w.shape\[1\].*\[V, H\].*3 != 7"):
+    lce(x, w, y, transpose_w=True)
+  with pytest.raises(ValueError, match=r"`w` must have shape \[V, H\]"):
+    lce(x, jnp.ones((3,)), y, transpose_w=True)
+  with pytest.raises(TypeError, match=r"`transpose_w` must be a Python bool, got 'yes'"):
+    lce(x, w, y, transpose_w="yes")
+  for cap in (0.0, -1.0, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match=r"`logits_soft_cap`=.* expected None or a positive"):
+      lce(x, w, y, logits_soft_cap=cap)
+  with pytest.raises(TypeError, match=r"`logits_soft_cap` must be a Python float.*'30'"):
+    lce(x, w, y, logits_soft_cap="30")
 
 
 def _compiled_temp_bytes_and_hlo(f, *args):
@@ -485,3 +573,9 @@ def test_memory_no_logits_array_and_at_most_ten_percent_of_unfused():
   assert logits not in fused_hlo and f"[{v},{n}]" not in fused_hlo
   assert unfused_temp >= n * v * 4
   assert fused_temp <= 0.10 * unfused_temp, (fused_temp, unfused_temp)
+  # A tied [V, H] table with transpose_w=True: the same program size, and no
+  # copy of w.T (x @ e.T passed as w made one, 4.6x the temporaries, at N=2048).
+  e = jax.ShapeDtypeStruct((v, h), jnp.float32)
+  tied_temp, tied_hlo = _compiled_temp_bytes_and_hlo(partial(lce, transpose_w=True), x, e, y)
+  assert logits not in tied_hlo and f"[{v},{n}]" not in tied_hlo
+  assert tied_temp <= 1.05 * fused_temp + 2**20, (tied_temp, fused_temp)

@@ -202,6 +202,38 @@ def test_fused_loss_on_an_explicit_mesh(x_spec, w_spec, reduction):
   np.testing.assert_allclose(np.asarray(gw, np.float64), np.asarray(dw), **TOL[jnp.float32])
 
 
+@pytest.mark.parametrize("e_spec", [P("v", None), P(None, "v")], ids=str)
+def test_fused_loss_with_a_tied_table_and_soft_cap_on_an_explicit_mesh(e_spec):
+  # A [V, H] embedding table split over V (or H), as transpose_w takes it, with
+  # Gemma 2's soft cap: the reference caps the materialised logits x @ e.T.
+  x, w, labels, pad = _fused_inputs()
+  e, cap = w.T, 1.5
+
+  def ref(x, e):
+    z = cap * jnp.tanh((x @ e.T) / cap)
+    return jnp.sum(jnp.where(pad, optax.softmax_cross_entropy_with_integer_labels(z, labels), 0))
+
+  loss, (dx, de) = jax.value_and_grad(ref, (0, 1))(x, e)
+
+  def ours(x, e, y, m):
+    return jaxsoftmax.linear_softmax_cross_entropy(
+      x, e, y, where=m, reduction="sum", transpose_w=True, logits_soft_cap=cap
+    )
+
+  with jax.set_mesh(_explicit_mesh()):
+    args = (
+      _put(x, P("b", None), jnp.float32),
+      _put(e, e_spec, jnp.float32),
+      _put(labels, P("b")),
+      _put(pad, P("b")),
+    )
+    got, (gx, ge) = jax.jit(jax.value_and_grad(ours, (0, 1)))(*args)
+  assert ge.shape == e.shape
+  np.testing.assert_allclose(np.float64(got), np.float64(loss), **TOL[jnp.float32])
+  np.testing.assert_allclose(np.asarray(gx, np.float64), np.asarray(dx), **TOL[jnp.float32])
+  np.testing.assert_allclose(np.asarray(ge, np.float64), np.asarray(de), **TOL[jnp.float32])
+
+
 def test_fused_loss_inside_shard_map_over_the_tokens():
   # A user's own data-parallel shard_map (varying-axes typing on): the loss's
   # loops start from carries typed like the tokens, and dw is summed over them.
