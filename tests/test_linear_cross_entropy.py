@@ -282,35 +282,19 @@ def test_logits_soft_cap_matches_naive(cap, transpose_w):
   assert rel_err(plain, got[0]) > 1e-3
 
 
-def test_soft_cap_and_transposed_w_in_float32_and_bfloat16_match_float64_truth():
-  x, w, labels, where, ct = _inputs((64,), 32, 300, jnp.float32, seed=9, where_p=0.8)
+# bfloat16 outputs: 2**-8 relative rounding, and the products' bfloat16 inputs.
+@pytest.mark.parametrize(("dtype", "tol"), [(jnp.float32, TOL[jnp.float32]), (jnp.bfloat16, 2e-2)])
+def test_soft_cap_and_transposed_w_in_narrow_dtypes_match_float64_truth(dtype, tol):
+  x, w, labels, where, ct = _inputs((64,), 32, 300, dtype, seed=9, where_p=0.8)
   e = w.T * 4
   kw = dict(chunk_size=128, label_smoothing=0.1, transpose_w=True, logits_soft_cap=5.0)
-  ref = _value_and_grads(
-    lambda x, e, y: naive_per_token(x, e.T, y, 0.1, 0.0, 5.0),
-    x.astype(jnp.float64),
-    e.astype(jnp.float64),
-    labels,
-    where,
-    ct,
-    "mean",
-  )
   got = _value_and_grads(None, x, e, labels, where, ct, "mean", fused_kw=kw)
-  _assert_close(got, ref, TOL[jnp.float32], "float32 soft cap, transpose_w")
-  xb, eb = x.astype(jnp.bfloat16), e.astype(jnp.bfloat16)
-  got = _value_and_grads(None, xb, eb, labels, where, ct, "mean", fused_kw=kw)
-  assert got[0].dtype == got[1].dtype == got[2].dtype == jnp.bfloat16
+  assert got[0].dtype == got[1].dtype == got[2].dtype == dtype
+  x64, e64 = x.astype(jnp.float64), e.astype(jnp.float64)  # the rounded inputs, exactly
   ref = _value_and_grads(
-    lambda x, e, y: naive_per_token(x, e.T, y, 0.1, 0.0, 5.0),
-    xb.astype(jnp.float64),
-    eb.astype(jnp.float64),
-    labels,
-    where,
-    ct,
-    "mean",
+    lambda x, e, y: naive_per_token(x, e.T, y, 0.1, 0.0, 5.0), x64, e64, labels, where, ct, "mean"
   )
-  # bfloat16 outputs: 2**-8 relative rounding, and the products' bfloat16 inputs.
-  _assert_close(got, ref, 2e-2, "bfloat16 soft cap, transpose_w")
+  _assert_close(got, ref, tol, f"{jnp.dtype(dtype).name} soft cap, transpose_w")
 
 
 def test_where_broadcasts_over_leading_dims():
