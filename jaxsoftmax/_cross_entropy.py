@@ -43,6 +43,8 @@ from ._stats import (
   finite_shift,
   log_normalizer,
   masked,
+  nan_at,
+  nan_free_intermediates,
   per_slice,
   psum_wide,
   read_apart,
@@ -384,7 +386,13 @@ def _soft_target(y, where, st: _Static, shape, cdt):
 
 def _soft_forward(x, y, where, st: _Static):
   xla = st.backend == "xla"
-  if xla and where is None and st.axis_name is None and not sums_in_pieces(x.shape, st.axes):
+  if (
+    xla
+    and where is None
+    and st.axis_name is None
+    and not sums_in_pieces(x.shape, st.axes)
+    and not nan_free_intermediates()
+  ):
     # On the CPU only (as for integer labels: a GPU runs a lax.cond by copying
     # its predicate to the host): the unguarded sum first. Not for rows that
     # sum_exp cuts in pieces: there it measured slower than the guarded sum.
@@ -399,10 +407,10 @@ def _soft_loss(x, y, where, st: _Static, guard: bool = True):
   xs, m, log_d, lse = _stats(x, where, st, cdt, select_free=not guard)
   t = _soft_target(y, where, st, x.shape, cdt)
   # loss = -sum(t * l), l = (x - m) - log d: the shifted form keeps x - m exact.
-  # A term with t == 0 is 0 even at a -inf logit (0 * -inf would be NaN).
-  tl = t * ((xs - m) - log_d)
-  if guard:
-    tl = jnp.where(t == 0, jnp.zeros_like(tl), tl)
+  # A term with t == 0 is 0 even at a -inf logit (0 * -inf would be NaN): l is
+  # replaced before the product, which then makes no NaN that is not in the loss.
+  l = (xs - m) - log_d
+  tl = t * (jnp.where(t == 0, jnp.zeros_like(l), l) if guard else l)
   loss = -slice_sum(tl, st.axes, st.axis_name)
   return _add_z_loss(loss, lse, st), (lse, _saved(m, log_d, lse))
 
@@ -664,7 +672,13 @@ def _int_forward(x, labels, where, st: _Static):
       nll = nll - eps * slice_sum(scaled, st.axes, st.axis_name)
     return nll, (lse, _saved(m, log_d, lse))
 
-  if st.backend == "xla" and where is None and st.axis_name is None and len(st.axes) == 1:
+  if (
+    st.backend == "xla"
+    and where is None
+    and st.axis_name is None
+    and len(st.axes) == 1
+    and not nan_free_intermediates()
+  ):
     # On the CPU only: there it saves a pass over x (measured, see the README);
     # a GPU runs a lax.cond by copying its predicate to the host, a sync per call.
     nll, stats = lax.platform_dependent(
@@ -672,7 +686,7 @@ def _int_forward(x, labels, where, st: _Static):
     )
   else:
     nll, stats = shifted_by_max()
-  loss = jnp.where(valid, _add_z_loss(nll, stats[0], st), jnp.nan)
+  loss = nan_at(~valid, _add_z_loss(nll, stats[0], st))
   if where is not None:
     kept = _num_classes(where, x.shape, st, cdt) > 0
     loss = jnp.where(kept, loss, jnp.zeros_like(loss))
@@ -756,7 +770,7 @@ def _int_ce_bwd(st: _Static, res, g):
   # on per-example values only: they fuse into the one pass over x, where a
   # full-size select would not.
   g = jnp.expand_dims(total_cotangent(g, x, st.axis_name).astype(cdt), st.axes)
-  g = jnp.where(valid, g, jnp.where(g == 0, 0.0, jnp.nan).astype(g.dtype))
+  g = nan_at(~valid & (g != 0), jnp.where(valid, g, jnp.zeros_like(g)))
   if where is not None:
     g = jnp.where(log_d != _NOTHING_KEPT, g, 0.0)
   # An empty slice (lse = -inf) gets p = 0 (`_log_probs`), and `0 * g` elsewhere

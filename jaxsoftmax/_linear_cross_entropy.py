@@ -32,7 +32,7 @@ from ._checks import (
   integer_labels,
   static_shape,
 )
-from ._stats import finite_shift, psum_wide, varying_axes
+from ._stats import finite_shift, nan_at, psum_wide, varying_axes
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -421,7 +421,7 @@ def _forward(x, w, labels, opts):
     lse = m + log_s
     loss = loss + opts.z_loss * lse * lse
   valid = (labels >= 0) & (labels < v)
-  return (m, log_s), jnp.where(valid, loss, jnp.nan)
+  return (m, log_s), nan_at(~valid, loss)
 
 
 def _start(shape, value, dtype, *inputs):
@@ -512,7 +512,7 @@ def _lce_bwd(opts, res, g):
       dz = dz - flat[:, None]
     if t is not None:
       dz = dz * (1.0 - t * t)  # d(cap tanh(u / cap))/du
-    dz = jnp.where(bad[:, None], jnp.nan, dz)
+    dz = nan_at(bad[:, None], dz)
     if where is not None:
       dz = jnp.where(where[:, None], dz, 0)
     dz = dz.astype(dt)

@@ -121,7 +121,7 @@ def sum_exp(xs: jax.Array, m: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
   def pieces(xs, m):
     parts = jnp.sum(jnp.exp(xs.reshape(*xs.shape[:-1], -1, k) - m[..., None]), -1)
-    parts = jnp.where(jnp.isnan(m), jnp.nan, parts)
+    parts = jnp.where(jnp.isnan(m), m, parts)
     return jnp.sum(parts, -1, keepdims=True)
 
   return lax.platform_dependent(xs, m, cpu=pieces, default=plain)
@@ -164,6 +164,26 @@ def _slice_max(xm: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   if not static_shape(sizes) or math.prod(sizes) == 1:
     m = jnp.maximum(m, init)
   return lax.expand_dims(m, axes)
+
+
+def nan_at(bad: jax.Array, x: jax.Array) -> jax.Array:
+  """``x`` with NaN where ``bad`` (broadcast against it).
+
+  The NaN is made as ``inf * 0`` at the bad entries only, never as a NaN
+  constant: under ``jax_debug_nans`` every op run eagerly (``jax.grad`` outside
+  ``jit``, ``jax.disable_jit``, and the re-run that locates a NaN) has its
+  output checked, and a constant would be reported on every call, valid input
+  or not.
+  """
+  poison = jnp.where(bad, jnp.inf, 0.0).astype(x.dtype) * 0
+  return jnp.where(bad, poison, x)
+
+
+def nan_free_intermediates() -> bool:
+  """Whether ``jax_debug_nans`` is on: the forms that compute first and redo the
+  rare NaN case (``lax.cond`` on the CPU) then step aside for the guarded ones,
+  which make no NaN that is not in the result."""
+  return bool(jax.config.jax_debug_nans)
 
 
 def finite_shift(m: jax.Array) -> jax.Array:
