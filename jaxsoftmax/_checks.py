@@ -25,15 +25,21 @@ IMPLEMENTATIONS = (None, "xla", "pallas")
 def float_input(fn: str, name: str, x: ArrayLike) -> jax.Array:
   """Returns ``x`` as a floating array.
 
-  Integers and booleans are promoted to the default float dtype, as ``jax.nn``
-  does; complex input raises ``TypeError``. The dtype to compute in is
+  Integers are promoted to the default float dtype, as ``jax.nn`` does;
+  complex and boolean input raise ``TypeError`` (``jax.nn`` refuses booleans
+  too: a boolean ``x`` is most likely a mask meant for ``where``). The dtype to compute in is
   :func:`compute_dtype` of the result.
   """
   if isinstance(x, complex):
     raise TypeError(f"{fn}: `{name}` is a complex number; expected a real floating array.")
-  if not (isinstance(x, int | float) or hasattr(x, "dtype")):
+  if isinstance(x, jax.ShapeDtypeStruct) or not (isinstance(x, int | float) or hasattr(x, "dtype")):
     raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}.")
   dtype = jnp.result_type(x)
+  if dtype == jnp.bool_:
+    raise TypeError(
+      f"{fn}: `{name}` has boolean dtype; expected a real floating (or integer) array. "
+      "A mask goes in `where`."
+    )
   if jnp.issubdtype(dtype, jnp.complexfloating):
     raise TypeError(  # x's own dtype: without x64, result_type says complex64
       f"{fn}: `{name}` has complex dtype {getattr(x, 'dtype', dtype)}; expected a real "
@@ -49,7 +55,7 @@ def float_option(fn: str, name: str, value, lo: float, hi: float) -> float:
   """A static float hyperparameter (``label_smoothing``, ``z_loss``) in ``[lo, hi]``:
   ``TypeError`` for a string or a traced value, ``ValueError`` out of range or NaN."""
   try:
-    if isinstance(value, str | bytes):
+    if isinstance(value, str | bytes | bool | np.bool_):
       raise TypeError
     v = float(value)
   except (TypeError, jax.errors.ConcretizationTypeError):

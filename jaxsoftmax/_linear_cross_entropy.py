@@ -80,6 +80,8 @@ def _check_options(fn, reduction, chunk_size, label_smoothing, z_loss, transpose
     raise ValueError(f"{fn}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
   if chunk_size is not None:
     try:
+      if isinstance(chunk_size, bool | np.bool_):
+        raise TypeError
       chunk_size = operator.index(chunk_size)
     except TypeError:
       raise TypeError(

@@ -244,7 +244,14 @@ def _all_gather(v: jax.Array, axis_name: AxisName) -> jax.Array:
   names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
   if names <= varying_axes(v):
     return lax.all_gather(v, axis_name, to="invarying")
-  return lax.all_gather(v, axis_name)
+  if isinstance(axis_name, str) or len(axis_name) == 1:
+    return lax.all_gather(v, axis_name)
+  # Several names, untyped: one gather per name, the last (innermost) first, in
+  # the tuple gather's order. (lax.all_gather over a tuple of vmap axes fails
+  # in JAX's batching rule, jax 0.10.2: "axis size doesn't match".)
+  for name in reversed(axis_name):
+    v = lax.all_gather(v, name)
+  return v.reshape(-1, *v.shape[len(axis_name) :])
 
 
 def total_cotangent(g: jax.Array, block: jax.Array, axis_name: AxisName) -> jax.Array:

@@ -679,6 +679,9 @@ def test_errors_name_the_argument():
     (ValueError, "z_loss", lambda: int_ce(x, labels, z_loss=-1.0)),
     (ValueError, "z_loss", lambda: int_ce(x, labels, z_loss=float("nan"))),
     (TypeError, "label_smoothing", lambda: soft_ce(x, y, label_smoothing="0.1")),
+    # A bool is not a float: label_smoothing=True would train on uniform targets.
+    (TypeError, "label_smoothing.*True", lambda: int_ce(x, labels, label_smoothing=True)),
+    (TypeError, "z_loss.*True", lambda: soft_ce(x, y, z_loss=np.bool_(True))),
     (TypeError, "axis_name", lambda: soft_ce(x, y, axis_name=3)),
     (ValueError, r"logits.*\(4, 0\).*no classes", lambda: int_ce(jnp.zeros((4, 0)), labels)),
   ]

@@ -533,6 +533,12 @@ def test_input_errors():
       lce(x, w, y, logits_soft_cap=cap)
   with pytest.raises(TypeError, match=r"`logits_soft_cap` must be a Python float.*'30'"):
     lce(x, w, y, logits_soft_cap="30")
+  # Bools are not numbers here (label_smoothing=True would be a uniform target).
+  for name in ("label_smoothing", "z_loss", "logits_soft_cap"):
+    with pytest.raises(TypeError, match=rf"`{name}` must be a Python float.*True"):
+      lce(x, w, y, **{name: True})
+  with pytest.raises(TypeError, match=r"`chunk_size` must be a positive int or None, got True"):
+    lce(x, w, y, chunk_size=True)
 
 
 def _compiled_temp_bytes_and_hlo(f, *args):

@@ -372,12 +372,23 @@ def test_low_precision_computes_in_float32(dtype):
   assert rel_err(y, y_ref) <= 4 * eps(dtype)
 
 
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bool_])
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.uint8])
 def test_integer_input_is_promoted_to_default_float(dtype):
   x = jnp.arange(6).reshape(2, 3).astype(dtype)
   y = jaxsoftmax.softmax(x)
   assert y.dtype == jnp.result_type(float)
   np.testing.assert_allclose(y, naive_softmax(x.astype(jnp.float64)), rtol=1e-13)
+
+
+@pytest.mark.parametrize("op", [jaxsoftmax.softmax, jaxsoftmax.log_softmax])
+def test_boolean_or_abstract_input_is_a_type_error(op):
+  # jax.nn refuses booleans too; a boolean x is most likely a mask meant for `where`.
+  with pytest.raises(TypeError, match="`x` has boolean dtype.*`where`"):
+    op(jnp.array([True, False]))
+  with pytest.raises(TypeError, match="`x` has boolean dtype"):
+    op(True)
+  with pytest.raises(TypeError, match="`x` must be an array, got ShapeDtypeStruct"):
+    op(jax.ShapeDtypeStruct((2, 3), jnp.float32))
 
 
 def test_complex_input_is_a_type_error():

@@ -196,6 +196,29 @@ def test_unbound_axis_name_is_a_clear_error(fn):
     fn(x, labels, axis_name="v")
 
 
+def test_tuple_axis_name_bound_by_nested_vmaps():
+  # The class axis split over two nested vmaps, axis_name=("i", "j"): every
+  # copy of each example's loss equals optax's on the whole logits (float64).
+  x, _, _ = inputs(jnp.float64)
+  x, y, labels = x[:3], _soft_labels(jnp.float64)[:3], jnp.asarray(np.abs(LABELS[:3]) % N)
+
+  def split(a):  # row, i, j, entry
+    return a.reshape(3, 2, 4, N // 8)
+
+  def losses(x, y):
+    kw = dict(axis_name=("i", "j"), label_smoothing=0.1, z_loss=1e-3)
+    return soft_ce(x, y, **kw), int_ce(x, labels, **kw)
+
+  f = jax.vmap(jax.vmap(losses, in_axes=1, axis_name="j"), in_axes=1, axis_name="i")
+  soft, integer = jax.jit(f)(split(x), split(y))  # (2, 4, 3): one per copy
+  smooth = 0.9 * jax.nn.one_hot(labels, N) + 0.1 / N
+  z = 1e-3 * jax.nn.logsumexp(x, -1) ** 2
+  want_soft = optax.softmax_cross_entropy(x, 0.9 * y + 0.1 / N) + z
+  want_int = optax.softmax_cross_entropy(x, smooth) + z
+  np.testing.assert_allclose(soft, jnp.broadcast_to(want_soft, soft.shape), **TOL[jnp.float64])
+  np.testing.assert_allclose(integer, jnp.broadcast_to(want_int, soft.shape), **TOL[jnp.float64])
+
+
 @pytest.mark.parametrize("mode", ["check_vma=False", "vmap"])
 def test_gradients_without_varying_axes_typing(mode):
   # Without shard_map's varying-axes typing (check_vma=False, or vmap with an
