@@ -12,6 +12,7 @@ draws the memory plot of the README::
   python -m benchmarks.suites.linear_cross_entropy --help
   python -m benchmarks.suites.linear_cross_entropy --plot docs/linear_cross_entropy_memory.png
   python -m benchmarks.suites.linear_cross_entropy --time --reps 2
+  python -m benchmarks.suites.linear_cross_entropy --tied --time  # a [V, H] table
 
 A program is only run when the machine has the memory for it (``MemAvailable``
 in ``/proc/meminfo``); otherwise its time is reported as skipped.
@@ -89,6 +90,30 @@ def tokamax_xla(x, w, labels):
   return loss.astype(x.dtype)
 
 
+# A tied [V, H] table (``--tied``): the contenders take it in place of w.
+
+
+def tied_fused(x, e, labels):
+  """The table as it is, with ``transpose_w=True``: chunks are rows of it."""
+  return jaxsoftmax.linear_softmax_cross_entropy(x, e, labels, transpose_w=True)
+
+
+def tied_fused_transposed(x, e, labels):
+  """The table transposed by the caller, ``e.T`` as an ``[H, V]`` w."""
+  return jaxsoftmax.linear_softmax_cross_entropy(x, e.T, labels)
+
+
+def tied_unfused_optax(x, e, labels):
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ e.T, labels))
+
+
+TIED = [
+  Contender("fused, transpose_w=True", tied_fused, strict=True),
+  Contender("fused, w=e.T", tied_fused_transposed),
+  Contender("x@e.T + optax", tied_unfused_optax),
+]
+
+
 def naive(x, w, labels):
   logits = x @ w
   log_p = logits - jnp.log(jnp.sum(jnp.exp(logits), -1, keepdims=True))
@@ -132,18 +157,18 @@ register(
 # The program: temporary memory at scale, times, and the README's plot.
 
 
-def _compile(fn, n, h, v, dtype):
+def _compile(fn, n, h, v, dtype, tied=False):
   args = (
     jax.ShapeDtypeStruct((n, h), dtype),
-    jax.ShapeDtypeStruct((h, v), dtype),
+    jax.ShapeDtypeStruct((v, h) if tied else (h, v), dtype),
     jax.ShapeDtypeStruct((n,), jnp.int32),
   )
   return jax.jit(jax.value_and_grad(fn, (0, 1))).lower(*args).compile()
 
 
-def temp_bytes(fn, n, h, v, dtype) -> int:
+def temp_bytes(fn, n, h, v, dtype, tied=False) -> int:
   """Temporary bytes of the compiled forward+backward program (compile only)."""
-  return int(_compile(fn, n, h, v, dtype).memory_analysis().temp_size_in_bytes)
+  return int(_compile(fn, n, h, v, dtype, tied).memory_analysis().temp_size_in_bytes)
 
 
 def _available_bytes() -> int | None:
@@ -156,12 +181,12 @@ def _available_bytes() -> int | None:
   return None
 
 
-def time_cell(fns, n, h, v, dtype, reps: int, warmup: int) -> list[float | None]:
+def time_cell(fns, n, h, v, dtype, reps: int, warmup: int, tied=False) -> list[float | None]:
   """Median wall time of each compiled forward+backward, called in turn (A B A B ...).
 
   A program that would not fit in the memory available now is left out (None).
   """
-  compiled = [_compile(fn, n, h, v, dtype) for fn in fns]
+  compiled = [_compile(fn, n, h, v, dtype, tied) for fn in fns]
   avail = _available_bytes()
   runnable = []
   for c in compiled:
@@ -170,7 +195,7 @@ def time_cell(fns, n, h, v, dtype, reps: int, warmup: int) -> list[float | None]
     runnable.append(avail is None or 1.5 * need < avail)
   rng = np.random.default_rng(0)
   x, w, labels = (jnp.asarray(a) for a in _inputs(rng, (n, h, v), "float32"))
-  x, w = x.astype(dtype), w.astype(dtype)
+  x, w = x.astype(dtype), (w.T if tied else w).astype(dtype)
   times: list[list[float]] = [[] for _ in fns]
   for i in range(warmup + reps):
     for j, c in enumerate(compiled):
@@ -183,7 +208,7 @@ def time_cell(fns, n, h, v, dtype, reps: int, warmup: int) -> list[float | None]
   return [float(np.median(t)) if t else None for t in times]
 
 
-def table(sizes, dtypes, contenders, time_names, reps: int, warmup: int) -> list[dict]:
+def table(sizes, dtypes, contenders, time_names, reps: int, warmup: int, tied=False) -> list[dict]:
   """Temporary bytes of every contender, and times of those in ``time_names``."""
   from tqdm import tqdm
 
@@ -196,11 +221,11 @@ def table(sizes, dtypes, contenders, time_names, reps: int, warmup: int) -> list
     timed = [c for c in cs if c.name in time_names]
     secs = dict(zip([c.name for c in timed], [None] * len(timed), strict=True))
     if timed:
-      got = time_cell([c.fn for c in timed], n, h, v, jnp.dtype(dtype), reps, warmup)
+      got = time_cell([c.fn for c in timed], n, h, v, jnp.dtype(dtype), reps, warmup, tied)
       secs = dict(zip([c.name for c in timed], got, strict=True))
     for c in cs:
       row = dict(size=size, dtype=dtype, contender=c.name)
-      row["temp_bytes"] = temp_bytes(c.fn, n, h, v, jnp.dtype(dtype))
+      row["temp_bytes"] = temp_bytes(c.fn, n, h, v, jnp.dtype(dtype), tied)
       if c.name in secs:
         row["seconds"] = secs[c.name]
       rows.append(row)
@@ -228,7 +253,7 @@ def markdown(rows, baseline: str) -> str:
   return "\n".join(out)
 
 
-def plot(path: Path, contenders, n: int, h: int, vs, dtype: str = "float32") -> None:
+def plot(path: Path, contenders, n: int, h: int, vs, dtype: str = "float32", tied=False) -> None:
   """Temporary memory of forward+backward against the vocabulary size, log-log."""
   import matplotlib
 
@@ -238,7 +263,7 @@ def plot(path: Path, contenders, n: int, h: int, vs, dtype: str = "float32") -> 
 
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   for c in tqdm(contenders, desc="memory plot", leave=False):
-    mib = [temp_bytes(c.fn, n, h, v, jnp.dtype(dtype)) / 2**20 for v in vs]
+    mib = [temp_bytes(c.fn, n, h, v, jnp.dtype(dtype), tied) / 2**20 for v in vs]
     ax.plot(vs, mib, marker="o", label=c.name)
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
@@ -269,20 +294,26 @@ def main(argv=None) -> None:
   p.add_argument("--contender", action="append", help="only this contender (repeatable)")
   p.add_argument("--plot", type=Path, help="draw the memory plot to this PNG")
   p.add_argument("--json", type=Path, help="write the rows to this JSON file")
+  p.add_argument(
+    "--tied",
+    action="store_true",
+    help="a tied [V, H] table: transpose_w=True against passing e.T, and x @ e.T + optax",
+  )
   args = p.parse_args(argv)
 
-  contenders = [c for c in _contenders() if not args.contender or c.name in args.contender]
+  every = TIED if args.tied else _contenders()
+  contenders = [c for c in every if not args.contender or c.name in args.contender]
   if args.plot:
     vs = [2**k for k in range(12, 18)]
-    plot(args.plot, contenders, 4096, 1024, vs)
+    plot(args.plot, contenders, 4096, 1024, vs, tied=args.tied)
     print(f"wrote {args.plot}")
   sizes = [tuple(int(s) for s in size.split("x")) for size in args.size] if args.size else SIZES
   dtypes = args.dtype or ["float32", "bfloat16"]
   names = [c.name for c in contenders]
   time_names = (args.time_only or names) if args.time else []
-  rows = table(sizes, dtypes, contenders, time_names, args.reps, args.warmup)
+  rows = table(sizes, dtypes, contenders, time_names, args.reps, args.warmup, args.tied)
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
-  print(markdown(rows, "x@w + optax"))
+  print(markdown(rows, "x@e.T + optax" if args.tied else "x@w + optax"))
   if args.json:
     args.json.write_text(json.dumps(rows, indent=1))
 
