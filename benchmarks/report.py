@@ -93,10 +93,18 @@ def save_json(path: Path, record: dict) -> dict:
   Suites this run did not touch are kept whole; in a suite it did, a cell
   (size and dtype) it measured replaces the old one and the others stay, so
   that rerunning one cell (``--size``, ``--dtype``) does not drop the rest.
-  Each cell keeps its own repetition count; the suite's header shows the last run's.
+  Each cell keeps its own repetition count and the commit of the run that
+  measured it (``commit``); the file's ``machine`` and a suite's header are the
+  last run's, and the Markdown names the cells that came from other runs.
   """
+  for suite in record["suites"].values():
+    for cell in suite.get("cells", []):
+      cell.setdefault("commit", _commit_of(record))
   if path.exists():
     old = json.loads(path.read_text())
+    for suite in old.get("suites", {}).values():
+      for cell in suite.get("cells", []):
+        cell.setdefault("commit", _commit_of(old))
     suites = dict(old.get("suites", {}))
     for name, suite in record["suites"].items():
       if name in suites:
@@ -106,6 +114,11 @@ def save_json(path: Path, record: dict) -> dict:
     record = {**record, "suites": suites}
   path.write_text(json.dumps(record, indent=1) + "\n")
   return record
+
+
+def _commit_of(record: dict) -> str | None:
+  machine = record.get("machine")
+  return machine.get("git_commit") if isinstance(machine, dict) else None
 
 
 def _merge_cells(old: list[dict], new: list[dict]) -> list[dict]:
@@ -148,7 +161,7 @@ def markdown(record: dict) -> str:
   ]
   lines += summary(record)
   for name, s in record["suites"].items():
-    lines += markdown_suite(name, s)
+    lines += markdown_suite(name, s, m["git_commit"])
   return "\n".join(lines) + "\n"
 
 
@@ -182,7 +195,18 @@ def summary(record: dict) -> list[str]:
 _MODES = {"fwd+bwd": "Forward + backward", "fwd": "Forward"}
 
 
-def markdown_suite(name: str, s: dict) -> list[str]:
+def other_runs(s: dict, commit: str | None) -> list[str]:
+  """A line naming the cells kept from earlier runs (``save_json``), with their
+  own commit and repetitions, or none."""
+  other = [
+    f"{c.get('label', c['size'])} {c['dtype']} (commit `{c.get('commit')}`, {c.get('reps')} reps)"
+    for c in s["cells"]
+    if c.get("commit", commit) != commit or c.get("reps", s["reps"]) != s["reps"]
+  ]
+  return ["Cells from other runs: " + "; ".join(other) + "."] if other else []
+
+
+def markdown_suite(name: str, s: dict, commit: str | None = None) -> list[str]:
   contenders = s["contenders"]
   base = s["baseline"]
   how = ""
@@ -197,6 +221,7 @@ def markdown_suite(name: str, s: dict) -> list[str]:
     f"{s['description']}. Mode: {s['mode']}, {s['reps']} repetitions{how}, run at {s['time']} "
     f"(load average {s.get('load_average', '?')}).",
   ]
+  lines += other_runs(s, commit)
   for mode in ("fwd+bwd", "fwd"):
     lines += [
       "",

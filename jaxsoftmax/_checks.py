@@ -25,7 +25,8 @@ IMPLEMENTATIONS = (None, "xla", "pallas")
 def float_input(fn: str, name: str, x: ArrayLike) -> jax.Array:
   """Returns ``x`` as a floating array.
 
-  Integers are promoted to the default float dtype, as ``jax.nn`` does;
+  Integers are promoted to the default float dtype (float64 under x64, where
+  ``jax.nn`` keeps float32);
   complex and boolean input raise ``TypeError`` (``jax.nn`` refuses booleans
   too: a boolean ``x`` is most likely a mask meant for ``where``). The dtype to compute in is
   :func:`compute_dtype` of the result.

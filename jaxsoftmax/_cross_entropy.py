@@ -170,8 +170,8 @@ def _check_labels_shape(fn, labels, target, what):
 
 
 def _stats(x, where, st: _Static, cdt, select_free: bool = False):
-  """``xs`` (masked, in ``cdt``), the shift ``m``, ``log d`` (0 for an empty slice) and
-  ``lse`` (-inf for an empty slice, NaN for a slice holding +inf or NaN).
+  """``xs`` (masked, in ``cdt``), the shift ``m``, ``log d`` (0 for an empty slice),
+  ``lse`` (-inf for an empty slice, NaN for a slice holding +inf or NaN) and ``d``.
 
   The shared ``slice_stats`` takes the max on the narrow input and fuses it
   with the ``exp`` pass; ``m`` is any finite number for an empty slice.
@@ -188,7 +188,7 @@ def _stats(x, where, st: _Static, cdt, select_free: bool = False):
     log_d = jnp.log(jnp.maximum(d, 1.0))
   else:
     log_d = jnp.where(d == 0, jnp.zeros_like(d), jnp.log(d))
-  return xs, m, log_d, log_normalizer(m, d)
+  return xs, m, log_d, log_normalizer(m, d), d
 
 
 def _kernel_stats(x, where, st: _Static, cdt):
@@ -210,28 +210,33 @@ def _num_classes(where, shape, st: _Static, dtype):
   return slice_sum(w, st.axes, st.axis_name)
 
 
-def _saved(shift, log_d, lse):
-  """The per-example statistics the backward keeps: ``(shift, log d)``, not
-  ``lse``. The backward's ``p = exp((x - shift) - log d)`` is then exact (``x -
-  shift`` is), where ``exp(x - lse)`` carries the rounding of ``lse = shift + log
-  d`` at the scale of the logits (1e-4 relative in the gradient at logits near
-  3e4 in float32). ``log d >= 0`` in a live slice (the max contributes 1), so an
-  empty slice (``lse = -inf``) is marked by ``log d = -1``; its shift is finite."""
-  return shift, jnp.where(lse == -jnp.inf, -1.0, log_d)
+def _saved(shift, d, lse):
+  """The per-example statistics the backward keeps: ``(shift, 1 / d)``, not ``lse``
+  or ``log d``. The backward's ``p = exp(x - shift) * (1 / d)`` is then exact to
+  about an ulp (``x - shift`` is exact near the max), where ``exp(x - lse)``
+  carries the rounding of ``lse = shift + log d`` at the scale of the logits
+  (1e-4 relative in the gradient at logits near 3e4 in float32), and ``exp((x -
+  shift) - log d)`` that of ``log d`` and of the difference, ``|log p|`` ulps
+  (30-60 at small probabilities). ``1 / d`` lies in (0, 1] in a live slice (the
+  max contributes 1 to ``d``), so an empty slice (``lse = -inf``) is marked by
+  -1; its shift is finite."""
+  return shift, jnp.where(lse == -jnp.inf, -1.0, 1 / jnp.maximum(d, 1.0))
 
 
 def _unsaved(stats):
-  """``(shift, log d, live, lse with 0 for an empty slice)`` from ``_saved``'s pair.
-  (NaN is not < 0: a slice with +inf or NaN counts as live and stays NaN.)"""
-  shift, log_d = stats
-  live = ~(log_d < 0)
-  return shift, log_d, live, jnp.where(live, shift + log_d, 0.0)
+  """``(shift, 1 / d, log d, live, lse)`` from ``_saved``'s pair, with ``1 / d`` and
+  ``log d`` 0 and ``lse`` 0 for an empty slice. (NaN is not < 0: a slice with +inf
+  or NaN counts as live and stays NaN.)"""
+  shift, r = stats
+  live = ~(r < 0)
+  log_d = -jnp.log(jnp.where(live, r, 1.0))
+  return shift, jnp.maximum(r, 0.0), log_d, live, jnp.where(live, shift + log_d, 0.0)
 
 
-def _log_probs(x, where, shift, log_d, cdt):
-  """``l = (x - shift) - log d`` (exact ``x - shift``, see ``_saved``): -inf on an
-  empty slice, whose entries are all -inf and whose shift is finite."""
-  return (masked(x.astype(cdt), where) - shift) - log_d
+def _shifted(x, where, shift, cdt):
+  """``x - shift`` (masked, exact near the max): -inf on an empty slice, whose
+  entries are all -inf and whose shift is finite."""
+  return masked(x.astype(cdt), where) - shift
 
 
 def _finite_lse(lse):
@@ -404,7 +409,7 @@ def _soft_forward(x, y, where, st: _Static):
 
 def _soft_loss(x, y, where, st: _Static, guard: bool = True):
   cdt = compute_dtype(jnp.result_type(x, y))
-  xs, m, log_d, lse = _stats(x, where, st, cdt, select_free=not guard)
+  xs, m, log_d, lse, d = _stats(x, where, st, cdt, select_free=not guard)
   t = _soft_target(y, where, st, x.shape, cdt)
   # loss = -sum(t * l), l = (x - m) - log d: the shifted form keeps x - m exact.
   # A term with t == 0 is 0 even at a -inf logit (0 * -inf would be NaN): l is
@@ -412,7 +417,7 @@ def _soft_loss(x, y, where, st: _Static, guard: bool = True):
   l = (xs - m) - log_d
   tl = t * (jnp.where(t == 0, jnp.zeros_like(l), l) if guard else l)
   loss = -slice_sum(tl, st.axes, st.axis_name)
-  return _add_z_loss(loss, lse, st), (lse, _saved(m, log_d, lse))
+  return _add_z_loss(loss, lse, st), (lse, _saved(m, d, lse))
 
 
 def _soft_unguarded_first(x, y, st: _Static):
@@ -459,16 +464,17 @@ def _soft_ce_bwd(st: _Static, res, g):
   x, y, where, stats = res
   x = read_apart(x)
   cdt = compute_dtype(jnp.result_type(x, y))
-  shift, log_d, live, lse = _unsaved(stats)
+  shift, r, log_d, live, lse = _unsaved(stats)
   g = jnp.expand_dims(total_cotangent(g, x, st.axis_name).astype(cdt), st.axes)
-  l = _log_probs(x, where, shift, log_d, cdt)
+  xs = _shifted(x, where, shift, cdt)
+  l = xs - log_d
   t = _soft_target(y, where, st, x.shape, cdt)
   coef = slice_sum(t, st.axes, st.axis_name)
   if st.z_loss:
     coef = coef + 2.0 * st.z_loss * lse
-  # An empty slice (exp(l) == 0) gets a zero gradient: g is zeroed per row, which
+  # An empty slice (p == 0) gets a zero gradient: g is zeroed per row, which
   # fuses into the same pass (a full-size select would be a pass of its own).
-  dx = jnp.where(live, g, jnp.zeros_like(g)) * (jnp.exp(l) * coef - t)
+  dx = jnp.where(live, g, jnp.zeros_like(g)) * (jnp.exp(xs) * (r * coef) - t)
   # d loss / d y is 0 at masked classes (where l is -inf) and where g == 0, also
   # at a -inf logit: there l is replaced by 0 before the product, not only the
   # product after it, so that differentiating this rule again (with respect to g)
@@ -657,7 +663,7 @@ def _int_forward(x, labels, where, st: _Static):
 
   def shifted_by_max():
     # nll = log d - (1 - eps) (x_y - m) - eps / n * sum_w (x - m)
-    xs, m, log_d, lse = _stats(x, where, st, cdt)
+    xs, m, log_d, lse, d = _stats(x, where, st, cdt)
     # (With eps = 1 the label's term is gone, not 0 * (x_y - m): NaN at x_y = -inf.)
     nll = log_d - (1.0 - eps) * (x_y - m) if eps < 1 else log_d
     if where is not None and not eps:
@@ -670,7 +676,7 @@ def _int_forward(x, labels, where, st: _Static):
       n = _num_classes(where, x.shape, st, cdt)
       scaled = masked((xs - m) * (1 / jnp.maximum(n, 1)), where, 0.0)
       nll = nll - eps * slice_sum(scaled, st.axes, st.axis_name)
-    return nll, (lse, _saved(m, log_d, lse))
+    return nll, (lse, _saved(m, d, lse))
 
   if (
     st.backend == "xla"
@@ -686,20 +692,24 @@ def _int_forward(x, labels, where, st: _Static):
     )
   else:
     nll, stats = shifted_by_max()
-  loss = nan_at(~valid, _add_z_loss(nll, stats[0], st))
-  if where is not None:
+  loss = _add_z_loss(nll, stats[0], st)
+  if where is None:
+    loss = nan_at(~valid, loss)
+  else:
+    # NaN for an invalid label only where the example keeps a class: padding
+    # (label -100 under a mask of the batch shape) makes none, even in between.
     kept = _num_classes(where, x.shape, st, cdt) > 0
-    loss = jnp.where(kept, loss, jnp.zeros_like(loss))
+    loss = jnp.where(kept, nan_at(~valid & kept, loss), jnp.zeros_like(loss))
     # An example that `where` leaves no class is marked for the backward, which
     # gives it a zero gradient whatever its label (padding); one whose kept
     # classes are all -inf is only empty, as without `where`.
-    lse, (shift, log_d) = stats
-    stats = (lse, (shift, jnp.where(kept, log_d, _NOTHING_KEPT)))
+    lse, (shift, r) = stats
+    stats = (lse, (shift, jnp.where(kept, r, _NOTHING_KEPT)))
   return loss, stats, jnp.where(valid, y, _NO_CLASS(y.dtype))
 
 
-# The saved log d of an example that `where` leaves no class (an empty slice has
-# -1, ``_saved``; a live one log d >= 0).
+# The saved 1 / d of an example that `where` leaves no class (an empty slice has
+# -1, ``_saved``; a live one 1 / d in (0, 1]).
 _NOTHING_KEPT = -2.0
 
 
@@ -728,7 +738,7 @@ def _shifted_by_label(x, x_y, st: _Static, cdt, shifted_by_max):
     n = _num_classes(None, x.shape, st, cdt)
     nll = nll - st.label_smoothing * jnp.sum((xs - x_y) * (1 / n), st.axes, keepdims=True)
   # s >= 1 or NaN: its max is finite iff every example is.
-  stats = (x_y + log_s, (x_y, log_s))  # s >= 1: never an empty slice's -1
+  stats = (x_y + log_s, (x_y, 1 / s))  # s >= 1: never an empty slice's -1
   return lax.cond(jnp.max(s, initial=1.0) < jnp.inf, lambda: (nll, stats), shifted_by_max)
 
 
@@ -759,7 +769,7 @@ def _int_ce_bwd(st: _Static, res, g):
   x, y, where, stats = res
   x = read_apart(x)
   cdt = compute_dtype(x.dtype)
-  shift, log_d, live, lse0 = _unsaved(stats)
+  shift, r, _, live, lse0 = _unsaved(stats)
   y = jnp.expand_dims(y, st.axes)
   valid = y != _NO_CLASS(y.dtype)
   y = jnp.where(valid, y, jnp.zeros_like(y))
@@ -770,13 +780,13 @@ def _int_ce_bwd(st: _Static, res, g):
   # on per-example values only: they fuse into the one pass over x, where a
   # full-size select would not.
   g = jnp.expand_dims(total_cotangent(g, x, st.axis_name).astype(cdt), st.axes)
-  g = nan_at(~valid & (g != 0), jnp.where(valid, g, jnp.zeros_like(g)))
   if where is not None:
-    g = jnp.where(log_d != _NOTHING_KEPT, g, 0.0)
-  # An empty slice (lse = -inf) gets p = 0 (`_log_probs`), and `0 * g` elsewhere
+    g = jnp.where(stats[1] != _NOTHING_KEPT, g, 0.0)
+  g = nan_at(~valid & (g != 0), jnp.where(valid, g, jnp.zeros_like(g)))
+  # An empty slice (lse = -inf) gets p = 0 (`_shifted`, r = 0), and `0 * g` elsewhere
   # (0, or NaN for an invalid label, as its loss is).
   eps, z = st.label_smoothing, st.z_loss
-  coef = 1.0 + 2.0 * z * lse0 if z else 1.0
+  coef = r * (1.0 + 2.0 * z * lse0) if z else r
   spread = eps / jnp.maximum(_num_classes(where, x.shape, st, cdt), 1) if eps else None
   # Without smoothing or z-loss an empty slice's off-label terms are already
   # `0 * g` (p = 0), so the full pass needs no per-example select there.
@@ -785,7 +795,7 @@ def _int_ce_bwd(st: _Static, res, g):
   def off_label(xv, wv):
     """``g * (p * coef - eps / n)`` (``eps / n`` on kept classes): dx but for the
     label's own ``-(1 - eps) * g``."""
-    d = jnp.exp(_log_probs(xv, wv, shift, log_d, cdt)) * coef
+    d = jnp.exp(_shifted(xv, wv, shift, cdt)) * coef
     if spread is not None:
       d = d - masked(jnp.broadcast_to(spread, xv.shape).astype(cdt), wv, 0.0)
     return g_rest * d

@@ -143,8 +143,8 @@ def linear_softmax_cross_entropy(
   forward keeps an online log-sum-exp in float32 and the label logit, and the
   backward recomputes each chunk's logits to accumulate ``dx`` and ``dw``. No
   ``[N, V]`` array exists at any point; the residuals are ``x``, ``w``, the
-  labels (as int32), the mask and two float32 numbers per token (the shift and
-  log-normalizer of its softmax).
+  labels (as int32), the mask and two float32 numbers per token (the shift of
+  its softmax and the reciprocal of its normalizer).
 
   Label smoothing follows PyTorch (target ``(1 - eps) * onehot + eps / V``) and
   the z-loss is ``z_loss * lse**2`` per token (PaLM/T5X). With
@@ -372,8 +372,8 @@ def _logits(x, w_c, opts, cdt):
   return opts.soft_cap * t, t
 
 
-def _forward(x, w, labels, opts):
-  """Per-token ``(m, log s)`` (the shift and log-normaliser, ``lse = m + log s``)
+def _forward(x, w, labels, where, opts):
+  """Per-token ``(m, 1 / s)`` (the shift and the normaliser's reciprocal, ``lse = m + log s``)
   and loss before masking and reduction, all in the compute dtype."""
   n, _ = x.shape
   v = w.shape[opts.v_dim]
@@ -423,7 +423,12 @@ def _forward(x, w, labels, opts):
     lse = m + log_s
     loss = loss + opts.z_loss * lse * lse
   valid = (labels >= 0) & (labels < v)
-  return (m, log_s), nan_at(~valid, loss)
+  if where is not None:  # an excluded token's label may be anything (padding)
+    valid = valid | ~where
+  # Saved: m and 1 / s, from which the backward takes each chunk's softmax as
+  # exp(z - m) * (1 / s), about an ulp where exp((z - m) - log s) carries the
+  # rounding of log s and of the difference (|log p| ulps at small p).
+  return (m, 1 / s), nan_at(~valid, loss)
 
 
 def _start(shape, value, dtype, *inputs):
@@ -454,24 +459,24 @@ def _count(loss, where):
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _lce(x, w, labels, where, opts):
-  _, loss = _forward(x, w, labels, opts)
+  _, loss = _forward(x, w, labels, where, opts)
   return _reduce(loss, where, opts.reduction, jnp.result_type(x.dtype, w.dtype))
 
 
 def _lce_fwd(x, w, labels, where, opts):
-  stats, loss = _forward(x, w, labels, opts)
+  stats, loss = _forward(x, w, labels, where, opts)
   out = _reduce(loss, where, opts.reduction, jnp.result_type(x.dtype, w.dtype))
   # Residuals: the inputs (no copies, but the labels as int32 class ids), and the
-  # shift and log-normaliser, two compute-dtype numbers per token, from which the
-  # backward rebuilds each chunk's softmax as exp((z - m) - log s): exact, where
-  # exp(z - lse) is not.
+  # shift and the normaliser's reciprocal, two compute-dtype numbers per token,
+  # from which the backward rebuilds each chunk's softmax as exp(z - m) * (1 / s):
+  # exact, where exp(z - lse) is not.
   return out, (x, w, labels, where, stats)
 
 
 def _lce_bwd(opts, res, g):
   # dz = g_i * ((1 + 2 zeta lse_i) * softmax(z_i) - (1 - eps) onehot(y_i) - eps / V);
   # dx = dz @ w.T, dw = x.T @ dz
-  x, w, labels, where, (m, log_s) = res
+  x, w, labels, where, (m, inv_s) = res
   n, h = x.shape
   v = w.shape[opts.v_dim]
   dt = _matmul_dtype(x.dtype, w.dtype)
@@ -497,10 +502,10 @@ def _lce_bwd(opts, res, g):
   # Not where its cotangent is 0 (excluded by `where`, or its loss masked after
   # the call): its gradient is 0 there.
   bad = ((labels < 0) | (labels >= v)) & (gt != 0)
-  # Excluded tokens get m = log s = 0 so that their (zero) rows stay finite.
+  # Excluded tokens get m = 0 and 1 / s = 1 so that their (zero) rows stay finite.
   if where is not None:
-    m, log_s = (jnp.where(where, a, jnp.zeros_like(a)) for a in (m, log_s))
-  scale = gt * (1.0 + 2.0 * opts.z_loss * (m + log_s)) if opts.z_loss else gt
+    m, inv_s = jnp.where(where, m, jnp.zeros_like(m)), jnp.where(where, inv_s, 1.0)
+  scale = gt * (1.0 + 2.0 * opts.z_loss * (m - jnp.log(inv_s))) if opts.z_loss else gt
   hit = gt * (1.0 - eps)
   flat = gt * (eps / v)
 
@@ -508,7 +513,7 @@ def _lce_bwd(opts, res, g):
     w_c = w_c.astype(dt)
     z, t = _logits(xd, w_c, opts, cdt)
     cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
-    dz = scale[:, None] * jnp.exp((z - m[:, None]) - log_s[:, None])
+    dz = (scale * inv_s)[:, None] * jnp.exp(z - m[:, None])
     dz = dz - jnp.where(cols == labels[:, None], hit[:, None], 0)
     if eps:
       dz = dz - flat[:, None]

@@ -15,32 +15,44 @@ def _cell(size, dtype, ms):
   return {"size": list(size), "dtype": dtype, "rows": [{"median_s": ms / 1e3}]}
 
 
+def _run(commit, suites):
+  return {"machine": {"git_commit": commit}, "suites": suites}
+
+
 def test_rerunning_one_cell_keeps_the_others(tmp_path):
   path = tmp_path / "cpu.json"
-  first = {
-    "machine": "a",
-    "suites": {
+  first = _run(
+    "a",
+    {
       "ce": {"reps": 9, "cells": [_cell((8, 4), "float32", 1.0), _cell((8, 4), "bfloat16", 2.0)]},
       "softmax": {"reps": 30, "cells": [_cell((4, 4), "float32", 3.0)]},
     },
-  }
+  )
   report.save_json(path, first)
   rerun = {"reps": 40, "cells": [_cell((8, 4), "float32", 5.0)]}
-  second = {"machine": "b", "suites": {"ce": rerun}}
-  merged = report.save_json(path, second)
+  merged = report.save_json(path, _run("b", {"ce": rerun}))
   assert json.loads(path.read_text()) == merged
-  assert merged["machine"] == "b"
+  assert merged["machine"] == {"git_commit": "b"}
   assert merged["suites"]["softmax"] == first["suites"]["softmax"]
   ce = merged["suites"]["ce"]
   assert ce["reps"] == 40
-  assert ce["cells"] == [_cell((8, 4), "float32", 5.0), _cell((8, 4), "bfloat16", 2.0)]
-  # A new cell is appended after the old ones.
-  third = {"machine": "c", "suites": {"ce": {"reps": 9, "cells": [_cell((16, 4), "float32", 7.0)]}}}
-  assert [c["size"] for c in report.save_json(path, third)["suites"]["ce"]["cells"]] == [
-    [8, 4],
-    [8, 4],
-    [16, 4],
+  # Each cell keeps the commit of the run that measured it.
+  assert ce["cells"] == [
+    {**_cell((8, 4), "float32", 5.0), "commit": "b"},
+    {**_cell((8, 4), "bfloat16", 2.0), "commit": "a"},
   ]
+  # A new cell is appended after the old ones.
+  third = _run("c", {"ce": {"reps": 9, "cells": [_cell((16, 4), "float32", 7.0)]}})
+  cells = report.save_json(path, third)["suites"]["ce"]["cells"]
+  assert [(c["size"], c["commit"]) for c in cells] == [([8, 4], "b"), ([8, 4], "a"), ([16, 4], "c")]
+
+
+def test_markdown_names_the_cells_from_other_runs():
+  cell = {"size": [8, 4], "label": "8x4", "dtype": "float32", "rows": [], "reps": 9}
+  cells = [{**cell, "commit": "new", "reps": 30}, {**cell, "dtype": "bfloat16", "commit": "old"}]
+  lines = report.other_runs({"reps": 30, "cells": cells}, "new")
+  assert lines == ["Cells from other runs: 8x4 bfloat16 (commit `old`, 9 reps)."]
+  assert report.other_runs({"reps": 30, "cells": cells[:1]}, "new") == []
 
 
 # ----------------------------------------------- benchmarks/gpu_pallas.py, on the CPU

@@ -27,6 +27,8 @@ W = RNG.normal(size=(5, 4))
 NEG_INF = X.copy()
 NEG_INF[1, 2] = -np.inf  # a -inf logit where the label weight is 0
 ONE_HOT = np.eye(5)[LABELS]
+PADDED = np.array([0, -100, 3])
+optax_int = optax.softmax_cross_entropy_with_integer_labels
 
 
 def _soft_ref(x, y, where=None):
@@ -73,6 +75,17 @@ CASES = {
     lambda x: js.softmax_cross_entropy_with_integer_labels(x, LABELS),
     lambda x: optax.softmax_cross_entropy_with_integer_labels(x, LABELS),
     NEG_INF,
+  ),
+  # Padding: label -100 at an example a mask of the batch shape leaves out.
+  "integer labels, padding": (
+    lambda x: js.softmax_cross_entropy_with_integer_labels(x, PADDED, where=PADDED != -100),
+    lambda x: jnp.where(PADDED != -100, optax_int(x, np.maximum(PADDED, 0)), 0.0),
+    X,
+  ),
+  "fused linear, padding": (
+    lambda x: js.linear_softmax_cross_entropy(x, W, PADDED, where=PADDED != -100, reduction="none"),
+    lambda x: jnp.where(PADDED != -100, optax_int(x @ W, np.maximum(PADDED, 0)), 0.0),
+    X,
   ),
   "fused linear": (
     lambda x: js.linear_softmax_cross_entropy(x, W, np.array([0, 3, 2]), reduction="none"),
