@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checks import check_where, compute_dtype
+from ._checks import check_precision, check_where, compute_dtype
 from ._softmax import softmax
 
 _FN = "dot_product_attention"
@@ -155,6 +155,7 @@ def dot_product_attention(
   if not jnp.issubdtype(out_dtype, jnp.floating):
     raise TypeError(f"{_FN}: `dtype` must be a floating dtype, got {out_dtype}.")
   _check_qkv(query, key, value)
+  precision = check_precision(_FN, precision)
   cdt = compute_dtype(jnp.result_type(query, key, value))
   if dropout_rate and not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"{_FN}: `dropout_rate` must lie in [0, 1), got {dropout_rate}.")

@@ -210,6 +210,22 @@ def check_implementation(fn: str, implementation: str | None) -> str | None:
   return implementation
 
 
+def check_precision(fn: str, precision):
+  """``precision`` as :func:`jax.lax.dot_general` takes it, or ``ValueError`` naming
+  the argument (JAX's own rule, asked by tracing a 1 x 1 product)."""
+  if precision is None:
+    return None
+  one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+  try:
+    jax.eval_shape(functools.partial(jax.lax.dot, precision=precision), one, one)
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+      f"{fn}: `precision`={precision!r} is not a precision jax.lax.dot_general takes "
+      f"(None, a jax.lax.Precision or its name, a pair of them, or a dot algorithm): {e}"
+    ) from None
+  return precision
+
+
 def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
   """Decorator: a call outside any trace runs through one cached ``jax.jit`` of the
   function, with the arguments named in ``static`` static.

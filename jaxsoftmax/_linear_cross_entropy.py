@@ -23,6 +23,7 @@ from jax.typing import ArrayLike
 
 from . import _explicit
 from ._checks import (
+  check_precision,
   check_where,
   class_ids,
   compiled_when_eager,
@@ -221,6 +222,7 @@ def linear_softmax_cross_entropy(
       f"x.shape[-1] == w.shape[{h_dim}] (H; `w` is {layout} with transpose_w={transpose_w}), "
       f"got {x.shape[-1]} != {w.shape[h_dim]}."
     )
+  precision = check_precision(fn, precision)
   batch = x.shape[:-1]
   labels = _check_labels(fn, labels, batch)
   where = check_where(fn, where, batch, target="the batch shape x.shape[:-1] =")

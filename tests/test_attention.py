@@ -382,3 +382,5 @@ def test_errors_name_the_argument():
     jaxsoftmax.dot_product_attention(q, k, v, local_window_size=3)
   with pytest.raises(TypeError, match="`query` must be a real floating"):
     jaxsoftmax.dot_product_attention(q.astype(jnp.int32), k, v)
+  with pytest.raises(ValueError, match="dot_product_attention: `precision`='foo'"):
+    jaxsoftmax.dot_product_attention(q, k, v, precision="foo")

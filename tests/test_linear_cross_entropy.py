@@ -539,6 +539,8 @@ def test_input_errors():
       lce(x, w, y, **{name: True})
   with pytest.raises(TypeError, match=r"`chunk_size` must be a positive int or None, got True"):
     lce(x, w, y, chunk_size=True)
+  with pytest.raises(ValueError, match=r"linear_softmax_cross_entropy: `precision`='foo'"):
+    lce(x, w, y, precision="foo")
 
 
 def _compiled_temp_bytes_and_hlo(f, *args):
