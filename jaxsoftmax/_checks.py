@@ -227,15 +227,17 @@ def check_precision(fn: str, precision):
 
 
 def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
-  """Decorator: a call outside any trace runs through one cached ``jax.jit`` of the
-  function, with the arguments named in ``static`` static.
+  """Decorator: a call runs through one cached ``jax.jit`` of the function, with the
+  arguments named in ``static`` static.
 
   The losses build a ``lax.cond`` or a loop from closures made at each call. Run
-  op by op, each call would then trace and compile them again (about 0.1 s a
-  call on a CPU); jitted, the second call with the same shapes and options
-  compiles nothing. Taken only when every other argument is a concrete array or
-  None and the static ones are hashable; otherwise (a tracer, a list, a Python
-  scalar) the function runs as it is, and its own checks name what is wrong.
+  op by op (outside ``jit``, also under ``jax.grad``), each call would then
+  trace and compile them again (about 0.1 s a call on a CPU); jitted, the second
+  call with the same shapes and options compiles nothing, and under an outer
+  ``jit`` the inner one is inlined. Taken only when every other argument is an
+  array (or a tracer of one) or None and the static ones are hashable;
+  otherwise (a list, a Python scalar) the function runs as it is, and its own
+  checks name what is wrong.
   """
 
   def wrap(fn: Callable) -> Callable:
@@ -246,7 +248,7 @@ def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
     def call(*args, **kwargs):
       bound = signature.bind(*args, **kwargs)
       if all(
-        _concrete(v) if name not in static else _hashable(v) for name, v in bound.arguments.items()
+        _array(v) if name not in static else _hashable(v) for name, v in bound.arguments.items()
       ):
         return jitted(*args, **kwargs)
       return fn(*args, **kwargs)
@@ -256,8 +258,8 @@ def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
   return wrap
 
 
-def _concrete(v) -> bool:
-  return v is None or (isinstance(v, jax.Array | np.ndarray) and not isinstance(v, jax.core.Tracer))
+def _array(v) -> bool:
+  return v is None or isinstance(v, jax.Array | np.ndarray)
 
 
 def _hashable(v) -> bool:
