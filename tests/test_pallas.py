@@ -407,6 +407,33 @@ def _np_stats(x):
   return m, d
 
 
+_FORCED = []
+
+
+def _use_backend(monkeypatch, name):
+  """Every op resolves its backend to ``name``. The losses run through a cached
+  jit whose key does not hold the resolution (one backend per process outside
+  tests), so the caches are cleared on the way in and, by ``_clear_forced``, out."""
+  jax.clear_caches()
+  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: name)
+  _FORCED.append(name)
+
+
+def _fake_platform(monkeypatch, platform):
+  """``jax.default_backend()`` says ``platform``; cleared caches as ``_use_backend``."""
+  jax.clear_caches()
+  monkeypatch.setattr(jax, "default_backend", lambda: platform)
+  _FORCED.append(platform)
+
+
+@pytest.fixture(autouse=True)
+def _clear_forced():
+  yield
+  if _FORCED:
+    _FORCED.clear()
+    jax.clear_caches()
+
+
 def test_gpu_elementwise_row_statistics():
   # _ew_online over a row's chunks, then _ew_reduce, against NumPy in float64:
   # chunks whose max rises, falls or stays; -inf entries and whole -inf
@@ -1213,7 +1240,7 @@ def test_cpu_dispatch_is_xla_and_explicit_pallas_says_why():
 
 
 def test_accelerator_dispatch(monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  _fake_platform(monkeypatch, "tpu")
   x = jnp.ones((2, 8), jnp.float32)
   # Kernels not yet verified on hardware are never the default, only on request.
   monkeypatch.setattr(_pallas, "VERIFIED_PLATFORMS", frozenset())
@@ -1231,7 +1258,7 @@ def test_accelerator_dispatch(monkeypatch):
   with pytest.raises(ValueError, match="empty"):
     _backend.resolve("softmax", "pallas", jnp.ones((0, 8), jnp.float32), (1,), None)
   # On a Hopper GPU the row must split into whole TMA chunks.
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  _fake_platform(monkeypatch, "gpu")
   monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
   monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
   # implementation=None: the kernels only for >= 128 rows of >= 2 KiB; below
@@ -1419,7 +1446,7 @@ def _naive_loss(x, t, w, z_loss):
 def test_losses_take_the_row_statistics_kernel(monkeypatch, be, dtype):
   # implementation="pallas" through the public losses, with the kernels in interpret
   # mode (the CPU has no "pallas" to resolve to), against the float64 definition.
-  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: be)
+  _use_backend(monkeypatch, be)
   x, labels, y, w = _loss_case(dtype)
   eps_, z = 0.1, 1e-3
   x64, w64 = np.asarray(x.astype(jnp.float32), np.float64), np.asarray(w)
@@ -1456,7 +1483,7 @@ def test_losses_take_the_row_statistics_kernel(monkeypatch, be, dtype):
 def test_losses_with_the_kernel_and_a_flag_per_example(monkeypatch, be):
   # A padding mask of one flag per example (the kernel reads the unmasked logits):
   # the masked example, whose logits are NaN, gives 0 and no gradient.
-  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: be)
+  _use_backend(monkeypatch, be)
   x, labels, _, _ = _loss_case(jnp.float32)
   x = x.at[4].set(jnp.nan)
   keep = jnp.arange(6) != 4
@@ -1482,7 +1509,7 @@ def test_losses_with_the_kernel_reverse_over_reverse(monkeypatch, be):
   # The statistics are residuals of the losses' custom_vjp, so a second
   # derivative differentiates the kernel's call too (as the XLA backend's
   # row_stats): against jax.grad of jax.grad of the float64 definition.
-  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: be)
+  _use_backend(monkeypatch, be)
   rng = np.random.default_rng(44)
   x = jnp.asarray(3.0 * rng.standard_normal((4, 256)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 256, 4))
@@ -1508,7 +1535,7 @@ def test_losses_with_the_kernel_reverse_over_reverse(monkeypatch, be):
 def test_a_float64_loss_keeps_to_xla(monkeypatch):
   # float32 logits with float64 soft labels make a float64 loss; the kernel's
   # statistics are float32, so "pallas" raises and None takes XLA.
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  _fake_platform(monkeypatch, "gpu")
   monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
   monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
   monkeypatch.setattr(_pallas, "preferred", lambda *a, **k: (True, True))  # were it timed
@@ -1532,7 +1559,7 @@ def test_losses_with_the_kernel_under_vmap(monkeypatch):
       x, labels, implementation="pallas"
     ).sum()
 
-  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: "pallas:gpu:interpret")
+  _use_backend(monkeypatch, "pallas:gpu:interpret")
   loss, dx = jax.jit(jax.vmap(jax.value_and_grad(total)))(x, labels)
   x64 = np.asarray(x, np.float64)
   lse = np.log(np.exp(x64).sum(-1))
@@ -1540,7 +1567,7 @@ def test_losses_with_the_kernel_under_vmap(monkeypatch):
   assert rel_err(loss, (lse - at_label).sum(-1)) <= 4 * eps(jnp.float32)
   ref_dx = np.exp(x64 - lse[..., None]) - np.eye(512)[np.asarray(labels)]
   assert rel_err(dx, ref_dx) <= 8 * eps(jnp.float32)
-  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: "pallas:gpu")
+  _use_backend(monkeypatch, "pallas:gpu")
   args = (jax.ShapeDtypeStruct((8, 512, 32000), jnp.bfloat16), jnp.zeros((8, 512), jnp.int32))
   f = jax.jit(jax.vmap(jax.value_and_grad(total)))
   text = jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
@@ -1577,7 +1604,7 @@ def test_losses_with_the_kernel_export_for_the_accelerators(monkeypatch, platfor
   # The whole loss, forward and backward, with the (non-interpret) kernel, as a
   # GPU or TPU would run it: integer labels on a ragged row too, soft labels.
   be = "pallas:gpu" if platform == "cuda" else "pallas:tpu"
-  monkeypatch.setattr(_backend, "resolve", lambda *a, **k: be)
+  _use_backend(monkeypatch, be)
   labels = jnp.zeros(64, jnp.int32)
   for cols in (32000, 50257):
     x = jax.ShapeDtypeStruct((64, cols), jnp.bfloat16)
@@ -1602,7 +1629,7 @@ def test_losses_dispatch(monkeypatch):
     )
   with pytest.raises(ValueError, match="softmax_cross_entropy: .implementation. must be one of"):
     jaxsoftmax.softmax_cross_entropy(x[:2], x[:2], implementation="triton")
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  _fake_platform(monkeypatch, "gpu")
   monkeypatch.setattr(_pallas, "_gpu_reason", lambda: None)
   monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
   assert _backend.resolve("softmax", None, x, (1,), None) == "pallas"
@@ -1641,6 +1668,6 @@ def test_losses_dispatch(monkeypatch):
   monkeypatch.setattr(_pallas, "_gpu_major", lambda: 10)  # verified on Hopper only
   assert _backend.resolve(int_ce, None, x, (1,), None) == "xla"
   monkeypatch.setattr(_pallas, "_gpu_major", lambda: 9)
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  _fake_platform(monkeypatch, "tpu")
   monkeypatch.setattr(_pallas, "VERIFIED_PLATFORMS", frozenset({"tpu", "gpu"}))
   assert _backend.resolve(int_ce, None, x, (1,), None) == "xla"
