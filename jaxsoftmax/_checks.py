@@ -242,7 +242,19 @@ def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
 
   def wrap(fn: Callable) -> Callable:
     signature = inspect.signature(fn)
-    jitted = jax.jit(fn, static_argnames=static)
+
+    # One jit per value of jax_debug_nans, which the losses read when traced (the
+    # forms that compute first and redo a NaN step aside while it is on) and
+    # which is not part of jit's cache key. Each jits a function of its own: jits
+    # of the same function share their traces.
+    def own(flag):
+      @functools.wraps(fn)
+      def traced(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+      return jax.jit(traced, static_argnames=static)
+
+    jitted = {flag: own(flag) for flag in (False, True)}
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
@@ -250,7 +262,7 @@ def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
       if all(
         _array(v) if name not in static else _hashable(v) for name, v in bound.arguments.items()
       ):
-        return jitted(*args, **kwargs)
+        return jitted[bool(jax.config.jax_debug_nans)](*args, **kwargs)
       return fn(*args, **kwargs)
 
     return call

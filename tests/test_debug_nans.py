@@ -125,3 +125,18 @@ def test_a_real_nan_is_still_reported():
     jax.grad(lambda x: jnp.sum(js.softmax_cross_entropy_with_integer_labels(x, LABELS + 3)))(
       jnp.asarray(X, jnp.float32)
     )
+
+
+def test_the_flag_in_force_when_traced_picks_the_form():
+  # The losses run through a cached jit; the flag is not part of jit's cache key,
+  # so a trace made with it off must not serve a call with it on (the CPU's
+  # compute-then-redo form, a cond, makes 0 * -inf here).
+  x = jnp.asarray(NEG_INF, jnp.float32)
+
+  def jaxpr():
+    loss = lambda x: jnp.sum(js.softmax_cross_entropy(x, ONE_HOT))  # noqa: E731
+    return str(jax.make_jaxpr(jax.grad(loss))(x))
+
+  assert "cond" in jaxpr()  # flag off: the fast form, traced and cached first
+  with jax.debug_nans(True):
+    assert "cond" not in jaxpr()
