@@ -863,8 +863,13 @@ def _put_at_label(dx, y, a, v, scatter):
   ``scatter`` (``lax.scatter`` sets, ``lax.scatter_add`` adds); a label outside this
   block (another device's class) writes nothing."""
   bshape = dx.shape[:a] + (1,) + dx.shape[a + 1 :]
-  idx = [lax.broadcasted_iota(y.dtype, bshape, i) for i in range(dx.ndim)]
-  idx[a] = jnp.broadcast_to(y, bshape)
+  y = jnp.broadcast_to(y, bshape)
+  # The counters plus a zero made from y: under vmap over an axis that an
+  # explicit mesh splits, an unbatched counter is broadcast unsplit, and
+  # stacking it with the split labels is a sharding error.
+  zero = y * 0  # (zeros_like would not depend on y: unbatched again)
+  idx = [lax.broadcasted_iota(y.dtype, bshape, i) + zero for i in range(dx.ndim)]
+  idx[a] = y
   dnums = lax.ScatterDimensionNumbers(
     update_window_dims=(),
     inserted_window_dims=tuple(range(dx.ndim)),
