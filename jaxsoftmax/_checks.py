@@ -26,10 +26,9 @@ def float_input(fn: str, name: str, x: ArrayLike) -> jax.Array:
   """Returns ``x`` as a floating array.
 
   Integers are promoted to the default float dtype (float64 under x64, where
-  ``jax.nn`` keeps float32);
-  complex and boolean input raise ``TypeError`` (``jax.nn`` refuses booleans
-  too: a boolean ``x`` is most likely a mask meant for ``where``). The dtype to compute in is
-  :func:`compute_dtype` of the result.
+  ``jax.nn`` keeps float32). Complex and boolean input raise ``TypeError``
+  (``jax.nn`` refuses booleans too: a boolean ``x`` is most likely a mask meant
+  for ``where``). The dtype to compute in is :func:`compute_dtype` of the result.
   """
   if isinstance(x, complex):
     raise TypeError(f"{fn}: `{name}` is a complex number; expected a real floating array.")
@@ -226,6 +225,14 @@ def check_precision(fn: str, precision):
   return precision
 
 
+def nan_free_intermediates() -> bool:
+  """Whether ``jax_debug_nans`` is on: the losses' forms that compute first and redo
+  the rare NaN case (``lax.cond`` on the CPU) then step aside for the guarded
+  ones, which make no NaN that is not in the result. Read when a loss is traced,
+  and so part of ``compiled_when_eager``'s cache key."""
+  return bool(jax.config.jax_debug_nans)
+
+
 def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
   """Decorator: a call runs through one cached ``jax.jit`` of the function, with the
   arguments named in ``static`` static.
@@ -243,18 +250,17 @@ def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
   def wrap(fn: Callable) -> Callable:
     signature = inspect.signature(fn)
 
-    # One jit per value of jax_debug_nans, which the losses read when traced (the
-    # forms that compute first and redo a NaN step aside while it is on) and
-    # which is not part of jit's cache key. Each jits a function of its own: jits
-    # of the same function share their traces.
-    def own(flag):
+    # One jit per value of `nan_free_intermediates`, which the losses read when
+    # traced and which is not part of jit's cache key. Each jits a function of its
+    # own: jits of the same function share their traces.
+    def own_jit():
       @functools.wraps(fn)
       def traced(*args, **kwargs):
         return fn(*args, **kwargs)
 
       return jax.jit(traced, static_argnames=static)
 
-    jitted = {flag: own(flag) for flag in (False, True)}
+    jitted = {flag: own_jit() for flag in (False, True)}
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
@@ -262,7 +268,7 @@ def compiled_when_eager(*static: str) -> Callable[[Callable], Callable]:
       if all(
         _array(v) if name not in static else _hashable(v) for name, v in bound.arguments.items()
       ):
-        return jitted[bool(jax.config.jax_debug_nans)](*args, **kwargs)
+        return jitted[nan_free_intermediates()](*args, **kwargs)
       return fn(*args, **kwargs)
 
     return call

@@ -37,6 +37,7 @@ from ._checks import (
   float_input,
   float_option,
   integer_labels,
+  nan_free_intermediates,
   normalize_axes,
 )
 from ._stats import (
@@ -44,7 +45,6 @@ from ._stats import (
   log_normalizer,
   masked,
   nan_at,
-  nan_free_intermediates,
   per_slice,
   psum_wide,
   read_apart,

@@ -179,13 +179,6 @@ def nan_at(bad: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(bad, poison, x)
 
 
-def nan_free_intermediates() -> bool:
-  """Whether ``jax_debug_nans`` is on: the forms that compute first and redo the
-  rare NaN case (``lax.cond`` on the CPU) then step aside for the guarded ones,
-  which make no NaN that is not in the result."""
-  return bool(jax.config.jax_debug_nans)
-
-
 def finite_shift(m: jax.Array) -> jax.Array:
   """The max ``m`` as a shift: 0 for a slice with no finite entry (m == -inf)."""
   return jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
