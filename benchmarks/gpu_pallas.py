@@ -772,13 +772,28 @@ LONG = [(1024, 65536), (128, 262144)]
 #   0.97x forward, 1.00x backward (0.91-0.94x / 0.97-0.98x on the H200): now
 #   the forward's default (``wide_16bit_stream``);
 # - two passes at 4096 x 16384 bfloat16: 1.00x / 0.99x.
-# Timed next: 4096 x 50257 (ragged bulk copies), 4096 x 1024 and 4096 x 4096
-# (short rows in registers), 4096 x 32000, 128 x 262144, 4096 x 16384, 1024 x
-# 65536.
+# Then on the H200 (T1934Z, every cell reached):
+# - ragged rows by bulk copies at 4096 x 50257: forward 0.87x (bfloat16) and
+#   0.94x (float32), backward 0.63x (bfloat16 pairs bulk copied) and 1.00x
+#   (float32: s bulk copied, g read twice): now the default
+#   (``ragged_bulk_bytes``); ragged rows read twice with the second pass first
+#   to last, 1.01-1.03x: no longer timed;
+# - short rows in registers: 0.97-1.02x forward, 0.93-1.00x backward at 4096 x
+#   1024 and 4096 x 4096: not adopted, still timed;
+# - log_softmax's live flag in its own pass: 1.00x / 1.00-1.15x: the default
+#   (in the row sum) holds on the H200 too; bfloat16 pairs past 64 KiB split,
+#   log_softmax at 4096 x 32000: 1.03x / 0.88x;
+# - 16-bit chunks of 8192 elements: 1.37x / 0.99x at 4096 x 16384, 0.92x /
+#   0.96x at 1024 x 65536; the streamed forward's 8 KiB chunks 1.08x (the
+#   default's 16 KiB hold); streamed clusters of 2: 0.98-1.03x / 0.99x, of 8:
+#   1.02-1.95x / 0.96-0.98x.
+# Timed next: 4096 x 50257 and 4096 x 4097 (ragged rows: the bulk copies
+# against the direct reads), then as before.
 
 HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
 VOCAB = (4096, 32000)
 RAGGED = (4096, 50257)  # GPT-2's vocabulary: no TMA row pitch
+RAGGED_SHORT = (4096, 4097)  # ragged rows of a few chunks (held in registers when read directly)
 LOG = "log_softmax: "  # a variant timed on log_softmax rather than softmax
 
 # Why log_softmax's backward lags softmax's where a pair of rows is kept whole
@@ -803,20 +818,17 @@ def _pairs_split(dtype: str):
 VARIANTS = {
   "default": (
     lambda: gpu.Config(),
-    [RAGGED, HELD[2], HELD[0], VOCAB, LONG[1], HELD[1], LONG[0]],
+    [RAGGED, RAGGED_SHORT, HELD[2], HELD[0], VOCAB, LONG[1], HELD[1], LONG[0]],
   ),
-  # Ragged rows by bulk copies of their aligned interior, read once
-  # (``Config.ragged_bulk_bytes``): the forward, and the backward's 16-bit pairs;
-  # float32's (2 x 196 KiB) do not fit, and bulk copy s alone, reading g twice
-  # (``ragged_bulk_g_twice``). The default reads them twice element by element
-  # (54-62% of copy on the H100, T0116Z). New: first run on a GPU.
-  "ragged rows: bulk copies": (lambda: gpu.Config(ragged_bulk_bytes=200 * 1024), [RAGGED]),
-  # Ragged rows read twice with the second pass first to last, as before
-  # 2026-11-27: the default now takes the last chunk first (``reverse_write``,
-  # as streamed rows do), untimed.
-  "ragged rows: second pass first to last": (
-    lambda: gpu.Config(reverse_write=False),
-    [RAGGED],
+  # Ragged rows read directly from HBM element by element (twice, or once where
+  # held in registers: 4097 columns forward), the default before T1934Z, against
+  # the bulk copies of their aligned interior (``Config.ragged_bulk_bytes``),
+  # timed on an H200 at 4096 x 50257 only; log_softmax's backward too, which
+  # implementation=None leaves on XLA for ragged rows.
+  "ragged rows: direct reads": (lambda: gpu.Config(ragged_bulk_bytes=0), [RAGGED, RAGGED_SHORT]),
+  LOG + "ragged rows: direct reads": (
+    lambda: gpu.Config(ragged_bulk_bytes=0),
+    [RAGGED, RAGGED_SHORT],
   ),
   # Short rows held in registers (``Config.register_elems``): 16-byte vector
   # loads from HBM and stores from registers, no TMA, SMEM or barrier, as XLA's

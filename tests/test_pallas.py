@@ -164,6 +164,9 @@ def test_tpu_kernels_interpret(cols, be, dtype):
 # --------------------------------------------------------- GPU kernels, interpret mode
 
 GPU_DEFAULT = ops.make(gpu, gpu.Config(interpret=True))
+# Ragged rows read from HBM element by element, as the default does past its
+# bulk copies' 200 KiB (Config.ragged_bulk_bytes).
+GPU_RAGGED_DIRECT = ops.make(gpu, gpu.Config(interpret=True, ragged_bulk_bytes=0))
 # A tiny shared-memory budget, so that the rows stream through the online path
 # (not split over a cluster), in the default form for streamed forward rows
 # (per-element statistics, approximate math, 6 stages in 16 bits).
@@ -204,7 +207,8 @@ GPU_SPLIT_WHOLE = ops.make(
 )
 GPU_BWD_STREAMS = ops.make(gpu, gpu.Config(**{**STREAM, "row_bytes": 1 << 20}))
 # The same with the write pass taking the chunks first to last.
-GPU_SMALL_FORWARD = ops.make(gpu, gpu.Config(**STREAM, reverse_write=False))
+# (Ragged rows: read twice directly, not bulk copied.)
+GPU_SMALL_FORWARD = ops.make(gpu, gpu.Config(**STREAM, reverse_write=False, ragged_bulk_bytes=0))
 # Chunks that overlap (Plan.ov): near 1024 elements, 1280 columns are 5 sub-rows
 # of 256 in 2 chunks of 3 (the second from sub-row 2), 1152 are 9 of 128 in 2 of
 # 5 (the second from 4); kept whole.
@@ -217,7 +221,7 @@ ROW_STATS = dict(elementwise_stats=True)
 GPU_SMALL_ROW_STATS = ops.make(gpu, gpu.Config(**STREAM, **ROW_STATS))
 GPU_OVERLAP_ROW_STATS = ops.make(gpu, gpu.Config(**OVERLAP, **ROW_STATS))
 GPU_SPLIT_ROW_STATS = ops.make(gpu, gpu.Config(**SPLIT, **ROW_STATS))
-GPU_ROW_STATS = ops.make(gpu, gpu.Config(interpret=True, **ROW_STATS))
+GPU_ROW_STATS = ops.make(gpu, gpu.Config(interpret=True, ragged_bulk_bytes=0, **ROW_STATS))
 # Rows kept whole, the max and then the normaliser (Config.held_two_pass): with
 # an overlapping chunk, and 8 chunks of 256 that divide the row.
 TWO_PASS = dict(**ROW_STATS, held_two_pass=True)
@@ -299,10 +303,14 @@ GPU_CASES = [
   # 4375 sub-rows of 16, 18 chunks of 248, the last from 4127: the forward in 2
   # parts (float32) or one, the backward's pairs streamed
   (70000, GPU_DEFAULT, "70000-overlap-split-default"),
-  # Ragged rows (not a multiple of 16 bytes): chunks of 2048 elements in registers.
-  (129, GPU_DEFAULT, "129-ragged"),  # 2 chunks of 128: the second from 1
-  (4097, GPU_DEFAULT, "4097-ragged"),  # 3 chunks: the last from 2049
-  (20001, GPU_DEFAULT, "20001-ragged"),  # 10 chunks: the last from 17953
+  # Ragged rows (not a multiple of 16 bytes): an interior too short for a bulk
+  # copy, chunks of 2048 elements in registers (2 chunks of 128: the second from 1)
+  (129, GPU_DEFAULT, "129-ragged"),
+  # bulk copies of the interior (4064 float32, 4032 16-bit elements) in 2 chunks
+  # of 3968, the last overlapping, and the windows either side
+  (4097, GPU_DEFAULT, "4097-ragged"),
+  # read twice directly: 10 chunks, the last from 17953
+  (20001, GPU_RAGGED_DIRECT, "20001-ragged"),
   (1280, GPU_SMALL_ROW_STATS, "1280-online-row-stats"),
   (1152, GPU_OVERLAP_ROW_STATS, "1152-overlap-fits-row-stats"),
   (2048, GPU_SPLIT_ROW_STATS, "2048-split-row-stats"),
@@ -1065,13 +1073,15 @@ def test_kernels_are_named_for_profilers():
     text = ""
     for f, args in (_kernels(mod)[f"{op}_{d}"] for d in ("fwd", "bwd")):
       text += jax.export.export(jax.jit(f), platforms=[platform])(*args(x)).mlir_module()
-    return sorted(set(re.findall(r"jaxsoftmax_[a-z_]*?_(?:fwd|bwd)_[a-z]+(?=_mosaic|\b)", text)))
+    found = re.findall(r"jaxsoftmax_[a-z_]*?_(?:fwd|bwd)_[a-z_]+?(?=_mosaic|\b)", text)
+    return sorted(set(found))
 
   expected = [
     ((4096, 1024), False, ["softmax_bwd_rows", "softmax_fwd_rows"]),
     ((1024, 65536), True, ["log_softmax_bwd_split", "log_softmax_fwd_split"]),
     ((128, 262144), False, ["softmax_bwd_streamed", "softmax_fwd_streamed"]),
-    ((8, 4097), True, ["log_softmax_bwd_ragged", "log_softmax_fwd_ragged"]),
+    ((8, 4097), True, ["log_softmax_bwd_ragged_bulk", "log_softmax_fwd_ragged_bulk"]),
+    ((8, 129), True, ["log_softmax_bwd_ragged", "log_softmax_fwd_ragged"]),
   ]
   for shape, log, want in expected:
     assert names(gpu, "cuda", shape, log) == ["jaxsoftmax_" + n for n in want], shape
@@ -1268,8 +1278,10 @@ def test_accelerator_dispatch(monkeypatch):
     ((128, 4096), jnp.float32, "pallas", "pallas"),  # 16 KiB rows
     ((128, 4096), jnp.bfloat16, "xla/pallas", "xla/pallas"),  # 8 KiB rows
     ((4, 32, 1024), jnp.float32, "xla/pallas", "xla/pallas"),  # 128 rows of 4 KiB
-    ((128, 4097), jnp.bfloat16, "xla", "xla"),  # ragged 8 KiB rows: XLA both ways
-    ((128, 4097), jnp.float32, "pallas/xla", "pallas/xla"),  # ragged 16 KiB rows
+    # Ragged rows: softmax's backward on the kernel where its pair is bulk
+    # copied (up to 200 KiB), log_softmax's on XLA; 8 KiB rows: XLA's forward
+    ((128, 4097), jnp.bfloat16, "xla/pallas", "xla"),
+    ((128, 4097), jnp.float32, "pallas", "pallas/xla"),  # 16 KiB rows
     ((128, 1024), jnp.bfloat16, "xla/pallas", "xla/pallas"),  # 2 KiB rows
     ((128, 1016), jnp.bfloat16, "xla", "xla"),  # just short of 2 KiB
     ((4096, 512), jnp.bfloat16, "xla", "xla"),  # 1 KiB rows
@@ -1279,7 +1291,8 @@ def test_accelerator_dispatch(monkeypatch):
     ((128, 262144), jnp.bfloat16, "pallas", "pallas/xla"),
     ((128, 65536), jnp.float32, "pallas", "pallas"),  # its backward splits in 8 parts
     ((128, 32000), jnp.bfloat16, "pallas", "pallas"),  # overlapping chunks: faster on an H100
-    ((128, 50257), jnp.bfloat16, "pallas/xla", "pallas/xla"),  # ragged: XLA's backward
+    ((128, 50257), jnp.bfloat16, "pallas", "pallas/xla"),  # ragged, a pair of 2 x 98 KiB
+    ((128, 50257), jnp.float32, "pallas/xla", "pallas/xla"),  # 2 x 196 KiB: XLA's backward
   ]:
     x = jnp.ones(shape, dtype)
     assert _backend.resolve("softmax", None, x, (-1,), None) == want_softmax, shape

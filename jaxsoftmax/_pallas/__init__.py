@@ -44,10 +44,14 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # took 0.48-0.68x jax.nn's forward time and 0.63-0.87x its backward's
 # (benchmarks/results/gpu_pallas-2026-11-26T1329Z.md, T1348Z). Ragged rows (not
 # a multiple of 16 bytes: 50257) passed there too; at 4096 x 50257 their forward
-# took 0.81-0.83x jax.nn's time but their backward 1.05-1.13x, so they take the
-# kernel forward and XLA's backward ("pallas/xla": softmax 492 + 699 us against
-# jax.nn's 607 + 696 in bfloat16). An explicit implementation="pallas" runs both
-# directions on the kernels.
+# took 0.81-0.83x jax.nn's time but their backward, reading each row twice
+# element by element, 1.05-1.13x, so they took the kernel forward and XLA's
+# backward ("pallas/xla": softmax 492 + 699 us against jax.nn's 607 + 696 in
+# bfloat16). Since their rows move by bulk copies (``gpu.Config.ragged_bulk_bytes``,
+# read once), softmax's backward of pairs that fit took 0.63x the time of the
+# direct reads at 4096 x 50257 bfloat16 on an H200 (T1934Z), where XLA's took
+# 0.91x: that backward takes the kernel (``preferred``). An explicit
+# implementation="pallas" runs both directions on the kernels.
 OPS = ("softmax", "log_softmax")
 GPU_MIN_ROW_BYTES = 2 * 1024
 GPU_MIN_ROWS = 128
@@ -122,7 +126,10 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, 
 
   p = gpu.plan(cols, dtype)
   if not isinstance(p, gpu.Plan):
-    return fwd, False  # ragged rows: the forward's kernel, the backward on XLA
+    # Ragged rows: softmax's backward takes the kernel where both rows of a pair
+    # are bulk copied into SMEM, read once (see above OPS); log_softmax's
+    # (untimed so) and the rest, XLA's.
+    return fwd, op == "softmax" and gpu.ragged_bwd_bulk(cols, dtype, gpu.Config())[1]
   streams = gpu.route(rows, p, dtype, gpu.Config(), backward=True)[0] == "streamed"
   if op == "log_softmax" and streams:
     # log_softmax's backward on pairs of rows too long to split (past 8 parts of
