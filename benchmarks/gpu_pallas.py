@@ -787,8 +787,19 @@ LONG = [(1024, 65536), (128, 262144)]
 #   0.96x at 1024 x 65536; the streamed forward's 8 KiB chunks 1.08x (the
 #   default's 16 KiB hold); streamed clusters of 2: 0.98-1.03x / 0.99x, of 8:
 #   1.02-1.95x / 0.96-0.98x.
-# Timed next: 4096 x 50257 and 4096 x 4097 (ragged rows: the bulk copies
-# against the direct reads), then as before.
+# No longer timed: log_softmax's live flag in its own pass, two passes, the
+# 8 KiB streamed chunks, streamed clusters of 2; 16-bit chunks of 8192 elements
+# at 1024 x 65536 only. Then on the H200 (T1949Z, T1952Z, ragged rows, bulk
+# copies the default): the direct reads took 1.16x and 1.06x the forward's time
+# at 4096 x 50257 (log_softmax 1.28x, 1.15x), the backward 1.57x in bfloat16
+# (log_softmax 1.14x) and 0.98x in float32, where s alone was bulk copied and g
+# read twice (log_softmax 0.77x): that form is now off
+# (``ragged_bulk_g_twice``). At 4096 x 4097 the rows held in registers took
+# 0.70x and 0.92x the bulk copies' forward time (log_softmax 0.92x, 1.00x): held
+# rows keep them; the backward's bulk pairs 0.79x and 0.98x of the direct
+# reads' time (log_softmax 0.92x, 0.88x).
+# Timed next: 4096 x 50257 and 4096 x 4097 (the direct reads against the new
+# defaults), then as before.
 
 HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
 VOCAB = (4096, 32000)
@@ -818,13 +829,12 @@ def _pairs_split(dtype: str):
 VARIANTS = {
   "default": (
     lambda: gpu.Config(),
-    [RAGGED, RAGGED_SHORT, HELD[2], HELD[0], VOCAB, LONG[1], HELD[1], LONG[0]],
+    [RAGGED, RAGGED_SHORT, HELD[2], HELD[0], VOCAB, LONG[1], LONG[0]],
   ),
   # Ragged rows read directly from HBM element by element (twice, or once where
   # held in registers: 4097 columns forward), the default before T1934Z, against
   # the bulk copies of their aligned interior (``Config.ragged_bulk_bytes``),
-  # timed on an H200 at 4096 x 50257 only; log_softmax's backward too, which
-  # implementation=None leaves on XLA for ragged rows.
+  # first timed on an H200 (T1934Z, T1949Z); log_softmax's too.
   "ragged rows: direct reads": (lambda: gpu.Config(ragged_bulk_bytes=0), [RAGGED, RAGGED_SHORT]),
   LOG + "ragged rows: direct reads": (
     lambda: gpu.Config(ragged_bulk_bytes=0),
@@ -838,29 +848,8 @@ VARIANTS = {
   # 1024). 8192 elements: both directions at both shapes. New: first run on a GPU.
   "short rows: registers": (lambda: gpu.Config(register_elems=8192), HELD[2::-2]),
   LOG + "short rows: registers": (lambda: gpu.Config(register_elems=8192), HELD[2::-2]),
-  # log_softmax (a name starting LOG, timed with the default's log_softmax)
-  # with its backward's live flag in a pass of its own over l, the default
-  # until T0116Z: whether gathering it in the row sum pays on other GPUs too.
-  LOG + "backward: live flag in its own pass": (
-    lambda: gpu.Config(live_in_rowsum=False),
-    [VOCAB, HELD[1]],
-  ),
   # The pairs of rows kept whole one CTA an SM, split in two (see _pairs_split).
   LOG + "backward: bfloat16 pairs past 64 KiB split": (_pairs_split("bfloat16"), [VOCAB]),
-  # 16-bit rows kept whole: the max, then the normaliser, in two passes over
-  # SMEM (``Config.held_two_pass``): fewer operations an element than the
-  # default's online form.
-  "row statistics in two passes": (
-    lambda: {"bfloat16": gpu.Config(held_two_pass=True)},
-    HELD[:2],
-  ),
-  # The forward's streamed 16-bit rows in chunks of 8 KiB (6 stages), the
-  # default before ``Config.wide_16bit_stream``: whether its 16 KiB chunks pay
-  # on this GPU too.
-  "16-bit streamed forward: 8 KiB chunks": (
-    lambda: {"bfloat16": gpu.Config(wide_16bit_stream=False)},
-    LONG[1:],
-  ),
   # 16-bit rows in chunks of 8192 elements (16 KiB, as float32's 4096) on every
   # path: the whole rows and split rows of both passes, whose 16-bit cells lag
   # float32's (H100, T0116Z: 89% against 91% of copy forward at 4096 x 16384,
@@ -869,15 +858,8 @@ VARIANTS = {
   # 4096 x 4096 a row is one chunk either way.)
   "16-bit: chunks of 8192 elements": (
     lambda: {"bfloat16": gpu.Config(chunk_elems=8192)},
-    [HELD[1], LONG[0]],
+    [LONG[0]],
   ),
-  # Streamed rows shared by a cluster of 2 CTAs (``Config.stream_cluster``),
-  # each streaming half the row's chunks twice and swapping partial statistics:
-  # 128 rows on 256 CTAs, so most SMs hold two warpgroups. Clusters of 4 took
-  # 0.87-1.00x the default's time on the H100 when streamed 16-bit rows had 3
-  # stages (T1329Z), behind the 6 stages since adopted; the two together are
-  # untimed.
-  "streamed rows: clusters of 2": (lambda: gpu.Config(stream_cluster=2), LONG[1:]),
   # Clusters of 8: each CTA streams an eighth of the row (128 KiB in float32)
   # twice, so that the bytes read between a chunk's two reads are those of the
   # rows in flight (one or two CTAs an SM: 16-33 rows, 8-33 MiB), within the
@@ -1034,7 +1016,7 @@ def _paths(shape, dtype, cfg) -> str:
   """Which kernel path the forward and the backward take (``gpu.route``)."""
   p = gpu.plan(shape[1], dtype, cfg)
   if isinstance(p, str):  # (ragged rows)
-    fwd = "ragged bulk" if gpu._bulk_interior(shape[1], dtype, cfg) else "ragged"
+    fwd = "ragged bulk" if gpu.ragged_fwd_bulk(shape[1], dtype, cfg) else "ragged"
     n, hold_g = gpu.ragged_bwd_bulk(shape[1], dtype, cfg)
     return f"{fwd} / {('ragged bulk' if hold_g else 'ragged bulk, g twice') if n else 'ragged'}"
   (fk, fn), (bk, bn) = (gpu.route(shape[0], p, dtype, cfg, b) for b in (False, True))

@@ -249,9 +249,10 @@ GPU_ROWSUM_FLAG = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live
 GPU_FLAG_PASS = ops.make(gpu, gpu.Config(interpret=True, chunk_elems=256, live_in_rowsum=False))
 # Ragged rows through bulk copies of their 16-byte aligned interior, forward and
 # backward (Config.ragged_bulk_bytes): the six rows start 0-3 float32 (0-7 16-bit)
-# elements before an aligned one, so each lead occurs; 4097 columns are an
-# interior of 4064 float32 (4032 16-bit) in chunks of 1024, the last
-# overlapping, and a tail of 30-33 (58-65).
+# elements before an aligned one, so each lead occurs; 8999 columns (5 chunks
+# of 2048 when read directly: past those held in registers) are an interior of
+# 8992 float32 (8960 16-bit) in 9 chunks of 1024, the last overlapping, and a
+# tail of 4-7 (32-39).
 GPU_RAGGED_BULK = ops.make(
   gpu, gpu.Config(interpret=True, chunk_elems=1024, ragged_bulk_bytes=1 << 20)
 )
@@ -263,7 +264,8 @@ GPU_RAGGED_BULK = ops.make(
 # chunks, the last overlapping), float32's rows past the budget read twice
 # directly.
 GPU_RAGGED_BULK_G_TWICE = ops.make(
-  gpu, gpu.Config(interpret=True, chunk_elems=1024, ragged_bulk_bytes=20000)
+  gpu,
+  gpu.Config(interpret=True, chunk_elems=1024, ragged_bulk_bytes=20000, ragged_bulk_g_twice=True),
 )
 # Short rows held in registers (Config.register_elems), read by 16-byte vectors
 # straight from HBM: 2000 columns in 2 chunks, the last overlapping (float32:
@@ -306,8 +308,10 @@ GPU_CASES = [
   # Ragged rows (not a multiple of 16 bytes): an interior too short for a bulk
   # copy, chunks of 2048 elements in registers (2 chunks of 128: the second from 1)
   (129, GPU_DEFAULT, "129-ragged"),
-  # bulk copies of the interior (4064 float32, 4032 16-bit elements) in 2 chunks
-  # of 3968, the last overlapping, and the windows either side
+  # the forward's rows held in registers (3 chunks: the last from 2049), the
+  # backward's pairs bulk copied (interiors of 4064 float32, 4032 16-bit
+  # elements, in 2 chunks of 3968, the last overlapping, and the windows either
+  # side)
   (4097, GPU_DEFAULT, "4097-ragged"),
   # read twice directly: 10 chunks, the last from 17953
   (20001, GPU_RAGGED_DIRECT, "20001-ragged"),
@@ -321,7 +325,7 @@ GPU_CASES = [
   (2048, GPU_CHUNKS_TWO_PASS, "2048-fits-two-pass"),
   (1000, GPU_SPLIT_OVERLAP, "1000-overlap-split"),
   (2048, GPU_ROWSUM_FLAG, "2048-fits-rowsum-flag"),
-  (4097, GPU_RAGGED_BULK, "4097-ragged-bulk"),
+  (8999, GPU_RAGGED_BULK, "8999-ragged-bulk"),
   (1152, GPU_FLAG_PASS, "1152-overlap-fits-flag-pass"),
   (2000, GPU_REGISTERS, "2000-registers-overlap"),
   (8192, GPU_REGISTERS, "8192-registers-forward"),
@@ -923,20 +927,20 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   for base in range(3 * 16 // size):
     lead = int(gpu._bulk_lead(jnp.int32(base), dtype))
     assert 0 <= lead < 16 // size and (base + lead) * size % 16 == 0, (base, lead)
-  # Bulk copies (Config.ragged_bulk_bytes, 200 KiB): the forward at 4097 and
-  # 50257 columns (129 have too short an interior, and keep the direct loads),
-  # the backward's pairs at 4097, and at 50257 in 16 bits (2 x 98 KiB); float32's
-  # (2 x 196 KiB) bulk copy s alone and read g twice (Config.ragged_bulk_g_twice),
-  # or without that keep the direct loads.
-  bulk = _gpu_kernels(ragged_bulk_bytes=200 * 1024)
-  _lowers(bulk, "cuda", dtype, RAGGED_SHAPES)
+  # The default's bulk copies (Config.ragged_bulk_bytes, 200 KiB): the forward at
+  # 50257 columns (at 4097 its rows are held in registers, read once; 129 have
+  # too short an interior), the backward's pairs at 4097, and at 50257 in 16
+  # bits (2 x 98 KiB); float32's (2 x 196 KiB) keep the direct loads, or with
+  # Config.ragged_bulk_g_twice bulk copy s alone and read g twice.
+  bulk = _gpu_kernels()
+  _lowers(_gpu_kernels(ragged_bulk_g_twice=True), "cuda", dtype, RAGGED_SHAPES)
   if size == 4:
-    pairs_only = _gpu_kernels(ragged_bulk_bytes=200 * 1024, ragged_bulk_g_twice=False)
-    b = lambda x: pairs_only.softmax_bwd_2d(x, x, log=False)  # noqa: E731
+    g_twice = _gpu_kernels(ragged_bulk_g_twice=True)
+    b = lambda x: g_twice.softmax_bwd_2d(x, x, log=False)  # noqa: E731
     text = _cuda_module(b, jax.ShapeDtypeStruct(RAGGED_SHAPES[2], dtype))
-    assert re.search(r"jaxsoftmax_softmax_bwd_ragged(?=_mosaic|\b)", text)
-  wide = "ragged_bulk_g_twice" if size == 4 else "ragged_bulk"
-  paths = [("ragged", "ragged"), ("ragged_bulk", "ragged_bulk"), ("ragged_bulk", wide)]
+    assert re.search(r"jaxsoftmax_softmax_bwd_ragged_bulk_g_twice(?=_mosaic|\b)", text)
+  wide = "ragged" if size == 4 else "ragged_bulk"
+  paths = [("ragged", "ragged"), ("ragged", "ragged_bulk"), ("ragged_bulk", wide)]
   for shape, (fwd, bwd) in zip(RAGGED_SHAPES, paths, strict=True):
     x = jax.ShapeDtypeStruct(shape, dtype)
     f = lambda x: bulk.softmax_fwd_2d(x, log=False)[0]  # noqa: E731
@@ -1080,7 +1084,9 @@ def test_kernels_are_named_for_profilers():
     ((4096, 1024), False, ["softmax_bwd_rows", "softmax_fwd_rows"]),
     ((1024, 65536), True, ["log_softmax_bwd_split", "log_softmax_fwd_split"]),
     ((128, 262144), False, ["softmax_bwd_streamed", "softmax_fwd_streamed"]),
-    ((8, 4097), True, ["log_softmax_bwd_ragged_bulk", "log_softmax_fwd_ragged_bulk"]),
+    # (the forward's rows held in registers; the backward's pairs bulk copied)
+    ((8, 4097), True, ["log_softmax_bwd_ragged_bulk", "log_softmax_fwd_ragged"]),
+    ((8, 20001), False, ["softmax_bwd_ragged_bulk", "softmax_fwd_ragged_bulk"]),
     ((8, 129), True, ["log_softmax_bwd_ragged", "log_softmax_fwd_ragged"]),
   ]
   for shape, log, want in expected:
@@ -1278,10 +1284,10 @@ def test_accelerator_dispatch(monkeypatch):
     ((128, 4096), jnp.float32, "pallas", "pallas"),  # 16 KiB rows
     ((128, 4096), jnp.bfloat16, "xla/pallas", "xla/pallas"),  # 8 KiB rows
     ((4, 32, 1024), jnp.float32, "xla/pallas", "xla/pallas"),  # 128 rows of 4 KiB
-    # Ragged rows: softmax's backward on the kernel where its pair is bulk
-    # copied (up to 200 KiB), log_softmax's on XLA; 8 KiB rows: XLA's forward
-    ((128, 4097), jnp.bfloat16, "xla/pallas", "xla"),
-    ((128, 4097), jnp.float32, "pallas", "pallas/xla"),  # 16 KiB rows
+    # Ragged rows: the backward on the kernel where its pair is bulk copied (up
+    # to 200 KiB), else XLA's; 8 KiB rows: XLA's forward
+    ((128, 4097), jnp.bfloat16, "xla/pallas", "xla/pallas"),
+    ((128, 4097), jnp.float32, "pallas", "pallas"),  # 16 KiB rows
     ((128, 1024), jnp.bfloat16, "xla/pallas", "xla/pallas"),  # 2 KiB rows
     ((128, 1016), jnp.bfloat16, "xla", "xla"),  # just short of 2 KiB
     ((4096, 512), jnp.bfloat16, "xla", "xla"),  # 1 KiB rows
@@ -1291,7 +1297,8 @@ def test_accelerator_dispatch(monkeypatch):
     ((128, 262144), jnp.bfloat16, "pallas", "pallas/xla"),
     ((128, 65536), jnp.float32, "pallas", "pallas"),  # its backward splits in 8 parts
     ((128, 32000), jnp.bfloat16, "pallas", "pallas"),  # overlapping chunks: faster on an H100
-    ((128, 50257), jnp.bfloat16, "pallas", "pallas/xla"),  # ragged, a pair of 2 x 98 KiB
+    ((128, 50257), jnp.bfloat16, "pallas", "pallas"),  # ragged, a pair of 2 x 98 KiB
+    ((128, 2049), jnp.float32, "xla", "xla"),  # ragged 8 KiB rows, a pair held in registers
     ((128, 50257), jnp.float32, "pallas/xla", "pallas/xla"),  # 2 x 196 KiB: XLA's backward
   ]:
     x = jnp.ones(shape, dtype)
@@ -1307,6 +1314,8 @@ def test_accelerator_dispatch(monkeypatch):
     ((128, 65536), jnp.float32, "pallas/xla"),
     ((128, 64640), jnp.float32, "pallas"),  # (split, as 65536)
     ((128, 32000), jnp.bfloat16, "pallas/xla"),
+    ((128, 50257), jnp.bfloat16, "pallas/xla"),  # (ragged)
+    ((128, 20001), jnp.bfloat16, "pallas"),
     ((128, 31744), jnp.float16, "pallas"),
     ((128, 32000), jnp.float32, "pallas"),
     ((128, 262144), jnp.float32, "pallas/xla"),

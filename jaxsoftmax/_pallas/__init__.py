@@ -48,10 +48,14 @@ VERIFIED_PLATFORMS: frozenset[str] = frozenset({"gpu"})
 # element by element, 1.05-1.13x, so they took the kernel forward and XLA's
 # backward ("pallas/xla": softmax 492 + 699 us against jax.nn's 607 + 696 in
 # bfloat16). Since their rows move by bulk copies (``gpu.Config.ragged_bulk_bytes``,
-# read once), softmax's backward of pairs that fit took 0.63x the time of the
-# direct reads at 4096 x 50257 bfloat16 on an H200 (T1934Z), where XLA's took
-# 0.91x: that backward takes the kernel (``preferred``). An explicit
-# implementation="pallas" runs both directions on the kernels.
+# read once), the backward of pairs that fit takes the kernel: on an H200 it
+# took 0.70x jax.nn's time at 4096 x 50257 bfloat16 (log_softmax's 1.03x, on
+# XLA there by H200_LOG_BWD_XLA_COLS), 0.60x and 0.67x at 4096 x 20001 (bfloat16
+# and float32; log_softmax's 0.76x and 0.87x), 0.82x and 0.67x at 4096 x 4097
+# (log_softmax's 0.94x and 0.87x; gpu_pallas-2026-11-27T1949Z, T1952Z). Pairs
+# past 200 KiB, read twice, took 1.07x at 4096 x 50257 float32 and 1.08-1.81x at
+# 1024 x 100003: XLA's. An explicit implementation="pallas" runs both
+# directions on the kernels.
 OPS = ("softmax", "log_softmax")
 GPU_MIN_ROW_BYTES = 2 * 1024
 GPU_MIN_ROWS = 128
@@ -126,11 +130,13 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, 
 
   p = gpu.plan(cols, dtype)
   if not isinstance(p, gpu.Plan):
-    # Ragged rows: softmax's backward takes the kernel where both rows of a pair
-    # are bulk copied into SMEM, read once (see above OPS); log_softmax's
-    # (untimed so) and the rest, XLA's.
-    return fwd, op == "softmax" and gpu.ragged_bwd_bulk(cols, dtype, gpu.Config())[1]
-  streams = gpu.route(rows, p, dtype, gpu.Config(), backward=True)[0] == "streamed"
+    # Ragged rows: the backward takes the kernel where both rows of a pair are
+    # bulk copied into SMEM, read once (see above OPS), else XLA's.
+    if not gpu.ragged_bwd_bulk(cols, dtype, gpu.Config())[1]:
+      return fwd, False
+    streams = False
+  else:
+    streams = gpu.route(rows, p, dtype, gpu.Config(), backward=True)[0] == "streamed"
   if op == "log_softmax" and streams:
     # log_softmax's backward on pairs of rows too long to split (past 8 parts of
     # 64 KiB: 128 x 262144; also 70000 columns, whose 18 chunks split in

@@ -33,15 +33,14 @@ and ``g``) in shared memory when they fit, splits them over a cluster when
 their parts do, and streams them twice otherwise.
 
 * **ragged** (rows not a multiple of 16 bytes, TMA's row pitch: 4097 or 50257
-  columns): no tensor map. Up to ``Config.ragged_bulk_bytes`` (200 KiB) each
-  row's 16-byte aligned interior (and in the backward g's) moves by one bulk
-  copy into SMEM and one back, its few elements either side loaded directly
-  (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``): read once. (A backward whose
-  pair does not fit holds s alone and reads g twice.) Past that, and for rows
-  too short for a bulk copy, each CTA reads its row's chunks from HBM into
-  registers, one element a thread at a time (any alignment), twice (statistics,
-  then write, last chunk first; once for rows of a few chunks, held in
-  registers), and stores the output the same way.
+  columns): no tensor map. Each CTA reads its row's chunks from HBM into
+  registers, one element a thread at a time (any alignment), and stores the
+  output the same way: once for rows of a few chunks, held in registers
+  (``RAGGED_HELD_CHUNKS``), else twice (statistics, then write, last chunk
+  first). Rows (in the backward: pairs of rows) past those and within
+  ``Config.ragged_bulk_bytes`` (200 KiB) move instead by one bulk copy of their
+  16-byte aligned interior into SMEM and one back, the few elements either side
+  loaded directly (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``): read once.
 * **registers** (short rows of a multiple of 16 bytes, off by default,
   ``Config.register_elems``): the ragged path's held form with 16-byte vector
   loads and stores: each CTA reads its row (the backward: both rows) from HBM
@@ -231,19 +230,23 @@ class Config:
   # SMEM, their few elements before and after it loaded directly; the interior
   # is written back by one bulk store (``_ragged_bulk_fwd``, ``_ragged_bulk_bwd``).
   # 200 KiB (the default): at 4096 x 50257 on an H200 the bulk copies took 0.87x
-  # the forward time of the rows read twice element by element (then the
-  # default, at 50-59% of copy) and 0.63x the backward's in bfloat16 (pairs of 2
-  # x 98 KiB), 0.94x and 1.00x in float32 (s alone bulk copied, g read twice:
-  # ``ragged_bulk_g_twice``), every check passing (gpu_pallas-2026-11-27T1934Z).
-  # 0: ragged rows past ``RAGGED_HELD_CHUNKS`` are read twice element by element.
+  # and 0.86x the forward time of the rows read twice element by element (then
+  # the default, at 50-59% of copy) and 0.63x and 0.64x the backward's in
+  # bfloat16 (pairs of 2 x 98 KiB), 0.94x in float32, every check passing
+  # (gpu_pallas-2026-11-27T1934Z, T1949Z; log_softmax 0.78x forward, 0.88x
+  # backward). Rows held in registers keep them (``ragged_fwd_bulk``,
+  # ``ragged_bwd_bulk``). 0: ragged rows past RAGGED_HELD_CHUNKS are read twice.
   ragged_bulk_bytes: int = 200 * 1024
   # With ``ragged_bulk_bytes``: the backward's pairs of ragged rows past it whose
   # s (or l) alone fits bulk copy s into SMEM and read g twice directly from
   # HBM, the row sum last chunk first, so that the write starts with the
   # chunks it read last (the likeliest still in L2): at most four passes over
-  # HBM for the three needed, where the direct loads take five (4096 x 50257
-  # float32, pairs of 2 x 196 KiB: 58% of copy on the H100, T0116Z).
-  ragged_bulk_g_twice: bool = True
+  # HBM for the three needed, where the direct loads take five. Off: on an H200
+  # it took 1.00x and 1.02x the time of the direct loads at 4096 x 50257 float32
+  # (pairs of 2 x 196 KiB), log_softmax's 1.30x (T1934Z, T1949Z), and at 1024 x
+  # 100003 bfloat16 softmax's backward 1.33x jax.nn's, log_softmax's 1.81x,
+  # where float32's rows, read directly, took 1.08x and 1.10x (T1952Z).
+  ragged_bulk_g_twice: bool = False
   # Rows of a multiple of 16 bytes with at most this many elements (the
   # backward: the pair of rows, s or l and g, together) held in registers: the
   # "registers" path. Each CTA reads its row straight from HBM with 16-byte
@@ -1530,7 +1533,7 @@ def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config, vec: int = 1):
   once; the lse too if ``stat``. With ``vec`` > 1, the "registers" path
   (``Config.register_elems``): rows of a multiple of 16 bytes, held."""
   rows, cols = x.shape
-  if vec == 1 and (n := _bulk_interior(cols, x.dtype, cfg)):
+  if vec == 1 and (n := ragged_fwd_bulk(cols, x.dtype, cfg)):
     return _ragged_bulk_fwd(x, n, log, stat, cfg)
   nc, ov, chunk, load, skip_shared, acc = _ragged_chunks(cols, cfg, vec)
   held = nc <= RAGGED_HELD_CHUNKS  # held in registers: the row is read once
@@ -1703,11 +1706,29 @@ def _ragged_bulk_fwd(x: jax.Array, n: int, log: bool, stat: bool, cfg: Config):
   return res[0].reshape(rows, cols), res[1][:, :1] if stat else None
 
 
+def ragged_fwd_bulk(cols: int, dtype, cfg: Config) -> int:
+  """How many elements of a ragged row of ``cols`` the forward bulk copies
+  (``_bulk_interior``); 0 where it reads the row directly: past
+  ``Config.ragged_bulk_bytes``, too short an interior, or a row of at most
+  RAGGED_HELD_CHUNKS chunks, held in registers and so read once anyway (at 4096
+  x 4097 on an H200 the held rows took 0.70x the bulk copies' time in bfloat16,
+  0.92x in float32, and log_softmax's 0.92x and 1.00x: T1949Z)."""
+  if cols >= WARPGROUP and _ragged_plan(cols).nc <= RAGGED_HELD_CHUNKS:
+    return 0
+  return _bulk_interior(cols, dtype, cfg)
+
+
 def ragged_bwd_bulk(cols: int, dtype, cfg: Config) -> tuple[int, bool]:
   """How ``_ragged_bwd`` bulk copies ragged rows of ``cols`` elements: ``(n,
   hold_g)``, the interior's elements (``_bulk_interior``) and whether g's moves
   too (the pair fits ``Config.ragged_bulk_bytes``) or is read twice directly
-  (``Config.ragged_bulk_g_twice``); ``(0, False)`` where it does not."""
+  (``Config.ragged_bulk_g_twice``); ``(0, False)`` where it does not, or where
+  the pair is held in registers (``2 * nc <= RAGGED_HELD_CHUNKS``, untimed
+  against bulk copies; at 4096 x 4097, past that, the bulk copies took 0.79x the
+  time of two direct reads in bfloat16, 0.98x in float32, log_softmax's 0.92x
+  and 0.88x: T1949Z)."""
+  if cols >= WARPGROUP and 2 * _ragged_plan(cols).nc <= RAGGED_HELD_CHUNKS:
+    return 0, False
   if n := _bulk_interior(cols, dtype, cfg, arrays=2):
     return n, True
   if cfg.ragged_bulk_g_twice and (n := _bulk_interior(cols, dtype, cfg)):
