@@ -51,8 +51,10 @@ from ._stats import (
   slice_stats,
   slice_sum,
   sum_exp,
+  summed_like,
   sums_in_pieces,
   total_cotangent,
+  varying_like,
 )
 
 
@@ -484,7 +486,10 @@ def _soft_ce_bwd(st: _Static, res, g):
   dy = masked(-(1.0 - st.label_smoothing) * g * l0, where, 0.0)
   if st.label_smoothing == 1:  # the loss does not depend on y (0 * -inf would be NaN)
     dy = jnp.zeros_like(dy)
-  return dx.astype(x.dtype), _sum_to_shape(dy, y.shape).astype(y.dtype), None
+  dy = _sum_to_shape(dy, y.shape).astype(y.dtype)
+  # (Inside a shard_map, labels or logits the same on every device, beside
+  # varying ones: their cotangents summed over the devices.)
+  return summed_like(dx.astype(x.dtype), res[0]), summed_like(dy, y), None
 
 
 _soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
@@ -654,6 +659,9 @@ def _label_logit(x, y, st: _Static):
 
 
 def _int_forward(x, labels, where, st: _Static):
+  # (Inside a shard_map, logits the same on every device beside labels or a mask
+  # that vary: the logits typed varying, as the loss is.)
+  x = varying_like(x, labels, where)
   cdt = compute_dtype(x.dtype)
   y, valid = _label_index(labels, x.shape, st)
   # x_y is the raw logit, masked or not (optax takes it the same way), gathered,
@@ -764,6 +772,12 @@ def _NO_CLASS(dtype):  # noqa: N802
 
 
 def _int_ce_bwd(st: _Static, res, g):
+  # (Inside a shard_map, logits the same on every device beside labels that vary:
+  # the cotangent summed over the devices.)
+  return summed_like(_int_ce_dx(st, res, g), res[0]), None, None
+
+
+def _int_ce_dx(st: _Static, res, g):
   # dx = g * (p * (1 + 2 z lse) - t); no collective unless where and label_smoothing
   # (or, without varying-axes typing, the cotangent's psum: `total_cotangent`)
   x, y, where, stats = res
@@ -803,7 +817,7 @@ def _int_ce_bwd(st: _Static, res, g):
   label_term = jnp.where(live, (1.0 - eps) * g, 0.0 * g)
   if len(st.axes) > 1:
     dx = off_label(x, where) - jnp.where(_one_hot(y, x.shape, st), label_term, 0.0)
-    return dx.astype(x.dtype), None, None
+    return dx.astype(x.dtype)
   # One class axis: the full pass computes the off-label terms only, and a
   # scatter of one value per example then fixes the label's entry in place. This
   # saves the iota/compare/select of a one-hot in the full pass (about a fifth
@@ -814,14 +828,14 @@ def _int_ce_bwd(st: _Static, res, g):
     # (the same arithmetic as setting it, without gathering the logit). XLA:CPU
     # does not run both the full pass and the scatter in place, so x @ w then
     # this loss keeps two [N, V] buffers where a one-hot kept one (README).
-    return _put_at_label(off_label(x, where), y, a, -label_term, lax.scatter_add), None, None
+    return _put_at_label(off_label(x, where), y, a, -label_term, lax.scatter_add)
   # 16-bit logits: set the label's entry to its value computed in the compute
   # dtype from the gathered logit, so that it is rounded once (adding to the
   # rounded g * p would lose it when p is near 1).
   dx = off_label(x, where).astype(x.dtype)
   w_y = None if where is None else _at_label(jnp.broadcast_to(where, x.shape), y, a)
   at_y = off_label(_at_label(x, y, a), w_y) - label_term
-  return _set_bits_at_label(dx, y, at_y.astype(x.dtype), a), None, None
+  return _set_bits_at_label(dx, y, at_y.astype(x.dtype), a)
 
 
 def _at_label(v, y, a):

@@ -33,7 +33,7 @@ from ._checks import (
   integer_labels,
   static_shape,
 )
-from ._stats import finite_shift, nan_at, psum_wide, varying_axes
+from ._stats import finite_shift, nan_at, summed_like, varying_axes
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -547,15 +547,8 @@ def _lce_bwd(opts, res, g):
     dx, dw_c = chunk_grads(dx, lax.slice_in_dim(w, k * c, v, axis=opts.v_dim), k * c)
     dw = lax.dynamic_update_slice_in_dim(dw, dw_c, k * c, axis=opts.v_dim)
   dx, dw = dx.astype(x.dtype), _from_storage(dw, w.dtype)
-  return _summed_like(dx, x), _summed_like(dw, w), None, None
-
-
-def _summed_like(ct, primal):
-  """``ct`` summed over the mesh axes it varies over and ``primal`` does not
-  (inside a ``shard_map``): ``dw`` from each device's tokens, for a ``w`` that is
-  the same on every device, is the sum of the devices' parts."""
-  extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
-  return psum_wide(ct, extra).astype(ct.dtype) if extra else ct
+  # (dw from each device's tokens, for a w the same on every device: their sum.)
+  return summed_like(dx, x), summed_like(dw, w), None, None
 
 
 _lce.defvjp(_lce_fwd, _lce_bwd)

@@ -18,6 +18,7 @@ from ._checks import (
   float_input,
   normalize_axes,
 )
+from ._stats import varying_like
 
 
 def _prepare(fn, x, axis, where, axis_name, implementation):
@@ -91,7 +92,9 @@ def softmax(
   )
   if lay is not None:
     return _by_block(softmax, x, where, axes, lay, axis_name, implementation)
-  return _softmax(x, where, axes, axis_name, backend)
+  # (Inside a shard_map, x the same on every device beside a mask that varies:
+  # x typed varying first, whose transpose sums the devices' cotangents.)
+  return _softmax(varying_like(x, where), where, axes, axis_name, backend)
 
 
 def _by_block(op, x, where, axes, lay, axis_name, implementation):
@@ -172,7 +175,7 @@ def log_softmax(
   )
   if lay is not None:
     return _by_block(log_softmax, x, where, axes, lay, axis_name, implementation)
-  return _log_softmax(x, where, axes, axis_name, backend, False)[0]
+  return _log_softmax(varying_like(x, where), where, axes, axis_name, backend, False)[0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

@@ -276,6 +276,27 @@ def total_cotangent(g: jax.Array, block: jax.Array, axis_name: AxisName) -> jax.
   return psum_wide(g, untyped).astype(g.dtype)
 
 
+def varying_like(v: jax.Array, *others) -> jax.Array:
+  """``v`` typed varying over the mesh axes that any of ``others`` (arrays or
+  None) vary over inside a ``shard_map``, as an operation combining them would
+  make it: so that both branches of a ``lax.cond`` that only one of them reaches
+  get the same type."""
+  extra = frozenset().union(*(varying_axes(o) for o in others if o is not None))
+  extra = tuple(sorted(extra - varying_axes(v)))
+  return lax.pcast(v, extra, to="varying") if extra else v
+
+
+def summed_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """A custom_vjp rule's cotangent ``ct`` for ``primal``, summed over the mesh axes
+  that ``ct`` varies over and ``primal`` does not (inside a ``shard_map``): an
+  input that is the same on every device (replicated weights, labels or
+  logits) met varying ones in the forward, and its cotangent is the sum of the
+  devices' parts (the transpose of that implicit ``pvary``). The rule must
+  return the primal's type, which JAX checks."""
+  extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
+  return psum_wide(ct, extra).astype(ct.dtype) if extra else ct
+
+
 def psum_wide(v: jax.Array, axis_name: AxisName) -> jax.Array:
   """``lax.psum`` in the compute dtype (float32 for 16-bit ``v``), returned in it.
   More exact for 16-bit parts; and a bfloat16 all-reduce in a ``shard_map`` that

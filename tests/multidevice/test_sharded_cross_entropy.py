@@ -302,3 +302,48 @@ def test_gradient_taken_inside_shard_map_without_typing_matches_a_psum_loss():
     lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, labels))
   )
   np.testing.assert_allclose(ours, 8 * unsharded(x), **TOL[jnp.float64])
+
+
+def test_inputs_the_same_on_every_device_get_the_sum_of_the_cotangents():
+  # Inside a shard_map, an input that is the same on every device of a mesh axis
+  # (typed invariant along it) beside one that varies: its cotangent is the sum
+  # of the devices' parts, and the rule must return it typed as the input was.
+  # Against optax in float64 on the gathered arrays, the shared input broadcast.
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  x = 2.0 * jax.random.normal(k1, (B, N), jnp.float64)
+  mesh = make_mesh((8,), ("b",))
+
+  def check(f, in_specs, args, ref):
+    got = jax.jit(jax.grad(jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=P()), (0, 1)))
+    for g, r in zip(got(*args), jax.grad(ref, (0, 1))(*args), strict=True):
+      np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-13)
+
+  # Data parallel: each device's examples against one target distribution, the
+  # same on every device (soft labels of shape [1, N], broadcast over the rows).
+  t = jax.nn.softmax(jax.random.normal(k2, (1, N), jnp.float64))
+  check(
+    lambda x, t: jax.lax.psum(soft_ce(x, jnp.broadcast_to(t, x.shape)).sum(), "b"),
+    (P("b"), P()),
+    (x, t),
+    lambda x, t: optax.softmax_cross_entropy(x, jnp.broadcast_to(t, x.shape)).sum(),
+  )
+  # The logits of one example the same on every device, each device its own label.
+  labels = jnp.arange(B) * 3 % N
+  check(
+    lambda x1, labels: jax.lax.psum(int_ce(x1, labels[:, 0].astype(jnp.int32)).sum(), "b"),
+    (P(), P("b")),
+    (x[:1], labels[:, None].astype(jnp.float64)),
+    lambda x1, labels: optax.softmax_cross_entropy_with_integer_labels(
+      jnp.broadcast_to(x1, x.shape), labels[:, 0].astype(jnp.int32)
+    ).sum(),
+  )
+  # Classes split over "v" (axis_name) and examples over "b", the soft labels the
+  # same on both halves of the batch: split over "v" only.
+  mesh = make_mesh((2, 4), ("b", "v"))
+  y = jax.nn.softmax(jax.random.normal(k3, (B // 2, N), jnp.float64))
+  check(
+    lambda x, y: jax.lax.psum(soft_ce(x, y, axis_name="v").sum(), "b"),
+    (P("b", "v"), P(None, "v")),
+    (x, y),
+    lambda x, y: optax.softmax_cross_entropy(x, jnp.concatenate([y, y])).sum(),
+  )

@@ -218,3 +218,33 @@ def test_plain_jit_with_named_sharding_never_gathers_the_classes(name, spec):
   # The unsharded function's values, from the sharded input.
   expected = jax.jit(op)(jnp.asarray(np.asarray(x)))  # on one device
   np.testing.assert_allclose(jax.jit(op)(x), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_input_the_same_on_every_device_beside_a_mask_that_varies(name):
+  # Inside a shard_map, one row of logits the same on every device along "b"
+  # (typed invariant there), broadcast over rows whose mask differs per device,
+  # with and without a class axis split by axis_name: the cotangent of the shared
+  # row is the sum of the devices' parts, returned typed as the row was. Against
+  # jax.nn in float64 on the row broadcast over the batch.
+  x, where, g = inputs(jnp.float64)
+  x1, where = x[:1], where.at[:, 0].set(True).at[:, N // 2].set(True)
+  op, ref = OPS[name], REFS[name]
+
+  def expected(x1, g):
+    y = ref(jnp.broadcast_to(x1, (B, N)), where=where)
+    return (jnp.where(where, y, 0.0) * g).sum()
+
+  for mesh, row, rows, kw in [
+    (make_mesh((8,), ("b",)), P(), P("b"), {}),
+    (make_mesh((2, 4), ("b", "v")), P(None, "v"), P("b", "v"), {"axis_name": "v"}),
+  ]:
+
+    def body(x1, w, g, kw=kw, names=mesh.axis_names):
+      y = op(jnp.broadcast_to(x1, w.shape), where=w, **kw)
+      return jax.lax.psum((jnp.where(w, y, 0.0) * g).sum(), names)
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(row, rows, rows), out_specs=P())
+    got = jax.jit(jax.grad(f, (0, 2)))(x1, where, g)
+    for a, b in zip(got, jax.grad(expected, (0, 1))(x1, g), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
