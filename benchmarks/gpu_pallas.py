@@ -1016,8 +1016,8 @@ def _paths(shape, dtype, cfg) -> str:
   """Which kernel path the forward and the backward take (``gpu.route``)."""
   p = gpu.plan(shape[1], dtype, cfg)
   if isinstance(p, str):  # (ragged rows)
-    fwd = "ragged bulk" if gpu.ragged_fwd_bulk(shape[1], dtype, cfg) else "ragged"
-    n, hold_g = gpu.ragged_bwd_bulk(shape[1], dtype, cfg)
+    fwd = "ragged bulk" if gpu.ragged_fwd_bulk(*shape, dtype, cfg) else "ragged"
+    n, hold_g = gpu.ragged_bwd_bulk(*shape, dtype, cfg)
     return f"{fwd} / {('ragged bulk' if hold_g else 'ragged bulk, g twice') if n else 'ragged'}"
   (fk, fn), (bk, bn) = (gpu.route(shape[0], p, dtype, cfg, b) for b in (False, True))
   show = lambda kind, n: kind if n == 1 else f"{kind} {n}"  # noqa: E731

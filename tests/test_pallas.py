@@ -950,6 +950,25 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
 
 
+def test_gpu_ragged_bulk_copies_only_where_int32_offsets_reach_every_row():
+  # The bulk copies address the array flattened, a row's start as row * cols in
+  # int32 (audit10): past 2**31 - 1 elements (42731 rows of GPT-2's 50257) the
+  # last rows would wrap to negative offsets, so such arrays read their rows
+  # directly through 2-D refs, and implementation=None takes XLA's backward.
+  rows = (2**31 - 1) // 50257  # 42730 rows: the last element's offset fits
+  for r, bulk in [(rows, True), (rows + 1, False), (65536, False)]:
+    assert bool(gpu.ragged_fwd_bulk(r, 50257, jnp.bfloat16, gpu.Config())) is bulk, r
+    assert gpu.ragged_bwd_bulk(r, 50257, jnp.bfloat16, gpu.Config())[1] is bulk, r
+  x = jax.ShapeDtypeStruct((rows + 1, 50257), jnp.bfloat16)
+  for f, name in [
+    (lambda x: gpu.softmax_fwd_2d(x, log=False)[0], "fwd"),
+    (lambda x: gpu.softmax_bwd_2d(x, x, log=False), "bwd"),
+  ]:
+    text = _cuda_module(f, x)
+    assert re.search(rf"jaxsoftmax_softmax_{name}_ragged(?=_mosaic|\b)", text), name
+    assert f"tensor<{(rows + 1) * 50257}x" not in text, name  # 2-D, not flattened
+
+
 @pytest.mark.parametrize("dtype", OFF_DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_gpu_register_kernels_lower_for_cuda(dtype):
   # Short rows in registers (Config.register_elems): one chunk (4096 x 1024),
@@ -1307,6 +1326,9 @@ def test_accelerator_dispatch(monkeypatch):
     # An explicit request runs them anyway.
     for op in ("softmax", "log_softmax"):
       assert _backend.resolve(op, "pallas", x, (-1,), None) == "pallas"
+  # Ragged rows past 2**31 - 1 elements in all (no bulk copies): XLA's backward.
+  assert _pallas.preferred("softmax", (65536, 50257), jnp.bfloat16, (1,)) == (True, False)
+  assert _pallas.preferred("softmax", (4096, 50257), jnp.bfloat16, (1,)) == (True, True)
   # On an H200, log_softmax's backward is XLA's from 32000 16-bit or 65536
   # float32 columns; softmax's, and the forwards, stay on the kernels.
   monkeypatch.setattr(_pallas, "_gpu_kind", lambda: "NVIDIA H200")

@@ -132,7 +132,7 @@ def preferred(op: str, shape, dtype, axes, masked: bool = False) -> tuple[bool, 
   if not isinstance(p, gpu.Plan):
     # Ragged rows: the backward takes the kernel where both rows of a pair are
     # bulk copied into SMEM, read once (see above OPS), else XLA's.
-    if not gpu.ragged_bwd_bulk(cols, dtype, gpu.Config())[1]:
+    if not gpu.ragged_bwd_bulk(rows, cols, dtype, gpu.Config())[1]:
       return fwd, False
     streams = False
   else:

@@ -1533,7 +1533,7 @@ def _ragged_fwd(x: jax.Array, log: bool, stat: bool, cfg: Config, vec: int = 1):
   once; the lse too if ``stat``. With ``vec`` > 1, the "registers" path
   (``Config.register_elems``): rows of a multiple of 16 bytes, held."""
   rows, cols = x.shape
-  if vec == 1 and (n := ragged_fwd_bulk(cols, x.dtype, cfg)):
+  if vec == 1 and (n := ragged_fwd_bulk(rows, cols, x.dtype, cfg)):
     return _ragged_bulk_fwd(x, n, log, stat, cfg)
   nc, ov, chunk, load, skip_shared, acc = _ragged_chunks(cols, cfg, vec)
   held = nc <= RAGGED_HELD_CHUNKS  # held in registers: the row is read once
@@ -1706,19 +1706,27 @@ def _ragged_bulk_fwd(x: jax.Array, n: int, log: bool, stat: bool, cfg: Config):
   return res[0].reshape(rows, cols), res[1][:, :1] if stat else None
 
 
-def ragged_fwd_bulk(cols: int, dtype, cfg: Config) -> int:
+# The bulk copies address the array flattened, a row's start as ``row * cols``
+# in int32: arrays of more elements read their rows directly (2-D refs).
+BULK_MAX_ELEMS = 2**31 - 1
+
+
+def ragged_fwd_bulk(rows: int, cols: int, dtype, cfg: Config) -> int:
   """How many elements of a ragged row of ``cols`` the forward bulk copies
   (``_bulk_interior``); 0 where it reads the row directly: past
-  ``Config.ragged_bulk_bytes``, too short an interior, or a row of at most
+  ``Config.ragged_bulk_bytes``, too short an interior, an array past
+  BULK_MAX_ELEMS elements, or a row of at most
   RAGGED_HELD_CHUNKS chunks, held in registers and so read once anyway (at 4096
   x 4097 on an H200 the held rows took 0.70x the bulk copies' time in bfloat16,
   0.92x in float32, and log_softmax's 0.92x and 1.00x: T1949Z)."""
+  if rows * cols > BULK_MAX_ELEMS:
+    return 0
   if cols >= WARPGROUP and _ragged_plan(cols).nc <= RAGGED_HELD_CHUNKS:
     return 0
   return _bulk_interior(cols, dtype, cfg)
 
 
-def ragged_bwd_bulk(cols: int, dtype, cfg: Config) -> tuple[int, bool]:
+def ragged_bwd_bulk(rows: int, cols: int, dtype, cfg: Config) -> tuple[int, bool]:
   """How ``_ragged_bwd`` bulk copies ragged rows of ``cols`` elements: ``(n,
   hold_g)``, the interior's elements (``_bulk_interior``) and whether g's moves
   too (the pair fits ``Config.ragged_bulk_bytes``) or is read twice directly
@@ -1727,6 +1735,8 @@ def ragged_bwd_bulk(cols: int, dtype, cfg: Config) -> tuple[int, bool]:
   against bulk copies; at 4096 x 4097, past that, the bulk copies took 0.79x the
   time of two direct reads in bfloat16, 0.98x in float32, log_softmax's 0.92x
   and 0.88x: T1949Z)."""
+  if rows * cols > BULK_MAX_ELEMS:
+    return 0, False
   if cols >= WARPGROUP and 2 * _ragged_plan(cols).nc <= RAGGED_HELD_CHUNKS:
     return 0, False
   if n := _bulk_interior(cols, dtype, cfg, arrays=2):
@@ -1841,7 +1851,7 @@ def _ragged_bwd(
   ``vec`` > 1, the "registers" path (rows of a multiple of 16 bytes, held);
   ``from_l``: log_softmax's live flag taken from l (held rows only), not ``live``."""
   rows, cols = y.shape
-  n, hold_g = ragged_bwd_bulk(cols, y.dtype, cfg) if vec == 1 else (0, False)
+  n, hold_g = ragged_bwd_bulk(rows, cols, y.dtype, cfg) if vec == 1 else (0, False)
   if n:
     return _ragged_bulk_bwd(y, g, live, n, log, cfg, hold_g)
   nc, ov, chunk, load, skip_shared, acc_of = _ragged_chunks(cols, cfg, vec)
