@@ -798,6 +798,8 @@ LONG = [(1024, 65536), (128, 262144)]
 # 0.70x and 0.92x the bulk copies' forward time (log_softmax 0.92x, 1.00x): held
 # rows keep them; the backward's bulk pairs 0.79x and 0.98x of the direct
 # reads' time (log_softmax 0.92x, 0.88x).
+# And from T1934Z: log_softmax's 16-bit pairs past 64 KiB split
+# (``log_bwd_16bit_row_bytes``; 0.88x at 4096 x 32000 bfloat16).
 # Timed next: 4096 x 50257 and 4096 x 4097 (the direct reads against the new
 # defaults), then as before.
 
@@ -815,13 +817,8 @@ LOG = "log_softmax: "  # a variant timed on log_softmax rather than softmax
 # the SM. On the H100 (T0116Z) the flag gathered in the row sum and approximate
 # exp each took 0.90-0.95x its time there (both now the default). Split in two
 # parts of 64 KiB (``bwd_row_bytes``), the pairs run three CTAs an SM, as 4096 x
-# 32000 float32 does: 0.91x there, before those two.
-
-
-def _pairs_split(dtype: str):
-  """The backward's pairs of rows past 64 KiB split over clusters (of 2 at
-  4096 x 32000 bfloat16), for ``dtype`` only."""
-  return lambda: {dtype: gpu.Config(bwd_row_bytes=64 * 1024)}
+# 32000 float32 does: 0.91x there, before those two, and 0.88x with them on the
+# H200 (T1934Z): log_softmax's default since (``log_bwd_16bit_row_bytes``).
 
 
 # name: (config, the shapes it is timed at); the config may be a dict of them
@@ -848,8 +845,13 @@ VARIANTS = {
   # 1024). 8192 elements: both directions at both shapes. New: first run on a GPU.
   "short rows: registers": (lambda: gpu.Config(register_elems=8192), HELD[2::-2]),
   LOG + "short rows: registers": (lambda: gpu.Config(register_elems=8192), HELD[2::-2]),
-  # The pairs of rows kept whole one CTA an SM, split in two (see _pairs_split).
-  LOG + "backward: bfloat16 pairs past 64 KiB split": (_pairs_split("bfloat16"), [VOCAB]),
+  # log_softmax's 16-bit pairs past 64 KiB kept whole, one CTA an SM, the
+  # default before they split (``Config.log_bwd_16bit_row_bytes``, adopted from
+  # this variant's inverse: 0.88x on the H200, T1934Z; 0.91x on the H100).
+  LOG + "backward: 16-bit pairs kept whole": (
+    lambda: {"bfloat16": gpu.Config(log_bwd_16bit_row_bytes=None)},
+    [VOCAB],
+  ),
   # 16-bit rows in chunks of 8192 elements (16 KiB, as float32's 4096) on every
   # path: the whole rows and split rows of both passes, whose 16-bit cells lag
   # float32's (H100, T0116Z: 89% against 91% of copy forward at 4096 x 16384,

@@ -267,6 +267,19 @@ GPU_RAGGED_BULK_G_TWICE = ops.make(
   gpu,
   gpu.Config(interpret=True, chunk_elems=1024, ragged_bulk_bytes=20000, ragged_bulk_g_twice=True),
 )
+# log_softmax's 16-bit pairs past log_bwd_16bit_row_bytes split over a cluster
+# (2048 bfloat16 columns: 4 parts, where softmax's pairs stay whole); float32's
+# split either way here.
+GPU_LOG_PAIRS_SPLIT = ops.make(
+  gpu,
+  gpu.Config(
+    interpret=True,
+    chunk_elems=256,
+    bwd_row_bytes=8192,
+    log_bwd_16bit_row_bytes=2048,
+    bwd_split_bytes=2048,
+  ),
+)
 # Short rows held in registers (Config.register_elems), read by 16-byte vectors
 # straight from HBM: 2000 columns in 2 chunks, the last overlapping (float32:
 # 1536 and the last 1536, from 464; 16-bit: 1024 and from 976), both ways; 8192
@@ -326,6 +339,7 @@ GPU_CASES = [
   (1000, GPU_SPLIT_OVERLAP, "1000-overlap-split"),
   (2048, GPU_ROWSUM_FLAG, "2048-fits-rowsum-flag"),
   (8999, GPU_RAGGED_BULK, "8999-ragged-bulk"),
+  (2048, GPU_LOG_PAIRS_SPLIT, "2048-log-pairs-split"),
   (1152, GPU_FLAG_PASS, "1152-overlap-fits-flag-pass"),
   (2000, GPU_REGISTERS, "2000-registers-overlap"),
   (8192, GPU_REGISTERS, "8192-registers-forward"),
@@ -950,6 +964,26 @@ def test_gpu_ragged_kernels_lower_for_cuda(dtype):
   _lowers(_gpu_kernels(semantics=plgpu.LoweringSemantics.Warpgroup), "cuda", dtype, [(8, 4097)])
 
 
+def test_log_softmax_16_bit_pairs_past_64_kib_split():
+  # gpu.Config.log_bwd_16bit_row_bytes: log_softmax's backward of 16-bit pairs
+  # past 64 KiB splits over a cluster (its forward then writes the lse, whose
+  # live flag the split reads); softmax's, and float32's, stay whole; pairs that
+  # would not split stay whole rather than stream.
+  def names(shape, dtype, log):
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    b = lambda l: gpu.softmax_bwd_2d(l, l, jnp.ones((shape[0], 1)), log=log)  # noqa: E731
+    found = re.findall(r"jaxsoftmax_[a-z_]*?_bwd_[a-z]+(?=_mosaic|\b)", _cuda_module(b, x))
+    return sorted(set(found))
+
+  assert names((64, 32000), jnp.bfloat16, True) == ["jaxsoftmax_log_softmax_bwd_split"]
+  assert names((64, 32000), jnp.bfloat16, False) == ["jaxsoftmax_softmax_bwd_rows"]
+  assert names((64, 16384), jnp.float32, True) == ["jaxsoftmax_log_softmax_bwd_rows"]
+  assert names((64, 16384), jnp.bfloat16, True) == ["jaxsoftmax_log_softmax_bwd_rows"]  # 64 KiB
+  assert names((64, 20480), jnp.bfloat16, True) == ["jaxsoftmax_log_softmax_bwd_rows"]  # no split
+  assert gpu.bwd_reads_live(64, 32000, jnp.bfloat16)
+  assert not gpu.bwd_reads_live(64, 32000, jnp.bfloat16, gpu.Config(log_bwd_16bit_row_bytes=None))
+
+
 def test_gpu_ragged_bulk_copies_only_where_int32_offsets_reach_every_row():
   # The bulk copies address the array flattened, a row's start as row * cols in
   # int32 (audit10): past 2**31 - 1 elements (42731 rows of GPT-2's 50257) the
@@ -1329,13 +1363,14 @@ def test_accelerator_dispatch(monkeypatch):
   # Ragged rows past 2**31 - 1 elements in all (no bulk copies): XLA's backward.
   assert _pallas.preferred("softmax", (65536, 50257), jnp.bfloat16, (1,)) == (True, False)
   assert _pallas.preferred("softmax", (4096, 50257), jnp.bfloat16, (1,)) == (True, True)
-  # On an H200, log_softmax's backward is XLA's from 32000 16-bit or 65536
+  # On an H200, log_softmax's backward is XLA's from 50000 16-bit or 65536
   # float32 columns; softmax's, and the forwards, stay on the kernels.
   monkeypatch.setattr(_pallas, "_gpu_kind", lambda: "NVIDIA H200")
   for shape, dtype, want_log in [
     ((128, 65536), jnp.float32, "pallas/xla"),
     ((128, 64640), jnp.float32, "pallas"),  # (split, as 65536)
-    ((128, 32000), jnp.bfloat16, "pallas/xla"),
+    ((128, 32000), jnp.bfloat16, "pallas"),  # (its pairs split)
+    ((128, 50304), jnp.bfloat16, "pallas/xla"),
     ((128, 50257), jnp.bfloat16, "pallas/xla"),  # (ragged)
     ((128, 20001), jnp.bfloat16, "pallas"),
     ((128, 31744), jnp.float16, "pallas"),

@@ -77,8 +77,13 @@ GPU_FWD_MIN_ROW_BYTES = 16 * 1024
 # log_softmax backward, one elementwise pass and a row sum, runs at 67-77% of
 # the H200's copy bandwidth; on the H100 the kernel's took 0.83-0.95x at both
 # (T1329Z, T1348Z). The H200's kernel kept its lead at 4096 x 32000 float32
-# (0.91-0.92x) and at 16384 columns in both dtypes (0.78-0.86x).
-H200_LOG_BWD_XLA_COLS = {2: 32000, 4: 65536}
+# (0.91-0.92x) and at 16384 columns in both dtypes (0.78-0.86x). Since 16-bit
+# pairs past 64 KiB split over a cluster (``gpu.Config.log_bwd_16bit_row_bytes``)
+# the kernel's backward at 4096 x 32000 bfloat16 took about 224 us against XLA's
+# 266 (T1934Z: the split as a variant, XLA in the timing table), so 16-bit rows
+# take XLA's from 50000 columns: at 4096 x 50257 (ragged) the kernel's took
+# 1.03x jax.nn's time, at 1024 x 65536 1.06x (T1949Z, T1934Z).
+H200_LOG_BWD_XLA_COLS = {2: 50000, 4: 65536}
 
 # The losses: their forward's row statistics from the kernel (``row_stats_2d``,
 # one read of the logits), the rest of the loss and its backward on XLA. On an

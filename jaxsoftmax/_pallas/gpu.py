@@ -113,6 +113,18 @@ class Config:
   # streaming them twice at 72%. The forward keeps 96 KiB: one whole 128 KiB
   # bfloat16 row per CTA ran at 39% of copy there, streaming it at 59%.
   bwd_row_bytes: int = 200 * 1024
+  # log_softmax's backward of 16-bit rows: pairs past this many bytes (and
+  # within ``bwd_row_bytes``) split over a cluster of CTAs as longer pairs do,
+  # where a whole pair holds an SM with one warpgroup and its extra work a row
+  # (the live flag, an exp an element) is hidden by nothing
+  # (``log_bwd_cfg``; kept whole where they would not split). At 4096 x 32000
+  # bfloat16 (pairs of 2 x 62.5 KiB, then split in 2) it took 0.88x the
+  # backward's time on an H200 (gpu_pallas-2026-11-27T1934Z) and 0.91x on an
+  # H100 (T0116Z, before the live flag in the row sum and approximate exp),
+  # each timed with the default in the same samples; softmax's took 1.01x, and
+  # float32's pairs 1.00-1.02x (4096 x 16384), so they stay whole. None: as
+  # ``bwd_row_bytes``.
+  log_bwd_16bit_row_bytes: int | None = 64 * 1024
   # Forward rows past ``row_bytes`` split over a cluster of C CTAs (C a power
   # of two, at most ``split_cluster``), each holding its share of the row in
   # SMEM, at most this many input bytes. The CTAs swap their partial statistics
@@ -1224,12 +1236,28 @@ def _live_mark(lc):
 HELD_PATHS = ("rows", "registers")
 
 
+def log_bwd_cfg(rows: int, p: Plan, dtype, cfg: Config) -> Config:
+  """``cfg`` for log_softmax's backward of rows planned as ``p``: with
+  ``bwd_row_bytes`` at ``Config.log_bwd_16bit_row_bytes`` for 16-bit pairs that
+  then split over a cluster rather than stay whole (never streamed instead)."""
+  limit = cfg.log_bwd_16bit_row_bytes
+  if limit is None or jnp.dtype(dtype).itemsize != 2 or limit >= cfg.bwd_row_bytes:
+    return cfg
+  split = dataclasses.replace(cfg, bwd_row_bytes=limit)
+  if route(rows, p, dtype, cfg, backward=True)[0] != "rows":
+    return cfg
+  return split if route(rows, p, dtype, split, backward=True)[0] == "split" else cfg
+
+
 def bwd_reads_live(rows: int, cols: int, dtype, cfg: Config = Config()) -> bool:
   """Whether log_softmax's backward kernel reads the ``live`` flag (and so its
   forward must write the lse), rather than take it from l
   (rows kept whole)."""
   p = plan(cols, dtype, cfg)
-  return isinstance(p, str) or route(rows, p, dtype, cfg, backward=True)[0] not in HELD_PATHS
+  if isinstance(p, str):
+    return True
+  cfg = log_bwd_cfg(rows, p, dtype, cfg)
+  return route(rows, p, dtype, cfg, backward=True)[0] not in HELD_PATHS
 
 
 def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Config = Config()):
@@ -1247,6 +1275,8 @@ def softmax_bwd_2d(y: jax.Array, g: jax.Array, live=None, *, log: bool, cfg: Con
   if isinstance(p, str):
     return _ragged_bwd(y, g, live, log, cfg)
   dtype = y.dtype
+  if log:
+    cfg = log_bwd_cfg(rows, p, dtype, cfg)
   kind, size = route(rows, p, dtype, cfg, backward=True)
   if kind == "registers":
     return _ragged_bwd(y, g, live, log, cfg, vec=_per16(dtype), from_l=log)
