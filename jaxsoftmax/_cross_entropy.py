@@ -337,7 +337,9 @@ def softmax_cross_entropy(
     options = dict(label_smoothing=label_smoothing, z_loss=z_loss, implementation=implementation)
     return _by_block(softmax_cross_entropy, x, y, y_dims, where, axis, st, lay, options)
   st = _with_backend(fn, implementation, x, where, st, compute_dtype(jnp.result_type(x, y)))
-  return _soft_ce(x, y, where, st)
+  # (Inside a shard_map: logits the same on every device along axis_name typed
+  # varying there first, each device's block; cotangents then sum once.)
+  return _soft_ce(varying_like(x, axis_name=st.axis_name), y, where, st)
 
 
 def _by_block(op, x, labels, label_dims, where, axis, st: _Static, lay, options, one_axis=False):
@@ -599,6 +601,7 @@ def softmax_cross_entropy_with_integer_labels(
       one_axis=True,
     )
   st = _with_backend(fn, implementation, x, where, st, compute_dtype(x.dtype))
+  x = varying_like(x, labels, where, axis_name=st.axis_name)
   return _int_ce(x, labels, where, st)
 
 

@@ -94,7 +94,8 @@ def softmax(
     return _by_block(softmax, x, where, axes, lay, axis_name, implementation)
   # (Inside a shard_map, x the same on every device beside a mask that varies:
   # x typed varying first, whose transpose sums the devices' cotangents.)
-  return _softmax(varying_like(x, where), where, axes, axis_name, backend)
+  x = varying_like(x, where, axis_name=axis_name)
+  return _softmax(x, where, axes, axis_name, backend)
 
 
 def _by_block(op, x, where, axes, lay, axis_name, implementation):
@@ -175,7 +176,8 @@ def log_softmax(
   )
   if lay is not None:
     return _by_block(log_softmax, x, where, axes, lay, axis_name, implementation)
-  return _log_softmax(varying_like(x, where), where, axes, axis_name, backend, False)[0]
+  x = varying_like(x, where, axis_name=axis_name)
+  return _log_softmax(x, where, axes, axis_name, backend, False)[0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
