@@ -287,15 +287,14 @@ def varying_like(v: jax.Array, *others, axis_name: AxisName = None) -> jax.Array
   XLA:CPU in a shard_map over part of a mesh, jax 0.10.2)."""
   extra = frozenset().union(*(varying_axes(o) for o in others if o is not None))
   if axis_name is not None:
-    extra |= {axis_name} if isinstance(axis_name, str) else set(axis_name)
+    # Only a shard_map's (manual) mesh axes: a name bound by vmap has no typing.
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = frozenset() if mesh.empty else frozenset(mesh.manual_axes)
+    extra |= manual & ({axis_name} if isinstance(axis_name, str) else set(axis_name))
   extra = tuple(sorted(extra - varying_axes(v)))
   if not extra:
     return v
-  wide = v.astype(compute_dtype(v.dtype))
-  try:
-    wide = lax.pcast(wide, extra, to="varying")
-  except (ValueError, TypeError):  # axis_name bound by vmap: no typing
-    return v
+  wide = lax.pcast(v.astype(compute_dtype(v.dtype)), extra, to="varying")
   return wide.astype(v.dtype) if wide.dtype != v.dtype else wide
 
 
