@@ -51,7 +51,6 @@ from ._stats import (
   slice_stats,
   slice_sum,
   sum_exp,
-  summed_like,
   sums_in_pieces,
   total_cotangent,
   varying_like,
@@ -337,9 +336,12 @@ def softmax_cross_entropy(
     options = dict(label_smoothing=label_smoothing, z_loss=z_loss, implementation=implementation)
     return _by_block(softmax_cross_entropy, x, y, y_dims, where, axis, st, lay, options)
   st = _with_backend(fn, implementation, x, where, st, compute_dtype(jnp.result_type(x, y)))
-  # (Inside a shard_map: logits the same on every device along axis_name typed
-  # varying there first, each device's block; cotangents then sum once.)
-  return _soft_ce(varying_like(x, axis_name=st.axis_name), y, where, st)
+  # (Inside a shard_map, each differentiable input typed varying over every mesh
+  # axis the loss varies over: the labels', the mask's, the other input's, and
+  # axis_name's, where logits the same on every device of the class axis are
+  # each device's own block. The casts' transposes sum the devices' cotangents.)
+  x = varying_like(x, y, where, axis_name=st.axis_name)
+  return _soft_ce(x, varying_like(y, x), where, st)
 
 
 def _by_block(op, x, labels, label_dims, where, axis, st: _Static, lay, options, one_axis=False):
@@ -489,9 +491,7 @@ def _soft_ce_bwd(st: _Static, res, g):
   if st.label_smoothing == 1:  # the loss does not depend on y (0 * -inf would be NaN)
     dy = jnp.zeros_like(dy)
   dy = _sum_to_shape(dy, y.shape).astype(y.dtype)
-  # (Inside a shard_map, labels or logits the same on every device, beside
-  # varying ones: their cotangents summed over the devices.)
-  return summed_like(dx.astype(x.dtype), res[0]), summed_like(dy, y), None
+  return dx.astype(x.dtype), dy, None
 
 
 _soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
@@ -601,8 +601,9 @@ def softmax_cross_entropy_with_integer_labels(
       one_axis=True,
     )
   st = _with_backend(fn, implementation, x, where, st, compute_dtype(x.dtype))
-  x = varying_like(x, labels, where, axis_name=st.axis_name)
-  return _int_ce(x, labels, where, st)
+  # (Inside a shard_map: the logits typed varying as the loss is, see
+  # `softmax_cross_entropy`.)
+  return _int_ce(varying_like(x, labels, where, axis_name=st.axis_name), labels, where, st)
 
 
 def _int_labels(fn, labels, x, st: _Static):
@@ -662,9 +663,6 @@ def _label_logit(x, y, st: _Static):
 
 
 def _int_forward(x, labels, where, st: _Static):
-  # (Inside a shard_map, logits the same on every device beside labels or a mask
-  # that vary: the logits typed varying, as the loss is.)
-  x = varying_like(x, labels, where)
   cdt = compute_dtype(x.dtype)
   y, valid = _label_index(labels, x.shape, st)
   # x_y is the raw logit, masked or not (optax takes it the same way), gathered,
@@ -775,9 +773,7 @@ def _NO_CLASS(dtype):  # noqa: N802
 
 
 def _int_ce_bwd(st: _Static, res, g):
-  # (Inside a shard_map, logits the same on every device beside labels that vary:
-  # the cotangent summed over the devices.)
-  return summed_like(_int_ce_dx(st, res, g), res[0]), None, None
+  return _int_ce_dx(st, res, g), None, None
 
 
 def _int_ce_dx(st: _Static, res, g):

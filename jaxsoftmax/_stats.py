@@ -301,10 +301,12 @@ def varying_like(v: jax.Array, *others, axis_name: AxisName = None) -> jax.Array
 def summed_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
   """A custom_vjp rule's cotangent ``ct`` for ``primal``, summed over the mesh axes
   that ``ct`` varies over and ``primal`` does not (inside a ``shard_map``): an
-  input that is the same on every device (replicated weights, labels or
-  logits) met varying ones in the forward, and its cotangent is the sum of the
-  devices' parts (the transpose of that implicit ``pvary``). The rule must
-  return the primal's type, which JAX checks."""
+  input that is the same on every device (the fused loss's replicated weights)
+  met varying ones in the forward, and its cotangent is the sum of the devices'
+  parts (the transpose of that implicit ``pvary``). The rule must return the
+  primal's type, which JAX checks. (The other ops cast such inputs with
+  ``varying_like`` before their custom_vjp instead, whose transpose is the sum;
+  a weight matrix is not cast, which for 16-bit weights would convert them.)"""
   extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
   return psum_wide(ct, extra).astype(ct.dtype) if extra else ct
 

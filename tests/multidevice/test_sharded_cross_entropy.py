@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.nn import logsumexp
 from jax.sharding import PartitionSpec as P
 from mesh_utils import LAYOUTS, TOL, B, N, collectives, inputs, make_mesh
 
@@ -336,6 +337,26 @@ def test_inputs_the_same_on_every_device_get_the_sum_of_the_cotangents():
     lambda x1, labels: optax.softmax_cross_entropy_with_integer_labels(
       jnp.broadcast_to(x1, x.shape), labels[:, 0].astype(jnp.int32)
     ).sum(),
+  )
+  # The logits of one example the same on every device, each device its own soft
+  # labels; and both the same on every device beside a mask that varies.
+  ys = jax.nn.softmax(jax.random.normal(k3, (B, N), jnp.float64))
+  check(
+    lambda x1, ys: jax.lax.psum(soft_ce(jnp.broadcast_to(x1, ys.shape), ys).sum(), "b"),
+    (P(), P("b")),
+    (x[:1], ys),
+    lambda x1, ys: optax.softmax_cross_entropy(jnp.broadcast_to(x1, x.shape), ys).sum(),
+  )
+  w = jnp.arange(B * N).reshape(B, N) % 3 != 1
+  check(
+    lambda x1, t, w: jax.lax.psum(
+      soft_ce(jnp.broadcast_to(x1, w.shape), jnp.broadcast_to(t, w.shape), where=w).sum(), "b"
+    ),
+    (P(), P(), P("b")),
+    (x[:1], t, w),
+    # (optax's gradient with `where` is NaN for the labels: -inf log-probabilities
+    # at masked classes; here the kept classes' closed form, in float64.)
+    lambda x1, t, w: -jnp.where(w, t * (x1 - logsumexp(x1, -1, keepdims=True, where=w)), 0).sum(),
   )
   # Classes split over "v" (axis_name) and examples over "b", the soft labels the
   # same on both halves of the batch: split over "v" only.
