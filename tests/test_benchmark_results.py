@@ -757,3 +757,49 @@ def test_kernel_forms_change_only_with_the_kernels():
   # A kernel that only one side has counts as changed.
   assert kf.compare(before, {**before, "new": "0"}) == ["new"]
   assert "6 stages" in kf.configs() and "default" in kf.configs()
+
+
+def test_readme_gpu_tables_are_made_from_their_result_files():
+  # benchmarks/readme_tables.py: each table under a marker in the README is what
+  # its result files give, and a number that differs is found and rewritten.
+  from pathlib import Path
+
+  from benchmarks import readme_tables as rt
+
+  readme = Path(__file__).resolve().parents[1] / "README.md"
+  text = readme.read_text()
+  markers = [m for m in map(rt.MARKER.match, text.split("\n")) if m]
+  assert {m.group(1) for m in markers} == {"softmax", "log_softmax", "ragged", "losses"}
+  assert rt.main(["--check", str(readme)]) == 0
+  cell = "| 4096x1024 | bfloat16 | 8.3 (48%) | 7.5 |"
+  assert text.count(cell) == 1
+  wrong = text.replace(cell, "| 4096x1024 | bfloat16 | 8.3 (48%) | 7.6 |")
+  fixed, changed = rt.rewrite(wrong)
+  assert fixed == text and changed == [markers[0].group(0)]
+
+
+def test_readme_gpu_op_table_by_hand():
+  # One cell, its numbers derived by hand: % of a copy bandwidth of 1000 B/s,
+  # the kernel's fwd+bwd over jax.nn's (0.5 / 0.75), what None ran (our XLA
+  # path's forward, the kernel's backward: 0.4 / 0.75) and the targets (90% and
+  # 95% of copy, each faster than jax.nn).
+  from benchmarks import readme_tables as rt
+
+  def row(who, fwd, bwd, **extra):
+    cell = dict(op="softmax", contender=who, rows=1, cols=25, dtype="float32", **extra)
+    return dict(cell, fwd_s=fwd, bwd_s=bwd, fwd_bytes_per_s=180 / fwd, bwd_bytes_per_s=285 / bwd)
+
+  rows = [
+    row("pallas", 0.2, 0.3, default="xla/pallas"),
+    row("jax.nn.softmax", 0.25, 0.5),
+    row("jaxsoftmax-xla", 0.1, 0.4),
+  ]
+  assert rt.op_table({"copy_bytes_per_s": 1000.0, "timings": rows}, "softmax")[2:] == [
+    "| 1x25 | float32 | 200000.0 (90%) | 250000.0 | 300000.0 (95%) | 500000.0 | 0.67 "
+    "| xla/pallas | 0.53 | **yes** |"
+  ]
+  rows[0]["fwd_s"] = 0.3  # slower than jax.nn forward (and 60% of copy)
+  rows[0]["fwd_bytes_per_s"] = 180 / 0.3
+  assert rt.op_table({"copy_bytes_per_s": 1000.0, "timings": rows}, "softmax")[2].endswith(
+    "| 0.80 | xla/pallas | 0.53 | no |"
+  )
