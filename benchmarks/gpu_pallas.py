@@ -871,6 +871,16 @@ VARIANTS = {
   # at 58-62% of copy there (T0116Z), close to the two thirds that three HBM
   # passes allow.
   "streamed rows: clusters of 8": (lambda: gpu.Config(stream_cluster=8), LONG[1:]),
+  # float32 rows of 1 MiB split over clusters of 8 CTAs (128 KiB parts, the
+  # most a cluster holds portably): each row read from HBM once, where the
+  # streamed default reads it twice (three passes of HBM traffic for two: at
+  # most about two thirds of copy; 59% on the H200, T1934Z). The 16-bit split
+  # over 4 CTAs took 0.94x the streamed time, 6 stages 0.81x (H100, T1329Z);
+  # float32's was never timed. New: first run on a GPU.
+  "forward: float32 rows split over 8 CTAs": (
+    lambda: {"float32": gpu.Config(split_cluster=8)},
+    [LONG[1]],
+  ),
 }
 
 
