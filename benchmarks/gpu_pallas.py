@@ -115,14 +115,17 @@ SIZES = [(4096, 1024), (4096, 4096), (4096, 16384), (1024, 65536), (128, 262144)
 # Checked and timed after SIZES (the paths added last: were one to bring the
 # process down, what SIZES measured is saved already): LLaMA-2's vocabulary,
 # 32000 columns, 125 sub-rows of 256 in chunks of 16, the last overlapping the
-# one before (gpu.Plan.ov; kept whole in 16 bits, split in float32); and
-# GPT-2's, 50257, a ragged row (no TMA: read into registers element by element).
-NEW_SIZES = [(4096, 32000), (4096, 50257)]
+# one before (gpu.Plan.ov; kept whole in 16 bits, split in float32);
+# GPT-2's, 50257, a ragged row (no TMA: its interior bulk copied); and
+# nanoGPT's, 50304 (GPT-2's padded to a multiple of 64): 393 sub-rows of 128 in
+# 13 chunks, the last overlapping, the forward split in one part, the backward's
+# pairs streamed (13 chunks split over no cluster), so that `None` runs XLA's
+# backward for log_softmax there.
+NEW_SIZES = [(4096, 32000), (4096, 50257), (4096, 50304)]
 # Checked only, with NEW_SIZES: the other paths of overlapping chunks (125
-# sub-rows of 8 and 513 of 8, split in one part; 393 of 128 and 4375 of 16,
-# split forward in 1 or 2 parts, streamed backward), and ragged rows of 129 and
-# 4097.
-NEW_CHECK_COLS = [1000, 4104, 50304, 70000, 129, 4097]
+# sub-rows of 8 and 513 of 8, split in one part; 4375 of 16, split forward in 2
+# parts, streamed backward), and ragged rows of 129 and 4097.
+NEW_CHECK_COLS = [1000, 4104, 70000, 129, 4097]
 DTYPES = ["bfloat16", "float32"]
 BATCH_BYTES = 256 << 20  # moved per timed program; > 4x the L2 of an H100 or H200
 CHECK_ROWS = 8
@@ -806,6 +809,7 @@ LONG = [(1024, 65536), (128, 262144)]
 HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
 VOCAB = (4096, 32000)
 RAGGED = (4096, 50257)  # GPT-2's vocabulary: no TMA row pitch
+NANOGPT = (4096, 50304)  # GPT-2's vocabulary padded to a multiple of 64
 RAGGED_SHORT = (4096, 4097)  # ragged rows of a few chunks (held in registers when read directly)
 LOG = "log_softmax: "  # a variant timed on log_softmax rather than softmax
 
@@ -880,6 +884,20 @@ VARIANTS = {
   "forward: float32 rows split over 8 CTAs": (
     lambda: {"float32": gpu.Config(split_cluster=8)},
     [LONG[1]],
+  ),
+  # Chunks of 6400 elements at 50304 columns: 8 chunks of 50 sub-rows of 128 (the
+  # last overlapping), where the default's 13 chunks of 31 split over no
+  # cluster, so the backward streams its pairs (and `None` runs XLA's backward
+  # for log_softmax). With 8 chunks the pairs split, over 8 CTAs in float32 and
+  # 4 in 16 bits (parts of 49 KiB). 50 float32 values a thread a chunk (the
+  # default 32). New: first run on a GPU.
+  "chunks of 6400: the backward's pairs split": (
+    lambda: gpu.Config(chunk_elems=6400),
+    [NANOGPT],
+  ),
+  LOG + "chunks of 6400: the backward's pairs split": (
+    lambda: gpu.Config(chunk_elems=6400),
+    [NANOGPT],
   ),
 }
 
