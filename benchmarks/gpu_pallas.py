@@ -885,20 +885,14 @@ VARIANTS = {
     lambda: {"float32": gpu.Config(split_cluster=8)},
     [LONG[1]],
   ),
-  # Chunks of 6400 elements at 50304 columns: 8 chunks of 50 sub-rows of 128 (the
-  # last overlapping), where the default's 13 chunks of 31 split over no
-  # cluster, so the backward streams its pairs (and `None` runs XLA's backward
-  # for log_softmax). With 8 chunks the pairs split, over 8 CTAs in float32 and
-  # 4 in 16 bits (parts of 49 KiB). 50 float32 values a thread a chunk (the
-  # default 32). New: first run on a GPU.
-  "chunks of 6400: the backward's pairs split": (
-    lambda: gpu.Config(chunk_elems=6400),
-    [NANOGPT],
-  ),
-  LOG + "chunks of 6400: the backward's pairs split": (
-    lambda: gpu.Config(chunk_elems=6400),
-    [NANOGPT],
-  ),
+  # Rows whose last chunk overlaps, in a multiple of 8 chunks
+  # (``Config.chunk_multiple``): at 50304 columns 16 chunks of 25 sub-rows of
+  # 128, where the default's 13 chunks of 31 split over no cluster, so the
+  # backward streams its pairs of rows (and `None` runs XLA's backward for
+  # log_softmax). In 16 chunks the pairs split, over 8 CTAs in float32 and 4 in
+  # 16 bits (parts of 49 KiB). New: first run on a GPU.
+  "chunk count a multiple of 8": (lambda: gpu.Config(chunk_multiple=8), [NANOGPT]),
+  LOG + "chunk count a multiple of 8": (lambda: gpu.Config(chunk_multiple=8), [NANOGPT]),
 }
 
 

@@ -165,6 +165,14 @@ class Config:
   # until timed.
   stream_cluster: int = 0
   chunk_elems: int = 4096  # elements per (kb, w) chunk
+  # Rows that no chunk near ``chunk_elems`` divides (the last chunk overlaps),
+  # in more chunks than this: their chunk count rounded up to a multiple of
+  # it, with chunks that much smaller, so that a cluster of up to this many
+  # CTAs can split them. At
+  # 50304 columns (nanoGPT's vocabulary) the 13 chunks of 31 sub-rows split
+  # over no cluster, and the backward streams its pairs of rows; 16 chunks of
+  # 25 split over 8 CTAs. 1: as they come. Off until timed (a variant).
+  chunk_multiple: int = 1
   # SMEM buffers per streamed input (stages - 1 chunks in flight). None: 3, but
   # the forward's streamed rows take as many as ``stream_bytes`` of chunks hold,
   # from 3 to 6: 6 of 8 KiB in 16 bits, where 3 took 1.10x the time at 128 x
@@ -337,7 +345,8 @@ def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
   chunk in registers) near ``cfg.chunk_elems``. A ``kb`` dividing the row is
   taken if it gives at least half the chunk wanted; otherwise (a row of 393 or
   125 sub-rows: 50304 or 32000 columns) chunks of about the wanted size with the
-  last one overlapping (``Plan.ov``), rather than chunks of 384 or 1280 elements."""
+  last one overlapping (``Plan.ov``), rather than chunks of 384 or 1280 elements;
+  their count a multiple of ``cfg.chunk_multiple`` where it is more than that."""
   size = jnp.dtype(dtype).itemsize
   w = 256
   while w > 1 and cols % w:
@@ -360,6 +369,11 @@ def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
       break
   nc = math.ceil(n1 / full)
   kb = math.ceil(math.ceil(n1 / nc) / step) * step  # n1 / nc, rounded up to a multiple of step
+  if (m := cfg.chunk_multiple) > 1 and nc > m and nc % m:
+    even = -(-nc // m) * m
+    kb_even = math.ceil(math.ceil(n1 / even) / step) * step
+    if -(-n1 // kb_even) == even:  # (else kb's rounding to step undid it)
+      kb = kb_even
   return Plan(n1, w, kb, fits)
 
 
