@@ -810,6 +810,7 @@ HELD = [(4096, 4096), (4096, 16384), (4096, 1024)]
 VOCAB = (4096, 32000)
 RAGGED = (4096, 50257)  # GPT-2's vocabulary: no TMA row pitch
 NANOGPT = (4096, 50304)  # GPT-2's vocabulary padded to a multiple of 64
+LLAMA3 = (4096, 128256)
 RAGGED_SHORT = (4096, 4097)  # ragged rows of a few chunks (held in registers when read directly)
 LOG = "log_softmax: "  # a variant timed on log_softmax rather than softmax
 
@@ -875,22 +876,24 @@ VARIANTS = {
   # at 58-62% of copy there (T0116Z), close to the two thirds that three HBM
   # passes allow.
   "streamed rows: clusters of 8": (lambda: gpu.Config(stream_cluster=8), LONG[1:]),
-  # float32 rows of 1 MiB split over clusters of 8 CTAs (128 KiB parts, the
-  # most a cluster holds portably): each row read from HBM once, where the
-  # streamed default reads it twice (three passes of HBM traffic for two: at
-  # most about two thirds of copy; 59% on the H200, T1934Z). The 16-bit split
-  # over 4 CTAs took 0.94x the streamed time, 6 stages 0.81x (H100, T1329Z);
-  # float32's was never timed. New: first run on a GPU.
-  "forward: float32 rows split over 8 CTAs": (
-    lambda: {"float32": gpu.Config(split_cluster=8)},
-    [LONG[1]],
+  # float32 rows past 400 KiB split over clusters of up to 8 CTAs (parts of
+  # up to 200 KiB; a chunk count that 8 divides, ``chunk_multiple``): each row
+  # read from HBM once, where the streamed default reads it twice (three passes
+  # of HBM traffic for two: at most about two thirds of copy; 59% on the H200
+  # at 128 x 262144, T1934Z). 128 x 262144 in parts of 128 KiB over 8 CTAs,
+  # LLaMA-3's 128256 in 125 KiB over 4. The 16-bit split over 4 CTAs took 0.94x
+  # the streamed time at 128 x 262144, 6 stages 0.81x (H100, T1329Z); float32's
+  # was never timed. New: first run on a GPU.
+  "forward: float32 rows split over up to 8 CTAs": (
+    lambda: {"float32": gpu.Config(split_cluster=8, chunk_multiple=8)},
+    [LONG[1], LLAMA3],
   ),
-  # Rows whose last chunk overlaps, in a multiple of 8 chunks
-  # (``Config.chunk_multiple``): at 50304 columns 16 chunks of 25 sub-rows of
-  # 128, where the default's 13 chunks of 31 split over no cluster, so the
-  # backward streams its pairs of rows (and `None` runs XLA's backward for
-  # log_softmax). In 16 chunks the pairs split, over 8 CTAs in float32 and 4 in
-  # 16 bits (parts of 49 KiB). New: first run on a GPU.
+  # Rows in a multiple of 8 chunks (``Config.chunk_multiple``): at 50304
+  # columns 16 chunks of 26 sub-rows of 128, where the default's 13 chunks of 31
+  # split over no cluster, so the backward streams its pairs of rows (and
+  # `None` runs XLA's backward for log_softmax). In 16 chunks the pairs split,
+  # over 8 CTAs in float32 and 4 in 16 bits (parts of 49 KiB). New: first run
+  # on a GPU.
   "chunk count a multiple of 8": (lambda: gpu.Config(chunk_multiple=8), [NANOGPT]),
   LOG + "chunk count a multiple of 8": (lambda: gpu.Config(chunk_multiple=8), [NANOGPT]),
 }

@@ -287,7 +287,7 @@ GPU_LOG_PAIRS_SPLIT = ops.make(
 # whole in SMEM, its live flag taken from l, as no lse was written.
 GPU_REGISTERS = ops.make(gpu, gpu.Config(interpret=True, register_elems=8192))
 # A chunk count rounded up to a multiple of 8 (Config.chunk_multiple): 50304
-# columns (393 sub-rows of 128) in 16 chunks of 25, the last from sub-row 368,
+# columns (393 sub-rows of 128) in 16 chunks of 26, the last from sub-row 367,
 # where the default's 13 chunks stream the backward's pairs; the pairs split
 # over 8 CTAs (float32) or 4 (16-bit), the forward in one part.
 GPU_CHUNK_MULTIPLE = ops.make(gpu, gpu.Config(interpret=True, chunk_multiple=8))
@@ -650,21 +650,28 @@ def test_gpu_chunks_stay_within_the_row():
 
 
 def test_gpu_chunk_count_a_multiple_of_the_cluster():
-  # Config.chunk_multiple, by hand: 50304 = 393 x 128; chunks near 4096
-  # elements are 31 sub-rows, ceil(393 / 31) = 13 chunks; rounded up to 16,
-  # ceil(393 / 16) = 25 sub-rows, 16 x 25 - 393 = 7 shared by the last two.
-  # Then the backward's pair (2 x 196.5 KiB float32) splits over 8 CTAs in 64 KiB
-  # parts; 13 chunks split over none.
+  # Config.chunk_multiple, by hand. 50304 = 393 x 128: chunks near 4096
+  # elements are 31 sub-rows, ceil(393 / 31) = 13 chunks. The largest chunk of
+  # 16 to 32 sub-rows whose count ceil(393 / kb) is a multiple of 8: 32 and 31
+  # give 13, 30 and 29 14, 28 and 27 15, 26 gives 16; 16 x 26 - 393 = 23
+  # sub-rows shared by the last two. Then the backward's pair (2 x 196.5 KiB
+  # float32) splits over 8 CTAs in 64 KiB parts; 13 chunks split over none.
   cfg = gpu.Config(chunk_multiple=8)
   p0, p = gpu.plan(50304, jnp.float32), gpu.plan(50304, jnp.float32, cfg)
   assert (p0.n1, p0.w, p0.kb, p0.nc, p0.ov) == (393, 128, 31, 13, 10)
-  assert (p.n1, p.w, p.kb, p.nc, p.ov) == (393, 128, 25, 16, 7)
+  assert (p.n1, p.w, p.kb, p.nc, p.ov) == (393, 128, 26, 16, 23)
   _covers([int(gpu._start(p, j)) for j in range(p.nc)], p.kb, p.n1)
   assert gpu.route(4096, p0, jnp.float32, gpu.Config(), True) == ("streamed", 1)
   assert gpu.route(4096, p, jnp.float32, cfg, True) == ("split", 8)
-  # At most 8 chunks, or chunks that divide the row: as they come (1000 = 125 x
-  # 8 in 2 chunks; 32000 in 8; 4096 x 4 in 4 of 4096).
-  for cols in (1000, 32000, 16384):
+  # 152064 = 594 x 256, which 11 sub-rows divide (54 chunks, no overlap): of 8
+  # to 16, 16 gives ceil(37.1) = 38 chunks, 15 gives 40; 600 - 594 = 6 shared.
+  p = gpu.plan(152064, jnp.float32, cfg)
+  assert gpu.plan(152064, jnp.float32).kb == 11
+  assert (p.n1, p.w, p.kb, p.nc, p.ov) == (594, 256, 15, 40, 6)
+  _covers([int(gpu._start(p, j)) for j in range(p.nc)], p.kb, p.n1)
+  # At most 8 chunks, or a multiple of 8 already: as they come (1000 = 125 x 8
+  # in 2 chunks; 32000 in 8; 65536 in 16 of 4096).
+  for cols in (1000, 32000, 65536):
     assert gpu.plan(cols, jnp.float32, cfg) == gpu.plan(cols, jnp.float32)
 
 

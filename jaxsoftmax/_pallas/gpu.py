@@ -165,13 +165,14 @@ class Config:
   # until timed.
   stream_cluster: int = 0
   chunk_elems: int = 4096  # elements per (kb, w) chunk
-  # Rows that no chunk near ``chunk_elems`` divides (the last chunk overlaps),
-  # in more chunks than this: their chunk count rounded up to a multiple of
-  # it, with chunks that much smaller, so that a cluster of up to this many
-  # CTAs can split them. At
-  # 50304 columns (nanoGPT's vocabulary) the 13 chunks of 31 sub-rows split
-  # over no cluster, and the backward streams its pairs of rows; 16 chunks of
-  # 25 split over 8 CTAs. 1: as they come. Off until timed (a variant).
+  # Rows in more chunks than this, and not in a multiple of it: the largest
+  # chunk of at least half of ``chunk_elems`` whose count is a multiple (the
+  # last chunk overlapping where it does not divide the row), so that a
+  # cluster of up to this many CTAs can split them. At 50304 columns (nanoGPT's
+  # vocabulary) the 13 chunks of 31 sub-rows split over no cluster, and the
+  # backward streams its pairs of rows; 16 chunks of 26 split over 8 CTAs. At
+  # 152064 (594 sub-rows of 256: 54 chunks of 11) 40 chunks of 15. 1: as
+  # they come. Off until timed (a variant).
   chunk_multiple: int = 1
   # SMEM buffers per streamed input (stages - 1 chunks in flight). None: 3, but
   # the forward's streamed rows take as many as ``stream_bytes`` of chunks hold,
@@ -345,8 +346,9 @@ def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
   chunk in registers) near ``cfg.chunk_elems``. A ``kb`` dividing the row is
   taken if it gives at least half the chunk wanted; otherwise (a row of 393 or
   125 sub-rows: 50304 or 32000 columns) chunks of about the wanted size with the
-  last one overlapping (``Plan.ov``), rather than chunks of 384 or 1280 elements;
-  their count a multiple of ``cfg.chunk_multiple`` where it is more than that."""
+  last one overlapping (``Plan.ov``), rather than chunks of 384 or 1280 elements.
+  Rows in more chunks than ``cfg.chunk_multiple``, and not in a multiple of it,
+  take the largest chunk of at least half the wanted size whose count is."""
   size = jnp.dtype(dtype).itemsize
   w = 256
   while w > 1 and cols % w:
@@ -362,19 +364,22 @@ def plan(cols: int, dtype, cfg: Config = Config()) -> Plan | str:
   full = min(max(1, min(256, cfg.chunk_elems // w)), n1) // step * step
   if full == 0:
     return f"the row length {cols} is shorter than a chunk of {WARPGROUP} elements"
+  p = None
   for kb in range(full, 0, -step):
     if n1 % kb == 0:
       if 2 * kb >= full:
-        return Plan(n1, w, kb, fits)
+        p = Plan(n1, w, kb, fits)
       break
-  nc = math.ceil(n1 / full)
-  kb = math.ceil(math.ceil(n1 / nc) / step) * step  # n1 / nc, rounded up to a multiple of step
-  if (m := cfg.chunk_multiple) > 1 and nc > m and nc % m:
-    even = -(-nc // m) * m
-    kb_even = math.ceil(math.ceil(n1 / even) / step) * step
-    if -(-n1 // kb_even) == even:  # (else kb's rounding to step undid it)
-      kb = kb_even
-  return Plan(n1, w, kb, fits)
+  if p is None:
+    nc = math.ceil(n1 / full)
+    p = Plan(n1, w, math.ceil(math.ceil(n1 / nc) / step) * step, fits)  # n1 / nc, rounded up
+  m = cfg.chunk_multiple
+  if m > 1 and p.nc > m and p.nc % m:
+    # The largest chunk of at least half the wanted size whose count is a multiple.
+    for kb in range(full, (full + 1) // 2 - 1, -step):
+      if -(-n1 // kb) % m == 0:
+        return Plan(n1, w, kb, fits)
+  return p
 
 
 MAX_CLUSTER = 8  # the portable cluster size
