@@ -490,8 +490,7 @@ def _soft_ce_bwd(st: _Static, res, g):
   dy = masked(-(1.0 - st.label_smoothing) * g * l0, where, 0.0)
   if st.label_smoothing == 1:  # the loss does not depend on y (0 * -inf would be NaN)
     dy = jnp.zeros_like(dy)
-  dy = _sum_to_shape(dy, y.shape).astype(y.dtype)
-  return dx.astype(x.dtype), dy, None
+  return dx.astype(x.dtype), _sum_to_shape(dy, y.shape).astype(y.dtype), None
 
 
 _soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
@@ -773,10 +772,6 @@ def _NO_CLASS(dtype):  # noqa: N802
 
 
 def _int_ce_bwd(st: _Static, res, g):
-  return _int_ce_dx(st, res, g), None, None
-
-
-def _int_ce_dx(st: _Static, res, g):
   # dx = g * (p * (1 + 2 z lse) - t); no collective unless where and label_smoothing
   # (or, without varying-axes typing, the cotangent's psum: `total_cotangent`)
   x, y, where, stats = res
@@ -816,7 +811,7 @@ def _int_ce_dx(st: _Static, res, g):
   label_term = jnp.where(live, (1.0 - eps) * g, 0.0 * g)
   if len(st.axes) > 1:
     dx = off_label(x, where) - jnp.where(_one_hot(y, x.shape, st), label_term, 0.0)
-    return dx.astype(x.dtype)
+    return dx.astype(x.dtype), None, None
   # One class axis: the full pass computes the off-label terms only, and a
   # scatter of one value per example then fixes the label's entry in place. This
   # saves the iota/compare/select of a one-hot in the full pass (about a fifth
@@ -827,14 +822,14 @@ def _int_ce_dx(st: _Static, res, g):
     # (the same arithmetic as setting it, without gathering the logit). XLA:CPU
     # does not run both the full pass and the scatter in place, so x @ w then
     # this loss keeps two [N, V] buffers where a one-hot kept one (README).
-    return _put_at_label(off_label(x, where), y, a, -label_term, lax.scatter_add)
+    return _put_at_label(off_label(x, where), y, a, -label_term, lax.scatter_add), None, None
   # 16-bit logits: set the label's entry to its value computed in the compute
   # dtype from the gathered logit, so that it is rounded once (adding to the
   # rounded g * p would lose it when p is near 1).
   dx = off_label(x, where).astype(x.dtype)
   w_y = None if where is None else _at_label(jnp.broadcast_to(where, x.shape), y, a)
   at_y = off_label(_at_label(x, y, a), w_y) - label_term
-  return _set_bits_at_label(dx, y, at_y.astype(x.dtype), a)
+  return _set_bits_at_label(dx, y, at_y.astype(x.dtype), a), None, None
 
 
 def _at_label(v, y, a):

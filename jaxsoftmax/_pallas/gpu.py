@@ -1262,9 +1262,9 @@ def log_bwd_cfg(rows: int, p: Plan, dtype, cfg: Config) -> Config:
   limit = cfg.log_bwd_16bit_row_bytes
   if limit is None or jnp.dtype(dtype).itemsize != 2 or limit >= cfg.bwd_row_bytes:
     return cfg
-  split = dataclasses.replace(cfg, bwd_row_bytes=limit)
   if route(rows, p, dtype, cfg, backward=True)[0] != "rows":
     return cfg
+  split = dataclasses.replace(cfg, bwd_row_bytes=limit)
   return split if route(rows, p, dtype, split, backward=True)[0] == "split" else cfg
 
 
