@@ -11,8 +11,9 @@
 # --no-losses --budget 270 --variants-timeout 230, for more variants. On an
 # H100 (T0116Z, T0125Z) the same two calls took 523 s and 252 s: 811 s of
 # device time, with the machine's start. On an H200 (T1934Z) the first call
-# alone ran the whole queue (26 variant cells) in 426 s; the queue has about
-# 20 since. With VARIANTS_DONE=FILE here and
+# alone ran the whole queue (26 variant cells) in 426 s; the queue now holds
+# 26 cells besides the defaults', and 4096 x 50304 joined the sizes. With
+# VARIANTS_DONE=FILE here and
 # --variants-done FILE there (a path outside $OUT, which each call empties,
 # e.g. /tmp/variants-done.json) the second call skips the variant cells the
 # first one ran; with --sizes "" it checks and times no size again, and the

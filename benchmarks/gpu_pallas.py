@@ -1430,6 +1430,18 @@ def targets(rows, copy_bw, op="softmax") -> list[str]:
 _HALF = {"pallas": "pallas", "xla": "jaxsoftmax-xla"}
 
 
+def none_times(by: dict, r: dict) -> tuple[float, float] | None:
+  """The forward and backward times of what ``implementation=None`` ran in the
+  cell of the Pallas row ``r`` (its ``default``), taken from the contenders that
+  ran each half (``by``: ``_by_cell``'s rows); None where one is missing."""
+  if "default" not in r:
+    return None
+  fwd_name, _, bwd_name = r["default"].partition("/")
+  cell = (r["rows"], r["cols"], r["dtype"])
+  fwd, bwd = (by.get((*cell, _HALF[h])) for h in (fwd_name, bwd_name or fwd_name))
+  return None if fwd is None or bwd is None else (fwd["fwd_s"], bwd["bwd_s"])
+
+
 def defaults(rows, op="softmax") -> list[str]:
   """Per cell of ``op``: the backend ``implementation=None`` picked there (the
   Pallas row's ``default``), its forward and backward times, taken from the
@@ -1446,9 +1458,7 @@ def defaults(rows, op="softmax") -> list[str]:
     ref = by.get((n, c, dt, f"jax.nn.{op}"))
     if who != "pallas" or "default" not in r or ref is None or None in halves:
       continue
-    fwd_name, _, bwd_name = r["default"].partition("/")
-    fwd = by[(n, c, dt, _HALF[fwd_name])]["fwd_s"]
-    bwd = by[(n, c, dt, _HALF[bwd_name or fwd_name])]["bwd_s"]
+    fwd, bwd = none_times(by, r)
     fastest = min(f["fwd_s"] for f in halves) + min(b["bwd_s"] for b in halves)
     out.append(
       f"| {n}x{c} | {dt} | {r['default']} | {fwd * 1e6:.1f} | {bwd * 1e6:.1f} "

@@ -61,26 +61,13 @@ def _of_copy(row: dict, d: str, copy_bw: float) -> str:
   return f"{_us(row[f'{d}_s'])} ({100 * row[f'{d}_bytes_per_s'] / copy_bw:.0f}%)"
 
 
-def _cells(record: dict, op: str):
-  """Per cell of ``op`` (in the run's order): the Pallas row, jax.nn's, the
-  elementwise op's and our XLA path's (None where a contender is missing)."""
-  by = gpu_pallas._by_cell(record["timings"], op)
+def _cells(by: dict, op: str):
+  """Per cell of ``op`` in ``by`` (``gpu_pallas._by_cell``'s rows, in the run's
+  order): the Pallas row, jax.nn's and the elementwise op's (None if missing)."""
   for (n, c, dt, who), r in by.items():
     ref = by.get((n, c, dt, f"jax.nn.{op}"))
     if who == "pallas" and ref is not None:
-      yield r, ref, by.get((n, c, dt, gpu_pallas.ELEMENTWISE)), by.get((n, c, dt, "jaxsoftmax-xla"))
-
-
-def _none_time(r: dict, xla: dict | None) -> float | None:
-  """What ``implementation=None`` took: the forward and backward of the halves
-  it ran (``default`` is ``"<fwd>"`` or ``"<fwd>/<bwd>"``)."""
-  if "default" not in r:
-    return None
-  halves = {"pallas": r, "xla": xla}
-  fwd, _, bwd = r["default"].partition("/")
-  if halves[fwd] is None or halves[bwd or fwd] is None:
-    return None
-  return halves[fwd]["fwd_s"] + halves[bwd or fwd]["bwd_s"]
+      yield r, ref, by.get((n, c, dt, gpu_pallas.ELEMENTWISE))
 
 
 def op_table(record: dict, op: str) -> list[str]:
@@ -88,18 +75,19 @@ def op_table(record: dict, op: str) -> list[str]:
   what ``None`` ran and its time over ``jax.nn``'s, and whether the issue's
   targets are met (``gpu_pallas.targets``' judgement, a yes in bold)."""
   bw = record["copy_bytes_per_s"]
+  by = gpu_pallas._by_cell(record["timings"], op)
   out = list(OP_HEAD)
-  for r, ref, top, xla in _cells(record, op):
+  for r, ref, top in _cells(by, op):
     fwd, bwd = (gpu_pallas._against(r, ref, d, bw, top) for d in ("fwd", "bwd"))
     met = gpu_pallas._met(fwd[2] and bwd[2], fwd[3] or bwd[3]).replace("**", "")
     met = met.replace("yes", "**yes**")
     t_ref = ref["fwd_s"] + ref["bwd_s"]
-    none = _none_time(r, xla)
+    none = gpu_pallas.none_times(by, r)
     out.append(
       f"| {r['rows']}x{r['cols']} | {r['dtype']} | {_of_copy(r, 'fwd', bw)} | {_us(ref['fwd_s'])} "
       f"| {_of_copy(r, 'bwd', bw)} | {_us(ref['bwd_s'])} "
       f"| {(r['fwd_s'] + r['bwd_s']) / t_ref:.2f} | {r.get('default', '-')} "
-      f"| {'-' if none is None else f'{none / t_ref:.2f}'} | {met} |"
+      f"| {'-' if none is None else f'{sum(none) / t_ref:.2f}'} | {met} |"
     )
   return out
 
@@ -111,7 +99,7 @@ def ragged_table(records: list[dict]) -> list[str]:
   for op in ("softmax", "log_softmax"):
     for record in records:
       bw = record["copy_bytes_per_s"]
-      for r, ref, _, _ in _cells(record, op):
+      for r, ref, _ in _cells(gpu_pallas._by_cell(record["timings"], op), op):
         out.append(
           f"| {op} | {r['rows']}x{r['cols']} | {r['dtype']} | {_of_copy(r, 'fwd', bw)} "
           f"| {_us(ref['fwd_s'])} | {_of_copy(r, 'bwd', bw)} | {_us(ref['bwd_s'])} |"
