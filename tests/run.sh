@@ -28,10 +28,11 @@ run_pytest() {
 
 # The single-device suite, spread over the cores.
 run_pytest tests -n "${PYTEST_WORKERS:-2}" --ignore=tests/multidevice -p no:cacheprovider
-# Multi-device tests need 8 CPU devices before JAX starts: their own process.
+# Multi-device tests need 8 CPU devices before JAX starts: processes of their
+# own (each worker sees the flag), spread over the cores as well.
 if ls tests/multidevice/test_*.py >/dev/null 2>&1; then
   XLA_FLAGS="--xla_force_host_platform_device_count=8" \
-    run_pytest tests/multidevice -p no:cacheprovider
+    run_pytest tests/multidevice -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider
 fi
 # The docstring examples.
 run_pytest --doctest-modules jaxsoftmax -p no:cacheprovider

@@ -15,6 +15,8 @@ import pytest
 
 import jaxsoftmax
 
+import draws
+
 F64 = jnp.float64
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +47,11 @@ def masked_log_softmax_naive(z, m):
 
 
 def _z(seed, n=6):
-  return jax.random.normal(jax.random.key(seed), (n,), F64) * 2.0
+  return draws.normal(seed, (n,), F64, scale=2.0)
 
 
 def _g(seed, n=6):
-  return jax.random.normal(jax.random.key(1000 + seed), (n,), F64)
+  return draws.normal(1000 + seed, (n,), F64)
 
 
 def _close(a, b, rtol=1e-12, atol=1e-14):
@@ -216,7 +218,7 @@ def test_eq15_to_eq17_cross_entropy(seed):
   z = _z(seed, n)
   s = softmax_naive(z)
   # (15): the two forms of the loss agree.
-  y = jax.random.uniform(jax.random.key(seed + 50), (n,), F64) * 2.0  # sums to != 1
+  y = draws.uniform(seed + 50, (n,), F64) * 2.0  # sums to != 1
   _close(-jnp.sum(y * z) + jnp.sum(y) * jnp.log(jnp.sum(jnp.exp(z))), cross_entropy_naive(z, y))
   # (16): s * sum(y) - y for any y.
   _close(s * jnp.sum(y) - y, jax.grad(cross_entropy_naive)(z, y))
@@ -319,7 +321,7 @@ def test_fully_masked_slice():
 def test_eq23_large_negative_fill_gives_a_uniform_softmax(n):
   c = float(jnp.finfo(jnp.float32).min)
   _close(softmax_naive(jnp.full((n,), c, F64) - c), jnp.full((n,), 1.0 / n, F64))
-  scores = jax.random.normal(jax.random.key(n), (n,), jnp.float32)
+  scores = draws.normal(n, (n,))
   filled = jnp.where(jnp.zeros(n, jnp.bool_), scores, c)  # the -1e30 trick, all masked
   _close(jax.nn.softmax(filled), jnp.full((n,), 1.0 / n), rtol=1e-6)
   np.testing.assert_array_equal(jaxsoftmax.softmax(scores, where=jnp.zeros(n, jnp.bool_)), 0.0)
@@ -335,7 +337,7 @@ def _residuals(f, *args):
 
 
 def test_eq24_only_the_output_is_saved():
-  z = jax.random.normal(jax.random.key(3), (8, 32), jnp.float32)
+  z = draws.normal(3, (8, 32))
   # softmax: its output, nothing else.
   assert [(r.shape, r.dtype) for r in _residuals(jaxsoftmax.softmax, z)] == [(z.shape, z.dtype)]
   # log-softmax: its output and one flag per slice.

@@ -15,6 +15,7 @@ from jax import export
 
 import jaxsoftmax
 
+import draws
 from references import rel_err
 
 TOL = 1e-12  # float64 (tests/conftest.py enables x64)
@@ -66,7 +67,7 @@ def test_symbolic_sizes(name, spec):
   for b, n in [(5, 70000), (3, 70000)] if "70000" in spec else [(5, 9), (5, 70000)]:
     if spec == "5, n" and b != 5:
       continue
-    x = 3.0 * jax.random.normal(jax.random.key(b * n), (b, n), jnp.float64)
+    x = draws.normal(b * n, (b, n), jnp.float64, scale=3.0)
     assert rel_err(exported.call(x), ref(x)) <= TOL, (b, n)
 
 
@@ -81,7 +82,7 @@ def test_integer_labels_with_a_symbolic_class_count(label_dtype):
   exported = export.export(jax.jit(ours), platforms=["cpu"])(
     jax.ShapeDtypeStruct((b, n), jnp.float64), jax.ShapeDtypeStruct((b,), label_dtype)
   )
-  x = jax.random.normal(jax.random.key(2), (4, 300), jnp.float64)
+  x = draws.normal(2, (4, 300), jnp.float64)
   labels = jnp.array([5, 100, 127, 3], label_dtype)
   want = optax.softmax_cross_entropy_with_integer_labels(x, labels.astype(jnp.int32))
   assert rel_err(exported.call(x, labels), want) <= TOL
@@ -92,7 +93,7 @@ def test_integer_labels_with_a_symbolic_class_count(label_dtype):
 
 def test_fused_loss_with_a_symbolic_token_count():
   h, v = 16, 300
-  w = jax.random.normal(jax.random.key(1), (h, v), jnp.float64) / 4
+  w = draws.normal(1, (h, v), jnp.float64, scale=0.25)
 
   def ours(x, labels):
     return jax.value_and_grad(jaxsoftmax.linear_softmax_cross_entropy, (0, 1))(x, w, labels)
@@ -106,8 +107,8 @@ def test_fused_loss_with_a_symbolic_token_count():
     jax.ShapeDtypeStruct((b, t, h), jnp.float64), jax.ShapeDtypeStruct((b, t), jnp.int32)
   )
   for bb, tt in [(2, 3), (4, 7)]:
-    x = jax.random.normal(jax.random.key(bb), (bb, tt, h), jnp.float64)
-    labels = jax.random.randint(jax.random.key(tt), (bb, tt), 0, v, jnp.int32)
+    x = draws.normal(bb, (bb, tt, h), jnp.float64)
+    labels = draws.randint(tt, (bb, tt), 0, v, jnp.int32)
     got, want = exported.call(x, labels), ref(x, labels)
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       assert rel_err(a, e) <= TOL

@@ -18,6 +18,7 @@ import pytest
 import jaxsoftmax
 from jaxsoftmax._pallas import gpu, ops, tpu
 
+import draws
 from references import eps, rel_err
 
 TOL = 16 * eps(jnp.float32)  # the old forms: 5e-5 (values) to 2e-4 (gradients)
@@ -25,12 +26,11 @@ OFFSET = 3e4
 
 
 def _logits(shape, seed=0):
-  x = OFFSET + 3.0 * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-  return x.astype(jnp.float32)
+  return OFFSET + draws.normal(seed, shape, scale=3.0)
 
 
 def _cotangent(shape, seed=1):
-  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+  return draws.normal(seed, shape)
 
 
 def _log_softmax64(x, g):
@@ -95,7 +95,7 @@ def test_cross_entropy(kind, where, smoothing):
   # Integer labels without `where` take the CPU's label-shifted path, with it the
   # max-shifted one; the smoothing term is a mean of the logits over the kept classes.
   x = _logits((32, 500))
-  labels = jax.random.randint(jax.random.key(2), (32,), 0, 400)
+  labels = draws.randint(2, (32,), 0, 400)
   w = (jnp.arange(500) < 450)[None] if where else None
   if kind == "integer":
     f = partial(
@@ -123,10 +123,8 @@ def test_small_probabilities_keep_their_gradient_entries_to_a_few_ulps(where):
   # Logits spread over +-100 around 3e4: most probabilities are small. Each
   # gradient entry g * p must keep p to a few ulps, as optax's exp(x - m) / d
   # does; exp((x - m) - log d) carried |log p| ulps (3.8e-6 relative here).
-  x = (OFFSET + 30.0 * jax.random.normal(jax.random.key(4), (64, 1000), jnp.float32)).astype(
-    jnp.float32
-  )
-  labels = jax.random.randint(jax.random.key(5), (64,), 0, 900)
+  x = (OFFSET + draws.normal(4, (64, 1000), scale=30.0)).astype(jnp.float32)
+  labels = draws.randint(5, (64,), 0, 900)
   w = (jnp.arange(1000) < 900)[None] if where else None
   f = partial(jaxsoftmax.softmax_cross_entropy_with_integer_labels, labels=labels, where=w)
   dx = jax.grad(lambda x: jnp.sum(f(x)))(x)
@@ -151,10 +149,9 @@ def test_linear_cross_entropy(smoothing):
   # 1/256 below 2^15, exact in float32, so the float32 matmul gives the exact z
   # and any error is the loss's own.
   n, h, v = 16, 8, 300
-  k = jax.random.split(jax.random.key(3), 3)
-  x = (jax.random.randint(k[0], (n, h), -4, 5) / 4).astype(jnp.float32).at[:, 0].set(1.0)
-  w = (jax.random.randint(k[1], (h, v), -64, 65) / 64).astype(jnp.float32).at[0].set(OFFSET)
-  labels = jax.random.randint(k[2], (n,), 0, v)
+  x = (draws.randint(3, (n, h), -4, 5) / 4).astype(jnp.float32).at[:, 0].set(1.0)
+  w = (draws.randint(4, (h, v), -64, 65) / 64).astype(jnp.float32).at[0].set(OFFSET)
+  labels = draws.randint(5, (n,), 0, v)
   kw = dict(chunk_size=128, reduction="none", label_smoothing=smoothing)
   f = lambda x, w: jaxsoftmax.linear_softmax_cross_entropy(x, w, labels, **kw)  # noqa: E731
 

@@ -21,6 +21,7 @@ from jax.test_util import check_grads
 import jaxsoftmax
 from jaxsoftmax import linear_softmax_cross_entropy as lce
 
+import draws
 from references import rel_err
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -75,13 +76,13 @@ def unfused_per_token(x, w, labels, label_smoothing=0.0, z_loss=0.0):
 
 
 def _inputs(batch, h, v, dtype, seed=0, where_p=None):
-  k = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.normal(k[0], (*batch, h), jnp.float32).astype(dtype)
-  w = (jax.random.normal(k[1], (h, v), jnp.float32) / np.sqrt(h) * 2).astype(dtype)
-  labels = jax.random.randint(k[2], batch, 0, v)
-  where = None if where_p is None else jax.random.bernoulli(k[3], where_p, batch)
+  seed = 5 * seed
+  x = draws.normal(seed, (*batch, h), dtype)
+  w = draws.normal(seed + 1, (h, v), dtype, scale=2 / np.sqrt(h))
+  labels = draws.randint(seed + 2, batch, 0, v)
+  where = None if where_p is None else draws.bernoulli(seed + 3, where_p, batch)
   # A cotangent for "none", so that every token's gradient is weighted differently.
-  ct = jax.random.normal(k[4], batch, jnp.float64)
+  ct = draws.normal(seed + 4, batch, jnp.float64)
   return x, w, labels, where, ct
 
 
@@ -387,7 +388,7 @@ def test_narrow_label_dtypes(label_dtype, v, chunk_size):
   # columns may run past it (column 259 is not label 3). Every label here is valid.
   top = min(v, int(jnp.iinfo(label_dtype).max) + 1)
   x, w, _, _, _ = _inputs((12,), 8, v, jnp.float32, seed=5)
-  labels = jax.random.randint(jax.random.key(6), (12,), 0, top).at[0].set(3).at[1].set(top - 1)
+  labels = draws.randint(6, (12,), 0, top).at[0].set(3).at[1].set(top - 1)
   narrow = labels.astype(label_dtype)
   assert jnp.array_equal(narrow.astype(jnp.int32), labels)
   f = lambda x, w, y: lce(x, w, y, reduction="none", chunk_size=chunk_size)  # noqa: E731

@@ -19,6 +19,7 @@ from jaxsoftmax import _backend, _pallas, _xla
 from jaxsoftmax import _softmax as core
 from jaxsoftmax._pallas import gpu, ops, tpu
 
+import draws
 from references import eps, rel_err
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -30,10 +31,9 @@ ORDINARY, PARTLY_MASKED, FULLY_MASKED, ALL_NEG_INF, HAS_NAN, HAS_POS_INF = range
 
 def _case(cols: int, dtype, seed: int = 0):
   """Six rows, one per line of the masking table, and a cotangent."""
-  kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
-  x = np.array(3.0 * jax.random.normal(kx, (6, cols), jnp.float32))
+  x = np.array(draws.normal(seed, (6, cols), scale=3.0))
   w = np.ones((6, cols), bool)
-  w[PARTLY_MASKED] = np.array(jax.random.bernoulli(kw, 0.6, (cols,)))
+  w[PARTLY_MASKED] = np.array(draws.bernoulli(seed + 1, 0.6, (cols,)))
   # Its first half all masked (the leading chunks of a live row all -inf: what
   # a running max starts from, what a live flag must look past).
   w[PARTLY_MASKED, : cols // 2] = False
@@ -44,8 +44,8 @@ def _case(cols: int, dtype, seed: int = 0):
   x[ALL_NEG_INF] = -np.inf
   x[HAS_NAN, cols // 2] = np.nan
   x[HAS_POS_INF, cols // 3] = np.inf
-  g = jax.random.normal(kg, (6, cols), jnp.float32)
-  return jnp.asarray(x, dtype), jnp.asarray(w), g.astype(dtype)
+  g = draws.normal(seed + 2, (6, cols), dtype)
+  return jnp.asarray(x.astype(jnp.dtype(dtype))), jnp.asarray(w), g
 
 
 @partial(jax.jit, static_argnums=3)
@@ -422,11 +422,11 @@ def test_gpu_split_rows_merge_the_parts_statistics(log):
   # 2048 float32 columns in 4 parts of 512 (backward: 8 of 256). The rows put the
   # max in different parts, and leave whole parts masked or -inf, so that a
   # part's statistics are (-inf, 0) and must not turn the merge into NaN.
-  x = 3.0 * jax.random.normal(jax.random.key(9), (8, 2048), jnp.float32)
+  x = draws.normal(9, (8, 2048), scale=3.0)
   x = x.at[1, 1700].set(40.0).at[2, 5].set(40.0).at[3, :1536].set(-jnp.inf)
   w = jnp.ones((8, 2048), bool).at[4, 512:].set(False).at[5, :512].set(False)
   w = w.at[6, 1024:1536].set(False).at[7].set(False)
-  g = jax.random.normal(jax.random.key(10), (8, 2048), jnp.float32)
+  g = draws.normal(10, (8, 2048))
   p = gpu.plan(2048, jnp.float32, gpu.Config(chunk_elems=256))
   assert gpu.cluster_size(p, 2048 * 4, 2048) == 4
   assert gpu.cluster_size(p, 2 * 2048 * 4, 2048, arrays=2) == 8
@@ -736,9 +736,9 @@ def test_gpu_plan_chunks():
 
 
 def test_custom_vjp_cores_run_the_kernels_for_any_axes():
-  x = jax.random.normal(jax.random.key(3), (3, 4, 5), jnp.float32)
-  w = jax.random.bernoulli(jax.random.key(4), 0.7, (1, 4, 5)).at[:, :, 0].set(True)
-  g = jax.random.normal(jax.random.key(5), x.shape, jnp.float32)
+  x = draws.normal(3, (3, 4, 5))
+  w = draws.bernoulli(4, 0.7, (1, 4, 5)).at[:, :, 0].set(True)
+  g = draws.normal(5, x.shape)
   for axes in [(1,), (0, 2)]:
     for log, ours, ref in [
       (False, core._softmax, jax.nn.softmax),
@@ -773,10 +773,10 @@ def test_kernels_one_way_xla_the_other(kernel_forward, cols):
   assert mixed.log_softmax_fwd is fwd.log_softmax_fwd
   assert mixed.softmax_bwd is bwd.softmax_bwd
   assert mixed.log_softmax_bwd is bwd.log_softmax_bwd
-  x = 3.0 * jax.random.normal(jax.random.key(21), (6, cols), jnp.float32)
+  x = draws.normal(21, (6, cols), scale=3.0)
   x = x.at[4].set(-jnp.inf)
-  w = jax.random.bernoulli(jax.random.key(22), 0.8, x.shape).at[1].set(False)
-  g = jax.random.normal(jax.random.key(23), x.shape, jnp.float32)
+  w = draws.bernoulli(22, 0.8, x.shape).at[1].set(False)
+  g = draws.normal(23, x.shape)
   for ours, ref in [
     (core._softmax, jax.nn.softmax),
     (lambda *a: core._log_softmax(*a)[0], jax.nn.log_softmax),
@@ -803,8 +803,8 @@ def test_kernels_one_way_xla_the_other(kernel_forward, cols):
 def test_kernels_under_vmap(be, cols):
   # vmap(vjp) of the cores, as per-example gradients do: the kernels' batching
   # rules, against float64 jax.nn on the whole batch.
-  x = jax.random.normal(jax.random.key(11), (3, 4, cols), jnp.float32)
-  g = jax.random.normal(jax.random.key(12), x.shape, jnp.float32)
+  x = draws.normal(11, (3, 4, cols))
+  g = draws.normal(12, x.shape)
   for log, ours, ref in [
     (False, core._softmax, jax.nn.softmax),
     (True, lambda *a: core._log_softmax(*a)[0], jax.nn.log_softmax),
@@ -1678,8 +1678,8 @@ def test_a_float64_loss_keeps_to_xla(monkeypatch):
 def test_losses_with_the_kernel_under_vmap(monkeypatch):
   # Per-example losses and gradients under vmap (the kernel's batching rule),
   # against the float64 closed form lse(x) - x[label]; and for cuda, one launch.
-  x = 3.0 * jax.random.normal(jax.random.key(42), (3, 4, 512), jnp.float32)
-  labels = jax.random.randint(jax.random.key(43), (3, 4), 0, 512)
+  x = draws.normal(42, (3, 4, 512), scale=3.0)
+  labels = draws.randint(43, (3, 4), 0, 512)
 
   def total(x, labels):
     return jaxsoftmax.softmax_cross_entropy_with_integer_labels(

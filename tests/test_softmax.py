@@ -10,6 +10,7 @@ from jax.test_util import check_grads
 
 import jaxsoftmax
 
+import draws
 from references import eps, naive_log_softmax, naive_softmax, rel_err
 
 OPS = {
@@ -31,7 +32,7 @@ SHAPES_AXES = [
 
 
 def _normal(seed, shape, dtype=jnp.float64, scale=3.0):
-  return (jax.random.normal(jax.random.key(seed), shape, jnp.float64) * scale).astype(dtype)
+  return draws.normal(seed, shape, dtype, scale)
 
 
 def _maybe_jit(f, use_jit):
@@ -160,7 +161,7 @@ def test_mask_is_kept_in_its_own_shape():
 
 
 def _mask(seed, shape, p=0.6):
-  return jax.random.bernoulli(jax.random.key(seed), p, shape)
+  return draws.bernoulli(seed, p, shape)
 
 
 @pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
