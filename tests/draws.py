@@ -1,9 +1,10 @@
 """Random test inputs drawn by NumPy's generator and handed to JAX.
 
-``jax.random`` run eagerly compiles its sampler again for every new shape (about
-half a second each on a 2-core machine), and the suite draws several hundred
-shapes; NumPy draws them without compiling anything. Each function takes its own
-seed, so a test's inputs do not depend on what ran before it.
+``jax.random`` run eagerly compiles its samplers again for every new shape (about
+half a second for the three draws of a Pallas test case on a 2-core machine),
+and the suite draws several hundred shapes; NumPy draws them without compiling
+anything. Each function takes its own seed, so a test's inputs do not depend on
+what ran before it.
 """
 
 import jax.numpy as jnp
