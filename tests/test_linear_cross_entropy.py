@@ -76,7 +76,7 @@ def unfused_per_token(x, w, labels, label_smoothing=0.0, z_loss=0.0):
 
 
 def _inputs(batch, h, v, dtype, seed=0, where_p=None):
-  seed = 5 * seed
+  seed = 5 * seed  # five draws a seed, none shared with another seed's
   x = draws.normal(seed, (*batch, h), dtype)
   w = draws.normal(seed + 1, (h, v), dtype, scale=2 / np.sqrt(h))
   labels = draws.randint(seed + 2, batch, 0, v)
