@@ -173,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
   new, changed = rewrite(text)
   if args.update:
     path.write_text(new)
+    print(f"{len(changed)} table(s) rewritten", file=sys.stderr)
   elif args.check:
     for marker in changed:
       print(f"{path}: the table under {marker} differs from its files", file=sys.stderr)
     return 1 if changed else 0
-    print(f"{len(changed)} table(s) rewritten", file=sys.stderr)
   else:
     for m in filter(None, map(MARKER.match, text.split("\n"))):
       print("\n".join([m.group(0), "", *table(m.group(1), m.group(2).split()), ""]))
