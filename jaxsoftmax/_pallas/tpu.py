@@ -39,12 +39,14 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Block sizes; ``interpret`` runs the kernels on the CPU (tests)."""
+  """Block sizes; ``interpret`` runs the kernels on the CPU (tests): True for
+  Pallas's plain interpreter, or a ``pltpu.InterpretParams`` for its TPU
+  interpreter, which also models HBM and VMEM and a chip's cores."""
 
   max_row_cols: int = 16384  # longest row kept whole in one block
   block_cols: int = 4096  # column block of the online kernels (multiple of 128)
   block_bytes: int = 1 << 20  # float32 bytes of one (rows, cols) block
-  interpret: bool = False
+  interpret: bool | pltpu.InterpretParams = False
 
 
 def _row_block(rows: int, cols: int, cfg: Config) -> int:
