@@ -169,9 +169,10 @@ def _tpu_interpreted(seed: int, **blocks) -> tpu.Config:
   which models what the plain one does not: an output block goes back to HBM
   only when its block index changes (phase 0 of an online kernel keeps it at
   column block 0 so as to write nothing then), and a grid axis that revisits
-  an output block must not be "parallel"; VMEM and the lanes of a ragged block
-  past the array's end hold NaN, not zeros; the "parallel" row axis is split
-  over two cores (a v4 or v5p chip) and taken in random order."""
+  an output block must not be "parallel"; the "parallel" row axis is split
+  over two cores (a v4 or v5p chip) and taken in random order. Like the plain
+  one, it fills VMEM and the lanes of a ragged block past the array's end with
+  NaN."""
   params = pltpu.InterpretParams(
     num_cores_or_threads=2,
     out_of_bounds_reads="uninitialized",
