@@ -123,7 +123,7 @@ def test_small_probabilities_keep_their_gradient_entries_to_a_few_ulps(where):
   # Logits spread over +-100 around 3e4: most probabilities are small. Each
   # gradient entry g * p must keep p to a few ulps, as optax's exp(x - m) / d
   # does; exp((x - m) - log d) carried |log p| ulps (3.8e-6 relative here).
-  x = (OFFSET + draws.normal(4, (64, 1000), scale=30.0)).astype(jnp.float32)
+  x = OFFSET + draws.normal(4, (64, 1000), scale=30.0)
   labels = draws.randint(5, (64,), 0, 900)
   w = (jnp.arange(1000) < 900)[None] if where else None
   f = partial(jaxsoftmax.softmax_cross_entropy_with_integer_labels, labels=labels, where=w)
