@@ -56,9 +56,9 @@ def _row_block(rows: int, cols: int, cfg: Config) -> int:
   times ``block_bytes``)."""
   if rows <= 16:
     return rows
-  lanes = -(-cols // 128) * 128
+  lanes = pl.cdiv(cols, 128) * 128
   fit = max(16, (cfg.block_bytes // (4 * lanes)) // 16 * 16)
-  return min(fit, -(-rows // 16) * 16, 512)
+  return min(fit, pl.cdiv(rows, 16) * 16, 512)
 
 
 def _safe_shift(m):
