@@ -12,6 +12,17 @@ fi
 # torch==2.13.0 is the CPU wheel; an unpinned torch would pull a CUDA build.
 .venv/bin/python -m pip install -q -e ".[test,torch]"
 
+# One persistent compilation cache for the run's processes (both pytest workers,
+# and the suites after the first), in a fresh directory removed at exit: where
+# a test builds a program that another test or worker has compiled already,
+# XLA's executable is read back instead of compiled again. Every program is
+# still compiled once in the run, by the jax installed above.
+cache_dir=$(mktemp -d)
+trap 'rm -rf "$cache_dir"' EXIT
+export JAX_COMPILATION_CACHE_DIR="$cache_dir"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+
 run_pytest() {
   set +e
   .venv/bin/python -m pytest "$@"
