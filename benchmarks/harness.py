@@ -263,9 +263,10 @@ def _program(name, mode, fn, argsets, flags, batch: bool) -> Program:
 def jax_programs(
   suite: Suite, c: Contender, device_cases, device_gs, batch: bool = False
 ) -> list[Program]:
-  """``c``'s forward and forward+backward on the cell's device buffers (shared by
-  every contender: one copy per contender, and the roofline's, held 20.5 GB at
-  1024 x 131072 soft labels, float32, on this 24 GB machine)."""
+  """``c``'s forward and forward+backward on the cell's device buffers, which
+  every contender and the roofline share (``measure_cell`` puts them on the
+  device once: a copy each held 20.5 GB at 1024 x 131072 soft labels, float32,
+  on this 24 GB machine)."""
   fb_args = [(*args, g) for args, g in zip(device_cases, device_gs, strict=True)]
   fwd = _program(c.name, "fwd", c.fn, device_cases, c.flags, batch)
   fb_fn = _fwd_bwd(c.fn, suite.diff_argnums)
