@@ -1272,7 +1272,8 @@ def _lowers(fn, *args) -> str | None:
 def _lowered_cell(key: str, cfg, shape, dtype) -> list[str]:
   """What fails to lower for ``cuda`` (``_lowers``) of softmax's and log_softmax's
   forward and backward programs (``_programs``) under ``cfg`` at ``shape``, a
-  line each, named ``key``."""
+  line each, named ``key``; one line for the cell if each lowers alone but the
+  four together do not."""
   x = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
   programs = [_programs(cfg, log, shape, dtype) for log in (False, True)]
 
