@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-# torch==2.13.0 is the CPU wheel; an unpinned torch would pull a CUDA build.
+# torch==2.13.0 is the CPU wheel, on Python 3.11 (pyproject.toml's torch extra
+# installs nothing on newer Pythons); an unpinned torch would pull a CUDA build.
 .venv/bin/python -m pip install -q -e ".[test,torch]"
 
 # One persistent compilation cache for the run's processes (both pytest workers,

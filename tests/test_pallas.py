@@ -951,14 +951,13 @@ def _export_together(calls, platform: str) -> str:
   them all pays its fixed costs (the module's MLIR contexts, its serialization
   and parsing back) once: the lowering tests take a quarter less time than with
   an export per call. Where it fails, the first call that fails alone is named."""
-  flat = [a for _, args in calls for a in args]
+  fns, arglists = zip(*calls, strict=True)
 
-  def program(*arrays):
-    it = iter(arrays)
-    return [f(*[next(it) for _ in args]) for f, args in calls]
+  def program(arglists):
+    return [f(*args) for f, args in zip(fns, arglists, strict=True)]
 
   try:
-    exported = jax.export.export(jax.jit(program), platforms=[platform])(*flat)
+    exported = jax.export.export(jax.jit(program), platforms=[platform])(arglists)
   except Exception:
     for f, args in calls:
       try:
